@@ -1,0 +1,234 @@
+//! SPIFFE IDs and trust domains, parsed strictly.
+//!
+//! The types are the `spiffe` crate's [`SpiffeId`] and [`TrustDomain`]; this module adds the
+//! rules mayfly applies on top of that crate:
+//!
+//! - the scheme must be written `spiffe://` exactly (the crate accepts any case);
+//! - an **uppercase trust domain is rejected**, not normalised. The crate lowercases it, go-spiffe
+//!   rejects it. mayfly rejects so that the ID an operator writes in a policy, a token or a
+//!   config is byte for byte the ID in the certificate: no two spellings of one identity.
+//! - an ID longer than 2048 bytes is rejected (the standard requires support up to 2048).
+//! - a *workload* ID (what a leaf SVID carries) must have a non-empty path.
+
+use std::fmt;
+
+pub use spiffe::{SpiffeId, TrustDomain};
+
+/// The longest SPIFFE ID mayfly accepts or emits, in bytes.
+pub const MAX_ID_LEN: usize = 2048;
+
+/// Why a string is not an acceptable SPIFFE ID or trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdError {
+    /// The `spiffe` crate's own validation failed (characters, segments, scheme...).
+    #[error("invalid SPIFFE ID {input:?}: {reason}")]
+    Invalid {
+        /// The input, truncated for display.
+        input: String,
+        /// The rule it broke.
+        reason: String,
+    },
+    /// The scheme is not the lowercase `spiffe://`.
+    #[error("invalid SPIFFE ID {0:?}: must start with \"spiffe://\"")]
+    Scheme(String),
+    /// The trust domain contains uppercase letters.
+    #[error(
+        "invalid SPIFFE ID {input:?}: trust domain must be lowercase (did you mean {suggestion:?}?)"
+    )]
+    UppercaseTrustDomain {
+        /// The input, truncated for display.
+        input: String,
+        /// The lowercase spelling.
+        suggestion: String,
+    },
+    /// Longer than [`MAX_ID_LEN`].
+    #[error("invalid SPIFFE ID: {len} bytes is longer than the {MAX_ID_LEN}-byte limit")]
+    TooLong {
+        /// The input's length in bytes.
+        len: usize,
+    },
+    /// The ID names a trust domain only where a workload ID (with a path) is needed.
+    #[error("{0} names a trust domain, not a workload: a workload ID needs a path")]
+    NoPath(String),
+}
+
+const SCHEME: &str = "spiffe://";
+
+fn shown(s: &str) -> String {
+    if s.len() <= 128 {
+        s.to_owned()
+    } else {
+        let mut end = 128;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    }
+}
+
+/// Parses any SPIFFE ID (a trust domain ID such as `spiffe://example.org` is accepted).
+pub fn parse_id(s: &str) -> Result<SpiffeId, IdError> {
+    if s.len() > MAX_ID_LEN {
+        return Err(IdError::TooLong { len: s.len() });
+    }
+    let Some(rest) = s.strip_prefix(SCHEME) else {
+        // Let the crate produce the precise message for empty and garbage input, but never
+        // accept a scheme spelled differently.
+        return match SpiffeId::new(s) {
+            Ok(_) => Err(IdError::Scheme(shown(s))),
+            Err(e) => Err(IdError::Invalid {
+                input: shown(s),
+                reason: e.to_string(),
+            }),
+        };
+    };
+    let td = rest.split('/').next().unwrap_or_default();
+    if td.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(IdError::UppercaseTrustDomain {
+            input: shown(s),
+            suggestion: format!("{SCHEME}{}{}", td.to_ascii_lowercase(), &rest[td.len()..]),
+        });
+    }
+    SpiffeId::new(s).map_err(|e| IdError::Invalid {
+        input: shown(s),
+        reason: e.to_string(),
+    })
+}
+
+/// Parses a workload SPIFFE ID: like [`parse_id`], and the path must be non-empty.
+pub fn parse_workload_id(s: &str) -> Result<SpiffeId, IdError> {
+    let id = parse_id(s)?;
+    if id.path().is_empty() {
+        return Err(IdError::NoPath(shown(s)));
+    }
+    Ok(id)
+}
+
+/// Parses a trust domain name (`example.org`, not `spiffe://example.org`), lowercase only.
+pub fn parse_trust_domain(s: &str) -> Result<TrustDomain, IdError> {
+    if s.contains(':') || s.contains('/') {
+        return Err(IdError::Invalid {
+            input: shown(s),
+            reason: "a trust domain is a bare name such as example.org".into(),
+        });
+    }
+    let id = parse_id(&format!("{SCHEME}{s}"))?;
+    Ok(id.trust_domain().clone())
+}
+
+/// Displays a trust domain as its SPIFFE ID (`spiffe://example.org`).
+pub struct TrustDomainId<'a>(pub &'a TrustDomain);
+
+impl fmt::Display for TrustDomainId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{SCHEME}{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_every_valid_vector() {
+        let long = format!("spiffe://example.org/{}", "a".repeat(MAX_ID_LEN - 21));
+        assert_eq!(long.len(), MAX_ID_LEN);
+        for v in [
+            "spiffe://example.org/ns/staging/sa/default",
+            "spiffe://trustdomain",
+            "spiffe://trustdomain/.path",
+            "spiffe://trustdomain/...",
+            "spiffe://a_b.example/foo",
+            "spiffe://1.2.3.4/service",
+            "spiffe://example.org/MyService",
+            long.as_str(),
+        ] {
+            let id = parse_id(v).unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert_eq!(id.to_string(), v, "round trip of {v}");
+        }
+    }
+
+    #[test]
+    fn path_is_case_sensitive() {
+        let a = parse_id("spiffe://example.org/MyService").unwrap();
+        let b = parse_id("spiffe://example.org/myservice").unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn rejects_every_invalid_vector() {
+        let long_td = format!("spiffe://{}/a", "a".repeat(256));
+        let too_long = format!("spiffe://example.org/{}", "a".repeat(MAX_ID_LEN));
+        for v in [
+            "",
+            "spiffe:/",
+            "http://td/a",
+            "spiffe://",
+            "spiffe:///path",
+            "spiffe://td/",
+            "spiffe://td/path/",
+            "spiffe://td//path",
+            "spiffe://td/a//b",
+            "spiffe://td/.",
+            "spiffe://td/./path",
+            "spiffe://td/..",
+            "spiffe://td/path/../other",
+            "spiffe://%62%61%64/path",
+            "spiffe://td/%62%61%64",
+            "spiffe://td:8080/a",
+            "spiffe://u@td/a",
+            "spiffe://td/a?q=1",
+            "spiffe://td/a#f",
+            "spiffe://t$d/a",
+            "spiffe://td/a!b",
+            "spiffe://[::1]/a",
+            "SPIFFE://td/a",
+            long_td.as_str(),
+            too_long.as_str(),
+        ] {
+            assert!(parse_id(v).is_err(), "{v:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn uppercase_trust_domain_is_rejected_with_a_suggestion() {
+        let err = parse_id("spiffe://Example.ORG/web").unwrap_err();
+        assert!(
+            err.to_string().contains("spiffe://example.org/web"),
+            "{err}"
+        );
+        assert!(parse_trust_domain("Example.org").is_err());
+    }
+
+    #[test]
+    fn workload_ids_need_a_path() {
+        assert!(parse_workload_id("spiffe://trustdomain").is_err());
+        assert!(parse_workload_id("spiffe://trustdomain/x").is_ok());
+    }
+
+    #[test]
+    fn trust_domain_names() {
+        assert_eq!(parse_trust_domain("mayfly.local").unwrap().as_str(), "mayfly.local");
+        assert!(parse_trust_domain("spiffe://mayfly.local").is_err());
+        assert!(parse_trust_domain("").is_err());
+        assert!(parse_trust_domain(&"a".repeat(256)).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics_and_round_trips(s in "\\PC{0,80}") {
+            if let Ok(id) = parse_id(&s) {
+                proptest::prop_assert_eq!(id.to_string(), s);
+            }
+        }
+
+        #[test]
+        fn generated_ids_parse(td in "[a-z0-9._-]{1,40}", segs in proptest::collection::vec("[a-zA-Z0-9._-]{1,12}", 1..6)) {
+            let segs: Vec<String> = segs.into_iter().filter(|s| s != "." && s != "..").collect();
+            proptest::prop_assume!(!segs.is_empty());
+            let s = format!("spiffe://{td}/{}", segs.join("/"));
+            proptest::prop_assert!(parse_workload_id(&s).is_ok(), "{}", s);
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Issuing X.509-SVIDs from certificate signing requests.
+//!
+//! The requester's private key never reaches the CA: it sends a CSR, the CA checks the CSR's
+//! signature (proof of possession), checks that it asks for exactly the identity the caller is
+//! entitled to and nothing more, and signs a leaf that follows the SPIFFE X.509-SVID profile.
+
+use std::time::Duration;
+
+use rcgen::{
+    CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use time::OffsetDateTime;
+
+use crate::authority::{Authority, AuthorityError, BACKDATE};
+use crate::id::{self, MAX_ID_LEN, SpiffeId};
+use crate::keys::{SecretKey, random_serial};
+
+/// The shortest SVID TTL mayfly issues.
+pub const MIN_SVID_TTL: Duration = Duration::from_secs(1);
+/// The longest SVID TTL mayfly issues (policy cap).
+pub const MAX_SVID_TTL: Duration = Duration::from_secs(3600);
+/// The default SVID TTL.
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(300);
+/// The largest CSR accepted, in bytes.
+pub const MAX_CSR_LEN: usize = 8 * 1024;
+
+/// Why a CSR was refused or signing failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssueError {
+    /// The CSR is larger than [`MAX_CSR_LEN`].
+    #[error("CSR is {0} bytes, larger than the {MAX_CSR_LEN}-byte limit")]
+    CsrTooLarge(usize),
+    /// The CSR is not valid DER, or its signature does not verify (no proof of key possession).
+    #[error("CSR is malformed or its signature does not verify: {0}")]
+    BadCsr(rcgen::Error),
+    /// The CSR's key is not an accepted type.
+    #[error("CSR key algorithm is not accepted: use ECDSA P-256 or P-384")]
+    KeyAlgorithm,
+    /// The CSR names no SPIFFE ID.
+    #[error("CSR carries no URI SAN: it must ask for the SPIFFE ID {0} as its only SAN")]
+    NoId(String),
+    /// The CSR carries other SANs besides the single SPIFFE ID.
+    #[error("CSR carries {0} SANs: it must carry exactly one, the SPIFFE ID")]
+    ExtraSans(usize),
+    /// The CSR asks for an ID that is not the caller's.
+    #[error("CSR asks for {asked}, but the caller may only get {allowed}")]
+    WrongId {
+        /// The ID in the CSR.
+        asked: String,
+        /// The ID the caller is entitled to.
+        allowed: String,
+    },
+    /// The CSR's URI SAN is not a valid workload SPIFFE ID.
+    #[error("CSR asks for an invalid ID: {0}")]
+    BadId(#[from] id::IdError),
+    /// The CSR asks for CA rights (cA=true, keyCertSign or cRLSign).
+    #[error("CSR asks for CA rights ({0}): SVIDs are never CAs")]
+    AsksForCa(&'static str),
+    /// The requested TTL is outside the allowed range.
+    #[error("requested TTL {0:?} is outside 1s..=60m")]
+    Ttl(Duration),
+    /// No active signing authority (should not happen on a healthy CA).
+    #[error("no active signing authority")]
+    NoSigner,
+    /// The signing authority has expired.
+    #[error("signing authority expired at {0}")]
+    SignerExpired(OffsetDateTime),
+    /// Signing failed in the crypto layer.
+    #[error("signing failed: {0}")]
+    Sign(#[from] AuthorityError),
+}
+
+impl IssueError {
+    /// A short machine-readable reason, for metrics labels and audit records.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IssueError::CsrTooLarge(_) => "csr_too_large",
+            IssueError::BadCsr(_) => "bad_csr",
+            IssueError::KeyAlgorithm => "key_algorithm",
+            IssueError::NoId(_) => "no_id",
+            IssueError::ExtraSans(_) => "extra_sans",
+            IssueError::WrongId { .. } => "wrong_id",
+            IssueError::BadId(_) => "bad_id",
+            IssueError::AsksForCa(_) => "asks_for_ca",
+            IssueError::Ttl(_) => "ttl",
+            IssueError::NoSigner | IssueError::SignerExpired(_) | IssueError::Sign(_) => "internal",
+        }
+    }
+}
+
+/// A freshly signed SVID.
+#[derive(Debug, Clone)]
+pub struct IssuedSvid {
+    /// The SPIFFE ID.
+    pub id: SpiffeId,
+    /// Leaf first, then the intermediate.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// Validity start (backdated).
+    pub not_before: OffsetDateTime,
+    /// Validity end.
+    pub not_after: OffsetDateTime,
+}
+
+/// A verified CSR: the public key, and the ID it asks for.
+pub struct VerifiedCsr {
+    params: CertificateSigningRequestParams,
+    /// The SPIFFE ID the CSR asks for.
+    pub id: SpiffeId,
+}
+
+/// Parses a DER CSR, verifies its signature and checks it asks for a workload SVID and nothing
+/// more (one URI SAN, no CA rights).
+pub fn verify_csr(der: &[u8]) -> Result<VerifiedCsr, IssueError> {
+    if der.len() > MAX_CSR_LEN {
+        return Err(IssueError::CsrTooLarge(der.len()));
+    }
+    let params = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
+        .map_err(IssueError::BadCsr)?;
+    let alg = params.public_key.algorithm();
+    if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ECDSA_P384_SHA384 {
+        return Err(IssueError::KeyAlgorithm);
+    }
+    if let IsCa::Ca(_) = params.params.is_ca {
+        return Err(IssueError::AsksForCa("cA=true"));
+    }
+    for ku in &params.params.key_usages {
+        match ku {
+            KeyUsagePurpose::KeyCertSign => return Err(IssueError::AsksForCa("keyCertSign")),
+            KeyUsagePurpose::CrlSign => return Err(IssueError::AsksForCa("cRLSign")),
+            _ => {}
+        }
+    }
+    let sans = &params.params.subject_alt_names;
+    let uri = match sans.as_slice() {
+        [] => return Err(IssueError::NoId(String::from("of the caller"))),
+        [SanType::URI(u)] => u.as_str().to_owned(),
+        [_] => return Err(IssueError::NoId(String::from("of the caller"))),
+        many => return Err(IssueError::ExtraSans(many.len())),
+    };
+    let id = id::parse_workload_id(&uri)?;
+    Ok(VerifiedCsr { params, id })
+}
+
+/// Signs an SVID for a verified CSR.
+///
+/// `allowed` is the one ID the caller may get (from its join token, its current SVID or its
+/// attestation); the CSR must ask for exactly that ID. The TTL is capped by [`MAX_SVID_TTL`] and
+/// by the signer's NotAfter.
+pub fn issue(
+    signer: &Authority,
+    csr: &VerifiedCsr,
+    allowed: &SpiffeId,
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<IssuedSvid, IssueError> {
+    if &csr.id != allowed {
+        return Err(IssueError::WrongId {
+            asked: csr.id.to_string(),
+            allowed: allowed.to_string(),
+        });
+    }
+    sign_leaf(signer, &csr.params.public_key, &csr.id, ttl, now)
+}
+
+/// Signs an SVID for a key the CA itself holds (the control plane's own serving SVID, and
+/// `svid mint`).
+pub fn issue_for_key(
+    signer: &Authority,
+    key: &SecretKey,
+    id: &SpiffeId,
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<IssuedSvid, IssueError> {
+    let kp = key
+        .key_pair()
+        .map_err(|e| IssueError::Sign(AuthorityError::Key(e)))?;
+    sign_leaf(signer, &kp, id, ttl, now)
+}
+
+fn sign_leaf(
+    signer: &Authority,
+    public_key: &impl rcgen::PublicKeyData,
+    id: &SpiffeId,
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<IssuedSvid, IssueError> {
+    if !(MIN_SVID_TTL..=MAX_SVID_TTL).contains(&ttl) {
+        return Err(IssueError::Ttl(ttl));
+    }
+    let id_text = id.to_string();
+    if id_text.len() > MAX_ID_LEN || id.path().is_empty() {
+        return Err(IssueError::BadId(id::IdError::NoPath(id_text)));
+    }
+    if signer.not_after <= now {
+        return Err(IssueError::SignerExpired(signer.not_after));
+    }
+    let mut p = CertificateParams::default();
+    let serial = random_serial();
+    let serial_hex = crate::svid::serial_hex(&serial.to_bytes());
+    p.serial_number = Some(serial);
+    let not_before = now - time::Duration::seconds(BACKDATE.as_secs() as i64);
+    let wanted = now + time::Duration::seconds(ttl.as_secs() as i64);
+    let not_after = wanted.min(signer.not_after);
+    p.not_before = not_before;
+    p.not_after = not_after;
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::OrganizationName, "mayfly");
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let uri = id_text
+        .clone()
+        .try_into()
+        .map_err(|_| IssueError::BadId(id::IdError::NoPath(id_text.clone())))?;
+    p.subject_alt_names = vec![SanType::URI(uri)];
+    p.use_authority_key_identifier_extension = true;
+    let issuer = signer.issuer()?;
+    let cert = p
+        .signed_by(public_key, &issuer)
+        .map_err(|e| IssueError::Sign(AuthorityError::Sign(e)))?;
+    Ok(IssuedSvid {
+        id: id.clone(),
+        chain: vec![cert.der().clone(), signer.cert.clone()],
+        serial: serial_hex,
+        not_before,
+        not_after,
+    })
+}
+
+/// Builds a CSR for `id` signed by `key` (what a sidecar sends).
+pub fn make_csr(key: &SecretKey, id: &SpiffeId) -> Result<Vec<u8>, IssueError> {
+    let kp = key
+        .key_pair()
+        .map_err(|e| IssueError::Sign(AuthorityError::Key(e)))?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    let uri = id
+        .to_string()
+        .try_into()
+        .map_err(|_| IssueError::BadId(id::IdError::NoPath(id.to_string())))?;
+    p.subject_alt_names = vec![SanType::URI(uri)];
+    let csr = p
+        .serialize_request(&kp)
+        .map_err(|e| IssueError::Sign(AuthorityError::Sign(e)))?;
+    Ok(csr.der().to_vec())
+}
