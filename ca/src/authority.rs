@@ -187,15 +187,22 @@ fn ca_params(
     p.not_before = not_before;
     p.not_after = not_after;
     p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name.push(DnType::OrganizationName, "mayfly");
+    p.distinguished_name
+        .push(DnType::OrganizationName, "mayfly");
     let cn = match role {
         Role::Root => format!("mayfly root CA {td}"),
         Role::Intermediate => format!("mayfly intermediate CA {td}"),
     };
     p.distinguished_name.push(DnType::CommonName, cn);
     // A unique subject per CA (as SPIRE does): rotation never yields two CAs with one name.
+    // X520SerialNumber must be a PrintableString (hex digits are printable).
+    let serial_value = rcgen::DnValue::PrintableString(
+        serial_text
+            .try_into()
+            .map_err(|e| AuthorityError::Config(format!("serial as PrintableString: {e}")))?,
+    );
     p.distinguished_name
-        .push(DnType::CustomDnType(vec![2, 5, 4, 5]), serial_text);
+        .push(DnType::CustomDnType(vec![2, 5, 4, 5]), serial_value);
     p.is_ca = match role {
         Role::Root => IsCa::Ca(BasicConstraints::Unconstrained),
         Role::Intermediate => IsCa::Ca(BasicConstraints::Constrained(0)),
@@ -208,11 +215,10 @@ fn ca_params(
     p.extended_key_usages = Vec::new();
     p.name_constraints = None;
     let td_id = TrustDomainId(td).to_string();
-    p.subject_alt_names = vec![SanType::URI(
-        td_id
-            .try_into()
-            .map_err(|e| AuthorityError::Config(format!("trust domain ID: {e}")))?,
-    )];
+    p.subject_alt_names =
+        vec![SanType::URI(td_id.try_into().map_err(|e| {
+            AuthorityError::Config(format!("trust domain ID: {e}"))
+        })?)];
     p.use_authority_key_identifier_extension = role == Role::Intermediate;
     Ok(p)
 }
@@ -430,7 +436,10 @@ impl Authorities {
             }
             keep
         });
-        if removed.iter().any(|c| matches!(c, Change::Removed(Role::Root, _))) {
+        if removed
+            .iter()
+            .any(|c| matches!(c, Change::Removed(Role::Root, _)))
+        {
             self.bundle_sequence += 1;
         }
         debug_assert!(self.list.len() + removed.len() == before);
@@ -461,7 +470,12 @@ impl Authorities {
             return Ok(());
         }
         if prepared.is_none() && now >= active.prepare_successor_at() {
-            let root = make_root(&self.trust_domain, self.config.root_ttl, now, State::Prepared)?;
+            let root = make_root(
+                &self.trust_domain,
+                self.config.root_ttl,
+                now,
+                State::Prepared,
+            )?;
             changes.push(Change::Prepared(Role::Root, root.id.clone()));
             self.list.push(root);
             self.bundle_sequence += 1;
@@ -497,9 +511,8 @@ impl Authorities {
             now,
             State::Active,
         )?;
-        self.list.retain(|a| {
-            !(a.role == Role::Intermediate && a.state == State::Prepared)
-        });
+        self.list
+            .retain(|a| !(a.role == Role::Intermediate && a.state == State::Prepared));
         for a in &mut self.list {
             if a.role == Role::Intermediate && a.state == State::Active {
                 a.state = State::Old;
@@ -544,8 +557,14 @@ impl Authorities {
         {
             self.list[ai].state = State::Old;
             self.list[pi].state = State::Active;
-            changes.push(Change::Retired(Role::Intermediate, self.list[ai].id.clone()));
-            changes.push(Change::Activated(Role::Intermediate, self.list[pi].id.clone()));
+            changes.push(Change::Retired(
+                Role::Intermediate,
+                self.list[ai].id.clone(),
+            ));
+            changes.push(Change::Activated(
+                Role::Intermediate,
+                self.list[pi].id.clone(),
+            ));
         }
         Ok(())
     }

@@ -215,14 +215,17 @@ impl TrustBundle {
     /// Reads a SPIFFE JWK Set. `jwt-svid` entries are checked for a `kid` and skipped (mayfly uses X.509-SVIDs only);
     /// an empty `keys` yields an empty bundle (every key revoked).
     pub fn from_jwks(trust_domain: TrustDomain, json: &str) -> Result<Self, BundleError> {
-        let jwks: Jwks = serde_json::from_str(json).map_err(|e| BundleError::Json(e.to_string()))?;
+        let jwks: Jwks =
+            serde_json::from_str(json).map_err(|e| BundleError::Json(e.to_string()))?;
         let mut roots = Vec::new();
         for (index, key) in jwks.keys.iter().enumerate() {
             match key.use_.as_deref() {
                 Some("x509-svid") => {}
                 Some("jwt-svid") => {
                     if key.kid.is_none() {
-                        return Err(BundleError::Json(format!("jwt-svid key #{index} has no kid")));
+                        return Err(BundleError::Json(format!(
+                            "jwt-svid key #{index} has no kid"
+                        )));
                     }
                     continue;
                 }
@@ -238,10 +241,12 @@ impl TrustBundle {
                     found: x5c.len(),
                 });
             }
-            let der = STANDARD.decode(&x5c[0]).map_err(|e| BundleError::Encoding {
-                index,
-                reason: e.to_string(),
-            })?;
+            let der = STANDARD
+                .decode(&x5c[0])
+                .map_err(|e| BundleError::Encoding {
+                    index,
+                    reason: e.to_string(),
+                })?;
             roots.push(CertificateDer::from(der));
         }
         Self::new(

@@ -209,7 +209,10 @@ mod tests {
 
     #[test]
     fn trust_domain_names() {
-        assert_eq!(parse_trust_domain("mayfly.local").unwrap().as_str(), "mayfly.local");
+        assert_eq!(
+            parse_trust_domain("mayfly.local").unwrap().as_str(),
+            "mayfly.local"
+        );
         assert!(parse_trust_domain("spiffe://mayfly.local").is_err());
         assert!(parse_trust_domain("").is_err());
         assert!(parse_trust_domain(&"a".repeat(256)).is_err());

@@ -119,8 +119,9 @@ pub fn verify_csr(der: &[u8]) -> Result<VerifiedCsr, IssueError> {
     if der.len() > MAX_CSR_LEN {
         return Err(IssueError::CsrTooLarge(der.len()));
     }
-    let params = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
-        .map_err(IssueError::BadCsr)?;
+    let params =
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
+            .map_err(IssueError::BadCsr)?;
     let alg = params.public_key.algorithm();
     if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ECDSA_P384_SHA384 {
         return Err(IssueError::KeyAlgorithm);
@@ -176,16 +177,52 @@ pub fn issue_for_key(
     ttl: Duration,
     now: OffsetDateTime,
 ) -> Result<IssuedSvid, IssueError> {
+    issue_for_key_with_names(signer, key, id, &[], ttl, now)
+}
+
+/// [`issue_for_key`] with extra DNS names or IP addresses beside the SPIFFE ID (the control
+/// plane's own SVID, so that `curl --cacert bundle.pem https://localhost:8443/...` verifies).
+/// Workload SVIDs from CSRs never carry extra names.
+pub fn issue_for_key_with_names(
+    signer: &Authority,
+    key: &SecretKey,
+    id: &SpiffeId,
+    names: &[String],
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<IssuedSvid, IssueError> {
     let kp = key
         .key_pair()
         .map_err(|e| IssueError::Sign(AuthorityError::Key(e)))?;
-    sign_leaf(signer, &kp, id, ttl, now)
+    let mut extra = Vec::with_capacity(names.len());
+    for n in names {
+        match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => extra.push(SanType::IpAddress(ip)),
+            Err(_) => extra.push(SanType::DnsName(
+                n.clone()
+                    .try_into()
+                    .map_err(|_| IssueError::BadId(id::IdError::NoPath(n.clone())))?,
+            )),
+        }
+    }
+    sign_leaf_with(signer, &kp, id, extra, ttl, now)
 }
 
 fn sign_leaf(
     signer: &Authority,
     public_key: &impl rcgen::PublicKeyData,
     id: &SpiffeId,
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<IssuedSvid, IssueError> {
+    sign_leaf_with(signer, public_key, id, Vec::new(), ttl, now)
+}
+
+fn sign_leaf_with(
+    signer: &Authority,
+    public_key: &impl rcgen::PublicKeyData,
+    id: &SpiffeId,
+    extra_names: Vec<SanType>,
     ttl: Duration,
     now: OffsetDateTime,
 ) -> Result<IssuedSvid, IssueError> {
@@ -209,7 +246,8 @@ fn sign_leaf(
     p.not_before = not_before;
     p.not_after = not_after;
     p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name.push(DnType::OrganizationName, "mayfly");
+    p.distinguished_name
+        .push(DnType::OrganizationName, "mayfly");
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![
@@ -221,6 +259,7 @@ fn sign_leaf(
         .try_into()
         .map_err(|_| IssueError::BadId(id::IdError::NoPath(id_text.clone())))?;
     p.subject_alt_names = vec![SanType::URI(uri)];
+    p.subject_alt_names.extend(extra_names);
     p.use_authority_key_identifier_extension = true;
     let issuer = signer.issuer()?;
     let cert = p

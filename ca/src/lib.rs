@@ -7,14 +7,24 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod authority;
 pub mod bundle;
+pub mod client;
+pub mod duration;
 pub mod id;
 pub mod issue;
 pub mod keys;
 pub mod svid;
 pub mod tls;
+pub mod token;
 pub mod verify;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+
+#[cfg(feature = "server")]
+pub mod store;
+
+#[cfg(feature = "server")]
+pub mod server;

@@ -42,7 +42,9 @@ pub enum ProfileError {
     #[error("URI SAN is not a valid SPIFFE ID: {0}")]
     BadId(IdError),
     /// The leaf's SPIFFE ID has no path (it names a trust domain).
-    #[error("leaf SPIFFE ID {0} has no path: only signing certificates may carry a trust domain ID")]
+    #[error(
+        "leaf SPIFFE ID {0} has no path: only signing certificates may carry a trust domain ID"
+    )]
     RootPathId(String),
     /// basicConstraints is absent from the leaf.
     #[error("leaf has no basicConstraints extension (cA=false must be explicit)")]
@@ -78,8 +80,10 @@ pub enum ProfileError {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, ProfileError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
-        Ok(_) => Err(ProfileError::Parse("trailing bytes after the certificate".into())),
+        Ok((&[], cert)) => Ok(cert),
+        Ok(_) => Err(ProfileError::Parse(
+            "trailing bytes after the certificate".into(),
+        )),
         Err(e) => Err(ProfileError::Parse(e.to_string())),
     }
 }
@@ -108,7 +112,10 @@ fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Result<(Vec<&'a str>, bool), P
 /// Hex of a serial number without leading zero bytes (as `openssl x509 -serial` prints it,
 /// in lowercase).
 pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
     hex::encode(&raw[start..])
 }
 

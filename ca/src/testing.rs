@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType};
+use rcgen::{
+    CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType,
+};
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
@@ -46,7 +48,10 @@ impl Leaf {
             dns: Vec::new(),
             is_ca: IsCa::ExplicitNoCa,
             key_usages: vec![KeyUsagePurpose::DigitalSignature],
-            ekus: vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            ekus: vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
             not_before: now - time::Duration::minutes(1),
             not_after: now + time::Duration::minutes(5),
             wrong_key: false,
@@ -109,14 +114,18 @@ impl TestCa {
         p.not_after = leaf.not_after;
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name.push(DnType::OrganizationName, "test");
-        p.is_ca = leaf.is_ca.clone();
+        p.is_ca = leaf.is_ca;
         p.key_usages = leaf.key_usages.clone();
         p.extended_key_usages = leaf.ekus.clone();
         p.subject_alt_names = leaf
             .uris
             .iter()
             .map(|u| SanType::URI(u.clone().try_into().unwrap()))
-            .chain(leaf.dns.iter().map(|d| SanType::DnsName(d.clone().try_into().unwrap())))
+            .chain(
+                leaf.dns
+                    .iter()
+                    .map(|d| SanType::DnsName(d.clone().try_into().unwrap())),
+            )
             .collect();
         p.use_authority_key_identifier_extension = true;
         let signing_key = if leaf.wrong_key {

@@ -66,7 +66,11 @@ impl Decision {
 impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let verdict = if self.allow { "allow" } else { "deny" };
-        let how = if self.enforced { "enforced" } else { "not enforced: policy is dry-run" };
+        let how = if self.enforced {
+            "enforced"
+        } else {
+            "not enforced: policy is dry-run"
+        };
         write!(f, "{verdict} ({how}) by {}", self.decided_by)?;
         if let Some(dr) = &self.dry_run {
             let would = if dr.allow { "allow" } else { "deny" };

@@ -124,7 +124,9 @@ pub enum IdPatternError {
     #[error("`*` is only allowed as a final `/*` segment (`spiffe://td/ns/*`, `spiffe://td/*`)")]
     Wildcard,
     /// An exact ID with no path: no workload has it.
-    #[error("`{0}` is the trust domain's own ID, which no workload has; write `{0}/*` for every workload in it")]
+    #[error(
+        "`{0}` is the trust domain's own ID, which no workload has; write `{0}/*` for every workload in it"
+    )]
     RootId(String),
 }
 

@@ -83,9 +83,7 @@ pub(crate) fn parse_tz(name: &str) -> Result<TimeZone, TimeWindowError> {
         .get(name)
         .map_err(|_| TimeWindowError::TimeZone(name.to_owned()))?;
     match tz.iana_name() {
-        Some(canon) if canon != name && !canon.eq_ignore_ascii_case("UTC") => {
-            Err(TimeWindowError::TimeZoneSpelling(canon.to_owned()))
-        }
+        Some(canon) if canon != name => Err(TimeWindowError::TimeZoneSpelling(canon.to_owned())),
         _ => Ok(tz),
     }
 }

@@ -70,7 +70,11 @@ fn patterns_match_exact_prefix_and_trust_domain() {
         ("spiffe://td/ns/prod/*", "spiffe://td/ns/prod/web", true),
         ("spiffe://td/ns/prod/*", "spiffe://td/ns/prod/a/b", true),
         ("spiffe://td/ns/prod/*", "spiffe://td/ns/prod", false),
-        ("spiffe://td/ns/prod/*", "spiffe://td/ns/production/web", false),
+        (
+            "spiffe://td/ns/prod/*",
+            "spiffe://td/ns/production/web",
+            false,
+        ),
         ("spiffe://td/*", "spiffe://td/anything/at/all", true),
         ("spiffe://td/*", "spiffe://td", false),
         ("spiffe://td/*", "spiffe://td2/a", false),
@@ -84,9 +88,21 @@ fn patterns_match_exact_prefix_and_trust_domain() {
 
 #[test]
 fn bad_patterns_are_refused() {
-    assert_eq!(IdPattern::parse("spiffe://td/a*"), Err(IdPatternError::Wildcard));
-    assert_eq!(IdPattern::parse("spiffe://td/*/b"), Err(IdPatternError::Wildcard));
+    assert_eq!(
+        IdPattern::parse("spiffe://td/a*"),
+        Err(IdPatternError::Wildcard)
+    );
+    assert_eq!(
+        IdPattern::parse("spiffe://td/*/b"),
+        Err(IdPatternError::Wildcard)
+    );
     assert!(IdPattern::parse("spiffe://*").is_err());
-    assert!(matches!(IdPattern::parse("spiffe://td"), Err(IdPatternError::RootId(_))));
-    assert!(matches!(IdPattern::parse("spiffe://TD/*"), Err(IdPatternError::Id(_))));
+    assert!(matches!(
+        IdPattern::parse("spiffe://td"),
+        Err(IdPatternError::RootId(_))
+    ));
+    assert!(matches!(
+        IdPattern::parse("spiffe://TD/*"),
+        Err(IdPatternError::Id(_))
+    ));
 }

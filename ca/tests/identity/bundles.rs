@@ -62,20 +62,45 @@ fn load(name: &str, td: &str) -> Result<TrustBundle, BundleError> {
 
 #[test]
 fn go_spiffe_bundles_parse_or_fail_as_named() {
-    assert_eq!(load("spiffebundle_valid_1.json", "local").unwrap().roots().len(), 1);
-    let v2 = load("spiffebundle_valid_2.json", "local").or_else(|_| load("spiffebundle_valid_2.json", "example.org"));
+    assert_eq!(
+        load("spiffebundle_valid_1.json", "local")
+            .unwrap()
+            .roots()
+            .len(),
+        1
+    );
+    let v2 = load("spiffebundle_valid_2.json", "local")
+        .or_else(|_| load("spiffebundle_valid_2.json", "example.org"));
     assert!(v2.is_ok() || matches!(v2, Err(BundleError::ForeignDomain { .. })));
-    let wit = load("spiffebundle_valid_with_wit.json", "local").or_else(|_| load("spiffebundle_valid_with_wit.json", "example.org"));
-    assert!(!matches!(wit, Err(BundleError::Json(_))), "unknown uses are ignored");
-    assert!(matches!(load("spiffebundle_multiple_x509.json", "local"), Err(BundleError::X5cCount { found: 2, .. })));
-    assert!(matches!(load("spiffebundle_missing_kid.json", "local"), Err(BundleError::Json(_))));
-    assert!(matches!(load("spiffebundle_no_keys.json", "local"), Err(BundleError::Json(_))));
+    let wit = load("spiffebundle_valid_with_wit.json", "local")
+        .or_else(|_| load("spiffebundle_valid_with_wit.json", "example.org"));
+    assert!(
+        !matches!(wit, Err(BundleError::Json(_))),
+        "unknown uses are ignored"
+    );
+    assert!(matches!(
+        load("spiffebundle_multiple_x509.json", "local"),
+        Err(BundleError::X5cCount { found: 2, .. })
+    ));
+    assert!(matches!(
+        load("spiffebundle_missing_kid.json", "local"),
+        Err(BundleError::Json(_))
+    ));
+    assert!(matches!(
+        load("spiffebundle_no_keys.json", "local"),
+        Err(BundleError::Json(_))
+    ));
 }
 
 #[test]
 fn pem_fixtures_that_are_not_ca_certificates_or_not_pem_are_refused() {
     let td = || parse_trust_domain("example.org").unwrap();
-    for (f, want_empty) in [("not-pem.pem", true), ("empty.pem", true), ("certs.pem", false), ("corrupted.pem", false)] {
+    for (f, want_empty) in [
+        ("not-pem.pem", true),
+        ("empty.pem", true),
+        ("certs.pem", false),
+        ("corrupted.pem", false),
+    ] {
         let pem = std::fs::read_to_string(fixture(&format!("x509bundle/{f}"))).unwrap_or_default();
         let err = TrustBundle::from_pem(td(), &pem).expect_err(f);
         if want_empty {
@@ -87,7 +112,14 @@ fn pem_fixtures_that_are_not_ca_certificates_or_not_pem_are_refused() {
 #[test]
 fn garbage_jwks_never_panics() {
     let td = parse_trust_domain("mayfly.local").unwrap();
-    for s in ["", "{", "[]", "{\"keys\": 5}", "{\"keys\": [{\"use\": \"x509-svid\", \"x5c\": [\"!!\"]}]}", "{\"keys\": [{}]}"] {
+    for s in [
+        "",
+        "{",
+        "[]",
+        "{\"keys\": 5}",
+        "{\"keys\": [{\"use\": \"x509-svid\", \"x5c\": [\"!!\"]}]}",
+        "{\"keys\": [{}]}",
+    ] {
         assert!(TrustBundle::from_jwks(td.clone(), s).is_err(), "{s}");
     }
 }

@@ -18,7 +18,10 @@ fn certs(name: &str) -> Vec<CertificateDer<'static>> {
 
 #[test]
 fn good_fixture_leaves_pass_the_profile() {
-    for f in ["x509svid/good-leaf-only.pem", "x509svid/good-leaf-and-intermediate.pem"] {
+    for f in [
+        "x509svid/good-leaf-only.pem",
+        "x509svid/good-leaf-and-intermediate.pem",
+    ] {
         let info = check_leaf(&certs(f)[0]).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!(info.id.to_string(), "spiffe://example.org/workload-1");
     }
@@ -26,10 +29,17 @@ fn good_fixture_leaves_pass_the_profile() {
 
 #[test]
 fn broken_fixture_leaves_fail_for_the_named_reason() {
-    let cases: [(&str, fn(&ProfileError) -> bool); 5] = [
-        ("wrong-leaf-ca-true.pem", |e| matches!(e, ProfileError::LeafIsCa)),
-        ("wrong-leaf-cert-sign.pem", |e| matches!(e, ProfileError::LeafKeyCertSign)),
-        ("wrong-leaf-crl-sign.pem", |e| matches!(e, ProfileError::LeafCrlSign)),
+    type Expect = fn(&ProfileError) -> bool;
+    let cases: [(&str, Expect); 5] = [
+        ("wrong-leaf-ca-true.pem", |e| {
+            matches!(e, ProfileError::LeafIsCa)
+        }),
+        ("wrong-leaf-cert-sign.pem", |e| {
+            matches!(e, ProfileError::LeafKeyCertSign)
+        }),
+        ("wrong-leaf-crl-sign.pem", |e| {
+            matches!(e, ProfileError::LeafCrlSign)
+        }),
         ("wrong-leaf-empty-id.pem", |e| {
             matches!(e, ProfileError::NoUriSan | ProfileError::BadId(_))
         }),
@@ -45,10 +55,16 @@ fn broken_fixture_leaves_fail_for_the_named_reason() {
 
 #[test]
 fn broken_fixture_intermediates_are_not_cas() {
-    for f in ["wrong-intermediate-no-ca.pem", "wrong-intermediate-no-key-cert-sign.pem"] {
+    for f in [
+        "wrong-intermediate-no-ca.pem",
+        "wrong-intermediate-no-key-cert-sign.pem",
+    ] {
         let chain = certs(&format!("x509svid/{f}"));
         assert!(chain.len() >= 2, "{f}");
-        assert!(check_ca(&chain[1]).is_err(), "{f}: intermediate must fail the CA profile");
+        assert!(
+            check_ca(&chain[1]).is_err(),
+            "{f}: intermediate must fail the CA profile"
+        );
     }
 }
 
@@ -58,7 +74,12 @@ fn fixture_chain_verifies_at_a_time_inside_its_validity_only() {
     // The intermediate is signed by a root we do not have: treat the intermediate as the root
     // of example.org to exercise path building at a fixed time.
     let td = parse_trust_domain("example.org").unwrap();
-    let bundle = TrustBundle::new(td, vec![chain[1].clone()], 1, std::time::Duration::from_secs(60));
+    let bundle = TrustBundle::new(
+        td,
+        vec![chain[1].clone()],
+        1,
+        std::time::Duration::from_secs(60),
+    );
     let Ok(bundle) = bundle else { return };
     let set = BundleSet::single(bundle);
     let inside = UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_585_059_000)); // 2020-03-24 14:10Z

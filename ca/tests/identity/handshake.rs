@@ -23,12 +23,15 @@ async fn handshake(
 ) -> (Result<String, String>, Result<String, String>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(server_creds, server_bundles, &[]).unwrap()));
+    let acceptor = TlsAcceptor::from(Arc::new(
+        server_config(server_creds, server_bundles, &[]).unwrap(),
+    ));
     let server = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         match acceptor.accept(tcp).await {
             Ok(mut tls) => {
-                let id = peer_identity(tls.get_ref().1.peer_certificates()).map(|i| i.id.to_string());
+                let id =
+                    peer_identity(tls.get_ref().1.peer_certificates()).map(|i| i.id.to_string());
                 let _ = tls.write_all(b"ok").await;
                 let _ = tls.shutdown().await;
                 id.map_err(|e| e.to_string())
@@ -36,7 +39,9 @@ async fn handshake(
             Err(e) => Err(describe_tls_error(&e)),
         }
     });
-    let connector = TlsConnector::from(Arc::new(client_config(client_creds, client_bundles, expected, &[]).unwrap()));
+    let connector = TlsConnector::from(Arc::new(
+        client_config(client_creds, client_bundles, expected, &[]).unwrap(),
+    ));
     let tcp = TcpStream::connect(addr).await.unwrap();
     let client = match connector.connect(dial_name(), tcp).await {
         Ok(mut tls) => {
@@ -81,7 +86,10 @@ async fn a_client_refuses_a_server_with_an_unexpected_id() {
     )
     .await;
     let err = c.unwrap_err();
-    assert!(err.contains("spiffe://mayfly.local/impostor") && err.contains(SERVER), "{err}");
+    assert!(
+        err.contains("spiffe://mayfly.local/impostor") && err.contains(SERVER),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -96,18 +104,71 @@ async fn every_bad_client_certificate_class_fails_the_handshake_naming_the_cause
         ca.credentials_for(&l)
     };
     let cases: Vec<(&str, Arc<Credentials>, &str)> = vec![
-        ("two URI SANs", mk(&|l| l.uris.push("spiffe://mayfly.local/x".into())), "2 URI SANs"),
-        ("no URI SAN", mk(&|l| { l.uris.clear(); l.dns.push("a.example".into()) }), "no URI SAN"),
-        ("non-spiffe URI", mk(&|l| l.uris = vec!["https://a.example/x".into()]), "not a valid SPIFFE ID"),
-        ("root-path ID", mk(&|l| l.uris = vec!["spiffe://mayfly.local".into()]), "has no path"),
-        ("CA leaf", mk(&|l| l.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)), "cA=true"),
-        ("keyCertSign", mk(&|l| l.key_usages.push(KeyUsagePurpose::KeyCertSign)), "keyCertSign"),
-        ("no digitalSignature", mk(&|l| l.key_usages = vec![KeyUsagePurpose::KeyEncipherment]), "digitalSignature"),
-        ("expired", mk(&|l| { l.not_before = now - time::Duration::hours(2); l.not_after = now - time::Duration::hours(1) }), "xpired"),
-        ("not yet valid", mk(&|l| { l.not_before = now + time::Duration::hours(1); l.not_after = now + time::Duration::hours(2) }), "not valid yet"),
+        (
+            "two URI SANs",
+            mk(&|l| l.uris.push("spiffe://mayfly.local/x".into())),
+            "2 URI SANs",
+        ),
+        (
+            "no URI SAN",
+            mk(&|l| {
+                l.uris.clear();
+                l.dns.push("a.example".into())
+            }),
+            "no URI SAN",
+        ),
+        (
+            "non-spiffe URI",
+            mk(&|l| l.uris = vec!["https://a.example/x".into()]),
+            "not a valid SPIFFE ID",
+        ),
+        (
+            "root-path ID",
+            mk(&|l| l.uris = vec!["spiffe://mayfly.local".into()]),
+            "has no path",
+        ),
+        (
+            "CA leaf",
+            mk(&|l| l.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)),
+            "cA=true",
+        ),
+        (
+            "keyCertSign",
+            mk(&|l| l.key_usages.push(KeyUsagePurpose::KeyCertSign)),
+            "keyCertSign",
+        ),
+        (
+            "no digitalSignature",
+            mk(&|l| l.key_usages = vec![KeyUsagePurpose::KeyEncipherment]),
+            "digitalSignature",
+        ),
+        (
+            "expired",
+            mk(&|l| {
+                l.not_before = now - time::Duration::hours(2);
+                l.not_after = now - time::Duration::hours(1)
+            }),
+            "xpired",
+        ),
+        (
+            "not yet valid",
+            mk(&|l| {
+                l.not_before = now + time::Duration::hours(1);
+                l.not_after = now + time::Duration::hours(2)
+            }),
+            "not valid yet",
+        ),
         ("wrong signature", mk(&|l| l.wrong_key = true), ""),
-        ("foreign trust domain", foreign.credentials("spiffe://other.org/web"), "no trust bundle"),
-        ("unknown intermediate", rogue.credentials(CLIENT), "unknown issuer"),
+        (
+            "foreign trust domain",
+            foreign.credentials("spiffe://other.org/web"),
+            "no trust bundle",
+        ),
+        (
+            "unknown intermediate",
+            rogue.credentials(CLIENT),
+            "unknown issuer",
+        ),
     ];
     for (name, creds, cause) in cases {
         let (s, c) = handshake(
@@ -119,7 +180,10 @@ async fn every_bad_client_certificate_class_fails_the_handshake_naming_the_cause
         )
         .await;
         let err = s.expect_err(name);
-        assert!(err.to_lowercase().contains(&cause.to_lowercase()), "{name}: server error {err:?} does not name {cause:?}");
+        assert!(
+            err.to_lowercase().contains(&cause.to_lowercase()),
+            "{name}: server error {err:?} does not name {cause:?}"
+        );
         assert!(c.is_err(), "{name}: client must see the failure");
     }
 }

@@ -16,7 +16,10 @@ fn csr_with(f: impl FnOnce(&mut CertificateParams)) -> Vec<u8> {
     let mut p = CertificateParams::default();
     p.subject_alt_names = vec![SanType::URI(ID.try_into().unwrap())];
     f(&mut p);
-    p.serialize_request(&key.key_pair().unwrap()).unwrap().der().to_vec()
+    p.serialize_request(&key.key_pair().unwrap())
+        .unwrap()
+        .der()
+        .to_vec()
 }
 
 #[test]
@@ -26,7 +29,14 @@ fn a_csr_is_signed_into_a_profile_conformant_svid() {
     let id = parse_workload_id(ID).unwrap();
     let csr = verify_csr(&make_csr(&key, &id).unwrap()).unwrap();
     let now = OffsetDateTime::now_utc();
-    let svid = issue(ca.authorities.signer().unwrap(), &csr, &id, Duration::from_secs(300), now).unwrap();
+    let svid = issue(
+        ca.authorities.signer().unwrap(),
+        &csr,
+        &id,
+        Duration::from_secs(300),
+        now,
+    )
+    .unwrap();
     assert_eq!(svid.chain.len(), 2);
     let info = check_leaf(&svid.chain[0]).unwrap();
     assert_eq!(info.id, id);
@@ -66,11 +76,23 @@ fn ttl_is_capped_by_the_signing_ca() {
     let svid = issue(signer, &csr, &id, Duration::from_secs(3600), late).unwrap();
     assert_eq!(svid.not_after, signer.not_after);
     assert!(matches!(
-        issue(signer, &csr, &id, Duration::from_secs(3601), OffsetDateTime::now_utc()),
+        issue(
+            signer,
+            &csr,
+            &id,
+            Duration::from_secs(3601),
+            OffsetDateTime::now_utc()
+        ),
         Err(IssueError::Ttl(_))
     ));
     assert!(matches!(
-        issue(signer, &csr, &id, Duration::from_secs(60), signer.not_after + time::Duration::seconds(1)),
+        issue(
+            signer,
+            &csr,
+            &id,
+            Duration::from_secs(60),
+            signer.not_after + time::Duration::seconds(1)
+        ),
         Err(IssueError::SignerExpired(_))
     ));
 }
@@ -80,8 +102,14 @@ fn a_csr_for_another_id_is_refused() {
     let ca = TestCa::new("mayfly.local");
     let csr = verify_csr(&csr_with(|_| {})).unwrap();
     let other = parse_workload_id("spiffe://mayfly.local/web").unwrap();
-    let err = issue(ca.authorities.signer().unwrap(), &csr, &other, Duration::from_secs(60), OffsetDateTime::now_utc())
-        .unwrap_err();
+    let err = issue(
+        ca.authorities.signer().unwrap(),
+        &csr,
+        &other,
+        Duration::from_secs(60),
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap_err();
     assert!(matches!(err, IssueError::WrongId { .. }));
     assert!(err.to_string().contains("spiffe://mayfly.local/web"));
 }
@@ -89,30 +117,58 @@ fn a_csr_for_another_id_is_refused() {
 #[test]
 fn a_csr_asking_for_ca_rights_is_refused() {
     let ca_true = csr_with(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
-    assert!(matches!(verify_csr(&ca_true), Err(IssueError::AsksForCa(_))));
-    let cert_sign = csr_with(|p| p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign]);
-    assert!(matches!(verify_csr(&cert_sign), Err(IssueError::AsksForCa("keyCertSign"))));
+    assert!(matches!(
+        verify_csr(&ca_true),
+        Err(IssueError::AsksForCa(_))
+    ));
+    let cert_sign = csr_with(|p| {
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ]
+    });
+    assert!(matches!(
+        verify_csr(&cert_sign),
+        Err(IssueError::AsksForCa("keyCertSign"))
+    ));
     let crl_sign = csr_with(|p| p.key_usages = vec![KeyUsagePurpose::CrlSign]);
-    assert!(matches!(verify_csr(&crl_sign), Err(IssueError::AsksForCa("cRLSign"))));
+    assert!(matches!(
+        verify_csr(&crl_sign),
+        Err(IssueError::AsksForCa("cRLSign"))
+    ));
 }
 
 #[test]
 fn a_csr_with_extra_sans_or_none_is_refused() {
-    let extra = csr_with(|p| p.subject_alt_names.push(SanType::DnsName("evil.example".try_into().unwrap())));
+    let extra = csr_with(|p| {
+        p.subject_alt_names
+            .push(SanType::DnsName("evil.example".try_into().unwrap()))
+    });
     assert!(matches!(verify_csr(&extra), Err(IssueError::ExtraSans(2))));
-    let two_ids = csr_with(|p| p.subject_alt_names.push(SanType::URI("spiffe://mayfly.local/db".try_into().unwrap())));
-    assert!(matches!(verify_csr(&two_ids), Err(IssueError::ExtraSans(2))));
+    let two_ids = csr_with(|p| {
+        p.subject_alt_names
+            .push(SanType::URI("spiffe://mayfly.local/db".try_into().unwrap()))
+    });
+    assert!(matches!(
+        verify_csr(&two_ids),
+        Err(IssueError::ExtraSans(2))
+    ));
     let none = csr_with(|p| p.subject_alt_names.clear());
     assert!(matches!(verify_csr(&none), Err(IssueError::NoId(_))));
-    let dns_only = csr_with(|p| p.subject_alt_names = vec![SanType::DnsName("a.example".try_into().unwrap())]);
+    let dns_only =
+        csr_with(|p| p.subject_alt_names = vec![SanType::DnsName("a.example".try_into().unwrap())]);
     assert!(matches!(verify_csr(&dns_only), Err(IssueError::NoId(_))));
 }
 
 #[test]
 fn a_csr_for_an_invalid_or_root_id_is_refused() {
-    let root = csr_with(|p| p.subject_alt_names = vec![SanType::URI("spiffe://mayfly.local".try_into().unwrap())]);
+    let root = csr_with(|p| {
+        p.subject_alt_names = vec![SanType::URI("spiffe://mayfly.local".try_into().unwrap())]
+    });
     assert!(matches!(verify_csr(&root), Err(IssueError::BadId(_))));
-    let upper = csr_with(|p| p.subject_alt_names = vec![SanType::URI("spiffe://Mayfly.local/x".try_into().unwrap())]);
+    let upper = csr_with(|p| {
+        p.subject_alt_names = vec![SanType::URI("spiffe://Mayfly.local/x".try_into().unwrap())]
+    });
     assert!(matches!(verify_csr(&upper), Err(IssueError::BadId(_))));
 }
 
@@ -129,7 +185,10 @@ fn a_tampered_or_garbage_csr_is_refused() {
     for garbage in [vec![], vec![0x30], vec![0u8; 100], b"not a csr".to_vec()] {
         assert!(matches!(verify_csr(&garbage), Err(IssueError::BadCsr(_))));
     }
-    assert!(matches!(verify_csr(&vec![0x30; MAX_CSR_LEN + 1]), Err(IssueError::CsrTooLarge(_))));
+    assert!(matches!(
+        verify_csr(&vec![0x30; MAX_CSR_LEN + 1]),
+        Err(IssueError::CsrTooLarge(_))
+    ));
 }
 
 proptest::proptest! {

@@ -3,11 +3,20 @@ use mayfly_ca::id::parse_trust_domain;
 use time::{Duration, OffsetDateTime};
 
 fn fresh(now: OffsetDateTime) -> Authorities {
-    Authorities::init(parse_trust_domain("mayfly.local").unwrap(), AuthorityConfig::default(), now).unwrap()
+    Authorities::init(
+        parse_trust_domain("mayfly.local").unwrap(),
+        AuthorityConfig::default(),
+        now,
+    )
+    .unwrap()
 }
 
 fn states(a: &Authorities, role: Role) -> Vec<State> {
-    a.all().iter().filter(|x| x.role == role).map(|x| x.state).collect()
+    a.all()
+        .iter()
+        .filter(|x| x.role == role)
+        .map(|x| x.state)
+        .collect()
 }
 
 #[test]
@@ -21,8 +30,17 @@ fn init_makes_an_active_root_and_intermediate_with_distinct_subjects() {
     let s1 = mayfly_ca::svid::subject(&root.cert).unwrap();
     let s2 = mayfly_ca::svid::subject(&int.cert).unwrap();
     assert_ne!(s1, s2);
-    assert_ne!(s1, mayfly_ca::svid::subject(&fresh(now).active(Role::Root).unwrap().cert).unwrap());
-    assert_eq!(mayfly_ca::svid::check_ca(&root.cert).unwrap().unwrap().to_string(), "spiffe://mayfly.local");
+    assert_ne!(
+        s1,
+        mayfly_ca::svid::subject(&fresh(now).active(Role::Root).unwrap().cert).unwrap()
+    );
+    assert_eq!(
+        mayfly_ca::svid::check_ca(&root.cert)
+            .unwrap()
+            .unwrap()
+            .to_string(),
+        "spiffe://mayfly.local"
+    );
     assert!(mayfly_ca::svid::check_ca(&int.cert).is_ok());
 }
 
@@ -33,20 +51,43 @@ fn intermediates_rotate_prepared_active_old_and_leave() {
     let first = a.signer().unwrap().id.clone();
     assert!(a.tick(t0 + Duration::hours(1)).unwrap().is_empty());
     // Half-life: a successor is prepared, the first still signs.
-    let c = a.tick(t0 + Duration::hours(12) + Duration::minutes(1)).unwrap();
-    assert!(matches!(c.as_slice(), [Change::Prepared(Role::Intermediate, _)]), "{c:?}");
+    let c = a
+        .tick(t0 + Duration::hours(12) + Duration::minutes(1))
+        .unwrap();
+    assert!(
+        matches!(c.as_slice(), [Change::Prepared(Role::Intermediate, _)]),
+        "{c:?}"
+    );
     assert_eq!(a.signer().unwrap().id, first);
-    assert_eq!(states(&a, Role::Intermediate), vec![State::Active, State::Prepared]);
+    assert_eq!(
+        states(&a, Role::Intermediate),
+        vec![State::Active, State::Prepared]
+    );
     // 5/6 of life: hand over, >= 8 h after preparation.
-    let c = a.tick(t0 + Duration::hours(20) + Duration::minutes(1)).unwrap();
+    let c = a
+        .tick(t0 + Duration::hours(20) + Duration::minutes(1))
+        .unwrap();
     assert_eq!(c.len(), 2, "{c:?}");
     assert_ne!(a.signer().unwrap().id, first);
-    assert_eq!(states(&a, Role::Intermediate), vec![State::Old, State::Active]);
+    assert_eq!(
+        states(&a, Role::Intermediate),
+        vec![State::Old, State::Active]
+    );
     // The old one leaves when it expires; the new one outlives every SVID the old one signed.
-    let c = a.tick(t0 + Duration::hours(24) + Duration::minutes(1)).unwrap();
-    assert!(c.iter().any(|c| matches!(c, Change::Removed(Role::Intermediate, x) if *x == first)), "{c:?}");
+    let c = a
+        .tick(t0 + Duration::hours(24) + Duration::minutes(1))
+        .unwrap();
+    assert!(
+        c.iter()
+            .any(|c| matches!(c, Change::Removed(Role::Intermediate, x) if *x == first)),
+        "{c:?}"
+    );
     let left = states(&a, Role::Intermediate);
-    assert_eq!(left.iter().filter(|s| **s == State::Active).count(), 1, "{left:?}");
+    assert_eq!(
+        left.iter().filter(|s| **s == State::Active).count(),
+        1,
+        "{left:?}"
+    );
     assert!(!left.contains(&State::Old), "{left:?}");
     // Intermediates never change the bundle.
     assert_eq!(a.bundle_sequence(), 1);
@@ -67,7 +108,11 @@ fn roots_rotate_with_overlap_so_a_root_never_expires_under_the_mesh() {
         assert!(root.not_after > t, "active root expired at {t}");
         let int = a.signer().unwrap();
         assert!(int.not_after > t, "active intermediate expired at {t}");
-        assert_eq!(int.parent.as_deref(), Some(root.id.as_str()), "intermediate chains to the active root");
+        assert_eq!(
+            int.parent.as_deref(),
+            Some(root.id.as_str()),
+            "intermediate chains to the active root"
+        );
         if root.id == old_root && a.bundle_roots(t).len() == 2 {
             seen_two_roots_before_switch = true;
         }
@@ -75,7 +120,10 @@ fn roots_rotate_with_overlap_so_a_root_never_expires_under_the_mesh() {
         let roots = a.bundle_roots(t);
         assert!(roots.contains(&root.cert));
     }
-    assert!(seen_two_roots_before_switch, "the next root was published before it signed");
+    assert!(
+        seen_two_roots_before_switch,
+        "the next root was published before it signed"
+    );
     assert_ne!(a.active(Role::Root).unwrap().id, old_root);
     assert!(a.bundle_sequence() >= 3);
 }

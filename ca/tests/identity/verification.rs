@@ -8,9 +8,13 @@ use time::OffsetDateTime;
 
 const ID: &str = "spiffe://mayfly.local/web";
 
-fn check(ca: &TestCa, chain: &[rustls_pki_types::CertificateDer<'static>]) -> Result<String, VerifyError> {
+fn check(
+    ca: &TestCa,
+    chain: &[rustls_pki_types::CertificateDer<'static>],
+) -> Result<String, VerifyError> {
     let set = BundleSet::single(ca.bundle());
-    verify_chain(chain, &set, UnixTime::now(), Usage::Client, &algorithms()).map(|i| i.id.to_string())
+    verify_chain(chain, &set, UnixTime::now(), Usage::Client, &algorithms())
+        .map(|i| i.id.to_string())
 }
 
 fn leaf_err(ca: &TestCa, leaf: Leaf) -> VerifyError {
@@ -33,7 +37,10 @@ fn two_uri_sans_are_refused() {
     let ca = TestCa::new("mayfly.local");
     let mut l = Leaf::new(ID);
     l.uris.push("spiffe://mayfly.local/other".into());
-    assert!(matches!(leaf_err(&ca, l), VerifyError::Profile(ProfileError::MultipleUriSans(2))));
+    assert!(matches!(
+        leaf_err(&ca, l),
+        VerifyError::Profile(ProfileError::MultipleUriSans(2))
+    ));
 }
 
 #[test]
@@ -42,21 +49,30 @@ fn no_uri_san_is_refused() {
     let mut l = Leaf::new(ID);
     l.uris.clear();
     l.dns.push("web.example".into());
-    assert!(matches!(leaf_err(&ca, l), VerifyError::Profile(ProfileError::NoUriSan)));
+    assert!(matches!(
+        leaf_err(&ca, l),
+        VerifyError::Profile(ProfileError::NoUriSan)
+    ));
 }
 
 #[test]
 fn a_non_spiffe_uri_is_refused() {
     let ca = TestCa::new("mayfly.local");
     let l = Leaf::new("https://mayfly.local/web");
-    assert!(matches!(leaf_err(&ca, l), VerifyError::Profile(ProfileError::BadId(_))));
+    assert!(matches!(
+        leaf_err(&ca, l),
+        VerifyError::Profile(ProfileError::BadId(_))
+    ));
 }
 
 #[test]
 fn a_root_path_id_is_refused() {
     let ca = TestCa::new("mayfly.local");
     let l = Leaf::new("spiffe://mayfly.local");
-    assert!(matches!(leaf_err(&ca, l), VerifyError::Profile(ProfileError::RootPathId(_))));
+    assert!(matches!(
+        leaf_err(&ca, l),
+        VerifyError::Profile(ProfileError::RootPathId(_))
+    ));
 }
 
 #[test]
@@ -65,7 +81,10 @@ fn a_ca_leaf_is_refused() {
     let mut l = Leaf::new(ID);
     l.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     l.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    assert!(matches!(leaf_err(&ca, l), VerifyError::Profile(ProfileError::LeafIsCa)));
+    assert!(matches!(
+        leaf_err(&ca, l),
+        VerifyError::Profile(ProfileError::LeafIsCa)
+    ));
 }
 
 #[test]
@@ -73,15 +92,24 @@ fn a_leaf_without_basic_constraints_is_refused() {
     let ca = TestCa::new("mayfly.local");
     let mut l = Leaf::new(ID);
     l.is_ca = IsCa::NoCa;
-    assert!(matches!(leaf_err(&ca, l), VerifyError::Profile(ProfileError::NoBasicConstraints)));
+    assert!(matches!(
+        leaf_err(&ca, l),
+        VerifyError::Profile(ProfileError::NoBasicConstraints)
+    ));
 }
 
 #[test]
 fn key_cert_sign_on_a_leaf_is_refused() {
     let ca = TestCa::new("mayfly.local");
     let mut l = Leaf::new(ID);
-    l.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
-    assert!(matches!(leaf_err(&ca, l), VerifyError::Profile(ProfileError::LeafKeyCertSign)));
+    l.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyCertSign,
+    ];
+    assert!(matches!(
+        leaf_err(&ca, l),
+        VerifyError::Profile(ProfileError::LeafKeyCertSign)
+    ));
 }
 
 #[test]
@@ -89,7 +117,10 @@ fn crl_sign_on_a_leaf_is_refused() {
     let ca = TestCa::new("mayfly.local");
     let mut l = Leaf::new(ID);
     l.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign];
-    assert!(matches!(leaf_err(&ca, l), VerifyError::Profile(ProfileError::LeafCrlSign)));
+    assert!(matches!(
+        leaf_err(&ca, l),
+        VerifyError::Profile(ProfileError::LeafCrlSign)
+    ));
 }
 
 #[test]
@@ -97,7 +128,10 @@ fn a_missing_digital_signature_is_refused() {
     let ca = TestCa::new("mayfly.local");
     let mut l = Leaf::new(ID);
     l.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
-    assert!(matches!(leaf_err(&ca, l), VerifyError::Profile(ProfileError::NoDigitalSignature)));
+    assert!(matches!(
+        leaf_err(&ca, l),
+        VerifyError::Profile(ProfileError::NoDigitalSignature)
+    ));
 }
 
 #[test]
@@ -125,7 +159,10 @@ fn a_foreign_trust_domain_is_refused_even_with_a_valid_chain() {
     let ours = TestCa::new("mayfly.local");
     let theirs = TestCa::new("other.org");
     let (chain, _) = theirs.svid("spiffe://other.org/web");
-    assert!(matches!(check(&ours, &chain), Err(VerifyError::UnknownTrustDomain(..))));
+    assert!(matches!(
+        check(&ours, &chain),
+        Err(VerifyError::UnknownTrustDomain(..))
+    ));
 }
 
 #[test]
@@ -136,7 +173,8 @@ fn bundles_are_never_pooled_across_trust_domains() {
     let (chain, _) = theirs.leaf(&Leaf::new(ID));
     let mut set = BundleSet::single(ours.bundle());
     set.insert(theirs.bundle());
-    let err = verify_chain(&chain, &set, UnixTime::now(), Usage::Client, &algorithms()).unwrap_err();
+    let err =
+        verify_chain(&chain, &set, UnixTime::now(), Usage::Client, &algorithms()).unwrap_err();
     assert!(matches!(err, VerifyError::UnknownIssuer { .. }), "{err}");
 }
 
@@ -146,7 +184,13 @@ fn a_wrong_signature_is_refused() {
     let mut l = Leaf::new(ID);
     l.wrong_key = true;
     let err = leaf_err(&ca, l);
-    assert!(matches!(err, VerifyError::BadSignature(_) | VerifyError::UnknownIssuer { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            VerifyError::BadSignature(_) | VerifyError::UnknownIssuer { .. }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -168,8 +212,16 @@ fn an_empty_chain_is_refused() {
 #[test]
 fn garbage_bytes_are_refused_without_panicking() {
     let ca = TestCa::new("mayfly.local");
-    for bytes in [vec![], vec![0u8; 10], vec![0x30, 0x82, 0xff, 0xff], b"-----BEGIN".to_vec()] {
+    for bytes in [
+        vec![],
+        vec![0u8; 10],
+        vec![0x30, 0x82, 0xff, 0xff],
+        b"-----BEGIN".to_vec(),
+    ] {
         let chain = vec![rustls_pki_types::CertificateDer::from(bytes)];
-        assert!(matches!(check(&ca, &chain), Err(VerifyError::Profile(ProfileError::Parse(_)))));
+        assert!(matches!(
+            check(&ca, &chain),
+            Err(VerifyError::Profile(ProfileError::Parse(_)))
+        ));
     }
 }

@@ -61,7 +61,9 @@ impl fmt::Display for Mismatch<'_> {
                 write!(f, "ports: {p} not in ")?;
                 list(f, want)
             }
-            Mismatch::SourceIp(None, _) => f.write_str("source_cidrs: the request has no source IP"),
+            Mismatch::SourceIp(None, _) => {
+                f.write_str("source_cidrs: the request has no source IP")
+            }
             Mismatch::SourceIp(Some(ip), want) => {
                 write!(f, "source_cidrs: {ip} not in ")?;
                 list(f, want)
@@ -136,10 +138,10 @@ pub(crate) fn check_rule<'a>(
             got => return Err(Mismatch::SourceIp(got, nets)),
         }
     }
-    if let Some(w) = &r.time {
-        if !w.contains(req.now) {
-            return Err(Mismatch::Time(w));
-        }
+    if let Some(w) = &r.time
+        && !w.contains(req.now)
+    {
+        return Err(Mismatch::Time(w));
     }
     if !r.has_http() || scope == Scope::AnyRequest {
         return Ok(());
@@ -147,15 +149,15 @@ pub(crate) fn check_rule<'a>(
     let Some(http) = &req.http else {
         return Err(Mismatch::NeedsHttp);
     };
-    if let Some(methods) = &r.methods {
-        if !methods.iter().any(|m| m == http.method) {
-            return Err(Mismatch::Method(http.method, methods));
-        }
+    if let Some(methods) = &r.methods
+        && !methods.iter().any(|m| m == http.method)
+    {
+        return Err(Mismatch::Method(http.method, methods));
     }
-    if let Some(paths) = &r.paths {
-        if !paths.iter().any(|p| p.matches(http.path)) {
-            return Err(Mismatch::Path(http.path, paths));
-        }
+    if let Some(paths) = &r.paths
+        && !paths.iter().any(|p| p.matches(http.path))
+    {
+        return Err(Mismatch::Path(http.path, paths));
     }
     if let Some(headers) = &r.headers {
         for (name, want) in headers {

@@ -57,6 +57,21 @@ impl Engine {
 
     fn next_id(&self) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("d-{:08x}-{n:x}", self.seed & 0xffff_ffff)
+        let mut id = String::with_capacity(28);
+        id.push_str("d-");
+        push_hex(&mut id, self.seed & 0xffff_ffff, 8);
+        id.push('-');
+        push_hex(&mut id, n, 1);
+        id
+    }
+}
+
+/// Appends `v` in lower-case hex, at least `min_digits` long.
+fn push_hex(out: &mut String, v: u64, min_digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (64 - v.leading_zeros()).div_ceil(4).max(min_digits);
+    for i in (0..digits).rev() {
+        let nibble = (v >> (i * 4)) & 0xf;
+        out.push(char::from(HEX[nibble as usize]));
     }
 }

@@ -100,7 +100,10 @@ fn table_array<'i>(
     match v.into_inner() {
         DeValue::Array(a) => a.into_iter().collect(),
         _ => {
-            d.error(span, format!("`{key}` must be an array of tables: write `[[{key}]]`"));
+            d.error(
+                span,
+                format!("`{key}` must be an array of tables: write `[[{key}]]`"),
+            );
             Vec::new()
         }
     }
@@ -166,7 +169,10 @@ fn load(src: &str, file: &str) -> Result<Loaded, PolicyError> {
             }
             other => d.error(
                 key_span,
-                format!("unknown key `{other}`, expected one of {}", TOP_KEYS.join(", ")),
+                format!(
+                    "unknown key `{other}`, expected one of {}",
+                    TOP_KEYS.join(", ")
+                ),
             ),
         }
     }
@@ -197,7 +203,10 @@ fn check_version(v: &Spanned<DeValue<'_>>, d: &mut Diags<'_>) {
         .as_integer()
         .is_some_and(|i| i.radix() == 10 && i.as_str() == "1");
     if !ok {
-        d.error(v.span(), "unsupported `version`: this mayfly reads `version = 1`");
+        d.error(
+            v.span(),
+            "unsupported `version`: this mayfly reads `version = 1`",
+        );
     }
 }
 
@@ -211,13 +220,19 @@ fn check_service(
         return None;
     };
     let Some(proto) = s.protocol else {
-        d.error(span, "a [[service]] needs a `protocol` (\"tcp\" or \"http\")");
+        d.error(
+            span,
+            "a [[service]] needs a `protocol` (\"tcp\" or \"http\")",
+        );
         return None;
     };
     let id_ok = match IdPattern::parse(id.get_ref()) {
         Ok(IdPattern::Exact(_)) => true,
         Ok(IdPattern::Below(_)) => {
-            d.error(id.span(), "a service `id` is one exact SPIFFE ID, not a pattern");
+            d.error(
+                id.span(),
+                "a service `id` is one exact SPIFFE ID, not a pattern",
+            );
             false
         }
         Err(e) => {

@@ -19,11 +19,21 @@ use crate::timewin::{self, TimeWindow};
 const MAX_NAME_LEN: usize = 128;
 
 /// Validates a rule, recording every problem; `None` if it has any error.
-pub(super) fn check(r: RawRule, span: Range<usize>, d: &mut Diags<'_>) -> Option<(Rule, Range<usize>)> {
+pub(super) fn check(
+    r: RawRule,
+    span: Range<usize>,
+    d: &mut Diags<'_>,
+) -> Option<(Rule, Range<usize>)> {
     let before = d.items.len();
     let name = name(r.name.as_ref(), &span, d);
-    let action = r.action.as_ref().map_or(Some(Action::Allow), |a| values::action(a, d));
-    let mode = r.mode.as_ref().map_or(Some(Mode::Enforce), |m| values::mode(m, d));
+    let action = r
+        .action
+        .as_ref()
+        .map_or(Some(Action::Allow), |a| values::action(a, d));
+    let mode = r
+        .mode
+        .as_ref()
+        .map_or(Some(Mode::Enforce), |m| values::mode(m, d));
     let from = ids("from", r.from.as_ref(), &span, d);
     let to = ids("to", r.to.as_ref(), &span, d);
     let ports = r.ports.as_ref().and_then(|p| ports(p, d));
@@ -32,12 +42,18 @@ pub(super) fn check(r: RawRule, span: Range<usize>, d: &mut Diags<'_>) -> Option
     let headers = r.headers.as_ref().and_then(|h| headers(h, d));
     let source_cidrs = r.source_cidrs.as_ref().and_then(|c| cidrs(c, d));
     let time = r.time.as_ref().and_then(|t| window(t, d));
-    let not_before = r.not_before.as_ref().and_then(|v| values::datetime("not_before", v, d));
-    let expires = r.expires.as_ref().and_then(|v| values::datetime("expires", v, d));
-    if let (Some(nb), Some(ex), Some(nb_span)) = (not_before, expires, r.not_before.as_ref()) {
-        if nb >= ex {
-            d.error(nb_span.span(), "`not_before` must be before `expires`");
-        }
+    let not_before = r
+        .not_before
+        .as_ref()
+        .and_then(|v| values::datetime("not_before", v, d));
+    let expires = r
+        .expires
+        .as_ref()
+        .and_then(|v| values::datetime("expires", v, d));
+    if let (Some(nb), Some(ex), Some(nb_span)) = (not_before, expires, r.not_before.as_ref())
+        && nb >= ex
+    {
+        d.error(nb_span.span(), "`not_before` must be before `expires`");
     }
     let has_errors = d.items[before..]
         .iter()
@@ -72,7 +88,8 @@ fn name(v: Option<&Spanned<String>>, span: &Range<usize>, d: &mut Diags<'_>) -> 
     let n = v.get_ref();
     let ok = !n.is_empty()
         && n.len() <= MAX_NAME_LEN
-        && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
     if !ok {
         d.error(
             v.span(),
@@ -86,22 +103,38 @@ fn name(v: Option<&Spanned<String>>, span: &Range<usize>, d: &mut Diags<'_>) -> 
 /// A non-empty list, or an error naming the key.
 fn non_empty<'a>(key: &str, v: &'a SList, d: &mut Diags<'_>) -> Option<&'a [Spanned<String>]> {
     if v.get_ref().is_empty() {
-        d.error(v.span(), format!("`{key}` is empty; omit it to match any value"));
+        d.error(
+            v.span(),
+            format!("`{key}` is empty; omit it to match any value"),
+        );
         return None;
     }
     Some(v.get_ref())
 }
 
-fn ids(key: &str, v: Option<&SList>, span: &Range<usize>, d: &mut Diags<'_>) -> Option<Vec<IdPattern>> {
+fn ids(
+    key: &str,
+    v: Option<&SList>,
+    span: &Range<usize>,
+    d: &mut Diags<'_>,
+) -> Option<Vec<IdPattern>> {
     let Some(v) = v else {
-        d.error(span.clone(), format!("a [[rule]] needs `{key}` (a list of SPIFFE IDs or patterns)"));
+        d.error(
+            span.clone(),
+            format!("a [[rule]] needs `{key}` (a list of SPIFFE IDs or patterns)"),
+        );
         return None;
     };
     if v.get_ref().is_empty() {
-        d.error(v.span(), format!("`{key}` is empty, so the rule could never match"));
+        d.error(
+            v.span(),
+            format!("`{key}` is empty, so the rule could never match"),
+        );
         return None;
     }
-    collect(v.get_ref(), d, |s| IdPattern::parse(s).map_err(|e| e.to_string()))
+    collect(v.get_ref(), d, |s| {
+        IdPattern::parse(s).map_err(|e| e.to_string())
+    })
 }
 
 /// Parses every element, recording each failure; `None` if any failed.
@@ -133,7 +166,10 @@ fn ports(v: &Spanned<Vec<Spanned<i64>>>, d: &mut Diags<'_>) -> Option<Vec<u16>> 
     for p in v.get_ref() {
         match u16::try_from(*p.get_ref()) {
             Ok(n) if n > 0 => out.push(n),
-            _ => d.error(p.span(), format!("port {} is not in 1..=65535", p.get_ref())),
+            _ => d.error(
+                p.span(),
+                format!("port {} is not in 1..=65535", p.get_ref()),
+            ),
         }
     }
     (out.len() == v.get_ref().len()).then_some(out)
@@ -142,7 +178,11 @@ fn ports(v: &Spanned<Vec<Spanned<i64>>>, d: &mut Diags<'_>) -> Option<Vec<u16>> 
 fn methods(v: &SList, d: &mut Diags<'_>) -> Option<Vec<String>> {
     let items = non_empty("methods", v, d)?;
     collect(items, d, |m| {
-        if m.is_empty() || !m.chars().all(|c| c.is_ascii_alphabetic() || c == '-' || c == '_') {
+        if m.is_empty()
+            || !m
+                .chars()
+                .all(|c| c.is_ascii_alphabetic() || c == '-' || c == '_')
+        {
             Err(format!("`{m}` is not an HTTP method"))
         } else if m.chars().any(|c| c.is_ascii_lowercase()) {
             Err(format!(
@@ -180,7 +220,10 @@ fn headers(
     for (k, val) in v.get_ref() {
         let name = k.get_ref().to_ascii_lowercase();
         if name.is_empty() || !name.chars().all(is_tchar) {
-            d.error(k.span(), format!("`{}` is not a valid header name", k.get_ref()));
+            d.error(
+                k.span(),
+                format!("`{}` is not a valid header name", k.get_ref()),
+            );
             ok = false;
         } else if !seen.insert(name.clone()) {
             d.error(
@@ -236,7 +279,10 @@ fn window(t: &Spanned<RawTime>, d: &mut Diags<'_>) -> Option<TimeWindow> {
         for day in list.get_ref() {
             match timewin::parse_day(day.get_ref()) {
                 Ok(bit) if days & bit != 0 => {
-                    d.error(day.span(), format!("day `{}` is listed twice", day.get_ref()));
+                    d.error(
+                        day.span(),
+                        format!("day `{}` is listed twice", day.get_ref()),
+                    );
                     ok = false;
                 }
                 Ok(bit) => days |= bit,

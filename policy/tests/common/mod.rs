@@ -47,7 +47,12 @@ pub fn conn<'a>(source: &'a str, destination: &'a str) -> Request<'a> {
 }
 
 /// An HTTP request without headers.
-pub fn http<'a>(source: &'a str, destination: &'a str, method: &'a str, path: &'a str) -> Request<'a> {
+pub fn http<'a>(
+    source: &'a str,
+    destination: &'a str,
+    method: &'a str,
+    path: &'a str,
+) -> Request<'a> {
     Request {
         http: Some(HttpRequest {
             method,

@@ -1,0 +1,50 @@
+//! The control plane's HTTP API: paths and JSON bodies shared by server and client.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET`: the trust bundle as a SPIFFE JWK Set. No client authentication.
+pub const BUNDLE_PATH: &str = "/v1/bundle";
+/// `POST`: a CSR in, an SVID out.
+pub const SVID_PATH: &str = "/v1/svid";
+/// The path of the control plane's own SPIFFE ID in its trust domain.
+pub const CA_ID_PATH: &str = "/mayfly/ca";
+/// The largest request body the control plane reads.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// `POST /v1/svid` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SvidRequest {
+    /// The CSR, DER, base64 (standard alphabet).
+    pub csr: String,
+    /// A join token, for bootstrap. Absent on renewal (mTLS with the current SVID instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Requested TTL in seconds (capped by the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u64>,
+}
+
+/// `POST /v1/svid` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SvidResponse {
+    /// The ID the SVID carries.
+    pub spiffe_id: String,
+    /// Leaf first, then intermediates; DER, base64.
+    pub chain: Vec<String>,
+    /// The trust bundle (SPIFFE JWK Set).
+    pub bundle: serde_json::Value,
+    /// Seconds of validity from now.
+    pub ttl: u64,
+    /// Serial of the leaf (hex).
+    pub serial: String,
+}
+
+/// Any error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for humans.
+    pub error: String,
+    /// A short machine-readable reason.
+    pub reason: String,
+}

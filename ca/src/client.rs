@@ -1,0 +1,390 @@
+//! The control-plane client a sidecar uses: first contact pinned by the join token, SVID
+//! bootstrap with the token, renewal over mTLS with the current SVID.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::api::{self, ErrorBody, SvidRequest, SvidResponse};
+use crate::bundle::{BundleError, BundleSet, TrustBundle};
+use crate::id::{SpiffeId, TrustDomain, parse_id};
+use crate::issue::make_csr;
+use crate::keys::SecretKey;
+use crate::tls::{Credentials, TlsError, client_config, dial_name, provider};
+use crate::token::JoinToken;
+use crate::verify::{IdMatcher, SharedBundles, describe_tls_error};
+
+/// How long one control-plane call may take, connect to last byte.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a control-plane call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// TCP connect failed.
+    #[error("cannot reach the control plane at {addr}: {source}")]
+    Connect {
+        /// Address dialled.
+        addr: String,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (wrong CA, wrong server identity, ...).
+    #[error("TLS handshake with the control plane at {addr} failed: {reason}")]
+    Tls {
+        /// Address dialled.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// Building the TLS configuration failed.
+    #[error(transparent)]
+    Config(#[from] TlsError),
+    /// The HTTP exchange failed.
+    #[error("HTTP exchange with the control plane failed: {0}")]
+    Http(String),
+    /// No answer in time.
+    #[error("the control plane did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The control plane refused the request.
+    #[error("the control plane refused: {error} ({status}, {reason})")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Reason code.
+        reason: String,
+        /// Message.
+        error: String,
+    },
+    /// The answer does not parse.
+    #[error("unexpected answer from the control plane: {0}")]
+    BadAnswer(String),
+    /// The bundle from first contact does not contain the root the token pins.
+    #[error(
+        "the control plane's trust bundle does not contain the root pinned by the join token: wrong control plane address, or a man in the middle"
+    )]
+    PinMismatch,
+    /// Bundle parse error.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// CSR construction failed.
+    #[error("cannot build CSR: {0}")]
+    Csr(String),
+}
+
+impl ClientError {
+    /// Whether retrying later may help (network trouble, server errors) as opposed to a
+    /// refusal that will not change (bad token, wrong ID).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::Timeout(_) | ClientError::Http(_) => true,
+            ClientError::Refused { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+/// What the control plane returned for an SVID request.
+#[derive(Debug, Clone)]
+pub struct IssuedChain {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The trust bundle of our trust domain.
+    pub bundle: TrustBundle,
+    /// Validity from now.
+    pub ttl: Duration,
+    /// Leaf serial.
+    pub serial: String,
+}
+
+/// Accepts any server certificate. Used for one request only: fetching the bundle on first
+/// contact, whose content is then checked against the join token's pin.
+#[derive(Debug)]
+struct FirstContact;
+
+impl ServerCertVerifier for FirstContact {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client for one control plane.
+#[derive(Debug, Clone)]
+pub struct CaClient {
+    addr: String,
+    trust_domain: TrustDomain,
+    ca_id: SpiffeId,
+}
+
+impl CaClient {
+    /// A client for the control plane at `addr` (`host:port`) serving `trust_domain`.
+    pub fn new(addr: impl Into<String>, trust_domain: TrustDomain) -> Result<Self, ClientError> {
+        let ca_id = parse_id(&format!("spiffe://{}{}", trust_domain, api::CA_ID_PATH))
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        Ok(Self {
+            addr: addr.into(),
+            trust_domain,
+            ca_id,
+        })
+    }
+
+    /// The control plane's own SPIFFE ID.
+    pub fn ca_id(&self) -> &SpiffeId {
+        &self.ca_id
+    }
+
+    async fn call(
+        &self,
+        tls: ClientConfig,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        tokio::time::timeout(CALL_TIMEOUT, self.call_inner(tls, method, path, body))
+            .await
+            .map_err(|_| ClientError::Timeout(CALL_TIMEOUT))?
+    }
+
+    async fn call_inner(
+        &self,
+        tls: ClientConfig,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let tcp = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let stream = TlsConnector::from(Arc::new(tls))
+            .connect(dial_name(), tcp)
+            .await
+            .map_err(|e| ClientError::Tls {
+                addr: self.addr.clone(),
+                reason: describe_tls_error(&e),
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "mayfly-ca")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), 1024 * 1024)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        driver.abort();
+        Ok((status, body))
+    }
+
+    fn refused(status: StatusCode, body: &[u8]) -> ClientError {
+        match serde_json::from_slice::<ErrorBody>(body) {
+            Ok(e) => ClientError::Refused {
+                status: status.as_u16(),
+                reason: e.reason,
+                error: e.error,
+            },
+            Err(_) => ClientError::Refused {
+                status: status.as_u16(),
+                reason: "http".into(),
+                error: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            },
+        }
+    }
+
+    fn verified_tls(
+        &self,
+        bundles: SharedBundles,
+        creds: Arc<Credentials>,
+    ) -> Result<ClientConfig, ClientError> {
+        Ok(client_config(
+            creds,
+            bundles,
+            IdMatcher::Exact(self.ca_id.clone()),
+            &[b"http/1.1"],
+        )?)
+    }
+
+    /// First contact: fetches the bundle without verifying the server, then keeps only the root
+    /// the join token pins. Everything after this is verified against that root.
+    pub async fn fetch_pinned_root(&self, pin: &str) -> Result<TrustBundle, ClientError> {
+        let mut tls = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(TlsError::from)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(FirstContact))
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let (status, body) = self.call(tls, Method::GET, api::BUNDLE_PATH, None).await?;
+        if !status.is_success() {
+            return Err(Self::refused(status, &body));
+        }
+        let text = std::str::from_utf8(&body).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let full = TrustBundle::from_jwks(self.trust_domain.clone(), text)?;
+        let pinned: Vec<_> = full
+            .roots()
+            .iter()
+            .filter(|r| {
+                crate::svid::spki_der(r)
+                    .map(|spki| hex::encode(crate::keys::sha256(&spki)).eq_ignore_ascii_case(pin))
+                    .unwrap_or(false)
+            })
+            .cloned()
+            .collect();
+        if pinned.is_empty() {
+            return Err(ClientError::PinMismatch);
+        }
+        Ok(TrustBundle::new(
+            self.trust_domain.clone(),
+            pinned,
+            full.sequence(),
+            full.refresh_hint(),
+        )?)
+    }
+
+    /// Fetches the current bundle over a verified connection.
+    pub async fn fetch_bundle(&self, bundles: SharedBundles) -> Result<TrustBundle, ClientError> {
+        let tls = self.verified_tls(bundles, Credentials::new())?;
+        let (status, body) = self.call(tls, Method::GET, api::BUNDLE_PATH, None).await?;
+        if !status.is_success() {
+            return Err(Self::refused(status, &body));
+        }
+        let text = std::str::from_utf8(&body).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        Ok(TrustBundle::from_jwks(self.trust_domain.clone(), text)?)
+    }
+
+    /// Bootstrap: a fresh key's CSR plus the join token, verified against the pinned root.
+    pub async fn bootstrap(
+        &self,
+        token: &JoinToken,
+        key: &SecretKey,
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedChain, ClientError> {
+        let root = self.fetch_pinned_root(&token.pin).await?;
+        let bundles: SharedBundles = Arc::new(ArcSwap::from_pointee(BundleSet::single(root)));
+        let tls = self.verified_tls(bundles, Credentials::new())?;
+        self.request_svid(tls, key, id, Some(token.reveal().to_string()), ttl)
+            .await
+    }
+
+    /// Renewal: mTLS with the current SVID, CSR for a new key.
+    pub async fn renew(
+        &self,
+        bundles: SharedBundles,
+        current: Arc<Credentials>,
+        key: &SecretKey,
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedChain, ClientError> {
+        let tls = self.verified_tls(bundles, current)?;
+        self.request_svid(tls, key, id, None, ttl).await
+    }
+
+    async fn request_svid(
+        &self,
+        tls: ClientConfig,
+        key: &SecretKey,
+        id: &SpiffeId,
+        token: Option<String>,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedChain, ClientError> {
+        let csr = make_csr(key, id).map_err(|e| ClientError::Csr(e.to_string()))?;
+        let req = SvidRequest {
+            csr: STANDARD.encode(csr),
+            token,
+            ttl: ttl.map(|t| t.as_secs()),
+        };
+        let body = serde_json::to_vec(&req).map_err(|e| ClientError::Http(e.to_string()))?;
+        let (status, body) = self
+            .call(tls, Method::POST, api::SVID_PATH, Some(body))
+            .await?;
+        if !status.is_success() {
+            return Err(Self::refused(status, &body));
+        }
+        let resp: SvidResponse =
+            serde_json::from_slice(&body).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let chain = resp
+            .chain
+            .iter()
+            .map(|c| STANDARD.decode(c).map(CertificateDer::from))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::BadAnswer(format!("chain: {e}")))?;
+        let bundle = TrustBundle::from_jwks(self.trust_domain.clone(), &resp.bundle.to_string())?;
+        Ok(IssuedChain {
+            chain,
+            bundle,
+            ttl: Duration::from_secs(resp.ttl),
+            serial: resp.serial,
+        })
+    }
+}

@@ -1,0 +1,248 @@
+//! The admin socket: newline-delimited JSON over a unix socket in the data directory (0600),
+//! each caller authorised by its OS user (SO_PEERCRED) against the configured admin list.
+//!
+//! Request: `{"op": "token.create", ...}`; answer: `{"ok": true, "data": ...}` or
+//! `{"ok": false, "error": "..."}`. One request per line, one answer per line.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::ca::Ca;
+use crate::duration::parse_duration;
+use crate::store::TokenRecord;
+
+/// The longest request line accepted.
+const MAX_LINE: usize = 64 * 1024;
+
+/// An admin request.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", deny_unknown_fields)]
+pub enum AdminRequest {
+    /// Create a join token.
+    #[serde(rename = "token.create")]
+    TokenCreate {
+        /// The SPIFFE ID it may obtain.
+        spiffe_id: String,
+        /// TTL such as `10m`.
+        ttl: String,
+    },
+    /// List join tokens.
+    #[serde(rename = "token.list")]
+    TokenList,
+    /// Revoke a join token by id.
+    #[serde(rename = "token.revoke")]
+    TokenRevoke {
+        /// The token's public id.
+        id: String,
+    },
+    /// Authorities and their states.
+    #[serde(rename = "status")]
+    Status,
+}
+
+/// An admin answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdminResponse {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// The error, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn ok(data: Value) -> AdminResponse {
+    AdminResponse {
+        ok: true,
+        data: Some(data),
+        error: None,
+    }
+}
+
+fn err(msg: impl Into<String>) -> AdminResponse {
+    AdminResponse {
+        ok: false,
+        data: None,
+        error: Some(msg.into()),
+    }
+}
+
+fn token_json(t: &TokenRecord) -> Value {
+    let state = if t.revoked_at.is_some() {
+        "revoked"
+    } else if t.used_at.is_some() {
+        "used"
+    } else if t.expires_at <= time::OffsetDateTime::now_utc() {
+        "expired"
+    } else {
+        "unused"
+    };
+    json!({
+        "id": t.id, "spiffe_id": t.spiffe_id, "state": state, "created_by": t.created_by,
+        "created_at": t.created_at.unix_timestamp(), "expires_at": t.expires_at.unix_timestamp(),
+    })
+}
+
+/// The OS user name of a uid, for logs and records.
+pub fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid:{uid}"))
+}
+
+fn dispatch(ca: &Ca, who: &str, req: AdminRequest) -> AdminResponse {
+    match req {
+        AdminRequest::TokenCreate { spiffe_id, ttl } => {
+            let ttl = match parse_duration(&ttl) {
+                Ok(t) => t,
+                Err(e) => return err(e.to_string()),
+            };
+            match ca.create_token(&spiffe_id, ttl, who) {
+                Ok((token, rec)) => {
+                    info!(token = %rec.id, spiffe_id = %rec.spiffe_id, by = who, "join token created");
+                    let mut v = token_json(&rec);
+                    v["token"] = Value::String(token.reveal().to_string());
+                    ok(v)
+                }
+                Err(e) => err(e),
+            }
+        }
+        AdminRequest::TokenList => match ca.store().list_tokens() {
+            Ok(list) => ok(Value::Array(list.iter().map(token_json).collect())),
+            Err(e) => err(e.to_string()),
+        },
+        AdminRequest::TokenRevoke { id } => {
+            match ca
+                .store()
+                .revoke_token(&id, time::OffsetDateTime::now_utc())
+            {
+                Ok(true) => {
+                    ca.event("token.revoked", json!({ "token": id, "by": who }));
+                    ok(json!({ "id": id, "state": "revoked" }))
+                }
+                Ok(false) => err(format!("no unused token with id {id}")),
+                Err(e) => err(e.to_string()),
+            }
+        }
+        AdminRequest::Status => match ca.authorities() {
+            Ok(a) => ok(super::status_json(&a)),
+            Err(e) => err(e.to_string()),
+        },
+    }
+}
+
+async fn serve_conn(ca: Arc<Ca>, stream: UnixStream) {
+    let uid = match stream.peer_cred() {
+        Ok(c) => c.uid(),
+        Err(e) => {
+            warn!(error = %e, "admin socket: cannot read peer credentials");
+            return;
+        }
+    };
+    let who = user_name(uid);
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r.take(MAX_LINE as u64 * 64)).lines();
+    if !ca.settings().admin_uids.contains(&uid) {
+        // Read the request first so the client is not cut off mid-write, then refuse.
+        let _ = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await;
+        warn!(user = %who, uid, "admin socket: user is not an admin");
+        ca.event("admin.refused", json!({ "user": who, "uid": uid }));
+        let line = serde_json::to_string(&err(format!(
+            "user {who} (uid {uid}) is not a mayfly admin: add it with `mayfly-ca run --admin {who}`"
+        )))
+        .unwrap_or_default();
+        let _ = w.write_all(format!("{line}\n").as_bytes()).await;
+        return;
+    }
+    loop {
+        let line = match tokio::time::timeout(Duration::from_secs(300), lines.next_line()).await {
+            Ok(Ok(Some(l))) => l,
+            _ => return,
+        };
+        let resp = if line.len() > MAX_LINE {
+            err("request too long")
+        } else {
+            match serde_json::from_str::<AdminRequest>(&line) {
+                Ok(req) => {
+                    debug!(user = %who, op = ?req, "admin request");
+                    let ca2 = ca.clone();
+                    let who2 = who.clone();
+                    tokio::task::spawn_blocking(move || dispatch(&ca2, &who2, req))
+                        .await
+                        .unwrap_or_else(|e| err(format!("internal error: {e}")))
+                }
+                Err(e) => err(format!("bad admin request: {e}")),
+            }
+        };
+        let out = serde_json::to_string(&resp).unwrap_or_default();
+        if w.write_all(format!("{out}\n").as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// Binds the admin socket (0600) and serves it until `shutdown` flips.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves admin connections until shutdown.
+pub async fn serve(ca: Arc<Ca>, listener: UnixListener, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => { tokio::spawn(serve_conn(ca.clone(), s)); }
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Sends one request to a running control plane's admin socket.
+pub async fn call(socket: &Path, req: &AdminRequest) -> Result<Value, String> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        format!(
+            "cannot reach the control plane's admin socket {}: {e} (is `mayfly-ca run` running on this data directory?)",
+            socket.display()
+        )
+    })?;
+    let (r, mut w) = stream.into_split();
+    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    w.write_all(format!("{line}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut lines = BufReader::new(r).lines();
+    let answer = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .map_err(|_| "the control plane did not answer within 30s".to_owned())?
+        .map_err(|e| e.to_string())?
+        .ok_or("the control plane closed the admin connection")?;
+    let resp: AdminResponse = serde_json::from_str(&answer).map_err(|e| e.to_string())?;
+    if resp.ok {
+        Ok(resp.data.unwrap_or(Value::Null))
+    } else {
+        Err(resp.error.unwrap_or_else(|| "unknown error".into()))
+    }
+}

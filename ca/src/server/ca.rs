@@ -1,0 +1,472 @@
+//! The control plane's core: authorities, issuance, tokens, and the state the API serves.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use time::OffsetDateTime;
+use tracing::{info, warn};
+
+use super::metrics::{AuthorityLabel, KindLabel, Metrics};
+use crate::authority::{Authorities, Change, Role};
+use crate::bundle::{BundleSet, DEFAULT_REFRESH_HINT, TrustBundle};
+use crate::id::{SpiffeId, parse_id, parse_workload_id};
+use crate::issue::{
+    DEFAULT_SVID_TTL, IssueError, IssuedSvid, MAX_SVID_TTL, issue, issue_for_key_with_names,
+    verify_csr,
+};
+use crate::keys::SecretKey;
+use crate::store::{IssuedRecord, Store, StoreError, TokenRecord, TokenRefusal};
+use crate::svid::SvidInfo;
+use crate::tls::{Credentials, Svid};
+use crate::token::JoinToken;
+use crate::verify::SharedBundles;
+
+/// Settings of a running control plane.
+#[derive(Debug, Clone)]
+pub struct CaSettings {
+    /// SVID TTL when the request names none.
+    pub svid_default_ttl: Duration,
+    /// Longest SVID TTL granted (at most 60 min).
+    pub svid_max_ttl: Duration,
+    /// Longest join-token TTL.
+    pub token_max_ttl: Duration,
+    /// OS user IDs allowed on the admin socket.
+    pub admin_uids: Vec<u32>,
+    /// DNS names and IP addresses put beside the SPIFFE ID in the control plane's own SVID.
+    pub server_names: Vec<String>,
+    /// How long a client may take for the TLS handshake, request headers and body.
+    pub client_timeout: Duration,
+}
+
+impl Default for CaSettings {
+    fn default() -> Self {
+        Self {
+            svid_default_ttl: DEFAULT_SVID_TTL,
+            svid_max_ttl: MAX_SVID_TTL,
+            token_max_ttl: Duration::from_secs(15 * 60),
+            admin_uids: vec![0],
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            client_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Who is asking for an SVID.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A join token (bootstrap).
+    Token(String),
+    /// An mTLS peer with a verified, unexpired SVID (renewal).
+    Svid(SvidInfo),
+    /// Nobody we can authenticate.
+    Anonymous,
+}
+
+/// Why an SVID request was refused, with the HTTP status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// No token and no client certificate.
+    #[error("authentication required: send a join token, or connect with your current SVID")]
+    Unauthenticated,
+    /// The token is not acceptable.
+    #[error(transparent)]
+    Token(#[from] TokenRefusal),
+    /// The token is not even well-formed.
+    #[error("{0}")]
+    TokenFormat(String),
+    /// A peer from another trust domain tried to renew.
+    #[error("SVID {0} is not of this trust domain")]
+    ForeignPeer(String),
+    /// The CSR is not acceptable.
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    /// The store failed.
+    #[error("internal error: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl Refusal {
+    /// HTTP status code.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::Unauthenticated | Refusal::Token(_) | Refusal::TokenFormat(_) => 401,
+            Refusal::ForeignPeer(_) => 403,
+            Refusal::Issue(IssueError::WrongId { .. }) => 403,
+            Refusal::Issue(IssueError::CsrTooLarge(_)) => 413,
+            Refusal::Issue(
+                IssueError::NoSigner | IssueError::SignerExpired(_) | IssueError::Sign(_),
+            )
+            | Refusal::Store(_) => 500,
+            Refusal::Issue(_) => 400,
+        }
+    }
+
+    /// Short reason code.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Unauthenticated => "unauthenticated",
+            Refusal::Token(t) => t.reason(),
+            Refusal::TokenFormat(_) => "token_malformed",
+            Refusal::ForeignPeer(_) => "foreign_peer",
+            Refusal::Issue(e) => e.reason(),
+            Refusal::Store(_) => "internal",
+        }
+    }
+}
+
+/// The running control plane.
+pub struct Ca {
+    store: Arc<dyn Store>,
+    authorities: Mutex<Authorities>,
+    bundle: ArcSwap<TrustBundle>,
+    bundles: SharedBundles,
+    jwks: ArcSwap<String>,
+    creds: Arc<Credentials>,
+    ca_id: SpiffeId,
+    settings: CaSettings,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+fn lock_err() -> StoreError {
+    StoreError::Db("authority lock poisoned".into())
+}
+
+impl Ca {
+    /// Loads the authorities from the store, rotates them to now, and issues the control
+    /// plane's own SVID.
+    pub fn start(
+        store: Arc<dyn Store>,
+        authorities: Authorities,
+        settings: CaSettings,
+    ) -> Result<Arc<Self>, Refusal> {
+        let td = authorities.trust_domain().clone();
+        let ca_id = parse_id(&format!("spiffe://{td}{}", crate::api::CA_ID_PATH))
+            .map_err(|e| Refusal::Issue(IssueError::BadId(e)))?;
+        let now = OffsetDateTime::now_utc();
+        let bundle = Self::make_bundle(&authorities, now)?;
+        let ca = Arc::new(Self {
+            store,
+            bundles: Arc::new(ArcSwap::from_pointee(BundleSet::single(bundle.clone()))),
+            jwks: ArcSwap::from_pointee(bundle.to_jwks()),
+            bundle: ArcSwap::from_pointee(bundle),
+            authorities: Mutex::new(authorities),
+            creds: Credentials::new(),
+            ca_id,
+            settings,
+            metrics: Metrics::new(),
+        });
+        ca.rotate(now)?;
+        ca.renew_own_svid(now)?;
+        Ok(ca)
+    }
+
+    fn make_bundle(a: &Authorities, now: OffsetDateTime) -> Result<TrustBundle, Refusal> {
+        TrustBundle::new(
+            a.trust_domain().clone(),
+            a.bundle_roots(now),
+            a.bundle_sequence(),
+            DEFAULT_REFRESH_HINT,
+        )
+        .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))
+    }
+
+    /// The control plane's own SPIFFE ID.
+    pub fn ca_id(&self) -> &SpiffeId {
+        &self.ca_id
+    }
+
+    /// The server's own SVID (for its TLS listener).
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.creds.clone()
+    }
+
+    /// The trust bundles the listener verifies clients against.
+    pub fn bundles(&self) -> SharedBundles {
+        self.bundles.clone()
+    }
+
+    /// The current bundle.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.load_full()
+    }
+
+    /// The current bundle as a JWK Set (cached).
+    pub fn jwks(&self) -> Arc<String> {
+        self.jwks.load_full()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Settings.
+    pub fn settings(&self) -> &CaSettings {
+        &self.settings
+    }
+
+    /// Advances authority rotation to `now`, persisting and publishing any change.
+    /// Returns when the next change is due.
+    pub fn rotate(&self, now: OffsetDateTime) -> Result<OffsetDateTime, Refusal> {
+        let mut a = self.authorities.lock().map_err(|_| lock_err())?;
+        let changes = a
+            .tick(now)
+            .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))?;
+        if !changes.is_empty() {
+            self.store.save_authorities(&a)?;
+            for c in &changes {
+                match c {
+                    Change::EmergencyRoot(id) => warn!(
+                        authority = %id,
+                        "the active root had expired with no successor; a new root was made: sidecars must bootstrap again"
+                    ),
+                    other => info!(change = ?other, "CA rotation"),
+                }
+                let _ = self.store.append_event(
+                    now,
+                    "ca.rotation",
+                    &serde_json::json!({ "change": format!("{c:?}") }).to_string(),
+                );
+            }
+        }
+        let bundle = Self::make_bundle(&a, now)?;
+        if bundle.roots() != self.bundle.load().roots() {
+            self.jwks.store(Arc::new(bundle.to_jwks()));
+            self.bundles
+                .store(Arc::new(BundleSet::single(bundle.clone())));
+            self.bundle.store(Arc::new(bundle));
+        }
+        self.metrics.authority_expiry.clear();
+        for x in a.all() {
+            self.metrics
+                .authority_expiry
+                .get_or_create(&AuthorityLabel {
+                    role: match x.role {
+                        Role::Root => "root".into(),
+                        Role::Intermediate => "intermediate".into(),
+                    },
+                    id: x.id.clone(),
+                    state: x.state.to_string(),
+                })
+                .set((x.not_after - now).whole_seconds());
+        }
+        Ok(a.next_change_at(now))
+    }
+
+    /// Issues a new SVID for the control plane itself. Returns its expiry.
+    pub fn renew_own_svid(&self, now: OffsetDateTime) -> Result<OffsetDateTime, Refusal> {
+        let key = SecretKey::generate().map_err(|e| {
+            Refusal::Issue(IssueError::Sign(crate::authority::AuthorityError::Key(e)))
+        })?;
+        let issued = {
+            let a = self.authorities.lock().map_err(|_| lock_err())?;
+            let signer = a.signer().ok_or(IssueError::NoSigner)?;
+            issue_for_key_with_names(
+                signer,
+                &key,
+                &self.ca_id,
+                &self.settings.server_names,
+                self.settings.svid_max_ttl,
+                now,
+            )?
+        };
+        self.log(&issued, "self", now);
+        let svid = Svid::new(issued.chain.clone(), &key)
+            .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))?;
+        self.creds.set(svid);
+        self.metrics
+            .issued
+            .get_or_create(&KindLabel {
+                kind: "self".into(),
+            })
+            .inc();
+        Ok(issued.not_after)
+    }
+
+    fn log(&self, issued: &IssuedSvid, requester: &str, now: OffsetDateTime) {
+        let rec = IssuedRecord {
+            serial: issued.serial.clone(),
+            spiffe_id: issued.id.to_string(),
+            not_after: issued.not_after,
+            issued_at: now,
+            requester: requester.to_owned(),
+        };
+        if let Err(e) = self.store.log_issued(&rec) {
+            warn!(error = %e, "cannot log issued SVID");
+        }
+    }
+
+    /// Records a control-plane event (audit trail).
+    pub fn event(&self, kind: &str, detail: serde_json::Value) {
+        if let Err(e) =
+            self.store
+                .append_event(OffsetDateTime::now_utc(), kind, &detail.to_string())
+        {
+            warn!(error = %e, kind, "cannot record control-plane event");
+        }
+    }
+
+    /// Handles `POST /v1/svid`: authenticates the caller, checks the CSR, signs.
+    pub fn issue_svid(
+        &self,
+        csr_der: &[u8],
+        caller: Caller,
+        ttl: Option<Duration>,
+        peer: &str,
+    ) -> Result<IssuedSvid, Refusal> {
+        let now = OffsetDateTime::now_utc();
+        let result = self.issue_inner(csr_der, &caller, ttl, now);
+        match &result {
+            Ok((issued, requester, kind)) => {
+                self.metrics
+                    .issued
+                    .get_or_create(&KindLabel {
+                        kind: (*kind).into(),
+                    })
+                    .inc();
+                self.event(
+                    "svid.issued",
+                    serde_json::json!({
+                        "spiffe_id": issued.id.to_string(), "serial": issued.serial,
+                        "not_after": issued.not_after.unix_timestamp(), "requester": requester,
+                        "peer": peer,
+                    }),
+                );
+            }
+            Err(r) => {
+                self.metrics.refuse(r.reason());
+                let kind = match r {
+                    Refusal::Token(_) | Refusal::TokenFormat(_) => "token.refused",
+                    _ => "svid.refused",
+                };
+                let who = match &caller {
+                    Caller::Token(_) => "token".to_owned(),
+                    Caller::Svid(info) => info.id.to_string(),
+                    Caller::Anonymous => "anonymous".to_owned(),
+                };
+                self.event(
+                    kind,
+                    serde_json::json!({ "reason": r.reason(), "error": r.to_string(), "caller": who, "peer": peer }),
+                );
+            }
+        }
+        result.map(|(issued, _, _)| issued)
+    }
+
+    fn issue_inner(
+        &self,
+        csr_der: &[u8],
+        caller: &Caller,
+        ttl: Option<Duration>,
+        now: OffsetDateTime,
+    ) -> Result<(IssuedSvid, String, &'static str), Refusal> {
+        // Check the CSR before spending the token: a malformed CSR must not burn it.
+        let csr = verify_csr(csr_der)?;
+        let ttl = ttl
+            .unwrap_or(self.settings.svid_default_ttl)
+            .min(self.settings.svid_max_ttl);
+        let (allowed, requester, kind) = match caller {
+            Caller::Anonymous => return Err(Refusal::Unauthenticated),
+            Caller::Svid(info) => {
+                if info.id.trust_domain() != self.bundle.load().trust_domain() {
+                    return Err(Refusal::ForeignPeer(info.id.to_string()));
+                }
+                (info.id.clone(), format!("svid:{}", info.serial), "renewal")
+            }
+            Caller::Token(text) => {
+                let token =
+                    JoinToken::parse(text).map_err(|e| Refusal::TokenFormat(e.to_string()))?;
+                // The token's ID must match the CSR before the token is consumed.
+                let rec = self.peek_token(&token)?;
+                if rec.spiffe_id != csr.id.to_string() {
+                    return Err(IssueError::WrongId {
+                        asked: csr.id.to_string(),
+                        allowed: rec.spiffe_id,
+                    }
+                    .into());
+                }
+                let rec = self.store.consume_token(&token.hash(), now)??;
+                self.event(
+                    "token.used",
+                    serde_json::json!({ "token": rec.id, "spiffe_id": rec.spiffe_id }),
+                );
+                let id = parse_workload_id(&rec.spiffe_id)
+                    .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))?;
+                (id, format!("token:{}", rec.id), "bootstrap")
+            }
+        };
+        let issued = {
+            let a = self.authorities.lock().map_err(|_| lock_err())?;
+            let signer = a.signer().ok_or(IssueError::NoSigner)?;
+            issue(signer, &csr, &allowed, ttl, now)?
+        };
+        self.log(&issued, &requester, now);
+        Ok((issued, requester, kind))
+    }
+
+    fn peek_token(&self, token: &JoinToken) -> Result<TokenRecord, Refusal> {
+        Ok(self
+            .store
+            .find_token(&token.hash())?
+            .ok_or(TokenRefusal::Unknown)?)
+    }
+
+    /// Creates a join token for `id`. Returns the token (print it once) and its record.
+    pub fn create_token(
+        &self,
+        id: &str,
+        ttl: Duration,
+        by: &str,
+    ) -> Result<(JoinToken, TokenRecord), String> {
+        let id = parse_workload_id(id).map_err(|e| e.to_string())?;
+        if ttl > self.settings.token_max_ttl || ttl.is_zero() {
+            return Err(format!(
+                "token TTL must be between 1s and {} (the configured maximum)",
+                crate::duration::format_duration(self.settings.token_max_ttl)
+            ));
+        }
+        if id.trust_domain() != self.bundle.load().trust_domain() {
+            return Err(format!(
+                "{id} is not in this control plane's trust domain {}",
+                self.bundle.load().trust_domain()
+            ));
+        }
+        let pin = self
+            .active_root_pin()
+            .ok_or("no active root")
+            .map_err(str::to_owned)?;
+        let token = JoinToken::generate(&pin);
+        let now = OffsetDateTime::now_utc();
+        let rec = TokenRecord {
+            id: token.id.clone(),
+            hash: token.hash(),
+            spiffe_id: id.to_string(),
+            created_at: now,
+            expires_at: now + time::Duration::seconds(ttl.as_secs() as i64),
+            created_by: by.to_owned(),
+            used_at: None,
+            revoked_at: None,
+        };
+        self.store.insert_token(&rec).map_err(|e| e.to_string())?;
+        self.event(
+            "token.created",
+            serde_json::json!({ "token": rec.id, "spiffe_id": rec.spiffe_id, "by": by,
+                                 "expires_at": rec.expires_at.unix_timestamp() }),
+        );
+        Ok((token, rec))
+    }
+
+    fn active_root_pin(&self) -> Option<String> {
+        let a = self.authorities.lock().ok()?;
+        let root = a.active(Role::Root)?;
+        let spki = crate::svid::spki_der(&root.cert).ok()?;
+        Some(hex::encode(crate::keys::sha256(&spki)))
+    }
+
+    /// A snapshot of the authorities for status output.
+    pub fn authorities(&self) -> Result<Authorities, Refusal> {
+        Ok(self.authorities.lock().map_err(|_| lock_err())?.clone())
+    }
+}

@@ -1,0 +1,141 @@
+//! The data directory: where the store lives, with permissions checked before anything starts.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "ca.db";
+/// The admin socket inside the data directory.
+pub const ADMIN_SOCKET: &str = "admin.sock";
+
+/// Why the data directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataDirError {
+    /// Filesystem error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Group or others can read the directory or a secret file.
+    #[error(
+        "{path} is accessible by group or others (mode {mode:o}): it holds CA private keys; run `chmod {want:o} {path}`"
+    )]
+    Permissive {
+        /// The path.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+        /// The mode it should have.
+        want: u32,
+    },
+    /// `init` on a directory that already holds a CA.
+    #[error("{0} already holds a mayfly CA: refusing to overwrite it")]
+    AlreadyInitialised(PathBuf),
+    /// No CA in the directory.
+    #[error("{0} holds no mayfly CA: run `mayfly-ca init --data-dir {0} --trust-domain TD` first")]
+    NotInitialised(PathBuf),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A checked data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// Creates the directory (0700) and an empty database file (0600) for `init`.
+    pub fn create(root: &Path) -> Result<Self, DataDirError> {
+        if !root.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(io(root))?;
+        }
+        let dir = Self {
+            root: root.to_path_buf(),
+        };
+        let db = dir.db_path();
+        if db.exists() {
+            return Err(DataDirError::AlreadyInitialised(root.to_path_buf()));
+        }
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io(root))?;
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&db)
+            .map_err(io(&db))?;
+        Ok(dir)
+    }
+
+    /// Opens an existing directory, refusing one whose secrets others could read.
+    pub fn open(root: &Path) -> Result<Self, DataDirError> {
+        let dir = Self {
+            root: root.to_path_buf(),
+        };
+        if !dir.db_path().exists() {
+            return Err(DataDirError::NotInitialised(root.to_path_buf()));
+        }
+        check_mode(root, 0o700)?;
+        for name in [DB_FILE, "ca.db-wal", "ca.db-shm"] {
+            let p = root.join(name);
+            if p.exists() {
+                check_mode(&p, 0o600)?;
+            }
+        }
+        Ok(dir)
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The database file.
+    pub fn db_path(&self) -> PathBuf {
+        self.root.join(DB_FILE)
+    }
+
+    /// The admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.root.join(ADMIN_SOCKET)
+    }
+}
+
+fn check_mode(path: &Path, want: u32) -> Result<(), DataDirError> {
+    let mode = fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(DataDirError::Permissive {
+            path: path.to_path_buf(),
+            mode,
+            want,
+        });
+    }
+    Ok(())
+}
+
+/// Writes a file holding a secret: created 0600 (never briefly wider), replacing any old file.
+pub fn write_secret(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let _ = fs::remove_file(path);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}

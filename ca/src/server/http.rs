@@ -1,0 +1,235 @@
+//! The control plane's HTTPS API (HTTP/2 and HTTP/1.1 over TLS 1.3).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info_span};
+
+use super::ca::{Ca, Caller};
+use super::metrics::PathLabel;
+use crate::api::{self, ErrorBody, SvidRequest, SvidResponse};
+use crate::svid::SvidInfo;
+use crate::verify::{SpiffeClientVerifier, describe_tls_error, peer_identity};
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: u16, reason: &str, msg: String) -> Response<Full<Bytes>> {
+    let body = serde_json::to_string(&ErrorBody {
+        error: msg,
+        reason: reason.to_owned(),
+    })
+    .unwrap_or_default();
+    json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        body,
+    )
+}
+
+/// Serves one request.
+pub async fn handle(
+    ca: Arc<Ca>,
+    peer: Option<SvidInfo>,
+    addr: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let start = Instant::now();
+    let path = req.uri().path().to_owned();
+    let resp = match (req.method(), path.as_str()) {
+        (&Method::GET, api::BUNDLE_PATH) => {
+            json_response(StatusCode::OK, ca.jwks().as_str().to_owned())
+        }
+        (&Method::POST, api::SVID_PATH) => svid(ca.clone(), peer, addr, req).await,
+        (_, api::BUNDLE_PATH | api::SVID_PATH) => {
+            error(405, "method_not_allowed", "method not allowed".into())
+        }
+        _ => error(404, "not_found", format!("no such endpoint: {path}")),
+    };
+    let label = match path.as_str() {
+        api::BUNDLE_PATH | api::SVID_PATH => path,
+        _ => "other".to_owned(),
+    };
+    ca.metrics
+        .latency
+        .get_or_create(&PathLabel { path: label })
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn svid(
+    ca: Arc<Ca>,
+    peer: Option<SvidInfo>,
+    addr: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let body = match tokio::time::timeout(
+        ca.settings().client_timeout,
+        Limited::new(req.into_body(), api::MAX_BODY).collect(),
+    )
+    .await
+    {
+        Err(_) => return error(408, "timeout", "request body too slow".into()),
+        Ok(Err(e)) => {
+            ca.metrics.refuse("body_too_large");
+            return error(413, "body_too_large", format!("request body refused: {e}"));
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    let parsed: SvidRequest = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            ca.metrics.refuse("bad_request");
+            return error(
+                400,
+                "bad_request",
+                format!("request is not a valid SVID request: {e}"),
+            );
+        }
+    };
+    let csr = match STANDARD.decode(parsed.csr.as_bytes()) {
+        Ok(c) => c,
+        Err(e) => {
+            ca.metrics.refuse("bad_csr");
+            return error(400, "bad_csr", format!("csr is not base64: {e}"));
+        }
+    };
+    let caller = match (parsed.token, peer) {
+        (Some(t), _) => Caller::Token(t),
+        (None, Some(info)) => Caller::Svid(info),
+        (None, None) => Caller::Anonymous,
+    };
+    let ttl = parsed.ttl.map(Duration::from_secs);
+    let peer_text = addr.to_string();
+    let ca2 = ca.clone();
+    // Signing and the store's fsync are blocking work.
+    let result =
+        tokio::task::spawn_blocking(move || ca2.issue_svid(&csr, caller, ttl, &peer_text)).await;
+    match result {
+        Ok(Ok(issued)) => {
+            let ttl = (issued.not_after - time::OffsetDateTime::now_utc())
+                .whole_seconds()
+                .max(0) as u64;
+            let bundle: serde_json::Value =
+                serde_json::from_str(&ca.jwks()).unwrap_or(serde_json::Value::Null);
+            let resp = SvidResponse {
+                spiffe_id: issued.id.to_string(),
+                chain: issued.chain.iter().map(|c| STANDARD.encode(c)).collect(),
+                bundle,
+                ttl,
+                serial: issued.serial,
+            };
+            json_response(
+                StatusCode::OK,
+                serde_json::to_string(&resp).unwrap_or_default(),
+            )
+        }
+        Ok(Err(refusal)) => error(refusal.status(), refusal.reason(), refusal.to_string()),
+        Err(e) => error(500, "internal", format!("issuance task failed: {e}")),
+    }
+}
+
+/// Accepts TLS connections on `listener` until `shutdown` flips, then drains connections for
+/// up to `drain`.
+pub async fn serve(
+    ca: Arc<Ca>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let verifier = Arc::new(SpiffeClientVerifier::optional(ca.bundles()));
+    let tls =
+        match crate::tls::server_config_with(ca.credentials(), verifier, &[b"h2", b"http/1.1"]) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the TLS configuration");
+                return;
+            }
+        };
+    let acceptor = TlsAcceptor::from(tls);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let ca = ca.clone();
+        let span = info_span!("conn", peer = %addr, spiffe_id = tracing::field::Empty);
+        let watcher = graceful.watcher();
+        tokio::spawn(
+            async move {
+                let timeout = ca.settings().client_timeout;
+                let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        ca.metrics.handshake_failures.inc();
+                        debug!(error = %describe_tls_error(&e), "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        ca.metrics.handshake_failures.inc();
+                        debug!("TLS handshake timed out");
+                        return;
+                    }
+                };
+                let peer = peer_identity(tls.get_ref().1.peer_certificates()).ok();
+                if let Some(p) = &peer {
+                    tracing::Span::current().record("spiffe_id", tracing::field::display(&p.id));
+                }
+                let svc = hyper::service::service_fn(move |req| {
+                    let ca = ca.clone();
+                    let peer = peer.clone();
+                    async move { Ok::<_, Infallible>(handle(ca, peer, addr, req).await) }
+                });
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(timeout)
+                    .max_buf_size(64 * 1024);
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(64)
+                    .max_header_list_size(32 * 1024)
+                    .keep_alive_interval(Some(Duration::from_secs(30)));
+                let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                    debug!(error = %e, "connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+}

@@ -1,0 +1,128 @@
+//! Control-plane metrics, Prometheus text format.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label: how an SVID was obtained.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// `bootstrap`, `renewal` or `self`.
+    pub kind: String,
+}
+
+/// Label: why something was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Short reason code.
+    pub reason: String,
+}
+
+/// Label: one authority.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorityLabel {
+    /// `root` or `intermediate`.
+    pub role: String,
+    /// Authority id.
+    pub id: String,
+    /// `prepared`, `active` or `old`.
+    pub state: String,
+}
+
+/// Label: an API path.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    /// Request path (known paths only; others are `other`).
+    pub path: String,
+}
+
+/// Every control-plane metric.
+pub struct Metrics {
+    registry: Registry,
+    /// SVIDs issued.
+    pub issued: Family<KindLabel, Counter>,
+    /// Requests refused.
+    pub refused: Family<ReasonLabel, Counter>,
+    /// Seconds until each authority expires.
+    pub authority_expiry: Family<AuthorityLabel, Gauge>,
+    /// Request latency.
+    pub latency: Family<PathLabel, Histogram>,
+    /// TLS handshakes that failed.
+    pub handshake_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mayfly_ca");
+        let issued = Family::<KindLabel, Counter>::default();
+        let refused = Family::<ReasonLabel, Counter>::default();
+        let authority_expiry = Family::<AuthorityLabel, Gauge>::default();
+        let latency = Family::<PathLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ])
+        });
+        let handshake_failures = Counter::default();
+        registry.register(
+            "svids_issued",
+            "SVIDs issued, by how they were obtained",
+            issued.clone(),
+        );
+        registry.register(
+            "requests_refused",
+            "Requests refused, by reason",
+            refused.clone(),
+        );
+        registry.register(
+            "authority_expiry_seconds",
+            "Seconds until each CA authority expires",
+            authority_expiry.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "API request latency",
+            latency.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed",
+            handshake_failures.clone(),
+        );
+        Self {
+            registry,
+            issued,
+            refused,
+            authority_expiry,
+            latency,
+            handshake_failures,
+        }
+    }
+
+    /// Counts a refusal.
+    pub fn refuse(&self, reason: &str) {
+        self.refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

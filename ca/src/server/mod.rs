@@ -1,0 +1,302 @@
+//! The control plane: `mayfly-ca run` and the offline commands that work on a data directory.
+
+pub mod admin;
+pub mod ca;
+pub mod datadir;
+pub mod http;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::authority::{Authorities, AuthorityConfig, Role};
+use crate::bundle::{DEFAULT_REFRESH_HINT, TrustBundle};
+use crate::duration::format_duration;
+use crate::store::{SqliteStore, Store, StoreError};
+pub use ca::{Ca, CaSettings};
+pub use datadir::DataDir;
+
+/// Why the control plane could not start or a command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Data directory problem.
+    #[error(transparent)]
+    DataDir(#[from] datadir::DataDirError),
+    /// Store problem.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Authority problem.
+    #[error(transparent)]
+    Authority(#[from] crate::authority::AuthorityError),
+    /// Cannot bind a listener.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// What was bound.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Settings read from the store that `init` fixed.
+fn authority_config(store: &dyn Store) -> Result<AuthorityConfig, ServerError> {
+    let d = AuthorityConfig::default();
+    let get = |k: &str, dflt: Duration| -> Result<Duration, ServerError> {
+        Ok(store
+            .setting(k)?
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(dflt))
+    };
+    Ok(AuthorityConfig {
+        root_ttl: get("root_ttl", d.root_ttl)?,
+        intermediate_ttl: get("intermediate_ttl", d.intermediate_ttl)?,
+    })
+}
+
+/// Opens a data directory's store and authorities (for offline commands and `run`).
+pub fn open(dir: &Path) -> Result<(DataDir, Arc<SqliteStore>, Authorities), ServerError> {
+    let dd = DataDir::open(dir)?;
+    let store = Arc::new(SqliteStore::open(&dd.db_path())?);
+    let cfg = authority_config(store.as_ref())?;
+    let auth = store
+        .load_authorities(cfg)?
+        .ok_or_else(|| datadir::DataDirError::NotInitialised(dir.to_path_buf()))?;
+    Ok((dd, store, auth))
+}
+
+/// `mayfly-ca init`: creates the data directory, the root and the first intermediate.
+pub fn init(
+    dir: &Path,
+    trust_domain: &str,
+    config: AuthorityConfig,
+) -> Result<Authorities, ServerError> {
+    let td = crate::id::parse_trust_domain(trust_domain)
+        .map_err(|e| ServerError::Other(e.to_string()))?;
+    let dd = DataDir::create(dir)?;
+    let store = SqliteStore::open(&dd.db_path())?;
+    let a = Authorities::init(td, config, OffsetDateTime::now_utc())?;
+    store.save_authorities(&a)?;
+    store.set_setting("root_ttl", &config.root_ttl.as_secs().to_string())?;
+    store.set_setting(
+        "intermediate_ttl",
+        &config.intermediate_ttl.as_secs().to_string(),
+    )?;
+    store.append_event(
+        OffsetDateTime::now_utc(),
+        "ca.init",
+        &json!({ "trust_domain": a.trust_domain().as_str() }).to_string(),
+    )?;
+    Ok(a)
+}
+
+/// The current bundle of an authority set.
+pub fn bundle_of(a: &Authorities) -> Result<TrustBundle, ServerError> {
+    TrustBundle::new(
+        a.trust_domain().clone(),
+        a.bundle_roots(OffsetDateTime::now_utc()),
+        a.bundle_sequence(),
+        DEFAULT_REFRESH_HINT,
+    )
+    .map_err(|e| ServerError::Other(e.to_string()))
+}
+
+/// Authorities as JSON for `ca status`.
+pub fn status_json(a: &Authorities) -> serde_json::Value {
+    let now = OffsetDateTime::now_utc();
+    let list: Vec<_> = a
+        .all()
+        .iter()
+        .map(|x| {
+            let left = x.not_after - now;
+            json!({
+                "id": x.id,
+                "role": match x.role { Role::Root => "root", Role::Intermediate => "intermediate" },
+                "state": x.state.to_string(),
+                "subject": crate::svid::subject(&x.cert).unwrap_or_default(),
+                "not_before": x.not_before.unix_timestamp(),
+                "not_after": x.not_after.unix_timestamp(),
+                "expires_in": format_duration(Duration::from_secs(left.whole_seconds().max(0) as u64)),
+                "parent": x.parent,
+            })
+        })
+        .collect();
+    json!({
+        "trust_domain": a.trust_domain().as_str(),
+        "bundle_sequence": a.bundle_sequence(),
+        "next_change_at": a.next_change_at(now).unix_timestamp(),
+        "authorities": list,
+    })
+}
+
+/// Options of `mayfly-ca run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// API listener.
+    pub listen: SocketAddr,
+    /// Plain-HTTP listener for `/metrics` and `/healthz` (loopback by default).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Settings.
+    pub settings: CaSettings,
+    /// How long to drain connections on shutdown.
+    pub drain: Duration,
+}
+
+/// What a started control plane exposes to its caller (tests, the binary).
+pub struct Running {
+    /// The API address actually bound.
+    pub api_addr: SocketAddr,
+    /// The metrics address actually bound.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The control plane.
+    pub ca: Arc<Ca>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, drains, and waits for every task.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts the control plane: binds every listener (errors surface here, before anything
+/// runs), then spawns the API, admin socket, metrics and rotation tasks.
+pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
+    let (dd, store, authorities) = open(&opts.data_dir)?;
+    let store: Arc<dyn Store> = store;
+    let ca = Ca::start(store, authorities, opts.settings.clone())
+        .map_err(|e| ServerError::Other(e.to_string()))?;
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: opts.listen.to_string(),
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: opts.listen.to_string(),
+        source,
+    })?;
+    let admin_path = dd.admin_socket();
+    let admin = admin::bind(&admin_path).map_err(|source| ServerError::Bind {
+        addr: admin_path.display().to_string(),
+        source,
+    })?;
+    let metrics_listener = match opts.metrics_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: a.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(http::serve(
+        ca.clone(),
+        listener,
+        rx.clone(),
+        opts.drain,
+    )));
+    tasks.push(tokio::spawn(admin::serve(ca.clone(), admin, rx.clone())));
+    if let Some(l) = metrics_listener {
+        tasks.push(tokio::spawn(serve_metrics(ca.clone(), l, rx.clone())));
+    }
+    tasks.push(tokio::spawn(maintain(ca.clone(), rx)));
+    info!(api = %api_addr, trust_domain = %ca.bundle().trust_domain(), id = %ca.ca_id(), "control plane started");
+    Ok(Running {
+        api_addr,
+        metrics_addr,
+        ca,
+        shutdown: tx,
+        tasks,
+    })
+}
+
+/// Rotation of authorities and of the control plane's own SVID.
+async fn maintain(ca: Arc<Ca>, mut shutdown: watch::Receiver<bool>) {
+    let mut svid_renew_at = OffsetDateTime::now_utc()
+        + time::Duration::seconds((ca.settings().svid_max_ttl.as_secs() / 2) as i64);
+    loop {
+        let now = OffsetDateTime::now_utc();
+        let next_rotation = match ca.rotate(now) {
+            Ok(t) => t,
+            Err(e) => {
+                error!(error = %e, "CA rotation failed; retrying in 30s");
+                now + time::Duration::seconds(30)
+            }
+        };
+        if now >= svid_renew_at {
+            match ca.renew_own_svid(now) {
+                Ok(not_after) => svid_renew_at = now + (not_after - now) / 2,
+                Err(e) => {
+                    warn!(error = %e, "cannot renew the control plane's SVID; retrying in 10s");
+                    svid_renew_at = now + time::Duration::seconds(10);
+                }
+            }
+        }
+        let wake = next_rotation.min(svid_renew_at);
+        let wait = (wake - OffsetDateTime::now_utc())
+            .clamp(time::Duration::seconds(1), time::Duration::seconds(60));
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64())) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn serve_metrics(ca: Arc<Ca>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            _ = shutdown.changed() => return,
+        };
+        let ca = ca.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: ::http::Request<hyper::body::Incoming>| {
+                    let ca = ca.clone();
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/metrics" => (200, ca.metrics.encode()),
+                            "/healthz" => (200, "ok\n".to_owned()),
+                            _ => (404, "not found\n".to_owned()),
+                        };
+                        let mut r = ::http::Response::new(Full::new(Bytes::from(body)));
+                        *r.status_mut() = ::http::StatusCode::from_u16(status).unwrap_or_default();
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,158 @@
+//! The control plane's persistent state behind one trait.
+//!
+//! [`SqliteStore`] is the embedded default (one file in the data directory). The trait speaks
+//! in domain types and whole operations (a token is consumed atomically, authorities are
+//! replaced in one transaction), so a PostgreSQL implementation shared by several replicas can
+//! implement it without changing callers.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use time::OffsetDateTime;
+
+use crate::authority::{Authorities, AuthorityConfig};
+use crate::id::TrustDomain;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database refused the operation or is corrupt.
+    #[error("store: {0}")]
+    Db(String),
+    /// The store holds data this version cannot read.
+    #[error("store holds invalid data: {0}")]
+    Corrupt(String),
+    /// The store was written by a newer mayfly.
+    #[error("store schema version {found} is newer than this binary's {supported}: upgrade mayfly")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest version this binary knows.
+        supported: i64,
+    },
+    /// The store has not been initialised.
+    #[error("store is not initialised: run `mayfly-ca init` first")]
+    NotInitialised,
+}
+
+/// A join token as stored: never the secret, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public identifier (shown by `token list`, used by `token revoke`).
+    pub id: String,
+    /// Hex SHA-256 of the secret part.
+    pub hash: String,
+    /// The one SPIFFE ID this token may obtain.
+    pub spiffe_id: String,
+    /// Creation time.
+    pub created_at: OffsetDateTime,
+    /// Expiry.
+    pub expires_at: OffsetDateTime,
+    /// Who created it (admin user).
+    pub created_by: String,
+    /// When it was used, if it was.
+    pub used_at: Option<OffsetDateTime>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// Why a token was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenRefusal {
+    /// No token has this hash (forged, or mistyped).
+    #[error("join token is unknown (forged or mistyped)")]
+    Unknown,
+    /// Already used once.
+    #[error("join token {0} was already used")]
+    Used(String),
+    /// Past its expiry.
+    #[error("join token {0} has expired")]
+    Expired(String),
+    /// Revoked by an admin.
+    #[error("join token {0} was revoked")]
+    Revoked(String),
+}
+
+impl TokenRefusal {
+    /// Short reason for metrics and audit.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenRefusal::Unknown => "token_unknown",
+            TokenRefusal::Used(_) => "token_used",
+            TokenRefusal::Expired(_) => "token_expired",
+            TokenRefusal::Revoked(_) => "token_revoked",
+        }
+    }
+}
+
+/// One issued certificate, for the issuance log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedRecord {
+    /// Serial (hex).
+    pub serial: String,
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// NotAfter.
+    pub not_after: OffsetDateTime,
+    /// When it was issued.
+    pub issued_at: OffsetDateTime,
+    /// Who asked: `token:<id>`, `svid:<serial>`, `admin:<user>` or `self`.
+    pub requester: String,
+}
+
+/// A control-plane event for the audit trail (token refused, SVID issued, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Sequence number, assigned by the store.
+    pub seq: i64,
+    /// When.
+    pub at: OffsetDateTime,
+    /// Kind, such as `svid.issued` or `token.refused`.
+    pub kind: String,
+    /// JSON details.
+    pub detail: String,
+}
+
+/// The control plane's persistent state.
+pub trait Store: Send + Sync {
+    /// The trust domain and authority set, if initialised.
+    fn load_authorities(&self, config: AuthorityConfig) -> Result<Option<Authorities>, StoreError>;
+    /// Replaces the stored authority set (one transaction).
+    fn save_authorities(&self, authorities: &Authorities) -> Result<(), StoreError>;
+    /// The trust domain, if initialised.
+    fn trust_domain(&self) -> Result<Option<TrustDomain>, StoreError>;
+    /// A free-form setting.
+    fn setting(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Stores a free-form setting.
+    fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
+
+    /// Stores a new token.
+    fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// Consumes a token by the hash of its secret, atomically: of concurrent callers exactly one
+    /// succeeds.
+    fn consume_token(
+        &self,
+        hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError>;
+    /// A token by the hash of its secret, without consuming it.
+    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Revokes a token by id. Returns false if no unused token has that id.
+    fn revoke_token(&self, id: &str, now: OffsetDateTime) -> Result<bool, StoreError>;
+    /// Every token, newest first.
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Logs an issued certificate.
+    fn log_issued(&self, rec: &IssuedRecord) -> Result<(), StoreError>;
+    /// The most recent issued certificates.
+    fn list_issued(&self, limit: u32) -> Result<Vec<IssuedRecord>, StoreError>;
+
+    /// Appends a control-plane event; returns its sequence number.
+    fn append_event(&self, at: OffsetDateTime, kind: &str, detail: &str)
+    -> Result<i64, StoreError>;
+    /// Events after `after_seq`, oldest first.
+    fn events_after(&self, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>, StoreError>;
+}

@@ -1,0 +1,611 @@
+//! The embedded SQLite store.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+use super::{EventRecord, IssuedRecord, Store, StoreError, TokenRecord, TokenRefusal};
+use crate::authority::{Authorities, Authority, AuthorityConfig, Role, State};
+use crate::id::{TrustDomain, parse_trust_domain};
+use crate::keys::SecretKey;
+
+/// Schema migrations, applied in order; index + 1 is the schema version. Never edit one that
+/// has shipped: add a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: identity core and control plane.
+    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE authorities (
+        id TEXT PRIMARY KEY, role TEXT NOT NULL, state TEXT NOT NULL, cert BLOB NOT NULL,
+        key BLOB NOT NULL, parent TEXT, not_before INTEGER NOT NULL, not_after INTEGER NOT NULL);
+     CREATE TABLE join_tokens (
+        id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, spiffe_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, created_by TEXT NOT NULL,
+        used_at INTEGER, revoked_at INTEGER);
+     CREATE TABLE issued (
+        serial TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, not_after INTEGER NOT NULL,
+        issued_at INTEGER NOT NULL, requester TEXT NOT NULL);
+     CREATE INDEX issued_by_id ON issued (spiffe_id, issued_at);
+     CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, kind TEXT NOT NULL,
+        detail TEXT NOT NULL);",
+];
+
+/// The SQLite store: one connection behind a mutex (operations are short).
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+fn ts(t: OffsetDateTime) -> i64 {
+    t.unix_timestamp()
+}
+
+fn from_ts(v: i64) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::from_unix_timestamp(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn opt_ts(v: Option<i64>) -> Result<Option<OffsetDateTime>, StoreError> {
+    v.map(from_ts).transpose()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(db)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory store, for tests.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory().map_err(db)?)
+    }
+
+    fn init(conn: Connection) -> Result<Self, StoreError> {
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
+             PRAGMA busy_timeout = 5000;",
+        )
+        .map_err(db)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(db)?;
+        let supported = MIGRATIONS.len() as i64;
+        if version > supported {
+            return Err(StoreError::TooNew {
+                found: version,
+                supported,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.unchecked_transaction().map_err(db)?;
+            tx.execute_batch(sql).map_err(db)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(db)?;
+            tx.commit().map_err(db)?;
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self
+            .conn
+            .lock()
+            .map_err(|_| StoreError::Db("store lock poisoned by an earlier panic".into()))?;
+        f(&mut guard)
+    }
+}
+
+fn role_str(r: Role) -> &'static str {
+    match r {
+        Role::Root => "root",
+        Role::Intermediate => "intermediate",
+    }
+}
+
+fn state_str(s: State) -> &'static str {
+    match s {
+        State::Prepared => "prepared",
+        State::Active => "active",
+        State::Old => "old",
+    }
+}
+
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+    ))
+}
+
+type TokenRow = (
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    String,
+    Option<i64>,
+    Option<i64>,
+);
+
+fn token_from(row: TokenRow) -> Result<TokenRecord, StoreError> {
+    let (id, hash, spiffe_id, created, expires, created_by, used, revoked) = row;
+    Ok(TokenRecord {
+        id,
+        hash,
+        spiffe_id,
+        created_at: from_ts(created)?,
+        expires_at: from_ts(expires)?,
+        created_by,
+        used_at: opt_ts(used)?,
+        revoked_at: opt_ts(revoked)?,
+    })
+}
+
+const TOKEN_COLS: &str =
+    "id, hash, spiffe_id, created_at, expires_at, created_by, used_at, revoked_at";
+
+impl Store for SqliteStore {
+    fn load_authorities(&self, config: AuthorityConfig) -> Result<Option<Authorities>, StoreError> {
+        let Some(td) = self.trust_domain()? else {
+            return Ok(None);
+        };
+        let seq: u64 = self
+            .setting("bundle_sequence")?
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        let rows = self.with(|c| {
+            let mut st = c
+                .prepare(
+                    "SELECT id, role, state, cert, key, parent, not_before, not_after
+                     FROM authorities ORDER BY role DESC, not_before",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                        r.get::<_, Vec<u8>>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, i64>(7)?,
+                    ))
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })?;
+        let mut list = Vec::with_capacity(rows.len());
+        for (id, role, state, cert, key, parent, nb, na) in rows {
+            let role = match role.as_str() {
+                "root" => Role::Root,
+                "intermediate" => Role::Intermediate,
+                other => return Err(StoreError::Corrupt(format!("authority role {other:?}"))),
+            };
+            let state = match state.as_str() {
+                "prepared" => State::Prepared,
+                "active" => State::Active,
+                "old" => State::Old,
+                other => return Err(StoreError::Corrupt(format!("authority state {other:?}"))),
+            };
+            let key = SecretKey::from_pkcs8(key)
+                .map_err(|e| StoreError::Corrupt(format!("authority {id}: {e}")))?;
+            list.push(Authority {
+                id,
+                role,
+                state,
+                cert: CertificateDer::from(cert),
+                key,
+                parent,
+                not_before: from_ts(nb)?,
+                not_after: from_ts(na)?,
+            });
+        }
+        Authorities::from_parts(td, config, list, seq)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    fn save_authorities(&self, a: &Authorities) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(db)?;
+            tx.execute("DELETE FROM authorities", []).map_err(db)?;
+            for x in a.all() {
+                tx.execute(
+                    "INSERT INTO authorities (id, role, state, cert, key, parent, not_before, not_after)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        x.id,
+                        role_str(x.role),
+                        state_str(x.state),
+                        x.cert.as_ref(),
+                        x.key.pkcs8(),
+                        x.parent,
+                        ts(x.not_before),
+                        ts(x.not_after)
+                    ],
+                )
+                .map_err(db)?;
+            }
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES ('trust_domain', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![a.trust_domain().as_str()],
+            )
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES ('bundle_sequence', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![a.bundle_sequence().to_string()],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)
+        })
+    }
+
+    fn trust_domain(&self) -> Result<Option<TrustDomain>, StoreError> {
+        match self.setting("trust_domain")? {
+            None => Ok(None),
+            Some(s) => parse_trust_domain(&s)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(e.to_string())),
+        }
+    }
+
+    fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db)
+        })
+    }
+
+    fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(db)
+        })
+    }
+
+    fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO join_tokens (id, hash, spiffe_id, created_at, expires_at, created_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    t.id,
+                    t.hash,
+                    t.spiffe_id,
+                    ts(t.created_at),
+                    ts(t.expires_at),
+                    t.created_by
+                ],
+            )
+            .map(|_| ())
+            .map_err(db)
+        })
+    }
+
+    fn consume_token(
+        &self,
+        hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(db)?;
+            let row = tx
+                .query_row(
+                    &format!("SELECT {TOKEN_COLS} FROM join_tokens WHERE hash = ?1"),
+                    [hash],
+                    token_row,
+                )
+                .optional()
+                .map_err(db)?;
+            let Some(row) = row else {
+                return Ok(Err(TokenRefusal::Unknown));
+            };
+            let t = token_from(row)?;
+            if t.revoked_at.is_some() {
+                return Ok(Err(TokenRefusal::Revoked(t.id)));
+            }
+            if t.used_at.is_some() {
+                return Ok(Err(TokenRefusal::Used(t.id)));
+            }
+            if t.expires_at <= now {
+                return Ok(Err(TokenRefusal::Expired(t.id)));
+            }
+            let n = tx
+                .execute(
+                    "UPDATE join_tokens SET used_at = ?1
+                     WHERE hash = ?2 AND used_at IS NULL AND revoked_at IS NULL",
+                    params![ts(now), hash],
+                )
+                .map_err(db)?;
+            if n != 1 {
+                return Ok(Err(TokenRefusal::Used(t.id)));
+            }
+            tx.commit().map_err(db)?;
+            Ok(Ok(TokenRecord {
+                used_at: Some(now),
+                ..t
+            }))
+        })
+    }
+
+    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row = self.with(|c| {
+            c.query_row(
+                &format!("SELECT {TOKEN_COLS} FROM join_tokens WHERE hash = ?1"),
+                [hash],
+                token_row,
+            )
+            .optional()
+            .map_err(db)
+        })?;
+        row.map(token_from).transpose()
+    }
+
+    fn revoke_token(&self, id: &str, now: OffsetDateTime) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE join_tokens SET revoked_at = ?1
+                 WHERE id = ?2 AND used_at IS NULL AND revoked_at IS NULL",
+                params![ts(now), id],
+            )
+            .map(|n| n == 1)
+            .map_err(db)
+        })
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows = self.with(|c| {
+            let mut st = c
+                .prepare(&format!(
+                    "SELECT {TOKEN_COLS} FROM join_tokens ORDER BY created_at DESC, id"
+                ))
+                .map_err(db)?;
+            let rows = st
+                .query_map([], token_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })?;
+        rows.into_iter().map(token_from).collect()
+    }
+
+    fn log_issued(&self, r: &IssuedRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO issued (serial, spiffe_id, not_after, issued_at, requester)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    r.serial,
+                    r.spiffe_id,
+                    ts(r.not_after),
+                    ts(r.issued_at),
+                    r.requester
+                ],
+            )
+            .map(|_| ())
+            .map_err(db)
+        })
+    }
+
+    fn list_issued(&self, limit: u32) -> Result<Vec<IssuedRecord>, StoreError> {
+        let rows = self.with(|c| {
+            let mut st = c
+                .prepare(
+                    "SELECT serial, spiffe_id, not_after, issued_at, requester FROM issued
+                     ORDER BY issued_at DESC LIMIT ?1",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([limit], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })?;
+        rows.into_iter()
+            .map(|(serial, spiffe_id, na, at, requester)| {
+                Ok(IssuedRecord {
+                    serial,
+                    spiffe_id,
+                    not_after: from_ts(na)?,
+                    issued_at: from_ts(at)?,
+                    requester,
+                })
+            })
+            .collect()
+    }
+
+    fn append_event(
+        &self,
+        at: OffsetDateTime,
+        kind: &str,
+        detail: &str,
+    ) -> Result<i64, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)",
+                params![ts(at), kind, detail],
+            )
+            .map_err(db)?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    fn events_after(&self, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>, StoreError> {
+        let rows = self.with(|c| {
+            let mut st = c
+                .prepare(
+                    "SELECT seq, at, kind, detail FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![after_seq, limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })?;
+        rows.into_iter()
+            .map(|(seq, at, kind, detail)| {
+                Ok(EventRecord {
+                    seq,
+                    at: from_ts(at)?,
+                    kind,
+                    detail,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn token(id: &str, hash: &str, expires_in: i64) -> TokenRecord {
+        let now = OffsetDateTime::now_utc();
+        TokenRecord {
+            id: id.into(),
+            hash: hash.into(),
+            spiffe_id: "spiffe://mayfly.local/web".into(),
+            created_at: now,
+            expires_at: now + time::Duration::seconds(expires_in),
+            created_by: "root".into(),
+            used_at: None,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn authorities_round_trip() {
+        let s = SqliteStore::in_memory().unwrap();
+        assert!(
+            s.load_authorities(AuthorityConfig::default())
+                .unwrap()
+                .is_none()
+        );
+        let a = Authorities::init(
+            parse_trust_domain("mayfly.local").unwrap(),
+            AuthorityConfig::default(),
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        s.save_authorities(&a).unwrap();
+        let b = s
+            .load_authorities(AuthorityConfig::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.trust_domain(), a.trust_domain());
+        assert_eq!(b.all().len(), 2);
+        assert_eq!(b.signer().unwrap().cert, a.signer().unwrap().cert);
+        assert_eq!(
+            b.signer().unwrap().key.pkcs8(),
+            a.signer().unwrap().key.pkcs8()
+        );
+    }
+
+    #[test]
+    fn tokens_are_single_use_and_refusals_say_why() {
+        let s = SqliteStore::in_memory().unwrap();
+        let now = OffsetDateTime::now_utc();
+        s.insert_token(&token("a", "ha", 600)).unwrap();
+        s.insert_token(&token("b", "hb", -1)).unwrap();
+        s.insert_token(&token("c", "hc", 600)).unwrap();
+        assert!(s.consume_token("ha", now).unwrap().is_ok());
+        assert_eq!(
+            s.consume_token("ha", now).unwrap(),
+            Err(TokenRefusal::Used("a".into()))
+        );
+        assert_eq!(
+            s.consume_token("hb", now).unwrap(),
+            Err(TokenRefusal::Expired("b".into()))
+        );
+        assert_eq!(
+            s.consume_token("zz", now).unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+        assert!(s.revoke_token("c", now).unwrap());
+        assert!(!s.revoke_token("c", now).unwrap());
+        assert_eq!(
+            s.consume_token("hc", now).unwrap(),
+            Err(TokenRefusal::Revoked("c".into()))
+        );
+        assert_eq!(s.list_tokens().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn migrations_are_versioned_and_a_newer_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        drop(SqliteStore::open(&path).unwrap());
+        drop(SqliteStore::open(&path).unwrap()); // idempotent
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn events_are_sequenced() {
+        let s = SqliteStore::in_memory().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let a = s.append_event(now, "x", "{}").unwrap();
+        let b = s.append_event(now, "y", "{}").unwrap();
+        assert!(b > a);
+        let ev = s.events_after(a, 10).unwrap();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].kind, "y");
+    }
+}
