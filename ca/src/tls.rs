@@ -143,6 +143,11 @@ pub fn server_config_with(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(creds);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // No session resumption: a resumed TLS 1.3 session carries the identity of the original
+    // handshake, whose SVID may have expired or rotated since. Every connection proves a
+    // current credential (see ARCHITECTURE.md).
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
@@ -161,6 +166,7 @@ pub fn client_config(
         .with_client_cert_resolver(creds);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     cfg.enable_sni = false;
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
 

@@ -1,1 +1,190 @@
+//! mayfly's sidecar: terminates and originates mTLS with SPIFFE identities, authorizes every
+//! connection by policy, rotates its SVID by itself, and never lets a connection outlive the
+//! peer's credential or the policy that admitted it.
 
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod identity;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod splice;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tracing::info;
+
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::policy::PolicyState;
+use crate::proxy::Shared;
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The initial policy file is invalid.
+    #[error("policy: {0}")]
+    Policy(#[from] policy::LoadError),
+    /// The control plane address is unusable.
+    #[error("control plane: {0}")]
+    ControlPlane(#[from] mayfly_ca::client::ClientError),
+}
+
+/// A started sidecar.
+pub struct Running {
+    /// The admin listener's address.
+    pub admin_addr: SocketAddr,
+    /// The inbound listener's address.
+    pub inbound_addr: Option<SocketAddr>,
+    /// Each outbound upstream's local address, by name.
+    pub outbound_addrs: Vec<(String, SocketAddr)>,
+    /// The identity.
+    pub identity: Arc<Identity>,
+    /// The policy.
+    pub policy: Arc<PolicyState>,
+    stop_accepting: watch::Sender<bool>,
+    hard_stop: watch::Sender<bool>,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    drain: std::time::Duration,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: what.into(),
+            addr,
+            source,
+        })
+}
+
+fn local(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    l.local_addr().unwrap_or(fallback)
+}
+
+/// Loads the policy, binds every listener (errors surface before anything runs), then spawns
+/// the identity, policy, admin and proxy tasks.
+pub async fn start(cfg: Config) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let policy = PolicyState::new(cfg.policy_file.clone(), metrics.clone());
+    policy.load_file()?;
+    if cfg.policy_file.is_none() {
+        tracing::warn!(
+            "no [policy] file configured: every connection is denied until a policy is loaded"
+        );
+    }
+    let identity = Identity::new(
+        cfg.spiffe_id.clone(),
+        cfg.control_plane.clone(),
+        metrics.clone(),
+    )?;
+    let admin = bind("admin", cfg.admin).await?;
+    let inbound = match &cfg.inbound {
+        Some(i) => Some((i.clone(), bind("inbound", i.listen).await?)),
+        None => None,
+    };
+    let mut outbound = Vec::new();
+    for o in &cfg.outbound {
+        outbound.push((
+            o.clone(),
+            bind(&format!("outbound {}", o.name), o.listen).await?,
+        ));
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (hard_tx, hard_rx) = watch::channel(false);
+    let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let shared = Arc::new(Shared {
+        identity: identity.clone(),
+        policy: policy.clone(),
+        metrics: metrics.clone(),
+        limits: cfg.limits.clone(),
+        hard_stop: hard_rx,
+        slots: slots.clone(),
+    });
+    let mut tasks = Vec::new();
+    let admin_addr = local(&admin, cfg.admin);
+    tasks.push(tokio::spawn(admin::serve(
+        Arc::new(admin::AdminState {
+            identity: identity.clone(),
+            policy: policy.clone(),
+            metrics: metrics.clone(),
+        }),
+        admin,
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(identity.clone().maintain(stop_rx.clone())));
+    tasks.push(tokio::spawn(
+        identity.clone().refresh_bundles(stop_rx.clone()),
+    ));
+    tasks.push(tokio::spawn(policy.clone().watch_file(stop_rx.clone())));
+    let mut inbound_addr = None;
+    if let Some((i, l)) = inbound {
+        inbound_addr = Some(local(&l, i.listen));
+        tasks.push(tokio::spawn(proxy::serve_inbound(
+            shared.clone(),
+            i,
+            l,
+            stop_rx.clone(),
+        )));
+    }
+    let mut outbound_addrs = Vec::new();
+    for (o, l) in outbound {
+        outbound_addrs.push((o.name.clone(), local(&l, o.listen)));
+        tasks.push(tokio::spawn(proxy::serve_outbound(
+            shared.clone(),
+            o,
+            l,
+            stop_rx.clone(),
+        )));
+    }
+    info!(spiffe_id = %cfg.spiffe_id, admin = %admin_addr, inbound = ?inbound_addr, outbound = ?outbound_addrs, "sidecar started");
+    Ok(Running {
+        admin_addr,
+        inbound_addr,
+        outbound_addrs,
+        identity,
+        policy,
+        stop_accepting: stop_tx,
+        hard_stop: hard_tx,
+        slots,
+        max_connections: cfg.limits.max_connections,
+        drain: cfg.limits.drain_timeout,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Graceful shutdown: stop accepting, wait for open connections up to the drain timeout,
+    /// then end the rest.
+    pub async fn shutdown(self) {
+        let _ = self.stop_accepting.send(true);
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(self.drain, self.slots.acquire_many(all)).await;
+        if drained.is_err() {
+            info!("drain deadline passed: closing the remaining connections");
+        }
+        let _ = self.hard_stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}

@@ -1,1 +1,127 @@
-fn main() {}
+//! `mayfly-sidecar`: the data plane.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mayfly_sidecar::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "mayfly-sidecar",
+    version,
+    about = "mayfly sidecar: SPIFFE mTLS, policy, rotation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the sidecar.
+    Run {
+        /// The sidecar configuration file.
+        #[arg(long, env = "MAYFLY_SIDECAR_CONFIG")]
+        config: PathBuf,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Check a configuration file and exit.
+    Check {
+        /// The sidecar configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// Exit status for a bad configuration (EX_CONFIG-like, as `sysexits.h` EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let running = mayfly_sidecar::start(cfg)
+        .await
+        .context("cannot start the sidecar")?;
+    eprintln!("mayfly-sidecar admin on {}", running.admin_addr);
+    if let Some(a) = running.inbound_addr {
+        eprintln!("mayfly-sidecar inbound on {a}");
+    }
+    for (name, a) in &running.outbound_addrs {
+        eprintln!("mayfly-sidecar outbound {name} on {a}");
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down: no new connections, draining open ones");
+    running.shutdown().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Cmd::Run { config, log_json } => {
+            // Parse all configuration before binding any port.
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_logging(log_json);
+            let rt = if cfg.worker_threads == 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(cfg.worker_threads)
+                    .enable_all()
+                    .build()
+            };
+            let rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,473 @@
+//! Harness for end-to-end tests: the real `mayfly-ca` and `mayfly-sidecar` binaries, started as
+//! processes on 127.0.0.1 with port 0, their addresses read from their start-up lines.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// The path of a workspace binary, building it once if `cargo test` has not yet.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>
+    let path = dir.join(name);
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--bin", "mayfly-ca", "--bin", "mayfly-sidecar"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building the binaries failed");
+    });
+    path
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process whose stderr is collected; lines starting with a known prefix are parsed
+/// into addresses. Killed on drop.
+pub struct Proc {
+    pub child: Child,
+    log: Arc<Mutex<String>>,
+    addrs: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, prefixes: &'static [&'static str]) -> Self {
+        let mut child = cmd
+            .env(
+                "RUST_LOG",
+                std::env::var("MAYFLY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let addrs = Arc::new(Mutex::new(HashMap::new()));
+        let (l2, a2) = (log.clone(), addrs.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                for p in prefixes {
+                    if let Some(rest) = line.strip_prefix(p)
+                        && let Some((k, v)) = rest.rsplit_once(" on ")
+                    {
+                        a2.lock()
+                            .unwrap()
+                            .insert(format!("{p}{k}"), v.trim().to_owned());
+                    }
+                }
+                l2.lock().unwrap().push_str(&line);
+                l2.lock().unwrap().push('\n');
+            }
+        });
+        Self { child, log, addrs }
+    }
+
+    /// Waits for an address line such as `mayfly-sidecar inbound`.
+    pub fn addr(&mut self, key: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(a) = self.addrs.lock().unwrap().get(key) {
+                return a
+                    .trim_start_matches("http://")
+                    .trim_end_matches("/metrics")
+                    .to_owned();
+            }
+            if let Ok(Some(s)) = self.child.try_wait() {
+                panic!(
+                    "process exited ({s}) before printing {key:?}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {key:?} line in 30s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// An address line already printed (panics if absent).
+    pub fn addrs_snapshot(&self, key: &str) -> String {
+        self.addrs
+            .lock()
+            .unwrap()
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {key:?} yet"))
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then wait (kill after 20 s).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Hard kill (a crash).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A control plane in a temporary data directory.
+pub struct Ca {
+    pub dir: PathBuf,
+    pub proc: Option<Proc>,
+    pub addr: String,
+    _tmp: Arc<tempfile::TempDir>,
+}
+
+impl Ca {
+    /// `mayfly-ca init` + `mayfly-ca run` on 127.0.0.1:0.
+    pub fn start(tmp: &Arc<tempfile::TempDir>) -> Self {
+        let dir = tmp.path().join("ca");
+        let out = Command::new(bin("mayfly-ca"))
+            .args([
+                "init",
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--trust-domain",
+                "mayfly.local",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut ca = Self {
+            dir,
+            proc: None,
+            addr: String::new(),
+            _tmp: tmp.clone(),
+        };
+        ca.run("127.0.0.1:0");
+        ca
+    }
+
+    /// (Re)starts `mayfly-ca run` on `listen`.
+    pub fn run(&mut self, listen: &str) {
+        let mut cmd = Command::new(bin("mayfly-ca"));
+        cmd.args([
+            "run",
+            "--data-dir",
+            self.dir.to_str().unwrap(),
+            "--listen",
+            listen,
+            "--metrics-listen",
+            "off",
+        ]);
+        let mut p = Proc::spawn(cmd, &["mayfly-ca listening"]);
+        let _ = p.addr("mayfly-ca listening");
+        self.addr = p
+            .addrs
+            .lock()
+            .unwrap()
+            .get("mayfly-ca listening")
+            .cloned()
+            .unwrap();
+        self.proc = Some(p);
+    }
+
+    /// A join token for `id`, written to a new file; returns the file.
+    pub fn token_file(&self, id: &str, path: &Path) -> PathBuf {
+        let out = Command::new(bin("mayfly-ca"))
+            .args([
+                "token",
+                "create",
+                "--data-dir",
+                self.dir.to_str().unwrap(),
+                "--spiffe-id",
+                id,
+                "--ttl",
+                "10m",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(path, &out.stdout).unwrap();
+        path.to_path_buf()
+    }
+
+    /// Mints an SVID into `out` (svid.pem, svid.key, bundle.pem) with `mayfly-ca svid mint`.
+    pub fn mint(&self, id: &str, out: &Path) {
+        let o = Command::new(bin("mayfly-ca"))
+            .args([
+                "svid",
+                "mint",
+                "--data-dir",
+                self.dir.to_str().unwrap(),
+                "--spiffe-id",
+                id,
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub proc: Proc,
+    pub admin: String,
+    pub config: PathBuf,
+}
+
+impl Sidecar {
+    /// Writes `config` to `<dir>/<name>.toml` and starts `mayfly-sidecar run`.
+    pub fn start(dir: &Path, name: &str, config: &str) -> Self {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = Command::new(bin("mayfly-sidecar"));
+        cmd.args(["run", "--config", path.to_str().unwrap()]);
+        let mut proc = Proc::spawn(
+            cmd,
+            &[
+                "mayfly-sidecar admin",
+                "mayfly-sidecar inbound",
+                "mayfly-sidecar outbound ",
+            ],
+        );
+        let admin = proc.addr("mayfly-sidecar admin");
+        Self {
+            proc,
+            admin,
+            config: path,
+        }
+    }
+
+    /// The inbound listener's address.
+    pub fn inbound(&mut self) -> String {
+        self.proc.addr("mayfly-sidecar inbound")
+    }
+
+    /// An outbound upstream's local address.
+    pub fn outbound(&mut self, name: &str) -> String {
+        self.proc.addr(&format!("mayfly-sidecar outbound {name}"))
+    }
+
+    /// GET on the admin listener: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(&self.admin, path).await
+    }
+
+    /// Waits for `/readyz` to answer 200.
+    pub async fn wait_ready(&self) {
+        let ok = eventually(Duration::from_secs(30), async || {
+            self.admin_get("/readyz").await.0 == 200
+        })
+        .await;
+        assert!(ok, "sidecar not ready in 30s:\n{}", self.proc.log());
+    }
+
+    /// The value of a metric line that starts with `prefix` (0 when absent).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics").await;
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// A minimal HTTP/1.1 GET over plain TCP: (status, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await;
+    let status = out.get(9..12).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A TCP echo server on 127.0.0.1:0 that first sends `banner\n`, then echoes. Returns its address.
+pub async fn echo_app(banner: &'static str) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if s.write_all(format!("{banner}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 8192];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = s.shutdown().await;
+                            return;
+                        }
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Connects to `addr`, reads the banner line, sends `msg`, reads it back. Err on any failure.
+pub async fn round_trip(addr: &str, msg: &[u8]) -> Result<String, String> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut banner = Vec::new();
+        let mut b = [0u8; 1];
+        loop {
+            let n = s.read(&mut b).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err(format!(
+                    "closed before banner (got {:?})",
+                    String::from_utf8_lossy(&banner)
+                ));
+            }
+            if b[0] == b'\n' {
+                break;
+            }
+            banner.push(b[0]);
+        }
+        s.write_all(msg).await.map_err(|e| e.to_string())?;
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await.map_err(|e| e.to_string())?;
+        if back != msg {
+            return Err("echo mismatch".into());
+        }
+        Ok(String::from_utf8_lossy(&banner).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| "timeout".to_owned())?
+}
+
+/// A policy allowing each `(from, to)` pair by path under `spiffe://mayfly.local`.
+pub fn policy(pairs: &[(&str, &str)]) -> String {
+    let mut s = String::from("version = 1\n");
+    for (i, (f, t)) in pairs.iter().enumerate() {
+        s.push_str(&format!(
+            "\n[[rule]]\nname = \"r{i}\"\nfrom = [\"spiffe://mayfly.local/{f}\"]\nto = [\"spiffe://mayfly.local/{t}\"]\n"
+        ));
+    }
+    s
+}
+
+/// What a test sidecar looks like.
+pub struct Spec<'a> {
+    /// Path of its SPIFFE ID under `spiffe://mayfly.local/`.
+    pub me: &'a str,
+    /// Control plane address.
+    pub ca: &'a str,
+    /// Join token file.
+    pub token: &'a Path,
+    /// Policy file.
+    pub policy: &'a Path,
+    /// The local app, for an inbound listener.
+    pub inbound_app: Option<&'a str>,
+    /// Upstreams: (name, remote address, server ID path).
+    pub outbound: &'a [(&'a str, &'a str, &'a str)],
+    /// `control_plane.svid_ttl`.
+    pub svid_ttl: Option<&'a str>,
+    /// Extra TOML tables appended at the end.
+    pub extra: &'a str,
+}
+
+impl Spec<'_> {
+    /// The sidecar's TOML configuration.
+    pub fn toml(&self) -> String {
+        let ttl = self
+            .svid_ttl
+            .map(|t| format!("svid_ttl = \"{t}\"\n"))
+            .unwrap_or_default();
+        let mut s = format!(
+            "spiffe_id = \"spiffe://mayfly.local/{}\"\n\n[control_plane]\naddress = \"{}\"\ntoken_file = \"{}\"\n{ttl}\n[policy]\nfile = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            self.me,
+            self.ca,
+            self.token.display(),
+            self.policy.display()
+        );
+        if let Some(app) = self.inbound_app {
+            s.push_str(&format!(
+                "\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n"
+            ));
+        }
+        for (name, remote, id) in self.outbound {
+            s.push_str(&format!(
+                "\n[[outbound]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nremote = \"{remote}\"\nspiffe_id = \"spiffe://mayfly.local/{id}\"\n"
+            ));
+        }
+        s.push('\n');
+        s.push_str(self.extra);
+        s
+    }
+}

@@ -1,0 +1,117 @@
+//! The admin listener (loopback by default): `/healthz`, `/readyz`, `/metrics`, `/svid`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use mayfly_ca::keys::pem_encode;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::policy::PolicyState;
+
+/// What the admin endpoints read.
+pub struct AdminState {
+    /// Identity.
+    pub identity: Arc<Identity>,
+    /// Policy.
+    pub policy: Arc<PolicyState>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ctype),
+    );
+    r
+}
+
+fn handle(s: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => {
+            let svid = s.identity.ready();
+            let policy = s.policy.loaded();
+            let body = json!({
+                "ready": svid && policy,
+                "svid": svid,
+                "svid_expires_in": s.identity.expires_in(),
+                "policy": policy,
+                "policy_version": s.policy.version(),
+            });
+            let status = if svid && policy {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            reply(status, "application/json", format!("{body}\n"))
+        }
+        "/metrics" => {
+            s.metrics.svid_expiry.set(s.identity.expires_in());
+            reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                s.metrics.encode(),
+            )
+        }
+        "/svid" => match s.identity.creds.get() {
+            Some(svid) => {
+                let chain: String = svid
+                    .certified
+                    .cert
+                    .iter()
+                    .map(|c| pem_encode("CERTIFICATE", c))
+                    .collect();
+                let body = json!({
+                    "spiffe_id": svid.info.id.to_string(),
+                    "serial": svid.info.serial,
+                    "not_before": svid.info.not_before.unix_timestamp(),
+                    "not_after": svid.info.not_after.unix_timestamp(),
+                    "expires_in": s.identity.expires_in(),
+                    "chain_pem": chain,
+                });
+                reply(StatusCode::OK, "application/json", format!("{body}\n"))
+            }
+            None => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application/json",
+                "{\"error\": \"no SVID held\"}\n".into(),
+            ),
+        },
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Serves the admin listener until `stop` flips.
+pub async fn serve(state: Arc<AdminState>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            _ = stop.changed() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let r = handle(&state, &req);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,474 @@
+//! The sidecar's configuration file (`sidecar.toml`), parsed and checked completely before any
+//! port is bound. Every error names the key and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mayfly_ca::duration::parse_duration;
+use mayfly_ca::id::{SpiffeId, parse_workload_id};
+use serde::Deserialize;
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a wrong type (the message carries line and column).
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// toml's message with the position.
+        message: String,
+    },
+    /// A value is invalid.
+    #[error("{path}: `{key}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// The key, dotted (`outbound[1].spiffe_id`).
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    spiffe_id: String,
+    control_plane: RawControlPlane,
+    inbound: Option<RawInbound>,
+    #[serde(default)]
+    outbound: Vec<RawOutbound>,
+    #[serde(default)]
+    policy: Option<RawPolicy>,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    runtime: RawRuntime,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControlPlane {
+    address: String,
+    token_file: Option<PathBuf>,
+    token_env: Option<String>,
+    svid_ttl: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    listen: String,
+    app: String,
+    #[serde(default)]
+    protocol: Protocol,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbound {
+    name: String,
+    listen: String,
+    remote: String,
+    spiffe_id: String,
+    #[serde(default)]
+    protocol: Protocol,
+    port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_admin")]
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: default_admin(),
+        }
+    }
+}
+
+fn default_admin() -> String {
+    "127.0.0.1:15000".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    connect_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    worker_threads: Option<usize>,
+}
+
+/// L4 or HTTP-aware proxying of a listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Bytes are spliced; one policy decision per connection.
+    #[default]
+    Tcp,
+    /// HTTP/1.1 and HTTP/2; one policy decision per request.
+    Http,
+}
+
+/// Where the join token comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// A file, read (again) whenever a bootstrap is needed.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+}
+
+/// The control plane.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    /// `host:port`.
+    pub address: String,
+    /// The join token.
+    pub token: TokenSource,
+    /// SVID TTL asked for (the control plane caps it).
+    pub svid_ttl: Option<Duration>,
+}
+
+/// The inbound listener.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Where peers connect (mTLS).
+    pub listen: SocketAddr,
+    /// The local app.
+    pub app: SocketAddr,
+    /// TCP or HTTP.
+    pub protocol: Protocol,
+}
+
+/// One outbound upstream.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// A name for logs and metrics.
+    pub name: String,
+    /// Where the local app connects in plaintext (loopback).
+    pub listen: SocketAddr,
+    /// The remote sidecar's inbound address.
+    pub remote: String,
+    /// The SPIFFE ID the remote must present.
+    pub spiffe_id: SpiffeId,
+    /// TCP or HTTP.
+    pub protocol: Protocol,
+    /// The destination service port as the policy sees it (for egress rules with `ports`).
+    pub port: Option<u16>,
+}
+
+/// Timeouts and limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// TCP connect to the app or a remote sidecar.
+    pub connect_timeout: Duration,
+    /// TLS handshake.
+    pub handshake_timeout: Duration,
+    /// No byte in either direction for this long closes a connection.
+    pub idle_timeout: Duration,
+    /// How long SIGTERM waits for in-flight connections.
+    pub drain_timeout: Duration,
+    /// Connections beyond this are refused.
+    pub max_connections: usize,
+}
+
+/// The whole, checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This sidecar's identity.
+    pub spiffe_id: SpiffeId,
+    /// The control plane.
+    pub control_plane: ControlPlane,
+    /// Inbound listener, if any.
+    pub inbound: Option<Inbound>,
+    /// Outbound upstreams.
+    pub outbound: Vec<Outbound>,
+    /// Local policy file (standalone mode).
+    pub policy_file: Option<PathBuf>,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Limits.
+    pub limits: Limits,
+    /// Tokio worker threads (1 = a current-thread runtime).
+    pub worker_threads: usize,
+}
+
+struct Ctx<'a> {
+    path: &'a str,
+}
+
+impl Ctx<'_> {
+    fn bad(&self, key: impl Into<String>, reason: impl std::fmt::Display) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn addr(&self, key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+        v.parse()
+            .map_err(|_| self.bad(key, format!("{v:?} is not an IP:port address")))
+    }
+
+    fn dur(&self, key: &str, v: Option<&str>, dflt: Duration) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(dflt),
+            Some(s) => match parse_duration(s) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(self.bad(key, "must be greater than zero")),
+                Err(e) => Err(self.bad(key, e)),
+            },
+        }
+    }
+
+    fn id(&self, key: &str, v: &str) -> Result<SpiffeId, ConfigError> {
+        parse_workload_id(v).map_err(|e| self.bad(key, e))
+    }
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses config text; relative paths are taken from `base`.
+    pub fn parse(text: &str, name: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: name.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let c = Ctx { path: name };
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let spiffe_id = c.id("spiffe_id", &raw.spiffe_id)?;
+        let token = match (raw.control_plane.token_file, raw.control_plane.token_env) {
+            (Some(f), None) => TokenSource::File(rel(f)),
+            (None, Some(e)) if !e.is_empty() => TokenSource::Env(e),
+            (None, None) => {
+                return Err(c.bad(
+                    "control_plane.token_file",
+                    "set token_file or token_env: the join token from `mayfly-ca token create`",
+                ));
+            }
+            _ => {
+                return Err(c.bad(
+                    "control_plane.token_env",
+                    "set exactly one of token_file and token_env",
+                ));
+            }
+        };
+        if raw.control_plane.address.trim().is_empty() {
+            return Err(c.bad("control_plane.address", "must be host:port"));
+        }
+        let svid_ttl = match raw.control_plane.svid_ttl.as_deref() {
+            None => None,
+            Some(s) => {
+                let d = c.dur("control_plane.svid_ttl", Some(s), Duration::ZERO)?;
+                if d > Duration::from_secs(3600) {
+                    return Err(c.bad("control_plane.svid_ttl", "at most 60m"));
+                }
+                Some(d)
+            }
+        };
+        let inbound = match raw.inbound {
+            None => None,
+            Some(i) => Some(Inbound {
+                listen: c.addr("inbound.listen", &i.listen)?,
+                app: c.addr("inbound.app", &i.app)?,
+                protocol: i.protocol,
+            }),
+        };
+        let mut outbound = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (n, o) in raw.outbound.into_iter().enumerate() {
+            let key = |k: &str| format!("outbound[{n}].{k}");
+            if o.name.is_empty() || !names.insert(o.name.clone()) {
+                return Err(c.bad(key("name"), "must be non-empty and unique"));
+            }
+            let listen = c.addr(&key("listen"), &o.listen)?;
+            if !listen.ip().is_loopback() {
+                return Err(c.bad(
+                    key("listen"),
+                    "must be a loopback address: the app speaks plaintext to it",
+                ));
+            }
+            if o.remote.trim().is_empty() {
+                return Err(c.bad(key("remote"), "must be host:port"));
+            }
+            outbound.push(Outbound {
+                spiffe_id: c.id(&key("spiffe_id"), &o.spiffe_id)?,
+                name: o.name,
+                listen,
+                remote: o.remote,
+                protocol: o.protocol,
+                port: o.port,
+            });
+        }
+        if inbound.is_none() && outbound.is_empty() {
+            return Err(c.bad(
+                "inbound",
+                "configure an [inbound] listener, an [[outbound]] upstream, or both",
+            ));
+        }
+        let limits = Limits {
+            connect_timeout: c.dur(
+                "limits.connect_timeout",
+                raw.limits.connect_timeout.as_deref(),
+                Duration::from_secs(5),
+            )?,
+            handshake_timeout: c.dur(
+                "limits.handshake_timeout",
+                raw.limits.handshake_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            idle_timeout: c.dur(
+                "limits.idle_timeout",
+                raw.limits.idle_timeout.as_deref(),
+                Duration::from_secs(300),
+            )?,
+            drain_timeout: c.dur(
+                "limits.drain_timeout",
+                raw.limits.drain_timeout.as_deref(),
+                Duration::from_secs(15),
+            )?,
+            max_connections: raw.limits.max_connections.unwrap_or(10_000),
+        };
+        if limits.max_connections == 0 {
+            return Err(c.bad("limits.max_connections", "must be at least 1"));
+        }
+        let worker_threads = raw.runtime.worker_threads.unwrap_or(1);
+        if !(1..=64).contains(&worker_threads) {
+            return Err(c.bad("runtime.worker_threads", "must be between 1 and 64"));
+        }
+        Ok(Config {
+            spiffe_id,
+            control_plane: ControlPlane {
+                address: raw.control_plane.address,
+                token,
+                svid_ttl,
+            },
+            inbound,
+            outbound,
+            policy_file: raw.policy.map(|p| rel(p.file)),
+            admin: c.addr("admin.listen", &raw.admin.listen)?,
+            limits,
+            worker_threads,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+spiffe_id = "spiffe://mayfly.local/orders"
+[control_plane]
+address = "127.0.0.1:8443"
+token_file = "token"
+[inbound]
+listen = "0.0.0.0:15443"
+app = "127.0.0.1:8080"
+[[outbound]]
+name = "db"
+listen = "127.0.0.1:15001"
+remote = "127.0.0.1:16443"
+spiffe_id = "spiffe://mayfly.local/db"
+[policy]
+file = "policy.toml"
+"#;
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD, "s.toml", Path::new("/etc/mayfly")).unwrap();
+        assert_eq!(c.spiffe_id.to_string(), "spiffe://mayfly.local/orders");
+        assert_eq!(c.admin.to_string(), "127.0.0.1:15000");
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.policy_file.unwrap(), Path::new("/etc/mayfly/policy.toml"));
+        assert!(
+            matches!(c.control_plane.token, TokenSource::File(p) if p == Path::new("/etc/mayfly/token"))
+        );
+        assert_eq!(c.worker_threads, 1);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "s.toml", Path::new("."))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_reason() {
+        assert!(
+            err(&GOOD.replace("orders\"\n[control", "Orders!\"\n[control")).contains("`spiffe_id`")
+        );
+        let e = err(&GOOD.replace("0.0.0.0:15443", "nowhere"));
+        assert!(
+            e.contains("`inbound.listen`") && e.contains("nowhere"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("127.0.0.1:15001", "0.0.0.0:15001"));
+        assert!(
+            e.contains("`outbound[0].listen`") && e.contains("loopback"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("token_file = \"token\"", ""));
+        assert!(e.contains("token_file"), "{e}");
+        let e = err(&GOOD.replace("[policy]", "typo = 1\n[policy]"));
+        assert!(e.contains("typo") && e.contains("line"), "{e}");
+        let e = err(&format!("{GOOD}\n[limits]\nidle_timeout = \"5\"\n"));
+        assert!(e.contains("`limits.idle_timeout`"), "{e}");
+        let e = err(&format!("{GOOD}\n[runtime]\nworker_threads = 0\n"));
+        assert!(e.contains("worker_threads"), "{e}");
+        let e = err(&GOOD.replace("spiffe://mayfly.local/db", "spiffe://Mayfly.local/db"));
+        assert!(
+            e.contains("outbound[0].spiffe_id") && e.contains("lowercase"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for t in ["", "[", "spiffe_id = 5", "\u{0}", "[[outbound]]\nname=1"] {
+            assert!(Config::parse(t, "x", Path::new(".")).is_err());
+        }
+    }
+}

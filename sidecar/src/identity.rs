@@ -1,0 +1,301 @@
+//! The sidecar's own SVID: bootstrap with the join token, rotation at half-life with jitter and
+//! a new key each time, retries with backoff, bundle refresh, and fail-closed at expiry.
+//!
+//! Private keys live only in memory ([`SecretKey`] zeroes itself on drop).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use mayfly_ca::bundle::{BundleSet, TrustBundle};
+use mayfly_ca::client::{CaClient, ClientError, IssuedChain};
+use mayfly_ca::id::SpiffeId;
+use mayfly_ca::keys::{SecretKey, fill_random};
+use mayfly_ca::tls::{Credentials, Svid};
+use mayfly_ca::token::JoinToken;
+use mayfly_ca::verify::{SharedBundles, Usage, algorithms, verify_chain};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::{ControlPlane, TokenSource};
+use crate::metrics::{Metrics, ResultLabels};
+
+/// The sidecar's identity: current SVID and trust bundles, shared with every listener.
+pub struct Identity {
+    /// This sidecar's SPIFFE ID.
+    pub id: SpiffeId,
+    /// The current SVID (empty before bootstrap and after expiry: handshakes fail closed).
+    pub creds: Arc<Credentials>,
+    /// Trust bundles peers are verified against.
+    pub bundles: SharedBundles,
+    client: CaClient,
+    control_plane: ControlPlane,
+    metrics: Arc<Metrics>,
+    ready: watch::Sender<bool>,
+    /// When to renew the current SVID: half of its remaining life at installation (+-10 %),
+    /// not counted from NotBefore, which is backdated for clock skew.
+    renew_at: std::sync::Mutex<OffsetDateTime>,
+}
+
+/// Why a new SVID was not accepted.
+#[derive(Debug, thiserror::Error)]
+enum AcceptError {
+    #[error("the control plane returned an SVID for {got}, expected {want}")]
+    WrongId { got: String, want: String },
+    #[error("the returned SVID does not verify against the bundle: {0}")]
+    Verify(String),
+    #[error("the returned SVID is unusable: {0}")]
+    Tls(String),
+}
+
+fn jitter_fraction() -> f64 {
+    let mut b = [0u8; 2];
+    fill_random(&mut b);
+    // 0.4 ..= 0.6: half-life +- 10 %.
+    0.4 + 0.2 * f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
+}
+
+impl Identity {
+    /// A new identity with no SVID yet.
+    pub fn new(
+        id: SpiffeId,
+        control_plane: ControlPlane,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, ClientError> {
+        let client = CaClient::new(control_plane.address.clone(), id.trust_domain().clone())?;
+        let (ready, _) = watch::channel(false);
+        Ok(Arc::new(Self {
+            id,
+            creds: Credentials::new(),
+            bundles: Arc::new(ArcSwap::from_pointee(BundleSet::default())),
+            client,
+            control_plane,
+            metrics,
+            ready,
+            renew_at: std::sync::Mutex::new(OffsetDateTime::UNIX_EPOCH),
+        }))
+    }
+
+    /// Whether a valid SVID is held.
+    pub fn ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// A receiver that sees readiness changes.
+    pub fn watch_ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Seconds until the current SVID expires (negative without one).
+    pub fn expires_in(&self) -> i64 {
+        match self.creds.get() {
+            Some(s) => (s.info.not_after - OffsetDateTime::now_utc()).whole_seconds(),
+            None => -1,
+        }
+    }
+
+    fn read_token(&self) -> Result<JoinToken, String> {
+        let text = match &self.control_plane.token {
+            TokenSource::File(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read the join token file {}: {e}", p.display()))?,
+            TokenSource::Env(v) => {
+                std::env::var(v).map_err(|_| format!("the join token variable {v} is not set"))?
+            }
+        };
+        JoinToken::parse(&text).map_err(|e| e.to_string())
+    }
+
+    /// Checks a freshly issued chain against our own ID and the bundle, then publishes it.
+    fn accept(&self, issued: IssuedChain, key: &SecretKey) -> Result<(), AcceptError> {
+        let mut set = (**self.bundles.load()).clone();
+        set.insert(issued.bundle.clone());
+        let info = verify_chain(
+            &issued.chain,
+            &set,
+            rustls_pki_types::UnixTime::now(),
+            Usage::Client,
+            &algorithms(),
+        )
+        .map_err(|e| AcceptError::Verify(e.to_string()))?;
+        if info.id != self.id {
+            return Err(AcceptError::WrongId {
+                got: info.id.to_string(),
+                want: self.id.to_string(),
+            });
+        }
+        let svid = Svid::new(issued.chain, key).map_err(|e| AcceptError::Tls(e.to_string()))?;
+        self.bundles.store(Arc::new(set));
+        info!(serial = %svid.info.serial, not_after = %svid.info.not_after, "SVID installed");
+        if let Ok(mut t) = self.renew_at.lock() {
+            let now = OffsetDateTime::now_utc();
+            *t = now + (svid.info.not_after - now) * jitter_fraction();
+        }
+        self.creds.set(svid);
+        self.ready.send_replace(true);
+        Ok(())
+    }
+
+    fn count(&self, ok: bool) {
+        self.metrics
+            .rotations
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" }.into(),
+            })
+            .inc();
+    }
+
+    async fn bootstrap(&self) -> Result<(), String> {
+        let token = self.read_token()?;
+        let key = SecretKey::generate().map_err(|e| e.to_string())?;
+        let issued = self
+            .client
+            .bootstrap(&token, &key, &self.id, self.control_plane.svid_ttl)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.accept(issued, &key).map_err(|e| e.to_string())
+    }
+
+    async fn renew(&self) -> Result<(), String> {
+        let key = SecretKey::generate().map_err(|e| e.to_string())?;
+        let issued = self
+            .client
+            .renew(
+                self.bundles.clone(),
+                self.creds.clone(),
+                &key,
+                &self.id,
+                self.control_plane.svid_ttl,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.accept(issued, &key).map_err(|e| e.to_string())
+    }
+
+    fn expire_if_due(&self) -> bool {
+        match self.creds.get() {
+            Some(s) if s.info.not_after <= OffsetDateTime::now_utc() => {
+                warn!(serial = %s.info.serial, "SVID expired without renewal: failing closed");
+                self.creds.clear();
+                self.ready.send_replace(false);
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
+    }
+
+    /// Keeps an SVID: bootstrap, then renew at half-life (+-10 %) for as long as the sidecar
+    /// runs. Stops when `shutdown` flips.
+    pub async fn maintain(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let wait = if self.expire_if_due() {
+                // No valid SVID: only a (new) join token can help.
+                match self.bootstrap().await {
+                    Ok(()) => {
+                        self.count(true);
+                        backoff = Duration::from_millis(500);
+                        continue;
+                    }
+                    Err(e) => {
+                        self.count(false);
+                        warn!(error = %e, retry_in = ?backoff, "bootstrap failed");
+                        let w = backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        w
+                    }
+                }
+            } else {
+                let svid = match self.creds.get() {
+                    Some(s) => s,
+                    None => continue,
+                };
+                let renew_at = self
+                    .renew_at
+                    .lock()
+                    .map(|t| *t)
+                    .unwrap_or(svid.info.not_before);
+                let now = OffsetDateTime::now_utc();
+                if now < renew_at {
+                    Duration::from_secs_f64((renew_at - now).as_seconds_f64())
+                } else {
+                    match self.renew().await {
+                        Ok(()) => {
+                            self.count(true);
+                            backoff = Duration::from_millis(500);
+                            continue;
+                        }
+                        Err(e) => {
+                            self.count(false);
+                            let left = (svid.info.not_after - OffsetDateTime::now_utc())
+                                .as_seconds_f64()
+                                .max(0.0);
+                            warn!(error = %e, seconds_left = left as u64, retry_in = ?backoff, "SVID renewal failed; still serving with the current SVID");
+                            let w = backoff.min(Duration::from_secs_f64(left.max(0.05)));
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            w
+                        }
+                    }
+                }
+            };
+            // Also wake exactly at expiry to fail closed on time.
+            let until_expiry = match self.creds.get() {
+                Some(s) => Duration::from_secs_f64(
+                    (s.info.not_after - OffsetDateTime::now_utc())
+                        .as_seconds_f64()
+                        .max(0.0),
+                ),
+                None => wait,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait.min(until_expiry)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Refreshes the trust bundle every refresh hint, over a verified connection.
+    pub async fn refresh_bundles(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let hint = self
+                .bundles
+                .load()
+                .get(self.id.trust_domain())
+                .map(|b| b.refresh_hint())
+                .unwrap_or(Duration::from_secs(60))
+                .clamp(Duration::from_secs(5), Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep(hint) => {}
+                _ = shutdown.changed() => return,
+            }
+            if self.bundles.load().get(self.id.trust_domain()).is_none() {
+                continue;
+            }
+            match self.client.fetch_bundle(self.bundles.clone()).await {
+                Ok(b) => self.install_bundle(b),
+                Err(e) => {
+                    warn!(error = %e, "trust bundle refresh failed; keeping the current bundle")
+                }
+            }
+        }
+    }
+
+    fn install_bundle(&self, b: TrustBundle) {
+        let cur = self.bundles.load();
+        let changed = cur
+            .get(b.trust_domain())
+            .map(|c| c.roots() != b.roots())
+            .unwrap_or(true);
+        if changed {
+            info!(
+                sequence = b.sequence(),
+                roots = b.roots().len(),
+                "trust bundle updated"
+            );
+            let mut set = (**cur).clone();
+            set.insert(b);
+            self.bundles.store(Arc::new(set));
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The policy in force: loaded from a file (standalone mode), checked on every change, swapped
+//! atomically. A bad new file is refused and logged; the last good policy stays in force.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use mayfly_policy::{Decision, Engine, Policy, Request};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::metrics::{Metrics, ResultLabels};
+
+/// How often the policy file is checked for changes.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// The compiled policy in force and a generation counter that ticks on every change.
+pub struct PolicyState {
+    engine: ArcSwapOption<Engine>,
+    generation: watch::Sender<u64>,
+    file: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+}
+
+/// Why a file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Unreadable.
+    #[error("cannot read policy file {0}: {1}")]
+    Read(String, std::io::Error),
+    /// Invalid (every diagnostic, one per line).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    mayfly_ca::keys::fill_random(&mut b);
+    u64::from_le_bytes(b)
+}
+
+impl PolicyState {
+    /// A state with no policy (everything is denied until one loads).
+    pub fn new(file: Option<PathBuf>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let (generation, _) = watch::channel(0);
+        Arc::new(Self {
+            engine: ArcSwapOption::empty(),
+            generation,
+            file,
+            metrics,
+        })
+    }
+
+    /// Whether a policy is loaded.
+    pub fn loaded(&self) -> bool {
+        self.engine.load().is_some()
+    }
+
+    /// The version of the policy in force.
+    pub fn version(&self) -> Option<String> {
+        self.engine.load().as_ref().map(|e| e.version().to_string())
+    }
+
+    /// A receiver that sees every policy change.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Installs a parsed policy.
+    pub fn install(&self, policy: &Policy) {
+        let engine = Engine::with_seed(policy, seed());
+        info!(version = %engine.version(), rules = policy.rules().len(), "policy in force");
+        self.engine.store(Some(Arc::new(engine)));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Reads, validates and installs the file. On error the policy in force is unchanged.
+    pub fn load_file(&self) -> Result<(), LoadError> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let name = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| LoadError::Read(name.clone(), e))?;
+        match Policy::from_toml_at(&src, &name, OffsetDateTime::now_utc()) {
+            Ok(loaded) => {
+                for w in &loaded.warnings {
+                    warn!("{w}");
+                }
+                if self.version().as_deref() != Some(loaded.policy.version()) {
+                    self.install(&loaded.policy);
+                }
+                Ok(())
+            }
+            Err(e) => Err(LoadError::Invalid(e.to_string())),
+        }
+    }
+
+    /// Polls the file and reloads it when its content changes.
+    pub async fn watch_file(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Some(path) = self.file.clone() else {
+            return;
+        };
+        let mut last = std::fs::read(&path).ok();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = shutdown.changed() => return,
+            }
+            let now = std::fs::read(&path).ok();
+            if now == last {
+                continue;
+            }
+            last = now;
+            let ok = match self.load_file() {
+                Ok(()) => true,
+                Err(e) => {
+                    error!(
+                        in_force = self.version().as_deref().unwrap_or("none"),
+                        "policy file refused; the last good policy stays in force:\n{e}"
+                    );
+                    false
+                }
+            };
+            self.metrics
+                .policy_reloads
+                .get_or_create(&ResultLabels {
+                    result: if ok { "ok" } else { "error" }.into(),
+                })
+                .inc();
+        }
+    }
+
+    /// An L4 decision: may `source` open a connection to `destination`?
+    /// Without a policy, the answer is a deny by default.
+    pub fn decide_l4(
+        &self,
+        source: &str,
+        destination: &str,
+        port: Option<u16>,
+        source_ip: Option<IpAddr>,
+    ) -> Verdict {
+        let guard = self.engine.load();
+        let Some(engine) = guard.as_ref() else {
+            return Verdict::NoPolicy;
+        };
+        let req = Request {
+            source,
+            destination,
+            port,
+            source_ip,
+            http: None,
+            now: OffsetDateTime::now_utc(),
+        };
+        Verdict::Decided(engine.decide(&req, &[]))
+    }
+}
+
+/// The outcome of a decision.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// No policy is loaded: default deny.
+    NoPolicy,
+    /// The engine decided.
+    Decided(Decision),
+}
+
+impl Verdict {
+    /// Whether the traffic may pass (allowed, or denied only in dry-run).
+    pub fn permits(&self) -> bool {
+        match self {
+            Verdict::NoPolicy => false,
+            Verdict::Decided(d) => d.permits(),
+        }
+    }
+
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::NoPolicy => "deny",
+            Verdict::Decided(d) if d.allow => "allow",
+            Verdict::Decided(d) if !d.enforced => "dry_run_deny",
+            Verdict::Decided(_) => "deny",
+        }
+    }
+
+    /// The decision ID, for logs and error responses.
+    pub fn decision_id(&self) -> &str {
+        match self {
+            Verdict::NoPolicy => "no-policy",
+            Verdict::Decided(d) => &d.decision_id,
+        }
+    }
+
+    /// What decided it, for logs.
+    pub fn by(&self) -> String {
+        match self {
+            Verdict::NoPolicy => "no policy loaded".into(),
+            Verdict::Decided(d) => format!("{:?}", d.decided_by),
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Bidirectional byte splicing with half-close, an idle timeout, byte counts and an external
+//! end signal (peer SVID expiry, policy revocation, shutdown).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+const BUF: usize = 16 * 1024;
+
+/// Why a spliced connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Both sides finished.
+    Done,
+    /// No byte moved for the idle timeout.
+    Idle,
+    /// The peer's SVID expired.
+    PeerSvidExpired,
+    /// The policy (or grant) that admitted it no longer does.
+    Revoked(String),
+    /// The sidecar is shutting down and the drain deadline passed.
+    Shutdown,
+    /// An I/O error.
+    Error(String),
+}
+
+impl End {
+    /// Short reason for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            End::Done => "done",
+            End::Idle => "idle",
+            End::PeerSvidExpired => "peer_svid_expired",
+            End::Revoked(_) => "policy_revoked",
+            End::Shutdown => "shutdown",
+            End::Error(_) => "error",
+        }
+    }
+}
+
+/// What a splice did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Bytes from `a` to `b`.
+    pub a_to_b: u64,
+    /// Bytes from `b` to `a`.
+    pub b_to_a: u64,
+    /// How it ended.
+    pub end: End,
+}
+
+async fn copy_half<R, W>(
+    mut r: R,
+    mut w: W,
+    count: Arc<AtomicU64>,
+    activity: Arc<AtomicU64>,
+    epoch: Instant,
+) -> Result<(), std::io::Error>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: pass the end of this direction on, keep the other one open.
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Copies `a <-> b` until both directions end, the idle timeout passes, `deadline` is reached
+/// or `stop` resolves.
+pub async fn splice<A, B, S>(a: A, b: B, idle: Duration, deadline: Instant, stop: S) -> Outcome
+where
+    A: AsyncRead + AsyncWrite + Send,
+    B: AsyncRead + AsyncWrite + Send,
+    S: Future<Output = End>,
+{
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    let epoch = Instant::now();
+    let activity = Arc::new(AtomicU64::new(0));
+    let ab = Arc::new(AtomicU64::new(0));
+    let ba = Arc::new(AtomicU64::new(0));
+    let up = copy_half(ar, bw, ab.clone(), activity.clone(), epoch);
+    let down = copy_half(br, aw, ba.clone(), activity.clone(), epoch);
+    let both = async {
+        let (x, y) = tokio::join!(up, down);
+        match (x, y) {
+            (Ok(()), Ok(())) => End::Done,
+            (Err(e), _) | (_, Err(e)) => End::Error(e.to_string()),
+        }
+    };
+    let watchdog = async {
+        loop {
+            let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+            let quiet_until = epoch + last + idle;
+            if Instant::now() >= quiet_until {
+                return End::Idle;
+            }
+            tokio::time::sleep_until(quiet_until).await;
+        }
+    };
+    let end = tokio::select! {
+        e = both => e,
+        e = watchdog => e,
+        _ = tokio::time::sleep_until(deadline) => End::PeerSvidExpired,
+        e = stop => e,
+    };
+    Outcome {
+        a_to_b: ab.load(Ordering::Relaxed),
+        b_to_a: ba.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn copies_both_ways_and_passes_half_close_on() {
+        let (client, a) = tokio::io::duplex(1024);
+        let (b, server) = tokio::io::duplex(1024);
+        let task = tokio::spawn(splice(
+            a,
+            b,
+            Duration::from_secs(5),
+            Instant::now() + Duration::from_secs(60),
+            std::future::pending(),
+        ));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut sr, mut sw) = tokio::io::split(server);
+        cw.write_all(b"hello").await.unwrap();
+        cw.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        sr.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
+        // The other direction still works after the client's half-close.
+        sw.write_all(b"world!").await.unwrap();
+        sw.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        cr.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"world!");
+        let out = task.await.unwrap();
+        assert_eq!((out.a_to_b, out.b_to_a, out.end), (5, 6, End::Done));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed() {
+        let (_client, a) = tokio::io::duplex(64);
+        let (b, _server) = tokio::io::duplex(64);
+        let out = splice(
+            a,
+            b,
+            Duration::from_secs(30),
+            Instant::now() + Duration::from_secs(3600),
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(out.end, End::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_cuts_a_busy_connection() {
+        let (client, a) = tokio::io::duplex(64);
+        let (b, mut server) = tokio::io::duplex(64);
+        let feeder = tokio::spawn(async move {
+            let (_r, mut w) = tokio::io::split(client);
+            loop {
+                if w.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let drain = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok(n) = server.read(&mut buf).await {
+                if n == 0 {
+                    return;
+                }
+            }
+        });
+        let out = splice(
+            a,
+            b,
+            Duration::from_secs(30),
+            Instant::now() + Duration::from_secs(5),
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(out.end, End::PeerSvidExpired);
+        assert!(out.a_to_b > 10);
+        feeder.abort();
+        drain.abort();
+    }
+
+    #[tokio::test]
+    async fn a_stop_signal_ends_it_with_its_reason() {
+        let (_client, a) = tokio::io::duplex(64);
+        let (b, _server) = tokio::io::duplex(64);
+        let out = splice(
+            a,
+            b,
+            Duration::from_secs(30),
+            Instant::now() + Duration::from_secs(60),
+            async { End::Revoked("rule r".into()) },
+        )
+        .await;
+        assert_eq!(out.end, End::Revoked("rule r".into()));
+    }
+}
