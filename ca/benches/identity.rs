@@ -21,7 +21,9 @@ use mayfly_ca::keys::SecretKey;
 use mayfly_ca::testing::TestCa;
 use mayfly_ca::tls::{client_config, dial_name, server_config};
 use mayfly_ca::verify::{IdMatcher, Usage, algorithms};
-use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
+use rustls::{
+    ClientConfig, ClientConnection, Connection, HandshakeKind, ServerConfig, ServerConnection,
+};
 use rustls_pki_types::UnixTime;
 use time::OffsetDateTime;
 
@@ -81,12 +83,12 @@ fn make_csr(bencher: Bencher<'_, '_>) {
     });
 }
 
-/// Client and server configs as the sidecar builds them. `resume`: keep rustls' default client
-/// session cache (TLS 1.3 tickets from the server's stateful cache); otherwise every handshake
-/// is a full one (certificates, signatures and chain verification on both sides).
+/// Client and server configs as the sidecar builds them (`mayfly_ca::tls`: no session
+/// resumption, every connection is a full handshake). `resume`: turn rustls' stateful TLS 1.3
+/// resumption back on in this copy, to price what mayfly gives up (BENCH.md goal 5).
 fn configs(resume: bool) -> (Arc<ClientConfig>, Arc<ServerConfig>) {
     let ca = TestCa::new(TD);
-    let server = server_config(ca.credentials(SERVER_ID), ca.bundles(), &[]).unwrap();
+    let mut server = server_config(ca.credentials(SERVER_ID), ca.bundles(), &[]).unwrap();
     let mut client = client_config(
         ca.credentials(CLIENT_ID),
         ca.bundles(),
@@ -94,8 +96,10 @@ fn configs(resume: bool) -> (Arc<ClientConfig>, Arc<ServerConfig>) {
         &[],
     )
     .unwrap();
-    if !resume {
-        client.resumption = rustls::client::Resumption::disabled();
+    if resume {
+        server.session_storage = rustls::server::ServerSessionMemoryCache::new(256);
+        server.send_tls13_tickets = 2;
+        client.resumption = rustls::client::Resumption::default();
     }
     (Arc::new(client), Arc::new(server))
 }
@@ -116,7 +120,7 @@ fn transfer(from: &mut Connection, to: &mut Connection) -> usize {
     moved
 }
 
-fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) {
+fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> Option<HandshakeKind> {
     let mut c = Connection::Client(ClientConnection::new(client.clone(), dial_name()).unwrap());
     let mut s = Connection::Server(ServerConnection::new(server.clone()).unwrap());
     // Bounded: a TLS 1.3 mutual handshake takes 2 round trips (+ tickets).
@@ -128,7 +132,12 @@ fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) {
         }
     }
     assert!(!c.is_handshaking() && !s.is_handshaking());
+    let kind = match &c {
+        Connection::Client(c) => c.handshake_kind(),
+        Connection::Server(_) => None,
+    };
     black_box((c, s));
+    kind
 }
 
 /// A full TLS 1.3 mutual handshake (ECDSA P-256 SVIDs, X25519, SPIFFE verifiers on both sides),
@@ -136,15 +145,17 @@ fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) {
 #[divan::bench]
 fn mtls_handshake(bencher: Bencher<'_, '_>) {
     let (client, server) = configs(false);
-    handshake(&client, &server);
+    assert_eq!(handshake(&client, &server), Some(HandshakeKind::Full));
     bencher.bench_local(|| handshake(&client, &server));
 }
 
 /// A resumed TLS 1.3 handshake (ticket from the previous connection, PSK + X25519): no
-/// certificates or chain verification.
+/// certificates or chain verification. Not what mayfly does (resumption is off by design); the
+/// price of that choice.
 #[divan::bench]
 fn mtls_resumed(bencher: Bencher<'_, '_>) {
     let (client, server) = configs(true);
     handshake(&client, &server);
+    assert_eq!(handshake(&client, &server), Some(HandshakeKind::Resumed));
     bencher.bench_local(|| handshake(&client, &server));
 }

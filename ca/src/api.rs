@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 pub const BUNDLE_PATH: &str = "/v1/bundle";
 /// `POST`: a CSR in, an SVID out.
 pub const SVID_PATH: &str = "/v1/svid";
+/// `POST`: audit records (JSON lines) from a sidecar, over mTLS; answers `{"acked": seq}`.
+pub const AUDIT_PATH: &str = "/v1/audit";
+/// The largest audit batch accepted, in bytes.
+pub const MAX_AUDIT_BODY: usize = 4 * 1024 * 1024;
 /// The path of the control plane's own SPIFFE ID in its trust domain.
 pub const CA_ID_PATH: &str = "/mayfly/ca";
 /// The largest request body the control plane reads.
@@ -20,6 +24,10 @@ pub struct SvidRequest {
     /// A join token, for bootstrap. Absent on renewal (mTLS with the current SVID instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// A Kubernetes projected service-account token (audience `mayfly`), for bootstrap by
+    /// attestation instead of a join token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_token: Option<String>,
     /// Requested TTL in seconds (capped by the server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u64>,

@@ -161,6 +161,16 @@ impl ServerCertVerifier for FirstContact {
     }
 }
 
+/// The credential sent with an SVID request besides (or instead of) the mTLS certificate.
+enum Bootstrap {
+    /// A join token.
+    Token(String),
+    /// A Kubernetes service-account token.
+    K8s(String),
+    /// None: renewal with the current SVID.
+    None,
+}
+
 /// A client for one control plane.
 #[derive(Debug, Clone)]
 pub struct CaClient {
@@ -333,8 +343,26 @@ impl CaClient {
         let root = self.fetch_pinned_root(&token.pin).await?;
         let bundles: SharedBundles = Arc::new(ArcSwap::from_pointee(BundleSet::single(root)));
         let tls = self.verified_tls(bundles, Credentials::new())?;
-        self.request_svid(tls, key, id, Some(token.reveal().to_string()), ttl)
-            .await
+        let auth = Bootstrap::Token(token.reveal().to_string());
+        self.request_svid(tls, key, id, auth, ttl).await
+    }
+
+    /// Bootstrap by Kubernetes attestation: a fresh key's CSR plus the pod's projected
+    /// service-account token (`jwt`), over a connection verified against the root `pin`
+    /// designates (hex SHA-256 of its SubjectPublicKeyInfo, as in join tokens).
+    pub async fn bootstrap_k8s(
+        &self,
+        jwt: &str,
+        pin: &str,
+        key: &SecretKey,
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedChain, ClientError> {
+        let root = self.fetch_pinned_root(pin).await?;
+        let bundles: SharedBundles = Arc::new(ArcSwap::from_pointee(BundleSet::single(root)));
+        let tls = self.verified_tls(bundles, Credentials::new())?;
+        let auth = Bootstrap::K8s(jwt.trim().to_owned());
+        self.request_svid(tls, key, id, auth, ttl).await
     }
 
     /// Renewal: mTLS with the current SVID, CSR for a new key.
@@ -347,7 +375,30 @@ impl CaClient {
         ttl: Option<Duration>,
     ) -> Result<IssuedChain, ClientError> {
         let tls = self.verified_tls(bundles, current)?;
-        self.request_svid(tls, key, id, None, ttl).await
+        self.request_svid(tls, key, id, Bootstrap::None, ttl).await
+    }
+
+    /// Streams audit records (JSON lines) over mTLS with the current SVID; returns the highest
+    /// seq the control plane has stored for that chain.
+    pub async fn post_audit(
+        &self,
+        bundles: SharedBundles,
+        current: Arc<Credentials>,
+        lines: Vec<u8>,
+    ) -> Result<u64, ClientError> {
+        let tls = self.verified_tls(bundles, current)?;
+        let (status, body) = self
+            .call(tls, Method::POST, api::AUDIT_PATH, Some(lines))
+            .await?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::BadAnswer(format!("audit answer: {e}")))?;
+        match (
+            status.is_success(),
+            v.get("acked").and_then(serde_json::Value::as_u64),
+        ) {
+            (true, Some(n)) => Ok(n),
+            _ => Err(Self::refused(status, &body)),
+        }
     }
 
     async fn request_svid(
@@ -355,13 +406,19 @@ impl CaClient {
         tls: ClientConfig,
         key: &SecretKey,
         id: &SpiffeId,
-        token: Option<String>,
+        auth: Bootstrap,
         ttl: Option<Duration>,
     ) -> Result<IssuedChain, ClientError> {
         let csr = make_csr(key, id).map_err(|e| ClientError::Csr(e.to_string()))?;
+        let (token, k8s_token) = match auth {
+            Bootstrap::Token(t) => (Some(t), None),
+            Bootstrap::K8s(t) => (None, Some(t)),
+            Bootstrap::None => (None, None),
+        };
         let req = SvidRequest {
             csr: STANDARD.encode(csr),
             token,
+            k8s_token,
             ttl: ttl.map(|t| t.as_secs()),
         };
         let body = serde_json::to_vec(&req).map_err(|e| ClientError::Http(e.to_string()))?;

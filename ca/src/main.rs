@@ -13,6 +13,7 @@ use mayfly_ca::server::admin::{self, AdminRequest};
 use mayfly_ca::server::{self, CaSettings, RunOptions};
 use serde_json::Value;
 
+mod audit_cmd;
 mod policy_cmd;
 
 #[derive(Parser)]
@@ -48,6 +49,10 @@ enum Cmd {
         /// Intermediate CA lifetime.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         intermediate_ttl: Duration,
+        /// Succeed without change if the directory already holds a CA of this trust domain
+        /// (for init containers and systemd ExecStartPre).
+        #[arg(long)]
+        exist_ok: bool,
     },
     /// Run the control plane.
     Run(RunArgs),
@@ -66,6 +71,9 @@ enum Cmd {
     /// Policy files: validate and explain.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
+    /// The audit trail: tail, query, verify.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCmd),
 }
 
 #[derive(Args)]
@@ -101,6 +109,14 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Kubernetes attestation: the cluster's service-account issuer JWK Set, a file
+    /// (`kubectl get --raw /openid/v1/jwks`), re-read when it changes.
+    #[arg(long, requires = "k8s_issuer")]
+    k8s_jwks: Option<PathBuf>,
+    /// Kubernetes attestation: the issuer (`iss`) of service-account tokens
+    /// (`kubectl get --raw /.well-known/openid-configuration`).
+    #[arg(long, requires = "k8s_jwks")]
+    k8s_issuer: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -143,6 +159,9 @@ enum BundleCmd {
 enum BundleFormat {
     Pem,
     Jwks,
+    /// The active root's pin (hex SHA-256 of its SubjectPublicKeyInfo), for `ca_pin` and
+    /// `mayfly-sidecar inject --ca-pin`.
+    Pin,
 }
 
 #[derive(Subcommand)]
@@ -260,6 +279,12 @@ async fn run(args: RunArgs) -> Result<()> {
             args.server_names.clone()
         },
         client_timeout: args.client_timeout,
+        k8s: match (&args.k8s_jwks, &args.k8s_issuer) {
+            (Some(path), Some(issuer)) => Some(std::sync::Arc::new(
+                server::attest::K8sAttestor::load(path, issuer).context("--k8s-jwks")?,
+            )),
+            _ => None,
+        },
     };
     let running = server::start(RunOptions {
         data_dir: args.dir.data_dir.clone(),
@@ -365,7 +390,24 @@ async fn dispatch(cli: Cli) -> Result<()> {
             trust_domain,
             root_ttl,
             intermediate_ttl,
+            exist_ok,
         } => {
+            if exist_ok && dir.data_dir.join(server::datadir::DB_FILE).exists() {
+                let (_, _, a) = server::open(&dir.data_dir)?;
+                if a.trust_domain().as_str() != trust_domain {
+                    bail!(
+                        "{} already holds a CA for trust domain {}, not {trust_domain}",
+                        dir.data_dir.display(),
+                        a.trust_domain()
+                    );
+                }
+                println!(
+                    "trust domain {} already initialised in {}",
+                    a.trust_domain(),
+                    dir.data_dir.display()
+                );
+                return Ok(());
+            }
             let a = server::init(
                 &dir.data_dir,
                 &trust_domain,
@@ -396,6 +438,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
             match format {
                 BundleFormat::Pem => print!("{}", b.to_pem()),
                 BundleFormat::Jwks => println!("{}", b.to_jwks()),
+                BundleFormat::Pin => {
+                    let root = a
+                        .active(mayfly_ca::authority::Role::Root)
+                        .context("no active root CA")?;
+                    let spki = mayfly_ca::svid::spki_der(&root.cert)?;
+                    println!("{}", hex::encode(mayfly_ca::keys::sha256(&spki)));
+                }
             }
             Ok(())
         }
@@ -451,6 +500,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Policy(cmd) => policy_cmd::run(cmd),
+        Cmd::Audit(cmd) => audit_cmd::run(cmd).await,
     }
 }
 

@@ -21,6 +21,14 @@ pub enum ConfigError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The environment variable meant to hold the configuration is unset or not UTF-8.
+    #[error("${var}: {reason}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// Why.
+        reason: String,
+    },
     /// TOML syntax, an unknown key or a wrong type (the message carries line and column).
     #[error("{path}: {message}")]
     Syntax {
@@ -57,6 +65,18 @@ struct Raw {
     limits: RawLimits,
     #[serde(default)]
     runtime: RawRuntime,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    spool_dir: Option<PathBuf>,
+    max_spool_bytes: Option<u64>,
+    when_full: Option<crate::audit::WhenFull>,
+    sink: Option<String>,
+    ship: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +85,8 @@ struct RawControlPlane {
     address: String,
     token_file: Option<PathBuf>,
     token_env: Option<String>,
+    k8s_token_file: Option<PathBuf>,
+    ca_pin: Option<String>,
     svid_ttl: Option<String>,
 }
 
@@ -75,6 +97,8 @@ struct RawInbound {
     app: String,
     #[serde(default)]
     protocol: Protocol,
+    #[serde(default)]
+    app_protocol: AppProtocol,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +165,17 @@ pub enum Protocol {
     Http,
 }
 
+/// How the inbound sidecar speaks HTTP to the local app.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 (pooled keep-alive connections).
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): gRPC servers need this.
+    Http2,
+}
+
 /// Where the join token comes from.
 #[derive(Debug, Clone)]
 pub enum TokenSource {
@@ -148,6 +183,9 @@ pub enum TokenSource {
     File(PathBuf),
     /// An environment variable.
     Env(String),
+    /// A Kubernetes projected service-account token (audience `mayfly`), read fresh for every
+    /// bootstrap: the pod attests instead of presenting a join token. Needs `ca_pin`.
+    K8s(PathBuf),
 }
 
 /// The control plane.
@@ -157,6 +195,9 @@ pub struct ControlPlane {
     pub address: String,
     /// The join token.
     pub token: TokenSource,
+    /// With [`TokenSource::K8s`]: the pin of the control plane's root (hex SHA-256 of its
+    /// SubjectPublicKeyInfo; a join token carries its own).
+    pub ca_pin: Option<String>,
     /// SVID TTL asked for (the control plane caps it).
     pub svid_ttl: Option<Duration>,
 }
@@ -170,6 +211,8 @@ pub struct Inbound {
     pub app: SocketAddr,
     /// TCP or HTTP.
     pub protocol: Protocol,
+    /// HTTP version towards the app (`protocol = "http"` only).
+    pub app_protocol: AppProtocol,
 }
 
 /// One outbound upstream.
@@ -223,6 +266,8 @@ pub struct Config {
     pub limits: Limits,
     /// Tokio worker threads (1 = a current-thread runtime).
     pub worker_threads: usize,
+    /// The audit trail.
+    pub audit: crate::audit::AuditConfig,
 }
 
 struct Ctx<'a> {
@@ -270,6 +315,20 @@ impl Config {
         Self::parse(&text, &path.display().to_string(), base)
     }
 
+    /// Reads and checks a configuration held whole in the environment variable `var` (how
+    /// `mayfly-sidecar inject` configures a pod: `MAYFLY_SIDECAR_CONFIG_TOML`). Relative paths
+    /// are taken from the working directory.
+    pub fn load_env(var: &str) -> Result<Self, ConfigError> {
+        let text = std::env::var(var).map_err(|e| ConfigError::Env {
+            var: var.to_owned(),
+            reason: match e {
+                std::env::VarError::NotPresent => "not set".into(),
+                std::env::VarError::NotUnicode(_) => "not UTF-8".into(),
+            },
+        })?;
+        Self::parse(&text, &format!("${var}"), Path::new("."))
+    }
+
     /// Parses config text; relative paths are taken from `base`.
     pub fn parse(text: &str, name: &str, base: &Path) -> Result<Self, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Syntax {
@@ -279,26 +338,56 @@ impl Config {
         let c = Ctx { path: name };
         let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let spiffe_id = c.id("spiffe_id", &raw.spiffe_id)?;
-        let token = match (raw.control_plane.token_file, raw.control_plane.token_env) {
-            (Some(f), None) => TokenSource::File(rel(f)),
-            (None, Some(e)) if !e.is_empty() => TokenSource::Env(e),
-            (None, None) => {
+        let cp = raw.control_plane;
+        let token = match (cp.token_file, cp.token_env, cp.k8s_token_file) {
+            (Some(f), None, None) => TokenSource::File(rel(f)),
+            (None, Some(e), None) if !e.is_empty() => TokenSource::Env(e),
+            (None, None, Some(f)) => TokenSource::K8s(rel(f)),
+            (None, None, None) => {
                 return Err(c.bad(
                     "control_plane.token_file",
-                    "set token_file or token_env: the join token from `mayfly-ca token create`",
+                    "set token_file or token_env (the join token from `mayfly-ca token create`), or k8s_token_file",
                 ));
             }
             _ => {
                 return Err(c.bad(
                     "control_plane.token_env",
-                    "set exactly one of token_file and token_env",
+                    "set exactly one of token_file, token_env and k8s_token_file",
                 ));
             }
         };
-        if raw.control_plane.address.trim().is_empty() {
+        let ca_pin = match (&token, cp.ca_pin) {
+            (TokenSource::K8s(_), Some(pin))
+                if pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                Some(pin.to_ascii_lowercase())
+            }
+            (TokenSource::K8s(_), Some(_)) => {
+                return Err(c.bad(
+                    "control_plane.ca_pin",
+                    "must be 64 hex digits: `mayfly-ca bundle show --format pin`",
+                ));
+            }
+            (TokenSource::K8s(_), None) => {
+                return Err(c.bad(
+                    "control_plane.ca_pin",
+                    "required with k8s_token_file: `mayfly-ca bundle show --format pin`",
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(c.bad(
+                    "control_plane.ca_pin",
+                    "only used with k8s_token_file (a join token carries its own pin)",
+                ));
+            }
+            (_, None) => None,
+        };
+        let raw_address = cp.address;
+        let raw_svid_ttl = cp.svid_ttl;
+        if raw_address.trim().is_empty() {
             return Err(c.bad("control_plane.address", "must be host:port"));
         }
-        let svid_ttl = match raw.control_plane.svid_ttl.as_deref() {
+        let svid_ttl = match raw_svid_ttl.as_deref() {
             None => None,
             Some(s) => {
                 let d = c.dur("control_plane.svid_ttl", Some(s), Duration::ZERO)?;
@@ -314,6 +403,7 @@ impl Config {
                 listen: c.addr("inbound.listen", &i.listen)?,
                 app: c.addr("inbound.app", &i.app)?,
                 protocol: i.protocol,
+                app_protocol: i.app_protocol,
             }),
         };
         let mut outbound = Vec::new();
@@ -378,11 +468,43 @@ impl Config {
         if !(1..=64).contains(&worker_threads) {
             return Err(c.bad("runtime.worker_threads", "must be between 1 and 64"));
         }
+        let audit = crate::audit::AuditConfig {
+            spool_dir: rel(raw
+                .audit
+                .spool_dir
+                .unwrap_or_else(|| PathBuf::from("mayfly-audit"))),
+            max_spool_bytes: match raw.audit.max_spool_bytes.unwrap_or(64 << 20) {
+                n if n < 4096 => {
+                    return Err(c.bad("audit.max_spool_bytes", "must be at least 4096"));
+                }
+                n => n,
+            },
+            when_full: raw
+                .audit
+                .when_full
+                .unwrap_or(crate::audit::WhenFull::FailClosed),
+            sink: match raw.audit.sink.as_deref() {
+                None | Some("none") => crate::audit::Sink::None,
+                Some("stdout") => crate::audit::Sink::Stdout,
+                Some(s) => match s.strip_prefix("file:") {
+                    Some(p) if !p.is_empty() => crate::audit::Sink::File(rel(PathBuf::from(p))),
+                    _ => {
+                        return Err(c.bad(
+                            "audit.sink",
+                            format!("{s:?}: use \"none\", \"stdout\" or \"file:/path\""),
+                        ));
+                    }
+                },
+            },
+            ship: raw.audit.ship.unwrap_or(true),
+        };
         Ok(Config {
+            audit,
             spiffe_id,
             control_plane: ControlPlane {
-                address: raw.control_plane.address,
+                address: raw_address,
                 token,
+                ca_pin,
                 svid_ttl,
             },
             inbound,
@@ -463,6 +585,36 @@ file = "policy.toml"
             e.contains("outbound[0].spiffe_id") && e.contains("lowercase"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_k8s_token_file_needs_a_ca_pin_and_excludes_join_tokens() {
+        let k8s = GOOD.replace(
+            "token_file = \"token\"",
+            &format!(
+                "k8s_token_file = \"/var/run/secrets/mayfly/token\"\nca_pin = \"{}\"",
+                "AB".repeat(32)
+            ),
+        );
+        let c = Config::parse(&k8s, "s.toml", Path::new("/etc/mayfly")).unwrap();
+        assert!(
+            matches!(c.control_plane.token, TokenSource::K8s(p) if p == Path::new("/var/run/secrets/mayfly/token"))
+        );
+        assert_eq!(c.control_plane.ca_pin.unwrap(), "ab".repeat(32));
+        let e = err(&k8s.replace(&"AB".repeat(32), "abc"));
+        assert!(
+            e.contains("`control_plane.ca_pin`") && e.contains("64 hex"),
+            "{e}"
+        );
+        let e = err(&k8s.replace("ca_pin", "#ca_pin"));
+        assert!(
+            e.contains("`control_plane.ca_pin`") && e.contains("required"),
+            "{e}"
+        );
+        let e = err(&k8s.replace("k8s_token_file", "token_file"));
+        assert!(e.contains("only used with k8s_token_file"), "{e}");
+        let e = err(&k8s.replace("[control_plane]", "[control_plane]\ntoken_env = \"T\""));
+        assert!(e.contains("exactly one"), "{e}");
     }
 
     #[test]

@@ -102,6 +102,12 @@ impl Identity {
             TokenSource::Env(v) => {
                 std::env::var(v).map_err(|_| format!("the join token variable {v} is not set"))?
             }
+            TokenSource::K8s(p) => {
+                return Err(format!(
+                    "{} holds a service-account token, not a join token",
+                    p.display()
+                ));
+            }
         };
         JoinToken::parse(&text).map_err(|e| e.to_string())
     }
@@ -145,14 +151,35 @@ impl Identity {
             .inc();
     }
 
+    /// Obtains a first SVID (or a new one after expiry): with the join token, or by
+    /// Kubernetes attestation with the service-account token the kubelet keeps fresh, read
+    /// again on every attempt (so a restarted or expired sidecar re-attests by itself).
     async fn bootstrap(&self) -> Result<(), String> {
-        let token = self.read_token()?;
         let key = SecretKey::generate().map_err(|e| e.to_string())?;
-        let issued = self
-            .client
-            .bootstrap(&token, &key, &self.id, self.control_plane.svid_ttl)
-            .await
-            .map_err(|e| e.to_string())?;
+        let ttl = self.control_plane.svid_ttl;
+        let issued = match &self.control_plane.token {
+            TokenSource::K8s(path) => {
+                let jwt = std::fs::read_to_string(path).map_err(|e| {
+                    format!(
+                        "cannot read the service-account token {}: {e}",
+                        path.display()
+                    )
+                })?;
+                let pin = self
+                    .control_plane
+                    .ca_pin
+                    .as_deref()
+                    .ok_or("control_plane.ca_pin is not set")?;
+                self.client
+                    .bootstrap_k8s(&jwt, pin, &key, &self.id, ttl)
+                    .await
+            }
+            _ => {
+                let token = self.read_token()?;
+                self.client.bootstrap(&token, &key, &self.id, ttl).await
+            }
+        }
+        .map_err(|e| e.to_string())?;
         self.accept(issued, &key).map_err(|e| e.to_string())
     }
 
@@ -191,7 +218,7 @@ impl Identity {
         let mut backoff = Duration::from_millis(500);
         loop {
             let wait = if self.expire_if_due() {
-                // No valid SVID: only a (new) join token can help.
+                // No valid SVID: only a (new) join token or a service-account token can help.
                 match self.bootstrap().await {
                     Ok(()) => {
                         self.count(true);

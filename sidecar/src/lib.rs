@@ -5,8 +5,11 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod config;
+pub mod http;
 pub mod identity;
+pub mod inject;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -42,6 +45,9 @@ pub enum StartError {
     /// The initial policy file is invalid.
     #[error("policy: {0}")]
     Policy(#[from] policy::LoadError),
+    /// The audit spool cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] audit::SpoolError),
     /// The control plane address is unusable.
     #[error("control plane: {0}")]
     ControlPlane(#[from] mayfly_ca::client::ClientError),
@@ -112,6 +118,17 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (hard_tx, hard_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let ca_client = mayfly_ca::client::CaClient::new(
+        cfg.control_plane.address.clone(),
+        cfg.spiffe_id.trust_domain().clone(),
+    )?;
+    let (auditor, audit_task) = audit::start(
+        cfg.audit.clone(),
+        identity.clone(),
+        Some(ca_client),
+        metrics.clone(),
+        hard_rx.clone(),
+    )?;
     let shared = Arc::new(Shared {
         identity: identity.clone(),
         policy: policy.clone(),
@@ -119,8 +136,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         limits: cfg.limits.clone(),
         hard_stop: hard_rx,
         slots: slots.clone(),
+        audit: auditor,
     });
-    let mut tasks = Vec::new();
+    let mut tasks = vec![audit_task];
     let admin_addr = local(&admin, cfg.admin);
     tasks.push(tokio::spawn(admin::serve(
         Arc::new(admin::AdminState {
@@ -149,12 +167,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let mut outbound_addrs = Vec::new();
     for (o, l) in outbound {
         outbound_addrs.push((o.name.clone(), local(&l, o.listen)));
-        tasks.push(tokio::spawn(proxy::serve_outbound(
-            shared.clone(),
-            o,
-            l,
-            stop_rx.clone(),
-        )));
+        tasks.push(match o.protocol {
+            config::Protocol::Tcp => {
+                tokio::spawn(proxy::serve_outbound(shared.clone(), o, l, stop_rx.clone()))
+            }
+            config::Protocol::Http => {
+                tokio::spawn(http::outbound::serve(shared.clone(), o, l, stop_rx.clone()))
+            }
+        });
     }
     info!(spiffe_id = %cfg.spiffe_id, admin = %admin_addr, inbound = ?inbound_addr, outbound = ?outbound_addrs, "sidecar started");
     Ok(Running {

@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use mayfly_sidecar::config::Config;
+use clap::{Args, Parser, Subcommand};
+use mayfly_sidecar::config::{Config, ConfigError};
+
+mod inject_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -21,19 +23,46 @@ struct Cli {
 enum Cmd {
     /// Run the sidecar.
     Run {
-        /// The sidecar configuration file.
-        #[arg(long, env = "MAYFLY_SIDECAR_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        source: ConfigSource,
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
     },
-    /// Check a configuration file and exit.
+    /// Check a configuration and exit.
     Check {
-        /// The sidecar configuration file.
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        source: ConfigSource,
     },
+    /// Add the sidecar to Kubernetes workloads (YAML in, YAML out), or serve the same as a
+    /// mutating admission webhook (`inject serve`).
+    Inject(Box<inject_cmd::InjectCmd>),
+}
+
+/// Where the configuration comes from: a file, or a variable holding the whole TOML.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct ConfigSource {
+    /// The sidecar configuration file.
+    #[arg(long, env = "MAYFLY_SIDECAR_CONFIG")]
+    config: Option<PathBuf>,
+    /// The name of an environment variable holding the whole configuration TOML (as
+    /// `mayfly-sidecar inject` sets up: MAYFLY_SIDECAR_CONFIG_TOML).
+    #[arg(long, value_name = "VAR")]
+    config_env: Option<String>,
+}
+
+impl ConfigSource {
+    fn load(&self) -> Result<(Config, String), ConfigError> {
+        match (&self.config, &self.config_env) {
+            (_, Some(var)) => Ok((Config::load_env(var)?, format!("${var}"))),
+            (Some(path), None) => Ok((Config::load(path)?, path.display().to_string())),
+            (None, None) => Err(ConfigError::Env {
+                var: "MAYFLY_SIDECAR_CONFIG".into(),
+                reason: "set --config FILE or --config-env VAR".into(),
+            }),
+        }
+    }
 }
 
 /// Exit status for a bad configuration (EX_CONFIG-like, as `sysexits.h` EX_USAGE).
@@ -78,9 +107,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Check { config } => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
+        Cmd::Inject(cmd) => inject_cmd::run(*cmd),
+        Cmd::Check { source } => match source.load() {
+            Ok((_, name)) => {
+                println!("{name}: ok");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -88,10 +118,10 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Cmd::Run { config, log_json } => {
+        Cmd::Run { source, log_json } => {
             // Parse all configuration before binding any port.
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
+            let cfg = match source.load() {
+                Ok((c, _)) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::from(EXIT_CONFIG);

@@ -61,6 +61,8 @@ pub struct Metrics {
     registry: Registry,
     /// Connections by direction and decision.
     pub connections: Family<ConnLabels, Counter>,
+    /// HTTP requests by direction and decision.
+    pub requests: Family<ConnLabels, Counter>,
     /// TLS handshake failures by direction and reason.
     pub handshake_failures: Family<FailLabels, Counter>,
     /// Bytes from the peer side towards the app side, by direction.
@@ -77,6 +79,12 @@ pub struct Metrics {
     pub rotations: Family<ResultLabels, Counter>,
     /// Policy reloads by result.
     pub policy_reloads: Family<ResultLabels, Counter>,
+    /// Audit records written to the spool.
+    pub audit_records: Counter,
+    /// Bytes of audit records not yet acknowledged by the control plane.
+    pub audit_spool_bytes: Gauge,
+    /// Audit records dropped (drop mode, spool full).
+    pub audit_dropped: Gauge,
 }
 
 impl Default for Metrics {
@@ -91,6 +99,7 @@ impl Metrics {
         let mut r = Registry::with_prefix("mayfly_sidecar");
         let m = Self {
             connections: Family::default(),
+            requests: Family::default(),
             handshake_failures: Family::default(),
             bytes_in: Family::default(),
             bytes_out: Family::default(),
@@ -99,12 +108,20 @@ impl Metrics {
             svid_expiry: Gauge::default(),
             rotations: Family::default(),
             policy_reloads: Family::default(),
+            audit_records: Counter::default(),
+            audit_spool_bytes: Gauge::default(),
+            audit_dropped: Gauge::default(),
             registry: Registry::default(),
         };
         r.register(
             "connections",
             "Connections by direction and policy decision",
             m.connections.clone(),
+        );
+        r.register(
+            "requests",
+            "HTTP requests by direction and policy decision",
+            m.requests.clone(),
         );
         r.register(
             "handshake_failures",
@@ -142,12 +159,37 @@ impl Metrics {
             "Policy reloads by result",
             m.policy_reloads.clone(),
         );
+        r.register(
+            "audit_records",
+            "Audit records written to the spool",
+            m.audit_records.clone(),
+        );
+        r.register(
+            "audit_spool_bytes",
+            "Bytes of audit records not yet acknowledged by the control plane",
+            m.audit_spool_bytes.clone(),
+        );
+        r.register(
+            "audit_dropped",
+            "Audit records dropped because the spool was full",
+            m.audit_dropped.clone(),
+        );
         Self { registry: r, ..m }
     }
 
     /// Counts a connection decision.
     pub fn decision(&self, direction: Direction, decision: &str) {
         self.connections
+            .get_or_create(&ConnLabels {
+                direction,
+                decision: decision.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts an HTTP request decision.
+    pub fn request(&self, direction: Direction, decision: &str) {
+        self.requests
             .get_or_create(&ConnLabels {
                 direction,
                 decision: decision.to_owned(),

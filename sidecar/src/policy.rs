@@ -158,6 +158,70 @@ impl PolicyState {
     }
 }
 
+/// The HTTP part of a request decision.
+pub struct HttpFacts<'a> {
+    /// Method.
+    pub method: &'a str,
+    /// Normalised path.
+    pub path: &'a str,
+    /// Headers, names lowercase.
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
+impl PolicyState {
+    /// A per-request decision.
+    pub fn decide_http(
+        &self,
+        source: &str,
+        destination: &str,
+        port: Option<u16>,
+        source_ip: Option<IpAddr>,
+        http: &HttpFacts<'_>,
+    ) -> Verdict {
+        let guard = self.engine.load();
+        let Some(engine) = guard.as_ref() else {
+            return Verdict::NoPolicy;
+        };
+        let req = Request {
+            source,
+            destination,
+            port,
+            source_ip,
+            http: Some(mayfly_policy::HttpRequest {
+                method: http.method,
+                path: http.path,
+                headers: http.headers,
+            }),
+            now: OffsetDateTime::now_utc(),
+        };
+        Verdict::Decided(engine.decide(&req, &[]))
+    }
+
+    /// Whether some rule could allow some HTTP request from `source` to `destination`: a
+    /// connection nothing could ever allow is refused before any request is read.
+    pub fn may_allow_any(
+        &self,
+        source: &str,
+        destination: &str,
+        port: Option<u16>,
+        source_ip: Option<IpAddr>,
+    ) -> bool {
+        let guard = self.engine.load();
+        let Some(engine) = guard.as_ref() else {
+            return false;
+        };
+        let req = Request {
+            source,
+            destination,
+            port,
+            source_ip,
+            http: None,
+            now: OffsetDateTime::now_utc(),
+        };
+        engine.may_allow_any(&req, &[])
+    }
+}
+
 /// The outcome of a decision.
 #[derive(Debug, Clone)]
 pub enum Verdict {
@@ -191,6 +255,54 @@ impl Verdict {
         match self {
             Verdict::NoPolicy => "no-policy",
             Verdict::Decided(d) => &d.decision_id,
+        }
+    }
+
+    /// Adds the decision's audit fields: `decision`, `enforced`, `rule` / `grant`,
+    /// `decision_id`, `policy_version`.
+    pub fn audit_into(&self, m: &mut serde_json::Map<String, serde_json::Value>) {
+        use serde_json::Value;
+        match self {
+            Verdict::NoPolicy => {
+                m.insert("decision".into(), Value::from("deny"));
+                m.insert("enforced".into(), Value::from(true));
+                m.insert("rule".into(), Value::from("no-policy"));
+            }
+            Verdict::Decided(d) => {
+                m.insert(
+                    "decision".into(),
+                    Value::from(if d.allow { "allow" } else { "deny" }),
+                );
+                m.insert("enforced".into(), Value::from(d.enforced));
+                match &d.decided_by {
+                    mayfly_policy::DecidedBy::Rule(r) => {
+                        m.insert("rule".into(), Value::from(r.as_ref()));
+                    }
+                    mayfly_policy::DecidedBy::Grant(g) => {
+                        m.insert("grant".into(), Value::from(g.as_str()));
+                    }
+                    other => {
+                        m.insert(
+                            "rule".into(),
+                            Value::from(format!("{other:?}").to_lowercase()),
+                        );
+                    }
+                }
+                if let Some(dr) = &d.dry_run {
+                    m.insert(
+                        "dry_run".into(),
+                        serde_json::json!({
+                            "would": if dr.allow { "allow" } else { "deny" },
+                            "rule": dr.rule.to_string(),
+                        }),
+                    );
+                }
+                m.insert("decision_id".into(), Value::from(d.decision_id.as_str()));
+                m.insert(
+                    "policy_version".into(),
+                    Value::from(d.policy_version.as_ref()),
+                );
+            }
         }
     }
 

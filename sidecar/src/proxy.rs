@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::{Inbound, Limits, Outbound};
+use crate::config::{Inbound, Limits, Outbound, Protocol};
 use crate::identity::Identity;
 use crate::metrics::{DirLabels, Direction, EndLabels, Metrics};
 use crate::policy::{PolicyState, Verdict};
@@ -35,10 +35,66 @@ pub struct Shared {
     pub hard_stop: watch::Receiver<bool>,
     /// Bounds concurrent connections.
     pub slots: Arc<Semaphore>,
+    /// The audit trail.
+    pub audit: Arc<crate::audit::Auditor>,
+}
+
+/// The fields every audit record of a connection or request starts with.
+pub(crate) fn audit_base(
+    direction: Direction,
+    local: &str,
+    peer: &str,
+    peer_addr: Option<String>,
+    peer_serial: Option<&str>,
+    protocol: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    let mut m = serde_json::Map::new();
+    m.insert(
+        "direction".into(),
+        Value::from(match direction {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }),
+    );
+    m.insert("local_id".into(), Value::from(local));
+    m.insert("peer_id".into(), Value::from(peer));
+    if let Some(a) = peer_addr {
+        m.insert("peer_addr".into(), Value::from(a));
+    }
+    if let Some(s) = peer_serial {
+        m.insert("peer_serial".into(), Value::from(s));
+    }
+    m.insert("protocol".into(), Value::from(protocol));
+    m
+}
+
+/// Adds what a finished connection did.
+fn audit_close(
+    mut m: serde_json::Map<String, serde_json::Value>,
+    out: &Outcome,
+    direction: Direction,
+    started: std::time::Instant,
+) -> serde_json::Map<String, serde_json::Value> {
+    let (to_app, from_app) = match direction {
+        Direction::Inbound => (out.a_to_b, out.b_to_a),
+        Direction::Outbound => (out.b_to_a, out.a_to_b),
+    };
+    m.insert("bytes_to_app".into(), to_app.into());
+    m.insert("bytes_from_app".into(), from_app.into());
+    m.insert(
+        "duration_ms".into(),
+        (started.elapsed().as_millis() as u64).into(),
+    );
+    m.insert("end".into(), out.end.reason().into());
+    if let End::Revoked(why) = &out.end {
+        m.insert("end_detail".into(), why.clone().into());
+    }
+    m
 }
 
 /// A tokio Instant for a wall-clock time (peer SVID expiry).
-fn instant_at(t: OffsetDateTime) -> tokio::time::Instant {
+pub(crate) fn instant_at(t: OffsetDateTime) -> tokio::time::Instant {
     let left = (t - OffsetDateTime::now_utc()).as_seconds_f64().max(0.0);
     tokio::time::Instant::now() + Duration::from_secs_f64(left.min(1e9))
 }
@@ -97,10 +153,10 @@ fn record_end(m: &Metrics, direction: Direction, out: &Outcome, started: std::ti
     }
 }
 
-struct OpenGuard(Arc<Metrics>, Direction);
+pub(crate) struct OpenGuard(Arc<Metrics>, Direction);
 
 impl OpenGuard {
-    fn new(m: Arc<Metrics>, direction: Direction) -> Self {
+    pub(crate) fn new(m: Arc<Metrics>, direction: Direction) -> Self {
         m.open.get_or_create(&DirLabels { direction }).inc();
         Self(m, direction)
     }
@@ -122,10 +178,15 @@ pub async fn serve_inbound(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
+    let alpn: &[&[u8]] = match cfg.protocol {
+        Protocol::Tcp => &[],
+        Protocol::Http => &[b"h2", b"http/1.1"],
+    };
+    let app_client = crate::http::inbound::app_client(&cfg);
     let tls = match server_config(
         shared.identity.creds.clone(),
         shared.identity.bundles.clone(),
-        &[],
+        alpn,
     ) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -156,25 +217,33 @@ pub async fn serve_inbound(
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         let cfg = cfg.clone();
+        let app_client = app_client.clone();
         tokio::spawn(
             async move {
                 let _permit = permit;
-                inbound_conn(shared, cfg, acceptor, tcp, addr).await;
+                let Some((tls, peer)) = accept_peer(&shared, &acceptor, tcp).await else {
+                    return;
+                };
+                match cfg.protocol {
+                    Protocol::Tcp => inbound_conn(shared, cfg, tls, peer, addr).await,
+                    Protocol::Http => {
+                        crate::http::inbound::serve_conn(shared, cfg, app_client, tls, peer, addr)
+                            .await
+                    }
+                }
             }
             .instrument(span),
         );
     }
 }
 
-async fn inbound_conn(
-    shared: Arc<Shared>,
-    cfg: Inbound,
-    acceptor: TlsAcceptor,
+/// TLS handshake with a timeout, then the peer's identity; counts and logs failures.
+async fn accept_peer(
+    shared: &Shared,
+    acceptor: &TlsAcceptor,
     tcp: TcpStream,
-    addr: SocketAddr,
-) {
-    let started = std::time::Instant::now();
-    let m = shared.metrics.clone();
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, SvidInfo)> {
+    let m = &shared.metrics;
     let tls =
         match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(tcp)).await {
             Ok(Ok(t)) => t,
@@ -182,34 +251,61 @@ async fn inbound_conn(
                 let why = describe_tls_error(&e);
                 m.handshake_failed(Direction::Inbound, reason_of(&why));
                 info!(error = %why, "inbound TLS handshake refused");
-                return;
+                return None;
             }
             Err(_) => {
                 m.handshake_failed(Direction::Inbound, "timeout");
                 debug!("inbound TLS handshake timed out");
-                return;
+                return None;
             }
         };
     let peer: SvidInfo = match peer_identity(tls.get_ref().1.peer_certificates()) {
         Ok(p) => p,
         Err(e) => {
             m.handshake_failed(Direction::Inbound, e.reason());
-            return;
+            return None;
         }
     };
     tracing::Span::current().record("spiffe_id", tracing::field::display(&peer.id));
     if peer.not_after <= OffsetDateTime::now_utc() {
         m.handshake_failed(Direction::Inbound, "expired");
-        return;
+        return None;
     }
+    Some((tls, peer))
+}
+
+async fn inbound_conn(
+    shared: Arc<Shared>,
+    cfg: Inbound,
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SvidInfo,
+    addr: SocketAddr,
+) {
+    let started = std::time::Instant::now();
+    let m = shared.metrics.clone();
     let source = peer.id.to_string();
     let destination = shared.identity.id.to_string();
     let port = Some(cfg.app.port());
     let ip = Some(addr.ip());
+    if !shared.audit.admits() {
+        m.decision(Direction::Inbound, "audit_full");
+        warn!("audit spool full (fail-closed): refusing the connection");
+        return;
+    }
     let verdict = shared.policy.decide_l4(&source, &destination, port, ip);
     m.decision(Direction::Inbound, verdict.label());
+    let mut fields = audit_base(
+        Direction::Inbound,
+        &destination,
+        &source,
+        Some(addr.to_string()),
+        Some(&peer.serial),
+        "tcp",
+    );
+    verdict.audit_into(&mut fields);
     if !verdict.permits() {
         info!(decision = verdict.decision_id(), by = %verdict.by(), "inbound connection denied by policy");
+        shared.audit.emit("connection.denied", fields);
         return;
     }
     if let Verdict::Decided(d) = &verdict
@@ -238,6 +334,7 @@ async fn inbound_conn(
         decision = verdict.decision_id(),
         "inbound connection admitted"
     );
+    shared.audit.emit("connection.open", fields.clone());
     let stop = stop_signal(shared.clone(), source, destination, port, ip);
     let out = splice(
         tls,
@@ -248,9 +345,13 @@ async fn inbound_conn(
     )
     .await;
     record_end(&m, Direction::Inbound, &out, started);
+    shared.audit.emit(
+        "connection.close",
+        audit_close(fields, &out, Direction::Inbound, started),
+    );
 }
 
-fn reason_of(msg: &str) -> &'static str {
+pub(crate) fn reason_of(msg: &str) -> &'static str {
     let m = msg.to_ascii_lowercase();
     if m.contains("expired") {
         "expired"
@@ -338,12 +439,27 @@ async fn outbound_conn(
     let source = shared.identity.id.to_string();
     let destination = up.spiffe_id.to_string();
     // Egress policy first: nothing leaves that the policy would not let in.
+    if !shared.audit.admits() {
+        m.decision(Direction::Outbound, "audit_full");
+        warn!("audit spool full (fail-closed): refusing the connection");
+        return;
+    }
     let verdict = shared
         .policy
         .decide_l4(&source, &destination, up.port, None);
     m.decision(Direction::Outbound, verdict.label());
+    let mut fields = audit_base(
+        Direction::Outbound,
+        &source,
+        &destination,
+        None,
+        None,
+        "tcp",
+    );
+    verdict.audit_into(&mut fields);
     if !verdict.permits() {
         info!(decision = verdict.decision_id(), by = %verdict.by(), "outbound connection denied by policy");
+        shared.audit.emit("connection.denied", fields);
         return;
     }
     let tcp = match tokio::time::timeout(
@@ -391,6 +507,9 @@ async fn outbound_conn(
         }
     };
     let _open = OpenGuard::new(m.clone(), Direction::Outbound);
+    fields.insert("peer_addr".into(), up.remote.clone().into());
+    fields.insert("peer_serial".into(), server.serial.clone().into());
+    shared.audit.emit("connection.open", fields.clone());
     let stop = stop_signal(shared.clone(), source, destination, up.port, None);
     let out = splice(
         app,
@@ -401,4 +520,8 @@ async fn outbound_conn(
     )
     .await;
     record_end(&m, Direction::Outbound, &out, started);
+    shared.audit.emit(
+        "connection.close",
+        audit_close(fields, &out, Direction::Outbound, started),
+    );
 }

@@ -20,7 +20,15 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     BUILT.get_or_init(|| {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--bin", "mayfly-ca", "--bin", "mayfly-sidecar"])
+            .args([
+                "build",
+                "--bin",
+                "mayfly-ca",
+                "--bin",
+                "mayfly-sidecar",
+                "--bin",
+                "quickstart",
+            ])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .status()
             .expect("cargo build");
@@ -192,6 +200,49 @@ impl Ca {
         };
         ca.run("127.0.0.1:0");
         ca
+    }
+
+    /// `mayfly-ca init` + `mayfly-ca run` on 127.0.0.1:0 with `extra` arguments to `run`
+    /// (such as `--k8s-jwks FILE --k8s-issuer URL`).
+    pub fn start_with(tmp: &Arc<tempfile::TempDir>, extra: &[&str]) -> Self {
+        let dir = tmp.path().join("ca");
+        let out = Command::new(bin("mayfly-ca"))
+            .args(["init", "--data-dir", dir.to_str().unwrap()])
+            .args(["--trust-domain", "mayfly.local"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut cmd = Command::new(bin("mayfly-ca"));
+        cmd.args(["run", "--data-dir", dir.to_str().unwrap()])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+            .args(extra);
+        let mut p = Proc::spawn(cmd, &["mayfly-ca listening"]);
+        let addr = p.addr("mayfly-ca listening");
+        Self {
+            dir,
+            proc: Some(p),
+            addr,
+            _tmp: tmp.clone(),
+        }
+    }
+
+    /// The pin of the active root (`mayfly-ca bundle show --format pin`).
+    pub fn pin(&self) -> String {
+        let out = Command::new(bin("mayfly-ca"))
+            .args(["bundle", "show", "--format", "pin", "--data-dir"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
     /// (Re)starts `mayfly-ca run` on `listen`.
@@ -469,5 +520,66 @@ impl Spec<'_> {
         s.push('\n');
         s.push_str(self.extra);
         s
+    }
+}
+
+/// An HTTP/1.1 app on 127.0.0.1:0 that answers every request with JSON describing it:
+/// `{"method", "path", "xfcc": [...], "body_len", "name"}`. Returns its address.
+pub async fn http_app(name: &'static str) -> String {
+    use http_body_util::BodyExt;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let method = req.method().to_string();
+                        let path = req
+                            .uri()
+                            .path_and_query()
+                            .map(|p| p.to_string())
+                            .unwrap_or_default();
+                        let xfcc: Vec<String> = req
+                            .headers()
+                            .get_all("x-forwarded-client-cert")
+                            .iter()
+                            .map(|v| v.to_str().unwrap_or("?").to_owned())
+                            .collect();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes().len())
+                            .unwrap_or(0);
+                        let json = serde_json::json!({"method": method, "path": path, "xfcc": xfcc, "body_len": body, "name": name});
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(json.to_string())),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Runs curl with `args`; returns (exit ok, stdout, stderr). Panics in CI if curl is missing.
+pub fn curl(args: &[&str]) -> (bool, String, String) {
+    match std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+    {
+        Ok(o) => (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ),
+        Err(e) => panic!("curl is required for these tests: {e}"),
     }
 }

@@ -37,6 +37,8 @@ pub struct CaSettings {
     pub server_names: Vec<String>,
     /// How long a client may take for the TLS handshake, request headers and body.
     pub client_timeout: Duration,
+    /// Kubernetes service-account token attestation (`--k8s-jwks`, `--k8s-issuer`), if on.
+    pub k8s: Option<Arc<super::attest::K8sAttestor>>,
 }
 
 impl Default for CaSettings {
@@ -48,6 +50,7 @@ impl Default for CaSettings {
             admin_uids: vec![0],
             server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             client_timeout: Duration::from_secs(10),
+            k8s: None,
         }
     }
 }
@@ -59,6 +62,8 @@ pub enum Caller {
     Token(String),
     /// An mTLS peer with a verified, unexpired SVID (renewal).
     Svid(SvidInfo),
+    /// A Kubernetes projected service-account token (bootstrap by attestation).
+    K8s(String),
     /// Nobody we can authenticate.
     Anonymous,
 }
@@ -84,13 +89,19 @@ pub enum Refusal {
     /// The store failed.
     #[error("internal error: {0}")]
     Store(#[from] StoreError),
+    /// The Kubernetes service-account token is not acceptable.
+    #[error(transparent)]
+    K8s(#[from] super::attest::AttestError),
 }
 
 impl Refusal {
     /// HTTP status code.
     pub fn status(&self) -> u16 {
         match self {
-            Refusal::Unauthenticated | Refusal::Token(_) | Refusal::TokenFormat(_) => 401,
+            Refusal::Unauthenticated
+            | Refusal::Token(_)
+            | Refusal::TokenFormat(_)
+            | Refusal::K8s(_) => 401,
             Refusal::ForeignPeer(_) => 403,
             Refusal::Issue(IssueError::WrongId { .. }) => 403,
             Refusal::Issue(IssueError::CsrTooLarge(_)) => 413,
@@ -111,6 +122,7 @@ impl Refusal {
             Refusal::ForeignPeer(_) => "foreign_peer",
             Refusal::Issue(e) => e.reason(),
             Refusal::Store(_) => "internal",
+            Refusal::K8s(e) => e.reason(),
         }
     }
 }
@@ -339,11 +351,13 @@ impl Ca {
                 self.metrics.refuse(r.reason());
                 let kind = match r {
                     Refusal::Token(_) | Refusal::TokenFormat(_) => "token.refused",
+                    Refusal::K8s(_) => "attestation.refused",
                     _ => "svid.refused",
                 };
                 let who = match &caller {
                     Caller::Token(_) => "token".to_owned(),
                     Caller::Svid(info) => info.id.to_string(),
+                    Caller::K8s(_) => "k8s".to_owned(),
                     Caller::Anonymous => "anonymous".to_owned(),
                 };
                 self.event(
@@ -395,6 +409,17 @@ impl Ca {
                 let id = parse_workload_id(&rec.spiffe_id)
                     .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))?;
                 (id, format!("token:{}", rec.id), "bootstrap")
+            }
+            Caller::K8s(jwt) => {
+                let attestor = self
+                    .settings
+                    .k8s
+                    .as_ref()
+                    .ok_or(super::attest::AttestError::NotConfigured)?;
+                let td = self.bundle.load().trust_domain().clone();
+                let a = attestor.verify(jwt, &td, now.unix_timestamp())?;
+                let pod = a.pod.unwrap_or_default();
+                (a.id, format!("k8s:{pod}"), "bootstrap")
             }
         };
         let issued = {

@@ -61,13 +61,14 @@ pub async fn handle(
             json_response(StatusCode::OK, ca.jwks().as_str().to_owned())
         }
         (&Method::POST, api::SVID_PATH) => svid(ca.clone(), peer, addr, req).await,
-        (_, api::BUNDLE_PATH | api::SVID_PATH) => {
+        (&Method::POST, api::AUDIT_PATH) => audit(ca.clone(), peer, req).await,
+        (_, api::BUNDLE_PATH | api::SVID_PATH | api::AUDIT_PATH) => {
             error(405, "method_not_allowed", "method not allowed".into())
         }
         _ => error(404, "not_found", format!("no such endpoint: {path}")),
     };
     let label = match path.as_str() {
-        api::BUNDLE_PATH | api::SVID_PATH => path,
+        api::BUNDLE_PATH | api::SVID_PATH | api::AUDIT_PATH => path,
         _ => "other".to_owned(),
     };
     ca.metrics
@@ -75,6 +76,40 @@ pub async fn handle(
         .get_or_create(&PathLabel { path: label })
         .observe(start.elapsed().as_secs_f64());
     resp
+}
+
+async fn audit(
+    ca: Arc<Ca>,
+    peer: Option<SvidInfo>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let body = match tokio::time::timeout(
+        ca.settings().client_timeout,
+        Limited::new(req.into_body(), api::MAX_AUDIT_BODY).collect(),
+    )
+    .await
+    {
+        Err(_) => return error(408, "timeout", "request body too slow".into()),
+        Ok(Err(e)) => return error(413, "body_too_large", format!("audit batch refused: {e}")),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    let ca2 = ca.clone();
+    match tokio::task::spawn_blocking(move || super::audit::ingest(&ca2, peer.as_ref(), &body))
+        .await
+    {
+        Ok(Ok(acked)) => json_response(StatusCode::OK, super::audit::acked_body(acked)),
+        Ok(Err(e)) => {
+            ca.metrics.refuse(e.reason());
+            let body = serde_json::json!({
+                "error": e.to_string(), "reason": e.reason(), "expected": e.expected(),
+            });
+            json_response(
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                body.to_string(),
+            )
+        }
+        Err(e) => error(500, "internal", format!("audit task failed: {e}")),
+    }
 }
 
 async fn svid(
@@ -114,10 +149,11 @@ async fn svid(
             return error(400, "bad_csr", format!("csr is not base64: {e}"));
         }
     };
-    let caller = match (parsed.token, peer) {
-        (Some(t), _) => Caller::Token(t),
-        (None, Some(info)) => Caller::Svid(info),
-        (None, None) => Caller::Anonymous,
+    let caller = match (parsed.token, parsed.k8s_token, peer) {
+        (Some(t), _, _) => Caller::Token(t),
+        (None, Some(jwt), _) => Caller::K8s(jwt),
+        (None, None, Some(info)) => Caller::Svid(info),
+        (None, None, None) => Caller::Anonymous,
     };
     let ttl = parsed.ttl.map(Duration::from_secs);
     let peer_text = addr.to_string();

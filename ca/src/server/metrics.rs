@@ -52,6 +52,8 @@ pub struct Metrics {
     pub latency: Family<PathLabel, Histogram>,
     /// TLS handshakes that failed.
     pub handshake_failures: Counter,
+    /// Audit records received from sidecars.
+    pub audit_records: Counter,
 }
 
 impl Default for Metrics {
@@ -73,6 +75,7 @@ impl Metrics {
             ])
         });
         let handshake_failures = Counter::default();
+        let audit_records = Counter::default();
         registry.register(
             "svids_issued",
             "SVIDs issued, by how they were obtained",
@@ -98,7 +101,13 @@ impl Metrics {
             "TLS handshakes that failed",
             handshake_failures.clone(),
         );
+        registry.register(
+            "audit_records_received",
+            "Audit records received from sidecars",
+            audit_records.clone(),
+        );
         Self {
+            audit_records,
             registry,
             issued,
             refused,

@@ -1,6 +1,8 @@
 //! The control plane: `mayfly-ca run` and the offline commands that work on a data directory.
 
 pub mod admin;
+pub mod attest;
+pub mod audit;
 pub mod ca;
 pub mod datadir;
 pub mod http;
@@ -256,6 +258,9 @@ async fn maintain(ca: Arc<Ca>, mut shutdown: watch::Receiver<bool>) {
                     svid_renew_at = now + time::Duration::seconds(10);
                 }
             }
+        }
+        if let Err(e) = audit::checkpoint_own(&ca) {
+            warn!(error = %e, "cannot write the control plane's audit checkpoint");
         }
         let wake = next_rotation.min(svid_renew_at);
         let wait = (wake - OffsetDateTime::now_utc())

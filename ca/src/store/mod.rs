@@ -116,6 +116,73 @@ pub struct EventRecord {
     pub detail: String,
 }
 
+/// One stored audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Chain key `source#epoch`.
+    pub chain: String,
+    /// Seq in the chain.
+    pub seq: u64,
+    /// Hex SHA-256 of the previous record's line.
+    pub prev: String,
+    /// Hex SHA-256 of this line.
+    pub hash: String,
+    /// Writer's SPIFFE ID.
+    pub source: String,
+    /// Unix ms.
+    pub ts_ms: i64,
+    /// Record kind.
+    pub kind: String,
+    /// The record exactly as written.
+    pub line: Vec<u8>,
+}
+
+/// Why an audit batch was not stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditConflict {
+    /// The batch does not continue the stored chain.
+    #[error(
+        "chain {chain} continues at seq {expected}; the batch starts elsewhere or breaks the hash chain"
+    )]
+    Gap {
+        /// Chain.
+        chain: String,
+        /// The seq the store expects next.
+        expected: u64,
+    },
+    /// A record with a stored seq differs from the stored one.
+    #[error("chain {chain} already holds a different record seq {seq}")]
+    Diverged {
+        /// Chain.
+        chain: String,
+        /// Seq.
+        seq: u64,
+    },
+}
+
+/// Filters of `audit query`.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// From (unix ms, inclusive).
+    pub since_ms: Option<i64>,
+    /// Until (unix ms, exclusive).
+    pub until_ms: Option<i64>,
+    /// Calling side's SPIFFE ID.
+    pub source: Option<String>,
+    /// Called side's SPIFFE ID.
+    pub destination: Option<String>,
+    /// `allow` or `deny`.
+    pub decision: Option<String>,
+    /// Deciding rule.
+    pub rule: Option<String>,
+    /// Deciding grant.
+    pub grant: Option<String>,
+    /// Record kind.
+    pub kind: Option<String>,
+    /// Most rows.
+    pub limit: u32,
+}
+
 /// The control plane's persistent state.
 pub trait Store: Send + Sync {
     /// The trust domain and authority set, if initialised.
@@ -153,6 +220,33 @@ pub trait Store: Send + Sync {
     /// Appends a control-plane event; returns its sequence number.
     fn append_event(&self, at: OffsetDateTime, kind: &str, detail: &str)
     -> Result<i64, StoreError>;
-    /// Events after `after_seq`, oldest first.
+    /// The control plane's own events after `after_seq`, oldest first.
     fn events_after(&self, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>, StoreError>;
+    /// Appends a record to the control plane's own chain, built by `make(seq, prev)`
+    /// (signed checkpoints need both before they exist).
+    fn append_own(
+        &self,
+        at: OffsetDateTime,
+        kind: &str,
+        make: &dyn Fn(u64, &str) -> serde_json::Map<String, serde_json::Value>,
+    ) -> Result<i64, StoreError>;
+    /// The control plane's own chain key, once it has one.
+    fn own_chain(&self) -> Result<Option<String>, StoreError>;
+
+    /// Stores records that continue `chain` (all rows belong to it, in seq order). Records
+    /// already stored are skipped when identical (a redelivery), so delivery is exactly once.
+    /// Returns the chain's last stored seq.
+    fn audit_append(
+        &self,
+        chain: &str,
+        rows: &[AuditRow],
+    ) -> Result<Result<u64, AuditConflict>, StoreError>;
+    /// Every chain key.
+    fn audit_chains(&self) -> Result<Vec<String>, StoreError>;
+    /// A chain's lines in seq order.
+    fn audit_lines(&self, chain: &str) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// Records stored after row `after_id` (insertion order), with their row ids.
+    fn audit_after(&self, after_id: i64, limit: u32) -> Result<Vec<(i64, Vec<u8>)>, StoreError>;
+    /// Records matching a filter, oldest first.
+    fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<Vec<u8>>, StoreError>;
 }

@@ -7,7 +7,11 @@ use rusqlite::{Connection, OptionalExtension, params};
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
-use super::{EventRecord, IssuedRecord, Store, StoreError, TokenRecord, TokenRefusal};
+use super::{
+    AuditConflict, AuditFilter, AuditRow, EventRecord, IssuedRecord, Store, StoreError,
+    TokenRecord, TokenRefusal,
+};
+use crate::audit::Record;
 use crate::authority::{Authorities, Authority, AuthorityConfig, Role, State};
 use crate::id::{TrustDomain, parse_trust_domain};
 use crate::keys::SecretKey;
@@ -31,6 +35,14 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE events (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, kind TEXT NOT NULL,
         detail TEXT NOT NULL);",
+    // 2: the tamper-evident audit trail: every writer's hash chain, the control plane's own
+    // events included (they replace the plain events table).
+    "CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, chain TEXT NOT NULL, seq INTEGER NOT NULL,
+        prev TEXT NOT NULL, hash TEXT NOT NULL, source TEXT NOT NULL, ts_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL, line TEXT NOT NULL, UNIQUE (chain, seq));
+     CREATE INDEX audit_by_time ON audit (ts_ms);
+     DROP TABLE events;",
 ];
 
 /// The SQLite store: one connection behind a mutex (operations are short).
@@ -462,31 +474,38 @@ impl Store for SqliteStore {
         kind: &str,
         detail: &str,
     ) -> Result<i64, StoreError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)",
-                params![ts(at), kind, detail],
-            )
-            .map_err(db)?;
-            Ok(c.last_insert_rowid())
-        })
+        let fields = match serde_json::from_str::<serde_json::Value>(detail) {
+            Ok(serde_json::Value::Object(m)) => m,
+            Ok(other) => {
+                let mut m = serde_json::Map::new();
+                m.insert("detail".into(), other);
+                m
+            }
+            Err(_) => {
+                let mut m = serde_json::Map::new();
+                m.insert(
+                    "detail".into(),
+                    serde_json::Value::String(detail.to_owned()),
+                );
+                m
+            }
+        };
+        self.append_own(at, kind, &|_, _| fields.clone())
     }
 
     fn events_after(&self, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>, StoreError> {
+        let Some(chain) = self.own_chain()? else {
+            return Ok(Vec::new());
+        };
         let rows = self.with(|c| {
             let mut st = c
                 .prepare(
-                    "SELECT seq, at, kind, detail FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                    "SELECT line FROM audit WHERE chain = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
                 )
                 .map_err(db)?;
             let rows = st
-                .query_map(params![after_seq, limit], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                    ))
+                .query_map(params![chain, after_seq, limit], |r| {
+                    r.get::<_, String>(0).map(String::into_bytes)
                 })
                 .map_err(db)?
                 .collect::<Result<Vec<_>, _>>()
@@ -494,15 +513,246 @@ impl Store for SqliteStore {
             Ok(rows)
         })?;
         rows.into_iter()
-            .map(|(seq, at, kind, detail)| {
+            .map(|line| {
+                let r: Record = serde_json::from_slice(&line)
+                    .map_err(|e| StoreError::Corrupt(format!("audit record: {e}")))?;
                 Ok(EventRecord {
-                    seq,
-                    at: from_ts(at)?,
-                    kind,
-                    detail,
+                    seq: r.seq as i64,
+                    at: OffsetDateTime::from_unix_timestamp(r.ts_ms / 1000)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    kind: r.kind,
+                    detail: serde_json::Value::Object(r.fields).to_string(),
                 })
             })
             .collect()
+    }
+
+    fn own_chain(&self) -> Result<Option<String>, StoreError> {
+        let (Some(td), Some(epoch)) = (self.setting("trust_domain")?, self.setting("audit_epoch")?)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(format!(
+            "spiffe://{td}{}#{epoch}",
+            crate::api::CA_ID_PATH
+        )))
+    }
+
+    fn append_own(
+        &self,
+        at: OffsetDateTime,
+        kind: &str,
+        make: &dyn Fn(u64, &str) -> serde_json::Map<String, serde_json::Value>,
+    ) -> Result<i64, StoreError> {
+        let td = self
+            .setting("trust_domain")?
+            .ok_or(StoreError::NotInitialised)?;
+        let epoch = match self.setting("audit_epoch")? {
+            Some(e) => e,
+            None => {
+                let mut b = [0u8; 8];
+                crate::keys::fill_random(&mut b);
+                let e = hex::encode(b);
+                self.set_setting("audit_epoch", &e)?;
+                e
+            }
+        };
+        let source = format!("spiffe://{td}{}", crate::api::CA_ID_PATH);
+        let chain = format!("{source}#{epoch}");
+        self.with(|c| {
+            let tx = c.transaction().map_err(db)?;
+            let head: Option<(i64, String)> = tx
+                .query_row(
+                    "SELECT seq, hash FROM audit WHERE chain = ?1 ORDER BY seq DESC LIMIT 1",
+                    [&chain],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(db)?;
+            let (seq, prev) = match head {
+                Some((s, h)) => (s as u64 + 1, h),
+                None => (1, crate::audit::GENESIS.to_owned()),
+            };
+            let rec = Record {
+                v: crate::audit::VERSION,
+                source: source.clone(),
+                epoch: epoch.clone(),
+                seq,
+                prev: prev.clone(),
+                ts_ms: (at.unix_timestamp_nanos() / 1_000_000) as i64,
+                kind: kind.to_owned(),
+                fields: make(seq, &prev),
+            };
+            let line = rec.line();
+            let hash = crate::audit::line_hash(&line);
+            tx.execute(
+                "INSERT INTO audit (chain, seq, prev, hash, source, ts_ms, kind, line)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    chain,
+                    seq as i64,
+                    prev,
+                    hash,
+                    source,
+                    rec.ts_ms,
+                    kind,
+                    String::from_utf8_lossy(&line)
+                ],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(seq as i64)
+        })
+    }
+
+    fn audit_append(
+        &self,
+        chain: &str,
+        rows: &[AuditRow],
+    ) -> Result<Result<u64, AuditConflict>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(db)?;
+            let head: Option<(i64, String)> = tx
+                .query_row(
+                    "SELECT seq, hash FROM audit WHERE chain = ?1 ORDER BY seq DESC LIMIT 1",
+                    [chain],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(db)?;
+            let (mut last, mut last_hash) = match head {
+                Some((s, h)) => (s as u64, h),
+                None => (0, crate::audit::GENESIS.to_owned()),
+            };
+            for r in rows {
+                if r.seq <= last {
+                    // A redelivery: it must be the very record stored.
+                    let stored: Option<String> = tx
+                        .query_row(
+                            "SELECT hash FROM audit WHERE chain = ?1 AND seq = ?2",
+                            params![chain, r.seq as i64],
+                            |x| x.get(0),
+                        )
+                        .optional()
+                        .map_err(db)?;
+                    if stored.as_deref() != Some(r.hash.as_str()) {
+                        return Ok(Err(AuditConflict::Diverged {
+                            chain: chain.to_owned(),
+                            seq: r.seq,
+                        }));
+                    }
+                    continue;
+                }
+                if r.seq != last + 1 || r.prev != last_hash {
+                    return Ok(Err(AuditConflict::Gap {
+                        chain: chain.to_owned(),
+                        expected: last + 1,
+                    }));
+                }
+                tx.execute(
+                    "INSERT INTO audit (chain, seq, prev, hash, source, ts_ms, kind, line)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        chain,
+                        r.seq as i64,
+                        r.prev,
+                        r.hash,
+                        r.source,
+                        r.ts_ms,
+                        r.kind,
+                        String::from_utf8_lossy(&r.line)
+                    ],
+                )
+                .map_err(db)?;
+                last = r.seq;
+                last_hash = r.hash.clone();
+            }
+            tx.commit().map_err(db)?;
+            Ok(Ok(last))
+        })
+    }
+
+    fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare("SELECT DISTINCT chain FROM audit ORDER BY chain")
+                .map_err(db)?;
+            let rows = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+    }
+
+    fn audit_lines(&self, chain: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare("SELECT line FROM audit WHERE chain = ?1 ORDER BY seq")
+                .map_err(db)?;
+            let rows = st
+                .query_map([chain], |r| r.get::<_, String>(0).map(String::into_bytes))
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+    }
+
+    fn audit_after(&self, after_id: i64, limit: u32) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare("SELECT id, line FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2")
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![after_id, limit], |r| {
+                    Ok((r.get(0)?, r.get::<_, String>(1)?.into_bytes()))
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+    }
+
+    fn audit_query(&self, f: &AuditFilter) -> Result<Vec<Vec<u8>>, StoreError> {
+        // Inbound records name the caller in peer_id, outbound ones in local_id.
+        let sql = "SELECT line FROM audit WHERE
+            (?1 IS NULL OR ts_ms >= ?1) AND (?2 IS NULL OR ts_ms < ?2)
+            AND (?3 IS NULL OR CASE json_extract(line, '$.direction')
+                    WHEN 'inbound' THEN json_extract(line, '$.peer_id')
+                    ELSE json_extract(line, '$.local_id') END = ?3)
+            AND (?4 IS NULL OR CASE json_extract(line, '$.direction')
+                    WHEN 'inbound' THEN json_extract(line, '$.local_id')
+                    ELSE json_extract(line, '$.peer_id') END = ?4)
+            AND (?5 IS NULL OR json_extract(line, '$.decision') = ?5)
+            AND (?6 IS NULL OR json_extract(line, '$.rule') = ?6)
+            AND (?7 IS NULL OR json_extract(line, '$.grant') = ?7)
+            AND (?8 IS NULL OR kind = ?8)
+            ORDER BY ts_ms, id LIMIT ?9";
+        self.with(|c| {
+            let mut st = c.prepare(sql).map_err(db)?;
+            let rows = st
+                .query_map(
+                    params![
+                        f.since_ms,
+                        f.until_ms,
+                        f.source,
+                        f.destination,
+                        f.decision,
+                        f.rule,
+                        f.grant,
+                        f.kind,
+                        f.limit
+                    ],
+                    |r| r.get::<_, String>(0).map(String::into_bytes),
+                )
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
     }
 }
 
@@ -600,6 +850,7 @@ mod tests {
     #[test]
     fn events_are_sequenced() {
         let s = SqliteStore::in_memory().unwrap();
+        s.set_setting("trust_domain", "mayfly.local").unwrap();
         let now = OffsetDateTime::now_utc();
         let a = s.append_event(now, "x", "{}").unwrap();
         let b = s.append_event(now, "y", "{}").unwrap();

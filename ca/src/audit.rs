@@ -1,0 +1,390 @@
+//! Tamper-evident audit records: the format every writer (sidecars, the control plane) uses,
+//! the hash chain, and signed checkpoints. Pure functions; no I/O.
+//!
+//! A record is one JSON line. Its hash is the SHA-256 of exactly those bytes; the next record
+//! of the same chain carries it in `prev`. A chain is one writer's history (`source`, the
+//! writer's SPIFFE ID, plus `epoch`, which changes when a writer loses its local state).
+//! Periodic `checkpoint` records are signed with the writer's SVID key, so a rewritten tail
+//! (edit a record, recompute every later hash) is caught too.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::bundle::BundleSet;
+use crate::keys::sha256;
+use crate::verify::{Usage, algorithms, verify_chain};
+
+/// The `prev` of the first record of a chain.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// Record format version.
+pub const VERSION: u8 = 1;
+/// Signature algorithm of checkpoints.
+pub const CHECKPOINT_ALG: &str = "ecdsa-p256-sha256";
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Format version.
+    pub v: u8,
+    /// The writer's SPIFFE ID.
+    pub source: String,
+    /// The writer's chain epoch (random, fixed for the life of its local state).
+    pub epoch: String,
+    /// Position in the chain, from 1, no gaps.
+    pub seq: u64,
+    /// Hex SHA-256 of the previous record's line ([`GENESIS`] for seq 1).
+    pub prev: String,
+    /// Unix time in milliseconds.
+    pub ts_ms: i64,
+    /// What happened: `connection.open`, `connection.close`, `connection.denied`,
+    /// `http.request`, `checkpoint`, `gap`, or a control-plane event such as `svid.issued`.
+    pub kind: String,
+    /// The event's fields.
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+impl Record {
+    /// The canonical line (no trailing newline).
+    pub fn line(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The chain key `source#epoch`.
+    pub fn chain(&self) -> String {
+        format!("{}#{}", self.source, self.epoch)
+    }
+}
+
+/// Hex SHA-256 of a record line.
+pub fn line_hash(line: &[u8]) -> String {
+    hex::encode(sha256(line))
+}
+
+/// The bytes a checkpoint signs.
+pub fn checkpoint_message(source: &str, epoch: &str, seq: u64, prev: &str) -> Vec<u8> {
+    format!("mayfly-audit-checkpoint/v1\n{source}\n{epoch}\n{seq}\n{prev}").into_bytes()
+}
+
+/// Builds the fields of a checkpoint: signature over [`checkpoint_message`] and the signer's
+/// certificate chain.
+pub fn checkpoint_fields(signature: &[u8], chain: &[CertificateDer<'_>]) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("alg".into(), Value::String(CHECKPOINT_ALG.into()));
+    m.insert("sig".into(), Value::String(STANDARD.encode(signature)));
+    m.insert(
+        "cert".into(),
+        Value::Array(
+            chain
+                .iter()
+                .map(|c| Value::String(STANDARD.encode(c)))
+                .collect(),
+        ),
+    );
+    m
+}
+
+/// Signs a checkpoint message with an SVID's key (ECDSA P-256, the mayfly default).
+pub fn sign_with(certified: &rustls::sign::CertifiedKey, msg: &[u8]) -> Option<Vec<u8>> {
+    let signer = certified
+        .key
+        .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])?;
+    signer.sign(msg).ok()
+}
+
+/// Why a chain does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChainError {
+    /// A stored line does not parse as a record.
+    #[error("record {position} of {chain} does not parse: {reason}")]
+    Malformed {
+        /// Chain.
+        chain: String,
+        /// 1-based position in the stored chain.
+        position: usize,
+        /// Why.
+        reason: String,
+    },
+    /// A sequence number is missing (a record was deleted) or out of order.
+    #[error(
+        "{chain}: expected record seq {expected}, found seq {found} (a record is missing or out of order)"
+    )]
+    Gap {
+        /// Chain.
+        chain: String,
+        /// Expected seq.
+        expected: u64,
+        /// Found seq.
+        found: u64,
+    },
+    /// A record's `prev` does not match the previous record's hash (the previous record was
+    /// edited, or records were reordered).
+    #[error(
+        "{chain}: record seq {seq} does not follow record seq {prev_seq}: record {prev_seq} was altered or records were reordered"
+    )]
+    Broken {
+        /// Chain.
+        chain: String,
+        /// The record whose `prev` mismatches.
+        seq: u64,
+        /// The record before it.
+        prev_seq: u64,
+    },
+    /// A checkpoint's signature or certificate does not verify.
+    #[error("{chain}: checkpoint seq {seq} is not validly signed: {reason}")]
+    BadCheckpoint {
+        /// Chain.
+        chain: String,
+        /// Checkpoint seq.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ChainError {
+    /// The seq of the first record found broken, when known.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            ChainError::Malformed { .. } => None,
+            ChainError::Gap { expected, .. } => Some(*expected),
+            ChainError::Broken { prev_seq, .. } => Some(*prev_seq),
+            ChainError::BadCheckpoint { seq, .. } => Some(*seq),
+        }
+    }
+}
+
+/// What a successful verification saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChainSummary {
+    /// Records checked.
+    pub records: u64,
+    /// Checkpoints whose signatures verified.
+    pub checkpoints: u64,
+    /// Last seq.
+    pub last_seq: u64,
+}
+
+fn verify_checkpoint(r: &Record, bundles: Option<&BundleSet>) -> Result<(), String> {
+    let sig = r
+        .fields
+        .get("sig")
+        .and_then(Value::as_str)
+        .and_then(|s| STANDARD.decode(s).ok())
+        .ok_or("missing or undecodable signature")?;
+    let certs: Vec<CertificateDer<'static>> = r
+        .fields
+        .get("cert")
+        .and_then(Value::as_array)
+        .ok_or("missing certificate chain")?
+        .iter()
+        .map(|c| {
+            c.as_str()
+                .and_then(|s| STANDARD.decode(s).ok())
+                .map(CertificateDer::from)
+        })
+        .collect::<Option<_>>()
+        .ok_or("undecodable certificate")?;
+    let leaf = certs.first().ok_or("empty certificate chain")?;
+    let info = crate::svid::check_leaf(leaf).map_err(|e| e.to_string())?;
+    if info.id.to_string() != r.source {
+        return Err(format!(
+            "signed by {}, not by the chain's writer {}",
+            info.id, r.source
+        ));
+    }
+    if let Some(b) = bundles {
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_millis(
+            u64::try_from(r.ts_ms).unwrap_or(0),
+        ));
+        verify_chain(&certs, b, at, Usage::Client, &algorithms()).map_err(|e| e.to_string())?;
+    }
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("{e:?}"))?;
+    let msg = checkpoint_message(&r.source, &r.epoch, r.seq, &r.prev);
+    ee.verify_signature(webpki::aws_lc_rs::ECDSA_P256_SHA256, &msg, &sig)
+        .map_err(|e| format!("signature does not verify ({e:?})"))
+}
+
+/// Verifies one chain given its stored lines in seq order: contiguous seqs from the first
+/// stored record, each `prev` equal to the hash of the line before, every checkpoint signed by
+/// the writer's SVID (chained to `bundles` at the checkpoint's time, when given).
+pub fn verify_lines<'a>(
+    chain: &str,
+    lines: impl IntoIterator<Item = &'a [u8]>,
+    bundles: Option<&BundleSet>,
+) -> Result<ChainSummary, ChainError> {
+    let mut s = ChainSummary::default();
+    let mut prev: Option<(u64, String)> = None;
+    for (i, line) in lines.into_iter().enumerate() {
+        let r: Record = serde_json::from_slice(line).map_err(|e| ChainError::Malformed {
+            chain: chain.to_owned(),
+            position: i + 1,
+            reason: e.to_string(),
+        })?;
+        match &prev {
+            None => {
+                if r.seq == 1 && r.prev != GENESIS {
+                    return Err(ChainError::Broken {
+                        chain: chain.to_owned(),
+                        seq: 1,
+                        prev_seq: 0,
+                    });
+                }
+            }
+            Some((pseq, phash)) => {
+                if r.seq != pseq + 1 {
+                    return Err(ChainError::Gap {
+                        chain: chain.to_owned(),
+                        expected: pseq + 1,
+                        found: r.seq,
+                    });
+                }
+                if &r.prev != phash {
+                    return Err(ChainError::Broken {
+                        chain: chain.to_owned(),
+                        seq: r.seq,
+                        prev_seq: *pseq,
+                    });
+                }
+            }
+        }
+        if r.kind == "checkpoint" {
+            verify_checkpoint(&r, bundles).map_err(|reason| ChainError::BadCheckpoint {
+                chain: chain.to_owned(),
+                seq: r.seq,
+                reason,
+            })?;
+            s.checkpoints += 1;
+        }
+        s.records += 1;
+        s.last_seq = r.seq;
+        prev = Some((r.seq, line_hash(line)));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: u64) -> Vec<Vec<u8>> {
+        let mut prev = GENESIS.to_owned();
+        let mut out = Vec::new();
+        for seq in 1..=n {
+            let mut fields = Map::new();
+            fields.insert("decision".into(), Value::String("allow".into()));
+            let r = Record {
+                v: VERSION,
+                source: "spiffe://t/a".into(),
+                epoch: "e1".into(),
+                seq,
+                prev: prev.clone(),
+                ts_ms: 1_700_000_000_000 + seq as i64,
+                kind: "connection.open".into(),
+                fields,
+            };
+            let line = r.line();
+            prev = line_hash(&line);
+            out.push(line);
+        }
+        out
+    }
+
+    fn check(lines: &[Vec<u8>]) -> Result<ChainSummary, ChainError> {
+        verify_lines("c", lines.iter().map(Vec::as_slice), None)
+    }
+
+    #[test]
+    fn an_intact_chain_verifies() {
+        assert_eq!(check(&chain(5)).unwrap().records, 5);
+    }
+
+    #[test]
+    fn an_edited_record_is_named() {
+        let mut c = chain(5);
+        c[2] = String::from_utf8(c[2].clone())
+            .unwrap()
+            .replace("allow", "deny")
+            .into_bytes();
+        let e = check(&c).unwrap_err();
+        assert_eq!(e.seq(), Some(3), "{e}");
+    }
+
+    #[test]
+    fn a_deleted_record_is_named() {
+        let mut c = chain(5);
+        c.remove(1);
+        let e = check(&c).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ChainError::Gap {
+                    expected: 2,
+                    found: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reordered_records_are_caught() {
+        let mut c = chain(5);
+        c.swap(1, 2);
+        assert!(check(&c).is_err());
+    }
+
+    #[test]
+    fn a_checkpoint_signed_by_the_writers_svid_verifies_against_the_bundle() {
+        let ca = crate::testing::TestCa::new("t");
+        let creds = ca.credentials("spiffe://t/a");
+        let svid = creds.get().unwrap();
+        let mut c = chain(2);
+        let last: Record = serde_json::from_slice(&c[1]).unwrap();
+        let prev = line_hash(&c[1]);
+        let msg = checkpoint_message("spiffe://t/a", "e1", 3, &prev);
+        let sig = sign_with(&svid.certified, &msg).unwrap();
+        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        let cp = Record {
+            seq: 3,
+            prev,
+            ts_ms: now_ms,
+            kind: "checkpoint".into(),
+            fields: checkpoint_fields(&sig, &svid.certified.cert),
+            ..last
+        };
+        c.push(cp.line());
+        let set = BundleSet::single(ca.bundle());
+        let s = verify_lines("c", c.iter().map(Vec::as_slice), Some(&set)).unwrap();
+        assert_eq!(s.checkpoints, 1);
+        // Another CA's bundle does not vouch for that key.
+        let other = BundleSet::single(crate::testing::TestCa::new("t").bundle());
+        assert!(verify_lines("c", c.iter().map(Vec::as_slice), Some(&other)).is_err());
+    }
+
+    #[test]
+    fn a_forged_checkpoint_is_caught() {
+        let mut c = chain(2);
+        let last: Record = serde_json::from_slice(&c[1]).unwrap();
+        let mut fields = Map::new();
+        fields.insert("sig".into(), Value::String(STANDARD.encode([1u8; 64])));
+        fields.insert("cert".into(), Value::Array(vec![]));
+        let cp = Record {
+            seq: 3,
+            prev: line_hash(&c[1]),
+            kind: "checkpoint".into(),
+            fields,
+            ..last
+        };
+        c.push(cp.line());
+        assert!(matches!(
+            check(&c).unwrap_err(),
+            ChainError::BadCheckpoint { seq: 3, .. }
+        ));
+    }
+}

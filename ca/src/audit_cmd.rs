@@ -1,0 +1,178 @@
+//! `mayfly-ca audit tail|query|verify`: read the audit trail in a data directory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use mayfly_ca::duration::parse_duration;
+use mayfly_ca::server;
+use mayfly_ca::server::audit::{render, verify_all};
+use mayfly_ca::store::{AuditFilter, Store};
+
+/// Audit subcommands.
+#[derive(Subcommand)]
+pub(crate) enum AuditCmd {
+    /// The latest records; with --follow, keep printing new ones.
+    Tail {
+        /// The control plane's data directory.
+        #[arg(long, env = "MAYFLY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// How many records to show first.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u32,
+        /// Keep printing records as they arrive.
+        #[arg(long)]
+        follow: bool,
+        /// Print raw JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Records matching filters, oldest first.
+    Query {
+        /// The control plane's data directory.
+        #[arg(long, env = "MAYFLY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// From: RFC 3339 time, or a duration ago such as 15m.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until: RFC 3339 time, or a duration ago.
+        #[arg(long)]
+        until: Option<String>,
+        /// The calling side's SPIFFE ID.
+        #[arg(long)]
+        source: Option<String>,
+        /// The called side's SPIFFE ID.
+        #[arg(long)]
+        destination: Option<String>,
+        /// allow or deny.
+        #[arg(long)]
+        decision: Option<String>,
+        /// The deciding rule.
+        #[arg(long)]
+        rule: Option<String>,
+        /// The deciding grant.
+        #[arg(long)]
+        grant: Option<String>,
+        /// Record kind (http.request, connection.open, svid.issued, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Most records.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// Print raw JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every chain: complete, unbroken, correctly signed. Names the first broken record.
+    Verify {
+        /// The control plane's data directory.
+        #[arg(long, env = "MAYFLY_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+fn time_arg(s: &str) -> Result<i64> {
+    if let Ok(d) = parse_duration(s) {
+        let t = time::OffsetDateTime::now_utc() - time::Duration::seconds(d.as_secs() as i64);
+        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    }
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("{s:?} is neither an RFC 3339 time nor a duration"))?;
+    Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+fn show(line: &[u8], json: bool) {
+    if json {
+        println!("{}", String::from_utf8_lossy(line));
+    } else {
+        println!("{}", render(line));
+    }
+}
+
+pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
+    match cmd {
+        AuditCmd::Tail {
+            data_dir,
+            lines,
+            follow,
+            json,
+        } => {
+            let (_, store, _) = server::open(&data_dir)?;
+            let all = store.audit_after(0, u32::MAX)?;
+            let skip = all.len().saturating_sub(lines as usize);
+            let mut last = 0;
+            for (id, line) in all.into_iter().skip(skip) {
+                show(&line, json);
+                last = id;
+            }
+            if !follow {
+                return Ok(());
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                for (id, line) in store.audit_after(last, 1000)? {
+                    show(&line, json);
+                    last = id;
+                }
+            }
+        }
+        AuditCmd::Query {
+            data_dir,
+            since,
+            until,
+            source,
+            destination,
+            decision,
+            rule,
+            grant,
+            kind,
+            limit,
+            json,
+        } => {
+            let (_, store, _) = server::open(&data_dir)?;
+            let filter = AuditFilter {
+                since_ms: since.as_deref().map(time_arg).transpose()?,
+                until_ms: until.as_deref().map(time_arg).transpose()?,
+                source,
+                destination,
+                decision,
+                rule,
+                grant,
+                kind,
+                limit,
+            };
+            for line in store.audit_query(&filter)? {
+                show(&line, json);
+            }
+            Ok(())
+        }
+        AuditCmd::Verify { data_dir } => {
+            let (_, store, authorities) = server::open(&data_dir)?;
+            let bundle = server::bundle_of(&authorities)?;
+            let set = mayfly_ca::bundle::BundleSet::single(bundle);
+            let reports = verify_all(store.as_ref() as &dyn Store, &set)?;
+            let mut broken = 0;
+            for r in &reports {
+                match &r.result {
+                    Ok(s) => println!(
+                        "ok      {} ({} records, {} signed checkpoints, last seq {})",
+                        r.chain, s.records, s.checkpoints, s.last_seq
+                    ),
+                    Err(e) => {
+                        broken += 1;
+                        println!("BROKEN  {e}");
+                    }
+                }
+            }
+            if broken > 0 {
+                bail!(
+                    "{broken} of {} audit chains failed verification",
+                    reports.len()
+                );
+            }
+            println!("all {} audit chains verified", reports.len());
+            Ok(())
+        }
+    }
+}

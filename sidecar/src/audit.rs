@@ -1,0 +1,687 @@
+//! The sidecar's audit trail: every decision becomes a hash-chained record, written to a local
+//! append-only spool, streamed to the control plane over mTLS, and trimmed only once the
+//! control plane has acknowledged it.
+//!
+//! Durability: records are appended as they come and the spool is `fsync`ed at least every
+//! [`SYNC_EVERY`] (and before any record is shipped), so a crash loses at most that window of
+//! records that no one has acknowledged yet. When the spool is full the configured behaviour
+//! applies: `fail-closed` refuses new connections and requests (nothing unaudited happens) or
+//! `drop` counts what it drops and writes a `gap` record when space returns.
+
+use std::collections::VecDeque;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use mayfly_ca::audit::{
+    GENESIS, Record, VERSION, checkpoint_fields, checkpoint_message, line_hash, sign_with,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::identity::Identity;
+
+/// How often the spool is synced to disk.
+pub const SYNC_EVERY: Duration = Duration::from_millis(200);
+/// A checkpoint is written after this many records...
+pub const CHECKPOINT_RECORDS: u64 = 256;
+/// ...or this long after the first unsigned record.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// Most records shipped in one request.
+pub const SHIP_BATCH: usize = 2000;
+
+/// What to do when the spool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// Refuse new connections and requests until the spool drains.
+    FailClosed,
+    /// Drop records, count them, and write a `gap` record when space returns.
+    Drop,
+}
+
+/// A copy of every record for people who ship logs with their own tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    /// None.
+    None,
+    /// JSON lines on standard output.
+    Stdout,
+    /// JSON lines appended to a file.
+    File(PathBuf),
+}
+
+/// Audit settings.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Spool directory (0700).
+    pub spool_dir: PathBuf,
+    /// Spool size limit in bytes.
+    pub max_spool_bytes: u64,
+    /// Behaviour when full.
+    pub when_full: WhenFull,
+    /// Extra JSON-lines sink.
+    pub sink: Sink,
+    /// Stream records to the control plane.
+    pub ship: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    epoch: String,
+    next_seq: u64,
+    last_hash: String,
+    acked_seq: u64,
+}
+
+/// One event, before it is numbered.
+#[derive(Debug)]
+pub struct Event {
+    /// Kind.
+    pub kind: &'static str,
+    /// When (unix ms).
+    pub ts_ms: i64,
+    /// Fields.
+    pub fields: Map<String, Value>,
+}
+
+/// The handle the data path uses.
+pub struct Auditor {
+    tx: mpsc::Sender<Event>,
+    full: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+    when_full: WhenFull,
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+impl Auditor {
+    /// Whether new traffic may be admitted (false only when fail-closed and full).
+    pub fn admits(&self) -> bool {
+        !(self.when_full == WhenFull::FailClosed && self.full.load(Ordering::Relaxed))
+    }
+
+    /// Records an event. Never blocks the data path.
+    pub fn emit(&self, kind: &'static str, fields: Map<String, Value>) {
+        let ev = Event {
+            kind,
+            ts_ms: now_ms(),
+            fields,
+        };
+        if self.tx.try_send(ev).is_err() {
+            // The writer is behind: same as a full spool.
+            self.full.store(true, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records dropped so far (drop mode, or a writer that fell behind).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Why the spool could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// Filesystem error.
+    #[error("audit spool {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    /// The state file is corrupt.
+    #[error("audit spool state {0} is corrupt: {1}")]
+    Corrupt(PathBuf, String),
+}
+
+struct Spool {
+    dir: PathBuf,
+    file: std::fs::File,
+    state: State,
+    /// (seq, start, end) byte ranges of the unacknowledged lines in the file, in order.
+    index: VecDeque<(u64, u64, u64)>,
+    /// Everything before this offset is acknowledged (trimmed lazily).
+    acked_end: u64,
+    len: u64,
+    dirty: bool,
+}
+
+fn io(p: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |e| SpoolError::Io(p.to_path_buf(), e)
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn open_append(p: &Path) -> Result<std::fs::File, SpoolError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(io(p))
+}
+
+impl Spool {
+    fn path(&self) -> PathBuf {
+        self.dir.join("spool.jsonl")
+    }
+
+    fn open(dir: &Path) -> Result<Self, SpoolError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(dir))?;
+        }
+        let state_path = dir.join("state.json");
+        let mut state = match std::fs::read(&state_path) {
+            Ok(b) => serde_json::from_slice::<State>(&b)
+                .map_err(|e| SpoolError::Corrupt(state_path.clone(), e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut b = [0u8; 8];
+                mayfly_ca::keys::fill_random(&mut b);
+                State {
+                    epoch: hex::encode(b),
+                    next_seq: 1,
+                    last_hash: GENESIS.into(),
+                    acked_seq: 0,
+                }
+            }
+            Err(e) => return Err(SpoolError::Io(state_path, e)),
+        };
+        let path = dir.join("spool.jsonl");
+        let mut file = open_append(&path)?;
+        // The file is the truth for what was written after the last state save (a crash
+        // between the two is repaired here); a torn last line is cut off.
+        let mut all = Vec::new();
+        file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
+        file.read_to_end(&mut all).map_err(io(&path))?;
+        let mut index = VecDeque::new();
+        let (mut off, mut acked_end, mut good) = (0u64, 0u64, 0u64);
+        for line in all.split_inclusive(|b| *b == b'\n') {
+            let start = off;
+            off += line.len() as u64;
+            let Some(body) = line.strip_suffix(b"\n") else {
+                break;
+            };
+            let Ok(r) = serde_json::from_slice::<Record>(body) else {
+                break;
+            };
+            if r.seq > state.acked_seq {
+                index.push_back((r.seq, start, off));
+            } else {
+                acked_end = off;
+            }
+            if r.seq >= state.next_seq {
+                state.next_seq = r.seq + 1;
+                state.last_hash = line_hash(body);
+            }
+            good = off;
+        }
+        if good < all.len() as u64 {
+            warn!(path = %path.display(), "audit spool ended with a torn record; truncating it");
+            file.set_len(good).map_err(io(&path))?;
+        }
+        let mut s = Self {
+            dir: dir.to_path_buf(),
+            file,
+            state,
+            index,
+            acked_end,
+            len: good,
+            dirty: false,
+        };
+        s.save_state()?;
+        Ok(s)
+    }
+
+    fn save_state(&mut self) -> Result<(), SpoolError> {
+        let p = self.dir.join("state.json");
+        let data = serde_json::to_vec(&self.state).unwrap_or_default();
+        write_atomic(&p, &data).map_err(io(&p))
+    }
+
+    fn append(&mut self, r: &Record) -> Result<Vec<u8>, SpoolError> {
+        let line = r.line();
+        let mut buf = line.clone();
+        buf.push(b'\n');
+        let p = self.path();
+        self.file.write_all(&buf).map_err(io(&p))?;
+        let start = self.len;
+        self.len += buf.len() as u64;
+        self.index.push_back((r.seq, start, self.len));
+        self.state.next_seq = r.seq + 1;
+        self.state.last_hash = line_hash(&line);
+        self.dirty = true;
+        Ok(line)
+    }
+
+    fn sync(&mut self) -> Result<(), SpoolError> {
+        if self.dirty {
+            let p = self.path();
+            self.file.sync_data().map_err(io(&p))?;
+            self.save_state()?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Bytes of records not yet acknowledged.
+    fn unacked_bytes(&self) -> u64 {
+        self.len - self.acked_end
+    }
+
+    /// Up to `max` unacknowledged lines, oldest first.
+    fn unacked(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+        let n = self.index.len().min(max);
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let p = self.path();
+        let start = self.index[0].1;
+        let end = self.index[n - 1].2;
+        let mut f = std::fs::File::open(&p).map_err(io(&p))?;
+        f.seek(SeekFrom::Start(start)).map_err(io(&p))?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        f.read_exact(&mut buf).map_err(io(&p))?;
+        Ok(self
+            .index
+            .iter()
+            .take(n)
+            .map(|(seq, s, e)| {
+                (
+                    *seq,
+                    buf[(s - start) as usize..(e - start - 1) as usize].to_vec(),
+                )
+            })
+            .collect())
+    }
+
+    /// The control plane has stored everything up to `seq`.
+    fn ack(&mut self, seq: u64) -> Result<(), SpoolError> {
+        while let Some(&(s, _, end)) = self.index.front() {
+            if s > seq {
+                break;
+            }
+            self.acked_end = end;
+            self.index.pop_front();
+        }
+        self.state.acked_seq = self.state.acked_seq.max(seq);
+        self.save_state()?;
+        if self.acked_end > 0 && (self.index.is_empty() || self.acked_end > 1 << 20) {
+            self.trim()?;
+        }
+        Ok(())
+    }
+
+    /// Drops acknowledged bytes from the front of the file (write a new file, rename).
+    fn trim(&mut self) -> Result<(), SpoolError> {
+        let p = self.path();
+        let cut = self.acked_end;
+        let mut rest = Vec::new();
+        let mut f = std::fs::File::open(&p).map_err(io(&p))?;
+        f.seek(SeekFrom::Start(cut)).map_err(io(&p))?;
+        f.read_to_end(&mut rest).map_err(io(&p))?;
+        write_atomic(&p, &rest).map_err(io(&p))?;
+        self.file = open_append(&p)?;
+        for e in self.index.iter_mut() {
+            e.1 -= cut;
+            e.2 -= cut;
+        }
+        self.len -= cut;
+        self.acked_end = 0;
+        Ok(())
+    }
+}
+
+type ShipResult = Result<u64, String>;
+
+struct Actor {
+    spool: Spool,
+    cfg: AuditConfig,
+    identity: Arc<Identity>,
+    client: Option<mayfly_ca::client::CaClient>,
+    full: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+    reported_dropped: u64,
+    sink: Option<Box<dyn Write + Send>>,
+    unsigned: u64,
+    first_unsigned: Option<tokio::time::Instant>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Actor {
+    fn write(&mut self, kind: &str, ts_ms: i64, fields: Map<String, Value>) {
+        let r = Record {
+            v: VERSION,
+            source: self.identity.id.to_string(),
+            epoch: self.spool.state.epoch.clone(),
+            seq: self.spool.state.next_seq,
+            prev: self.spool.state.last_hash.clone(),
+            ts_ms,
+            kind: kind.to_owned(),
+            fields,
+        };
+        match self.spool.append(&r) {
+            Ok(line) => {
+                self.metrics.audit_records.inc();
+                if let Some(s) = self.sink.as_mut() {
+                    let _ = s.write_all(&line).and_then(|_| s.write_all(b"\n"));
+                }
+                if kind != "checkpoint" {
+                    self.unsigned += 1;
+                    self.first_unsigned
+                        .get_or_insert_with(tokio::time::Instant::now);
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "cannot write to the audit spool");
+                self.full.store(true, Ordering::Relaxed);
+            }
+        }
+        self.update_full();
+    }
+
+    fn update_full(&mut self) {
+        let used = self.spool.unacked_bytes();
+        self.metrics
+            .audit_spool_bytes
+            .set(i64::try_from(used).unwrap_or(i64::MAX));
+        if used >= self.cfg.max_spool_bytes {
+            if !self.full.swap(true, Ordering::Relaxed) {
+                warn!(bytes = used, mode = ?self.cfg.when_full, "audit spool full");
+            }
+        } else if used < self.cfg.max_spool_bytes / 10 * 9
+            && self.full.swap(false, Ordering::Relaxed)
+        {
+            info!("audit spool has room again");
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        if self.cfg.when_full == WhenFull::Drop && self.full.load(Ordering::Relaxed) {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            self.metrics
+                .audit_dropped
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            return;
+        }
+        self.write_gap_if_any(ev.ts_ms);
+        self.write(ev.kind, ev.ts_ms, ev.fields);
+    }
+
+    fn write_gap_if_any(&mut self, ts_ms: i64) {
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        if dropped > self.reported_dropped && !self.full.load(Ordering::Relaxed) {
+            let mut f = Map::new();
+            f.insert(
+                "dropped".into(),
+                Value::from(dropped - self.reported_dropped),
+            );
+            self.reported_dropped = dropped;
+            self.write("gap", ts_ms, f);
+        }
+    }
+
+    fn maybe_checkpoint(&mut self) {
+        let due = self.unsigned >= CHECKPOINT_RECORDS
+            || self
+                .first_unsigned
+                .is_some_and(|t| t.elapsed() >= CHECKPOINT_INTERVAL);
+        if !due {
+            return;
+        }
+        let Some(svid) = self.identity.creds.get() else {
+            return;
+        };
+        let source = self.identity.id.to_string();
+        let seq = self.spool.state.next_seq;
+        let prev = self.spool.state.last_hash.clone();
+        let msg = checkpoint_message(&source, &self.spool.state.epoch, seq, &prev);
+        let Some(sig) = sign_with(&svid.certified, &msg) else {
+            warn!("cannot sign an audit checkpoint with the current SVID");
+            return;
+        };
+        let fields = checkpoint_fields(&sig, &svid.certified.cert);
+        self.unsigned = 0;
+        self.first_unsigned = None;
+        self.write("checkpoint", now_ms(), fields);
+    }
+}
+
+/// Opens the spool and starts the writer (and the shipper, when `ship` is on).
+pub fn start(
+    cfg: AuditConfig,
+    identity: Arc<Identity>,
+    client: Option<mayfly_ca::client::CaClient>,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(Arc<Auditor>, tokio::task::JoinHandle<()>), SpoolError> {
+    let spool = Spool::open(&cfg.spool_dir)?;
+    let sink: Option<Box<dyn Write + Send>> = match &cfg.sink {
+        Sink::None => None,
+        Sink::Stdout => Some(Box::new(std::io::stdout())),
+        Sink::File(p) => Some(Box::new(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(p)
+                .map_err(io(p))?,
+        )),
+    };
+    let (tx, rx) = mpsc::channel(64 * 1024);
+    let full = Arc::new(AtomicBool::new(false));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let auditor = Arc::new(Auditor {
+        tx,
+        full: full.clone(),
+        dropped: dropped.clone(),
+        when_full: cfg.when_full,
+    });
+    let mut actor = Actor {
+        spool,
+        client: if cfg.ship { client } else { None },
+        cfg,
+        identity,
+        full,
+        dropped,
+        reported_dropped: 0,
+        sink,
+        unsigned: 0,
+        first_unsigned: None,
+        metrics,
+    };
+    actor.update_full();
+    let task = tokio::spawn(run(actor, rx, shutdown));
+    Ok((auditor, task))
+}
+
+async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SYNC_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (ship_tx, mut ship_rx) = mpsc::channel::<ShipResult>(1);
+    let mut in_flight = false;
+    let mut backoff = Duration::from_millis(250);
+    let mut next_ship = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => a.on_event(ev),
+                None => break,
+            },
+            _ = tick.tick() => {
+                a.maybe_checkpoint();
+                if let Err(e) = a.spool.sync() {
+                    error!(error = %e, "cannot sync the audit spool");
+                }
+                a.update_full();
+                a.metrics.audit_spool_bytes.set(i64::try_from(a.spool.unacked_bytes()).unwrap_or(i64::MAX));
+                a.metrics.audit_dropped.set(i64::try_from(a.dropped.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+                if !in_flight && !a.spool.index.is_empty() && tokio::time::Instant::now() >= next_ship
+                    && let Some(client) = a.client.clone()
+                {
+                    match a.spool.unacked(SHIP_BATCH) {
+                        Ok(lines) => {
+                            let mut body = Vec::new();
+                            for (_, l) in &lines {
+                                body.extend_from_slice(l);
+                                body.push(b'\n');
+                            }
+                            in_flight = true;
+                            let tx = ship_tx.clone();
+                            let id = a.identity.clone();
+                            tokio::spawn(async move {
+                                let r = client
+                                    .post_audit(id.bundles.clone(), id.creds.clone(), body)
+                                    .await
+                                    .map_err(|e| e.to_string());
+                                let _ = tx.send(r).await;
+                            });
+                        }
+                        Err(e) => error!(error = %e, "cannot read the audit spool"),
+                    }
+                }
+            }
+            Some(r) = ship_rx.recv() => {
+                in_flight = false;
+                match r {
+                    Ok(acked) => {
+                        backoff = Duration::from_millis(250);
+                        if let Err(e) = a.spool.ack(acked) {
+                            error!(error = %e, "cannot trim the audit spool");
+                        }
+                        a.update_full();
+                        a.write_gap_if_any(now_ms());
+                    }
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?backoff, "cannot deliver audit records; they stay in the spool");
+                        next_ship = tokio::time::Instant::now() + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            _ = shutdown.changed() => {
+                // Take what is queued, then sync.
+                while let Ok(ev) = rx.try_recv() {
+                    a.on_event(ev);
+                }
+                break;
+            }
+        }
+    }
+    if let Err(e) = a.spool.sync() {
+        error!(error = %e, "cannot sync the audit spool at shutdown");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(seq: u64, prev: &str) -> Record {
+        Record {
+            v: VERSION,
+            source: "spiffe://t/a".into(),
+            epoch: "e".into(),
+            seq,
+            prev: prev.into(),
+            ts_ms: 1,
+            kind: "connection.open".into(),
+            fields: Map::new(),
+        }
+    }
+
+    #[test]
+    fn the_spool_survives_reopening_and_trims_only_acknowledged_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path()).unwrap();
+        let epoch = s.state.epoch.clone();
+        for _ in 0..5 {
+            let r = Record {
+                epoch: epoch.clone(),
+                ..rec(s.state.next_seq, &s.state.last_hash.clone())
+            };
+            s.append(&r).unwrap();
+        }
+        s.sync().unwrap();
+        drop(s);
+        let mut s = Spool::open(dir.path()).unwrap();
+        assert_eq!(s.state.next_seq, 6);
+        assert_eq!(s.state.epoch, epoch);
+        let lines = s.unacked(10).unwrap();
+        assert_eq!(
+            lines.iter().map(|l| l.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        let chain = mayfly_ca::audit::verify_lines("c", lines.iter().map(|l| l.1.as_slice()), None)
+            .unwrap();
+        assert_eq!(chain.records, 5);
+        s.ack(3).unwrap();
+        assert_eq!(
+            s.unacked(10)
+                .unwrap()
+                .iter()
+                .map(|l| l.0)
+                .collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        s.ack(5).unwrap();
+        assert!(s.unacked(10).unwrap().is_empty());
+        assert_eq!(
+            std::fs::metadata(dir.path().join("spool.jsonl"))
+                .unwrap()
+                .len(),
+            0
+        );
+        drop(s);
+        let s = Spool::open(dir.path()).unwrap();
+        assert_eq!(
+            s.state.next_seq, 6,
+            "numbering continues after a trim and a restart"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path()).unwrap();
+        let r = rec(1, GENESIS);
+        s.append(&r).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("spool.jsonl"))
+            .unwrap();
+        f.write_all(b"{\"v\":1,\"sour").unwrap();
+        drop(f);
+        let s = Spool::open(dir.path()).unwrap();
+        assert_eq!(s.unacked(10).unwrap().len(), 1);
+        assert_eq!(s.state.next_seq, 2);
+    }
+}

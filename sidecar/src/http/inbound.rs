@@ -1,0 +1,360 @@
+//! Inbound HTTP: per-request authorization of the verified peer, identity to the app in
+//! `x-forwarded-client-cert`, and connections drained with GOAWAY when the peer's SVID expires
+//! or the policy no longer lets the peer in at all.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
+use mayfly_ca::svid::SvidInfo;
+use mayfly_policy::normalize_path;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info};
+
+use super::{
+    Body, GRPC_INVALID_ARGUMENT, GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, XFCC, is_grpc,
+    local_reply, smuggling_check, strip_hop_by_hop, xfcc_value,
+};
+use crate::config::{AppProtocol, Inbound};
+use crate::metrics::Direction;
+use crate::policy::HttpFacts;
+use crate::proxy::Shared;
+
+/// The pooled client towards the local app.
+pub type AppClient = Client<HttpConnector, Body>;
+
+/// A client for the app: HTTP/1.1 keep-alive or h2c, pooled.
+pub fn app_client(cfg: &Inbound) -> AppClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(Duration::from_secs(90))
+        .timer(TokioTimer::new());
+    if cfg.app_protocol == AppProtocol::Http2 {
+        b.http2_only(true);
+    }
+    b.build(connector)
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+    app: SocketAddr,
+    app_client: AppClient,
+    me: String,
+    peer: String,
+    xfcc: Option<HeaderValue>,
+    port: Option<u16>,
+    ip: Option<IpAddr>,
+    version: http::Version,
+    peer_addr: String,
+    peer_serial: String,
+}
+
+/// Serves one verified peer connection.
+pub async fn serve_conn(
+    shared: Arc<Shared>,
+    cfg: Inbound,
+    app_client: AppClient,
+    tls: TlsStream<TcpStream>,
+    peer: SvidInfo,
+    addr: SocketAddr,
+) {
+    let me = shared.identity.id.to_string();
+    let peer_id = peer.id.to_string();
+    let port = Some(cfg.app.port());
+    let ip = Some(addr.ip());
+    let m = shared.metrics.clone();
+    if !shared.policy.may_allow_any(&peer_id, &me, port, ip) {
+        m.decision(Direction::Inbound, "deny");
+        info!("inbound connection refused: the policy allows no request from this peer");
+        return;
+    }
+    m.decision(Direction::Inbound, "allow");
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    let ctx = Arc::new(Ctx {
+        xfcc: xfcc_value(&me, &leaf, &peer_id),
+        shared: shared.clone(),
+        app: cfg.app,
+        app_client,
+        me,
+        peer: peer_id.clone(),
+        port,
+        ip,
+        peer_addr: addr.to_string(),
+        peer_serial: peer.serial.clone(),
+        version: match cfg.app_protocol {
+            AppProtocol::Http1 => http::Version::HTTP_11,
+            AppProtocol::Http2 => http::Version::HTTP_2,
+        },
+    });
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+    });
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let _open = crate::proxy::OpenGuard::new(m.clone(), Direction::Inbound);
+    let watch = Watch {
+        shared: shared.clone(),
+        peer: peer_id,
+        port,
+        ip,
+        deadline: crate::proxy::instant_at(peer.not_after),
+    };
+    let io = TokioIo::new(tls);
+    let draining = if h2 {
+        drive(super::h2_server().serve_connection(io, svc), watch).await
+    } else {
+        drive(
+            super::h1_server(shared.limits.handshake_timeout).serve_connection(io, svc),
+            watch,
+        )
+        .await
+    };
+    m.ended
+        .get_or_create(&crate::metrics::EndLabels {
+            direction: Direction::Inbound,
+            reason: draining.into(),
+        })
+        .inc();
+}
+
+/// What ends a peer connection besides its own traffic.
+struct Watch {
+    shared: Arc<Shared>,
+    peer: String,
+    port: Option<u16>,
+    ip: Option<IpAddr>,
+    deadline: tokio::time::Instant,
+}
+
+/// Runs a connection until it ends; drains it with GOAWAY (HTTP/2) or `Connection: close`
+/// (HTTP/1.1) when the peer's SVID expires, when the policy no longer lets the peer in, or on
+/// shutdown, giving in-flight requests a short grace. Returns why it ended.
+async fn drive<C>(conn: C, w: Watch) -> &'static str
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let me = w.shared.identity.id.to_string();
+    let mut policy = w.shared.policy.watch();
+    let mut hard = w.shared.hard_stop.clone();
+    let mut draining: Option<&'static str> = None;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "HTTP connection ended with an error");
+                }
+                break;
+            }
+            _ = tokio::time::sleep_until(w.deadline), if draining.is_none() => {
+                info!("peer SVID expired: draining the connection");
+                draining = Some("peer_svid_expired");
+                conn.as_mut().graceful_shutdown();
+            }
+            r = policy.changed(), if draining.is_none() => {
+                if r.is_ok() && !w.shared.policy.may_allow_any(&w.peer, &me, w.port, w.ip) {
+                    info!("policy no longer allows this peer: draining the connection");
+                    draining = Some("policy_revoked");
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            r = hard.changed() => {
+                if r.is_err() || *hard.borrow() {
+                    draining = draining.or(Some("shutdown"));
+                    break;
+                }
+            }
+            _ = tokio::time::sleep(DRAIN_GRACE), if draining.is_some() => break,
+        }
+    }
+    draining.unwrap_or("done")
+}
+
+/// How long in-flight requests may run once a connection is being drained.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let m = &ctx.shared.metrics;
+    if !ctx.shared.audit.admits() {
+        m.request(Direction::Inbound, "audit_full");
+        return local_reply(
+            is_grpc(req.headers()),
+            StatusCode::SERVICE_UNAVAILABLE,
+            GRPC_UNAVAILABLE,
+            "mayfly: audit spool full, refusing unaudited traffic",
+            None,
+        );
+    }
+    let grpc = is_grpc(req.headers());
+    if let Err(why) = smuggling_check(req.headers()) {
+        m.request(Direction::Inbound, "malformed");
+        return local_reply(
+            grpc,
+            StatusCode::BAD_REQUEST,
+            GRPC_INVALID_ARGUMENT,
+            why,
+            None,
+        );
+    }
+    if let Err(why) = super::header_limits(req.headers()) {
+        m.request(Direction::Inbound, "malformed");
+        return local_reply(
+            grpc,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            GRPC_INVALID_ARGUMENT,
+            why,
+            None,
+        );
+    }
+    let path = match normalize_path(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => {
+            m.request(Direction::Inbound, "malformed");
+            return local_reply(
+                grpc,
+                StatusCode::BAD_REQUEST,
+                GRPC_INVALID_ARGUMENT,
+                &format!("request path refused: {e}"),
+                None,
+            );
+        }
+    };
+    let names: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter(|(n, _)| *n != XFCC)
+        .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let headers: Vec<(&str, &str)> = names
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let verdict = ctx.shared.policy.decide_http(
+        &ctx.peer,
+        &ctx.me,
+        ctx.port,
+        ctx.ip,
+        &HttpFacts {
+            method: req.method().as_str(),
+            path: &path,
+            headers: &headers,
+        },
+    );
+    m.request(Direction::Inbound, verdict.label());
+    let mut fields = crate::proxy::audit_base(
+        Direction::Inbound,
+        &ctx.me,
+        &ctx.peer,
+        Some(ctx.peer_addr.clone()),
+        Some(&ctx.peer_serial),
+        "http",
+    );
+    fields.insert("method".into(), req.method().as_str().into());
+    fields.insert("path".into(), path.clone().into());
+    verdict.audit_into(&mut fields);
+    let audit = |mut fields: serde_json::Map<String, serde_json::Value>, status: StatusCode| {
+        fields.insert("status".into(), status.as_u16().into());
+        fields.insert(
+            "duration_ms".into(),
+            (started.elapsed().as_millis() as u64).into(),
+        );
+        ctx.shared.audit.emit("http.request", fields);
+    };
+    if !verdict.permits() {
+        audit(fields, StatusCode::FORBIDDEN);
+        info!(method = %req.method(), path = %path, decision = verdict.decision_id(), by = %verdict.by(), "request denied by policy");
+        return local_reply(
+            grpc,
+            StatusCode::FORBIDDEN,
+            GRPC_PERMISSION_DENIED,
+            &format!(
+                "denied by mayfly policy (decision {})",
+                verdict.decision_id()
+            ),
+            Some(verdict.decision_id()),
+        );
+    }
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    parts.uri = match Uri::builder()
+        .scheme("http")
+        .authority(ctx.app.to_string())
+        .path_and_query(pq)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => {
+            return local_reply(
+                grpc,
+                StatusCode::BAD_REQUEST,
+                GRPC_INVALID_ARGUMENT,
+                &format!("bad request target: {e}"),
+                None,
+            );
+        }
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    // Only the sidecar speaks for the caller's identity.
+    parts.headers.remove(XFCC);
+    if let Some(v) = &ctx.xfcc {
+        parts.headers.insert(XFCC, v.clone());
+    }
+    if let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        parts.headers.insert(http::header::HOST, a);
+    }
+    parts.version = ctx.version;
+    let req = Request::from_parts(parts, body.boxed());
+    match ctx.app_client.request(req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            audit(fields, parts.status);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            m.request(Direction::Inbound, "app_unreachable");
+            audit(fields, StatusCode::BAD_GATEWAY);
+            info!(app = %ctx.app, error = %e, "the local app did not answer");
+            local_reply(
+                grpc,
+                StatusCode::BAD_GATEWAY,
+                GRPC_UNAVAILABLE,
+                "the local app did not answer",
+                None,
+            )
+        }
+    }
+}

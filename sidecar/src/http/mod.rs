@@ -1,0 +1,262 @@
+//! HTTP-aware proxying (`protocol = "http"`): HTTP/1.1 and HTTP/2 (gRPC included) from the app,
+//! HTTP/2 over mTLS between sidecars, a policy decision per request, and the caller's verified
+//! identity handed to the app in `x-forwarded-client-cert`.
+
+pub mod inbound;
+pub mod outbound;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+
+/// The body type every proxied message uses (streamed, trailers preserved).
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The identity header the inbound sidecar sets (Envoy's format).
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+/// The decision ID of a denial, on every 403 the sidecar answers.
+pub const DECISION_ID: HeaderName = HeaderName::from_static("x-mayfly-decision-id");
+
+/// Most headers a request may carry.
+pub const MAX_HEADERS: usize = 100;
+/// Largest header block, in bytes.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// An HTTP/1.1 server builder with mayfly's limits (header count and size, slowloris timeout).
+pub fn h1_server(header_timeout: std::time::Duration) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES * 2)
+        .max_headers(MAX_HEADERS);
+    b
+}
+
+/// An HTTP/2 server builder with mayfly's limits.
+pub fn h2_server() -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+    b
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells HTTP/2 prior knowledge (h2c) from HTTP/1 on a plaintext connection by peeking at its
+/// first bytes, within `timeout`. `None`: the client sent too little in time, or left.
+pub async fn sniff_h2(tcp: &tokio::net::TcpStream, timeout: std::time::Duration) -> Option<bool> {
+    let fut = async {
+        let mut buf = [0u8; 24];
+        loop {
+            let n = tcp.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Some(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(true);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(timeout, fut).await.ok().flatten()
+}
+
+/// A body from bytes.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// Whether a request is gRPC (its errors must be gRPC statuses, not HTTP errors).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// A local answer: plain text for HTTP, a trailers-only status for gRPC.
+pub fn local_reply(
+    grpc: bool,
+    status: StatusCode,
+    grpc_code: u8,
+    message: &str,
+    decision_id: Option<&str>,
+) -> Response<Body> {
+    let mut r = if grpc {
+        let mut r = Response::new(empty());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(u16::from(grpc_code)));
+        if let Ok(v) = HeaderValue::from_str(&message.replace(['\r', '\n'], " ")) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(full(format!("{message}\n")));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    if let Some(id) = decision_id.and_then(|d| HeaderValue::from_str(d).ok()) {
+        r.headers_mut().insert(DECISION_ID, id);
+    }
+    r
+}
+
+/// gRPC status PERMISSION_DENIED.
+pub const GRPC_PERMISSION_DENIED: u8 = 7;
+/// gRPC status UNAVAILABLE.
+pub const GRPC_UNAVAILABLE: u8 = 14;
+/// gRPC status INVALID_ARGUMENT.
+pub const GRPC_INVALID_ARGUMENT: u8 = 3;
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+/// `te: trailers` survives (gRPC needs it).
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+    let trailers = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("trailers"))
+        });
+    h.remove(header::TE);
+    if trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Refuses a header block over [`MAX_HEADERS`] entries or [`MAX_HEADER_BYTES`] bytes
+/// (431 Request Header Fields Too Large), whatever the protocol let through.
+pub fn header_limits(h: &HeaderMap) -> Result<(), &'static str> {
+    if h.len() > MAX_HEADERS {
+        return Err("too many request headers");
+    }
+    let bytes: usize = h.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if bytes > MAX_HEADER_BYTES {
+        return Err("request headers too large");
+    }
+    Ok(())
+}
+
+/// Refuses request smuggling shapes: both Content-Length and Transfer-Encoding, or several
+/// different Content-Length values.
+pub fn smuggling_check(h: &HeaderMap) -> Result<(), &'static str> {
+    let cls: Vec<&HeaderValue> = h.get_all(header::CONTENT_LENGTH).iter().collect();
+    if !cls.is_empty() && h.contains_key(header::TRANSFER_ENCODING) {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if cls.len() > 1 && cls.iter().any(|v| *v != cls[0]) {
+        return Err("conflicting Content-Length values");
+    }
+    Ok(())
+}
+
+/// The Envoy-format XFCC value for a verified peer.
+pub fn xfcc_value(by: &str, peer_leaf_der: &[u8], peer_id: &str) -> Option<HeaderValue> {
+    let hash = hex::encode(mayfly_ca::keys::sha256(peer_leaf_der));
+    HeaderValue::from_str(&format!("By={by};Hash={hash};URI={peer_id}")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(
+            !h.contains_key("x-secret")
+                && !h.contains_key("keep-alive")
+                && !h.contains_key(header::CONNECTION)
+        );
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert!(smuggling_check(&h).is_ok());
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        assert!(smuggling_check(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert!(smuggling_check(&h).is_err());
+    }
+
+    #[test]
+    fn grpc_denials_are_trailers_only_with_permission_denied() {
+        let r = local_reply(
+            true,
+            StatusCode::FORBIDDEN,
+            GRPC_PERMISSION_DENIED,
+            "no",
+            Some("d-1"),
+        );
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers().get("grpc-status").unwrap(), "7");
+        assert_eq!(r.headers().get(DECISION_ID).unwrap(), "d-1");
+        let r = local_reply(
+            false,
+            StatusCode::FORBIDDEN,
+            GRPC_PERMISSION_DENIED,
+            "no",
+            Some("d-2"),
+        );
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+}

@@ -1,0 +1,431 @@
+//! Outbound HTTP: the app speaks HTTP/1.1 or h2c to a loopback port; every request is checked
+//! against the egress policy and sent over a pooled HTTP/2 mTLS connection to the remote
+//! sidecar, which must present the configured SPIFFE ID.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mayfly_ca::tls::dial_name;
+use mayfly_ca::verify::{describe_tls_error, peer_identity};
+use mayfly_policy::normalize_path;
+use time::OffsetDateTime;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, watch};
+use tokio_rustls::TlsConnector;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{
+    Body, GRPC_INVALID_ARGUMENT, GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, MAX_HEADER_BYTES,
+    is_grpc, local_reply, smuggling_check, strip_hop_by_hop,
+};
+use crate::config::Outbound;
+use crate::metrics::Direction;
+use crate::policy::HttpFacts;
+use crate::proxy::Shared;
+
+/// A new pooled connection is opened when the current one's server SVID has less than this
+/// left, so requests never race its expiry.
+const EXPIRY_MARGIN: time::Duration = time::Duration::seconds(2);
+
+struct Pooled {
+    sender: SendRequest<Body>,
+    /// Serial of our own SVID on that connection: after a rotation, new requests move to a
+    /// connection that presents the new one.
+    our_serial: String,
+    /// New requests go to a new connection from here on: shortly before the server's SVID
+    /// expires (2 s, or a fifth of the remaining life for very short SVIDs).
+    refresh_at: OffsetDateTime,
+}
+
+/// One upstream's HTTP/2 connection (many requests share it; replaced when it closes, when
+/// either side's SVID rotates or nears expiry).
+pub struct Upstream {
+    up: Arc<Outbound>,
+    shared: Arc<Shared>,
+    connector: TlsConnector,
+    pooled: Mutex<Option<Pooled>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, String),
+    #[error("TLS handshake with {0} refused: {1}")]
+    Tls(String, String),
+    #[error("{0} did not negotiate HTTP/2 (is its inbound in http mode?)")]
+    NoH2(String),
+    #[error("HTTP/2 handshake with {0} failed: {1}")]
+    H2(String, String),
+    #[error("no SVID yet")]
+    NoSvid,
+}
+
+impl Upstream {
+    fn new(up: Arc<Outbound>, shared: Arc<Shared>) -> Result<Arc<Self>, mayfly_ca::tls::TlsError> {
+        let cfg = mayfly_ca::tls::client_config(
+            shared.identity.creds.clone(),
+            shared.identity.bundles.clone(),
+            mayfly_ca::verify::IdMatcher::Exact(up.spiffe_id.clone()),
+            &[b"h2"],
+        )?;
+        Ok(Arc::new(Self {
+            up,
+            shared,
+            connector: TlsConnector::from(Arc::new(cfg)),
+            pooled: Mutex::new(None),
+        }))
+    }
+
+    async fn sender(&self) -> Result<SendRequest<Body>, DialError> {
+        let ours = self
+            .shared
+            .identity
+            .creds
+            .get()
+            .map(|s| s.info.serial.clone())
+            .ok_or(DialError::NoSvid)?;
+        let mut slot = self.pooled.lock().await;
+        if let Some(p) = slot.as_ref()
+            && !p.sender.is_closed()
+            && p.our_serial == ours
+            && OffsetDateTime::now_utc() < p.refresh_at
+        {
+            return Ok(p.sender.clone());
+        }
+        let p = self.dial(ours).await?;
+        let s = p.sender.clone();
+        *slot = Some(p);
+        Ok(s)
+    }
+
+    async fn dial(&self, our_serial: String) -> Result<Pooled, DialError> {
+        let m = &self.shared.metrics;
+        let limits = &self.shared.limits;
+        let remote = self.up.remote.clone();
+        let tcp =
+            match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(&remote)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(DialError::Connect(remote, e.to_string())),
+                Err(_) => return Err(DialError::Connect(remote, "timed out".into())),
+            };
+        let _ = tcp.set_nodelay(true);
+        let tls = match tokio::time::timeout(
+            limits.handshake_timeout,
+            self.connector.connect(dial_name(), tcp),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                let why = describe_tls_error(&e);
+                m.handshake_failed(Direction::Outbound, crate::proxy::reason_of(&why));
+                return Err(DialError::Tls(remote, why));
+            }
+            Err(_) => {
+                m.handshake_failed(Direction::Outbound, "timeout");
+                return Err(DialError::Tls(remote, "timed out".into()));
+            }
+        };
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(DialError::NoH2(remote));
+        }
+        let server = peer_identity(tls.get_ref().1.peer_certificates())
+            .map_err(|e| DialError::Tls(remote.clone(), e.to_string()))?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_while_idle(true)
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| DialError::H2(remote.clone(), e.to_string()))?;
+        let deadline = crate::proxy::instant_at(server.not_after);
+        let metrics = m.clone();
+        let mut hard = self.shared.hard_stop.clone();
+        tokio::spawn(
+            async move {
+                let _open = crate::proxy::OpenGuard::new(metrics.clone(), Direction::Outbound);
+                let reason = tokio::select! {
+                    r = conn => {
+                        if let Err(e) = r { debug!(error = %e, "upstream HTTP/2 connection ended"); }
+                        "done"
+                    }
+                    // No connection outlives the server's credential.
+                    _ = tokio::time::sleep_until(deadline) => "peer_svid_expired",
+                    _ = async { while hard.changed().await.is_ok() { if *hard.borrow() { return; } } } => "shutdown",
+                };
+                metrics
+                    .ended
+                    .get_or_create(&crate::metrics::EndLabels { direction: Direction::Outbound, reason: reason.into() })
+                    .inc();
+            }
+            .instrument(tracing::Span::current()),
+        );
+        debug!(server = %server.id, serial = %server.serial, "new HTTP/2 connection to the upstream");
+        let left = server.not_after - OffsetDateTime::now_utc();
+        Ok(Pooled {
+            sender,
+            our_serial,
+            refresh_at: server.not_after - EXPIRY_MARGIN.min(left / 5),
+        })
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let m = &self.shared.metrics;
+        if !self.shared.audit.admits() {
+            m.request(Direction::Outbound, "audit_full");
+            return local_reply(
+                is_grpc(req.headers()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                GRPC_UNAVAILABLE,
+                "mayfly: audit spool full, refusing unaudited traffic",
+                None,
+            );
+        }
+        let grpc = is_grpc(req.headers());
+        if let Err(why) = smuggling_check(req.headers()) {
+            m.request(Direction::Outbound, "malformed");
+            return local_reply(
+                grpc,
+                StatusCode::BAD_REQUEST,
+                GRPC_INVALID_ARGUMENT,
+                why,
+                None,
+            );
+        }
+        if let Err(why) = super::header_limits(req.headers()) {
+            m.request(Direction::Outbound, "malformed");
+            return local_reply(
+                grpc,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                GRPC_INVALID_ARGUMENT,
+                why,
+                None,
+            );
+        }
+        let path = match normalize_path(req.uri().path()) {
+            Ok(p) => p,
+            Err(e) => {
+                m.request(Direction::Outbound, "malformed");
+                return local_reply(
+                    grpc,
+                    StatusCode::BAD_REQUEST,
+                    GRPC_INVALID_ARGUMENT,
+                    &format!("request path refused: {e}"),
+                    None,
+                );
+            }
+        };
+        let me = self.shared.identity.id.to_string();
+        let dest = self.up.spiffe_id.to_string();
+        let owned: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        let headers: Vec<(&str, &str)> = owned
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let verdict = self.shared.policy.decide_http(
+            &me,
+            &dest,
+            self.up.port,
+            None,
+            &HttpFacts {
+                method: req.method().as_str(),
+                path: &path,
+                headers: &headers,
+            },
+        );
+        m.request(Direction::Outbound, verdict.label());
+        let mut fields = crate::proxy::audit_base(
+            Direction::Outbound,
+            &me,
+            &dest,
+            Some(self.up.remote.clone()),
+            None,
+            "http",
+        );
+        fields.insert("method".into(), req.method().as_str().into());
+        fields.insert("path".into(), path.clone().into());
+        verdict.audit_into(&mut fields);
+        let audit = |mut fields: serde_json::Map<String, serde_json::Value>, status: StatusCode| {
+            fields.insert("status".into(), status.as_u16().into());
+            fields.insert(
+                "duration_ms".into(),
+                (started.elapsed().as_millis() as u64).into(),
+            );
+            self.shared.audit.emit("http.request", fields);
+        };
+        if !verdict.permits() {
+            audit(fields, StatusCode::FORBIDDEN);
+            info!(method = %req.method(), path = %path, decision = verdict.decision_id(), "request denied by egress policy");
+            return local_reply(
+                grpc,
+                StatusCode::FORBIDDEN,
+                GRPC_PERMISSION_DENIED,
+                &format!(
+                    "denied by mayfly policy (decision {})",
+                    verdict.decision_id()
+                ),
+                Some(verdict.decision_id()),
+            );
+        }
+        let (mut parts, body) = req.into_parts();
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| self.up.name.clone());
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        parts.uri = match Uri::builder()
+            .scheme("https")
+            .authority(authority)
+            .path_and_query(pq)
+            .build()
+        {
+            Ok(u) => u,
+            Err(e) => {
+                return local_reply(
+                    grpc,
+                    StatusCode::BAD_REQUEST,
+                    GRPC_INVALID_ARGUMENT,
+                    &format!("bad request target: {e}"),
+                    None,
+                );
+            }
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(http::header::HOST);
+        parts.version = http::Version::HTTP_2;
+        let req = Request::from_parts(parts, body.boxed());
+        let mut sender = match self.sender().await {
+            Ok(s) => s,
+            Err(e) => {
+                m.request(Direction::Outbound, "upstream_unreachable");
+                warn!(error = %e, "upstream unavailable");
+                audit(fields, StatusCode::BAD_GATEWAY);
+                return local_reply(
+                    grpc,
+                    StatusCode::BAD_GATEWAY,
+                    GRPC_UNAVAILABLE,
+                    &format!("mayfly: {e}"),
+                    None,
+                );
+            }
+        };
+        if sender.ready().await.is_err() {
+            m.request(Direction::Outbound, "upstream_unreachable");
+            audit(fields, StatusCode::BAD_GATEWAY);
+            return local_reply(
+                grpc,
+                StatusCode::BAD_GATEWAY,
+                GRPC_UNAVAILABLE,
+                "mayfly: upstream connection closed",
+                None,
+            );
+        }
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                audit(fields, parts.status);
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => {
+                m.request(Direction::Outbound, "upstream_error");
+                audit(fields, StatusCode::BAD_GATEWAY);
+                info!(error = %e, "upstream request failed");
+                local_reply(
+                    grpc,
+                    StatusCode::BAD_GATEWAY,
+                    GRPC_UNAVAILABLE,
+                    &format!("mayfly: upstream request failed: {e}"),
+                    None,
+                )
+            }
+        }
+    }
+}
+
+/// Serves one HTTP upstream's local listener until `stop` flips.
+pub async fn serve(
+    shared: Arc<Shared>,
+    up: Outbound,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = up.name.clone();
+    let upstream = match Upstream::new(Arc::new(up), shared.clone()) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(error = %e, upstream = %name, "cannot build the outbound TLS configuration");
+            return;
+        }
+    };
+    loop {
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
+            shared.metrics.decision(Direction::Outbound, "over_limit");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let upstream = upstream.clone();
+        let limits = shared.limits.clone();
+        let mut hard = shared.hard_stop.clone();
+        let span = info_span!("outbound", upstream = %name, client = %addr, spiffe_id = %upstream.up.spiffe_id);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let svc = hyper::service::service_fn(move |req| {
+                    let upstream = upstream.clone();
+                    async move { Ok::<_, Infallible>(upstream.handle(req).await) }
+                });
+                // h2c prior knowledge or HTTP/1.1; a client that sends nothing is cut.
+                let Some(h2) = super::sniff_h2(&tcp, limits.handshake_timeout).await else {
+                    return;
+                };
+                let io = TokioIo::new(tcp);
+                let stop = async { while hard.changed().await.is_ok() { if *hard.borrow() { return; } } };
+                let r = if h2 {
+                    tokio::select! { r = super::h2_server().serve_connection(io, svc) => r, _ = stop => Ok(()) }
+                } else {
+                    tokio::select! { r = super::h1_server(limits.handshake_timeout).serve_connection(io, svc) => r, _ = stop => Ok(()) }
+                };
+                if let Err(e) = r {
+                    debug!(error = %e, "app connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! What the sidecar adds to one pod spec: the container, its configuration, its volumes.
+
+use std::path::Path;
+
+use serde_json::{Map, Value, json};
+
+use super::{
+    ADMIN_PORT, ANNOTATION_APP_PORT, ANNOTATION_OUTBOUND, ANNOTATION_PROTOCOL, CONFIG_ENV,
+    CONTAINER_NAME, INBOUND_PORT, InjectOptions, POLICY_DIR, TOKEN_DIR,
+};
+use crate::config::Config;
+
+const TOKEN_VOLUME: &str = "mayfly-token";
+const POLICY_VOLUME: &str = "mayfly-policy";
+/// The audience the control plane requires of service-account tokens.
+const AUDIENCE: &str = "mayfly";
+/// The kubelet's shortest allowed projected token life; it refreshes at 80 %.
+const TOKEN_SECONDS: u64 = 600;
+
+/// The changes for one pod.
+pub(super) struct Plan {
+    pub(super) container: Value,
+    pub(super) volumes: Vec<Value>,
+    pub(super) spiffe_id: String,
+    pub(super) default_container: Option<String>,
+}
+
+struct Upstream {
+    name: String,
+    port: u16,
+    remote: String,
+    spiffe_id: String,
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.trim().to_owned()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn port(what: &str, s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("{what}: {s:?} is not a port (1-65535)")),
+    }
+}
+
+/// `NAME LOCAL_PORT REMOTE SPIFFE_ID` per line; blank lines and `#` comments are skipped.
+fn upstreams(annotation: &str) -> Result<Vec<Upstream>, String> {
+    let mut out = Vec::new();
+    for (n, line) in annotation.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [name, local, remote, id] = f.as_slice() else {
+            return Err(format!(
+                "{ANNOTATION_OUTBOUND} line {}: expected `NAME LOCAL_PORT REMOTE_HOST:PORT SPIFFE_ID`",
+                n + 1
+            ));
+        };
+        out.push(Upstream {
+            name: (*name).to_owned(),
+            port: port(&format!("{ANNOTATION_OUTBOUND} line {}", n + 1), local)?,
+            remote: (*remote).to_owned(),
+            spiffe_id: (*id).to_owned(),
+        });
+    }
+    Ok(out)
+}
+
+/// Every `containerPort` of the pod, and the first TCP one of the app containers.
+fn ports(spec: &Value) -> (Vec<u16>, Option<u16>) {
+    let mut all = Vec::new();
+    let mut first_app = None;
+    for list in ["containers", "initContainers"] {
+        for c in spec
+            .get(list)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            for p in c
+                .get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(n) = p
+                    .get("containerPort")
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u16::try_from(n).ok())
+                else {
+                    continue;
+                };
+                all.push(n);
+                let tcp = p
+                    .get("protocol")
+                    .and_then(Value::as_str)
+                    .is_none_or(|p| p == "TCP");
+                if list == "containers" && tcp && first_app.is_none() {
+                    first_app = Some(n);
+                }
+            }
+        }
+    }
+    (all, first_app)
+}
+
+fn config_toml(
+    spiffe_id: &str,
+    app_port: Option<u16>,
+    protocol: Option<&str>,
+    ups: &[Upstream],
+    opts: &InjectOptions,
+) -> Result<String, String> {
+    let mut root = toml::Table::new();
+    root.insert("spiffe_id".into(), spiffe_id.into());
+    let mut cp = toml::Table::new();
+    cp.insert("address".into(), opts.control_plane.as_str().into());
+    cp.insert("k8s_token_file".into(), format!("{TOKEN_DIR}/token").into());
+    cp.insert("ca_pin".into(), opts.ca_pin.to_ascii_lowercase().into());
+    root.insert("control_plane".into(), cp.into());
+    if let Some(p) = app_port {
+        let mut t = toml::Table::new();
+        t.insert("listen".into(), format!("0.0.0.0:{INBOUND_PORT}").into());
+        t.insert("app".into(), format!("127.0.0.1:{p}").into());
+        if let Some(proto) = protocol {
+            t.insert("protocol".into(), proto.into());
+        }
+        root.insert("inbound".into(), t.into());
+    }
+    if !ups.is_empty() {
+        let list: Vec<toml::Value> = ups
+            .iter()
+            .map(|u| {
+                let mut t = toml::Table::new();
+                t.insert("name".into(), u.name.as_str().into());
+                t.insert("listen".into(), format!("127.0.0.1:{}", u.port).into());
+                t.insert("remote".into(), u.remote.as_str().into());
+                t.insert("spiffe_id".into(), u.spiffe_id.as_str().into());
+                t.into()
+            })
+            .collect();
+        root.insert("outbound".into(), list.into());
+    }
+    let mut policy = toml::Table::new();
+    policy.insert("file".into(), format!("{POLICY_DIR}/policy.toml").into());
+    root.insert("policy".into(), policy.into());
+    let mut admin = toml::Table::new();
+    admin.insert("listen".into(), format!("0.0.0.0:{ADMIN_PORT}").into());
+    root.insert("admin".into(), admin.into());
+    let text = toml::to_string(&root).map_err(|e| format!("cannot write the config: {e}"))?;
+    // The sidecar must accept what we generate: check it the same way it will.
+    Config::parse(&text, CONFIG_ENV, Path::new("/"))
+        .map_err(|e| format!("the sidecar configuration would be refused: {e}"))?;
+    Ok(text)
+}
+
+fn probe(path: &str, period: u64, failures: u64) -> Value {
+    json!({
+        "httpGet": { "path": path, "port": ADMIN_PORT },
+        "periodSeconds": period,
+        "timeoutSeconds": 1,
+        "failureThreshold": failures,
+    })
+}
+
+/// Plans the injection into `spec`; the error is a reason for the operator.
+pub(super) fn plan(
+    spec: &Value,
+    ns: &str,
+    annotations: &Map<String, Value>,
+    opts: &InjectOptions,
+) -> Result<Plan, String> {
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Err("hostNetwork pods share the node's ports: mayfly injects only pods with their own network namespace".into());
+    }
+    let containers = spec
+        .get("containers")
+        .and_then(Value::as_array)
+        .filter(|c| !c.is_empty())
+        .ok_or("the pod has no containers")?;
+    let sa = ["serviceAccountName", "serviceAccount"]
+        .iter()
+        .find_map(|k| {
+            spec.get(*k)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or("default");
+    if !super::is_dns_subdomain(sa) {
+        return Err(format!(
+            "service account {sa:?} is not a Kubernetes object name"
+        ));
+    }
+    if !super::is_dns_subdomain(ns) {
+        return Err(format!("namespace {ns:?} is not a Kubernetes object name"));
+    }
+    let spiffe_id = format!("spiffe://{}/ns/{ns}/sa/{sa}", opts.trust_domain);
+    mayfly_ca::id::parse_workload_id(&spiffe_id).map_err(|e| e.to_string())?;
+
+    let (all_ports, first_app) = ports(spec);
+    for p in [INBOUND_PORT, ADMIN_PORT] {
+        if all_ports.contains(&p) {
+            return Err(format!(
+                "a container already uses port {p}, which the sidecar needs ({INBOUND_PORT} inbound, {ADMIN_PORT} admin)"
+            ));
+        }
+    }
+    let app_port = match annotations.get(ANNOTATION_APP_PORT) {
+        Some(v) => {
+            let s = text(v).ok_or(format!("{ANNOTATION_APP_PORT} must be a port"))?;
+            Some(port(ANNOTATION_APP_PORT, &s)?)
+        }
+        None => first_app,
+    };
+    if app_port.is_some_and(|p| p == INBOUND_PORT || p == ADMIN_PORT) {
+        return Err(format!(
+            "{ANNOTATION_APP_PORT} may not be {INBOUND_PORT} or {ADMIN_PORT}: the sidecar listens there"
+        ));
+    }
+    let ups = match annotations.get(ANNOTATION_OUTBOUND) {
+        Some(Value::String(s)) => upstreams(s)?,
+        Some(_) => return Err(format!("{ANNOTATION_OUTBOUND} must be a string")),
+        None => Vec::new(),
+    };
+    if app_port.is_none() && ups.is_empty() {
+        return Err(format!(
+            "nothing to proxy: no container declares a containerPort; set the {ANNOTATION_APP_PORT} or {ANNOTATION_OUTBOUND} annotation, or mayfly.io/inject: \"false\""
+        ));
+    }
+    let protocol = match annotations.get(ANNOTATION_PROTOCOL) {
+        None => None,
+        Some(Value::String(p)) if p == "tcp" || p == "http" => Some(p.as_str()),
+        Some(_) => return Err(format!("{ANNOTATION_PROTOCOL} must be \"tcp\" or \"http\"")),
+    };
+    for v in spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(n) = v.get("name").and_then(Value::as_str)
+            && (n == TOKEN_VOLUME || n == POLICY_VOLUME)
+        {
+            return Err(format!("the pod already has a volume named {n}"));
+        }
+    }
+    let config = config_toml(&spiffe_id, app_port, protocol, &ups, opts)?;
+    let mut container_ports = Vec::new();
+    if app_port.is_some() {
+        container_ports.push(
+            json!({ "name": "mayfly-mtls", "containerPort": INBOUND_PORT, "protocol": "TCP" }),
+        );
+    }
+    container_ports
+        .push(json!({ "name": "mayfly-admin", "containerPort": ADMIN_PORT, "protocol": "TCP" }));
+    let container = json!({
+        "name": CONTAINER_NAME,
+        "image": opts.image,
+        "restartPolicy": "Always",
+        "args": ["run", "--config-env", CONFIG_ENV],
+        "env": [{ "name": CONFIG_ENV, "value": config }],
+        "ports": container_ports,
+        // Native sidecar: the next containers start once this probe passes, i.e. once an
+        // SVID and a policy are held (up to 5 minutes; fail closed after that).
+        "startupProbe": probe("/readyz", 1, 300),
+        "readinessProbe": probe("/readyz", 5, 2),
+        "livenessProbe": probe("/healthz", 10, 3),
+        "resources": {
+            "requests": { "cpu": "50m", "memory": "16Mi" },
+            "limits": { "memory": "64Mi" },
+        },
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "privileged": false,
+            "capabilities": { "drop": ["ALL"] },
+            "seccompProfile": { "type": "RuntimeDefault" },
+        },
+        "volumeMounts": [
+            { "name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true },
+            { "name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": true },
+        ],
+    });
+    let volumes = vec![
+        json!({
+            "name": TOKEN_VOLUME,
+            "projected": { "sources": [{ "serviceAccountToken": {
+                "audience": AUDIENCE,
+                "expirationSeconds": TOKEN_SECONDS,
+                "path": "token",
+            }}]},
+        }),
+        json!({
+            "name": POLICY_VOLUME,
+            "configMap": { "name": opts.policy_configmap },
+        }),
+    ];
+    let default_container = containers
+        .first()
+        .and_then(|c| c.get("name"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    Ok(Plan {
+        container,
+        volumes,
+        spiffe_id,
+        default_container,
+    })
+}

@@ -1,0 +1,443 @@
+use std::path::Path;
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::config::{Config, TokenSource};
+
+const PIN: &str = "3f9c2a10aa0b1c2d3e4f5a6b7c8d9e0f3f9c2a10aa0b1c2d3e4f5a6b7c8d9e0f";
+
+fn opts() -> InjectOptions {
+    InjectOptions::new(PIN)
+}
+
+const EXAMPLES: [(&str, &str); 5] = [
+    ("web", include_str!("../../../examples/kubernetes/web.yaml")),
+    (
+        "orders",
+        include_str!("../../../examples/kubernetes/orders.yaml"),
+    ),
+    ("db", include_str!("../../../examples/kubernetes/db.yaml")),
+    (
+        "namespace",
+        include_str!("../../../examples/kubernetes/namespace.yaml"),
+    ),
+    (
+        "policy",
+        include_str!("../../../examples/kubernetes/policy.yaml"),
+    ),
+];
+
+fn example(name: &str) -> &'static str {
+    EXAMPLES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+        .unwrap()
+}
+
+fn docs(text: &str) -> Vec<Value> {
+    parse_documents(text).unwrap()
+}
+
+fn workload(text: &str) -> Value {
+    docs(text)
+        .into_iter()
+        .find(|d| {
+            template_paths(
+                d["apiVersion"].as_str().unwrap(),
+                d["kind"].as_str().unwrap(),
+            )
+            .is_some()
+        })
+        .unwrap()
+}
+
+fn sidecar_config(container: &Value) -> Config {
+    assert_eq!(container["env"][0]["name"], CONFIG_ENV);
+    let toml = container["env"][0]["value"].as_str().unwrap();
+    Config::parse(toml, "env", Path::new("/")).unwrap()
+}
+
+#[test]
+fn a_deployment_gets_a_native_sidecar_that_attests_with_its_service_account() {
+    let out = inject_yaml(example("orders"), &opts()).unwrap();
+    let d = workload(&out);
+    let pod = &d["spec"]["template"];
+    let ann = &pod["metadata"]["annotations"];
+    assert_eq!(ann[ANNOTATION_INJECTED], "true");
+    assert_eq!(
+        ann[ANNOTATION_SPIFFE_ID],
+        "spiffe://mayfly.local/ns/shop/sa/orders"
+    );
+    assert_eq!(ann["kubectl.kubernetes.io/default-container"], "orders");
+    let c = &pod["spec"]["initContainers"][0];
+    assert_eq!(c["name"], CONTAINER_NAME);
+    assert_eq!(c["restartPolicy"], "Always");
+    assert_eq!(c["image"], DEFAULT_IMAGE);
+    assert_eq!(c["args"], json!(["run", "--config-env", CONFIG_ENV]));
+    assert_eq!(
+        c["startupProbe"]["httpGet"],
+        json!({"path": "/readyz", "port": 15000})
+    );
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(
+        c["resources"],
+        json!({"requests": {"cpu": "50m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}})
+    );
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    // The generated configuration is one the sidecar accepts, with the pod's identity.
+    let cfg = sidecar_config(c);
+    assert_eq!(
+        cfg.spiffe_id.to_string(),
+        "spiffe://mayfly.local/ns/shop/sa/orders"
+    );
+    assert_eq!(cfg.control_plane.address, DEFAULT_CONTROL_PLANE);
+    assert!(
+        matches!(&cfg.control_plane.token, TokenSource::K8s(p) if p == Path::new("/var/run/secrets/mayfly/token"))
+    );
+    assert_eq!(cfg.control_plane.ca_pin.as_deref(), Some(PIN));
+    let inbound = cfg.inbound.unwrap();
+    assert_eq!(inbound.listen.to_string(), "0.0.0.0:15443");
+    assert_eq!(inbound.app.to_string(), "127.0.0.1:8080");
+    assert_eq!(cfg.outbound.len(), 1);
+    assert_eq!(cfg.outbound[0].listen.to_string(), "127.0.0.1:15002");
+    assert_eq!(cfg.outbound[0].remote, "db.shop.svc:15443");
+    assert_eq!(cfg.admin.to_string(), "0.0.0.0:15000");
+    assert_eq!(
+        cfg.policy_file.unwrap(),
+        Path::new("/etc/mayfly/policy/policy.toml")
+    );
+    // The token volume: audience mayfly, 600 s, mounted where the config says.
+    let vols = pod["spec"]["volumes"].as_array().unwrap();
+    let token = vols.iter().find(|v| v["name"] == "mayfly-token").unwrap();
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"],
+        json!({"audience": "mayfly", "expirationSeconds": 600, "path": "token"})
+    );
+    let policy = vols.iter().find(|v| v["name"] == "mayfly-policy").unwrap();
+    assert_eq!(policy["configMap"]["name"], "mayfly-policy");
+    // The app container is untouched.
+    let original = workload(example("orders"));
+    assert_eq!(
+        pod["spec"]["containers"],
+        original["spec"]["template"]["spec"]["containers"]
+    );
+}
+
+#[test]
+fn injection_is_idempotent_and_leaves_other_documents_byte_for_byte() {
+    for (name, text) in EXAMPLES {
+        let once = inject_yaml(text, &opts()).unwrap();
+        let twice = inject_yaml(&once, &opts()).unwrap();
+        assert_eq!(once, twice, "{name}");
+    }
+    // The ServiceAccount and the Service of web.yaml (with their comments) are unchanged.
+    let web = example("web");
+    let out = inject_yaml(web, &opts()).unwrap();
+    assert!(out.starts_with("# web: the front end."), "{out}");
+    assert!(out.contains(
+        "---\n# Peers reach web's sidecar (mTLS) on 15443; the app port itself is not exposed.\napiVersion: v1\nkind: Service\n"
+    ));
+    let (a, b) = (docs(web), docs(&out));
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a[0], b[0]);
+    assert_eq!(a[2], b[2]);
+    // Namespaces, ConfigMaps, CRDs and unknown kinds pass through verbatim.
+    for other in [
+        example("namespace"),
+        example("policy"),
+        "apiVersion: example.com/v1\nkind: Deployment\nmetadata: {name: x}\nspec: {template: {spec: {containers: [{name: a}]}}}\n",
+        "# only a comment\n",
+        "",
+        "---\n---\n",
+    ] {
+        assert_eq!(inject_yaml(other, &opts()).unwrap(), other);
+    }
+}
+
+#[test]
+fn every_workload_kind_is_injected_at_its_pod_template() {
+    let pod_spec = json!({"serviceAccountName": "batch", "containers": [{"name": "app", "image": "a", "ports": [{"containerPort": 9000}]}]});
+    let template = json!({"metadata": {"labels": {"a": "b"}}, "spec": pod_spec});
+    let cases = [
+        (
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "n1"}, "spec": pod_spec}),
+            "/spec",
+        ),
+        (
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "s", "namespace": "n1"}, "spec": {"template": template}}),
+            "/spec/template/spec",
+        ),
+        (
+            json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "d", "namespace": "n1"}, "spec": {"template": template}}),
+            "/spec/template/spec",
+        ),
+        (
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "n1"}, "spec": {"template": template}}),
+            "/spec/template/spec",
+        ),
+        (
+            json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c", "namespace": "n1"}, "spec": {"schedule": "* * * * *", "jobTemplate": {"spec": {"template": template}}}}),
+            "/spec/jobTemplate/spec/template/spec",
+        ),
+    ];
+    for (mut obj, spec_path) in cases {
+        assert_eq!(
+            inject_object(&mut obj, &opts(), None).unwrap(),
+            Outcome::Injected
+        );
+        let spec = obj.pointer(spec_path).unwrap();
+        let c = &spec["initContainers"][0];
+        let cfg = sidecar_config(c);
+        assert_eq!(
+            cfg.spiffe_id.to_string(),
+            "spiffe://mayfly.local/ns/n1/sa/batch",
+            "{spec_path}"
+        );
+        assert_eq!(cfg.inbound.unwrap().app.to_string(), "127.0.0.1:9000");
+        assert_eq!(
+            inject_object(&mut obj, &opts(), None).unwrap(),
+            Outcome::AlreadyInjected
+        );
+    }
+    // A List is injected item by item; defaults: namespace "default", service account "default".
+    let mut list = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "a", "ports": [{"containerPort": 80}]}]}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}},
+    ]});
+    assert_eq!(
+        inject_object(&mut list, &opts(), None).unwrap(),
+        Outcome::Injected
+    );
+    assert_eq!(
+        list["items"][0]["metadata"]["annotations"][ANNOTATION_SPIFFE_ID],
+        "spiffe://mayfly.local/ns/default/sa/default"
+    );
+    assert_eq!(
+        list["items"][1],
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}})
+    );
+}
+
+#[test]
+fn annotations_opt_out_set_the_app_port_and_the_options_apply() {
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "annotations": {"mayfly.io/inject": "false"}},
+        "spec": {"containers": [{"name": "a", "ports": [{"containerPort": 80}]}]}});
+    let before = p.clone();
+    assert_eq!(
+        inject_object(&mut p, &opts(), None).unwrap(),
+        Outcome::OptedOut
+    );
+    assert_eq!(p, before);
+    // An existing container named mayfly-sidecar counts as injected.
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "a"}, {"name": "mayfly-sidecar"}]}});
+    assert_eq!(
+        inject_object(&mut p, &opts(), None).unwrap(),
+        Outcome::AlreadyInjected
+    );
+    // app-port beats the first containerPort; UDP ports are skipped; options flow through.
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "ns", "annotations": {"mayfly.io/app-port": "9090", "mayfly.io/protocol": "http"}},
+        "spec": {"serviceAccountName": "sa", "initContainers": [{"name": "migrate"}],
+                 "containers": [{"name": "a", "ports": [{"containerPort": 53, "protocol": "UDP"}, {"containerPort": 80}]}]}});
+    let o = InjectOptions {
+        image: "registry.local/mayfly-sidecar:dev".into(),
+        trust_domain: "prod.example".into(),
+        control_plane: "ca.example:443".into(),
+        ca_pin: PIN.to_uppercase(),
+        policy_configmap: "shop-policy".into(),
+    };
+    assert_eq!(inject_object(&mut p, &o, None).unwrap(), Outcome::Injected);
+    let inits = p["spec"]["initContainers"].as_array().unwrap();
+    assert_eq!(inits.len(), 2);
+    assert_eq!(inits[1]["name"], "migrate", "the sidecar goes first");
+    assert_eq!(inits[0]["image"], "registry.local/mayfly-sidecar:dev");
+    let cfg = sidecar_config(&inits[0]);
+    assert_eq!(
+        cfg.spiffe_id.to_string(),
+        "spiffe://prod.example/ns/ns/sa/sa"
+    );
+    assert_eq!(cfg.control_plane.address, "ca.example:443");
+    assert_eq!(cfg.control_plane.ca_pin.as_deref(), Some(PIN));
+    let inbound = cfg.inbound.unwrap();
+    assert_eq!(inbound.app.to_string(), "127.0.0.1:9090");
+    assert_eq!(inbound.protocol, crate::config::Protocol::Http);
+    assert_eq!(p["spec"]["volumes"][1]["configMap"]["name"], "shop-policy");
+    // Without a port the first TCP containerPort is used.
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "a", "ports": [{"containerPort": 53, "protocol": "UDP"}, {"containerPort": 80}]}]}});
+    inject_object(&mut p, &opts(), None).unwrap();
+    let cfg = sidecar_config(&p["spec"]["initContainers"][0]);
+    assert_eq!(cfg.inbound.unwrap().app.to_string(), "127.0.0.1:80");
+}
+
+#[test]
+fn pods_that_cannot_be_injected_say_why() {
+    let base = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "n"},
+        "spec": {"containers": [{"name": "a", "ports": [{"containerPort": 80}]}]}});
+    type Change<'a> = &'a dyn Fn(&mut Value);
+    let cases: [(Change, &str); 9] = [
+        (
+            &|p| p["spec"]["containers"][0]["ports"] = json!([]),
+            "nothing to proxy",
+        ),
+        (
+            &|p| p["spec"]["containers"][0]["ports"][0]["containerPort"] = json!(15443),
+            "port 15443",
+        ),
+        (
+            &|p| p["spec"]["containers"][0]["ports"][0]["containerPort"] = json!(15000),
+            "port 15000",
+        ),
+        (&|p| p["spec"]["hostNetwork"] = json!(true), "hostNetwork"),
+        (
+            &|p| p["metadata"]["annotations"] = json!({"mayfly.io/app-port": "http"}),
+            "not a port",
+        ),
+        (
+            &|p| p["metadata"]["annotations"] = json!({"mayfly.io/outbound": "db 15002 db:15443"}),
+            "line 1",
+        ),
+        (
+            &|p| {
+                p["metadata"]["annotations"] =
+                    json!({"mayfly.io/outbound": "db 15002 db:15443 spiffe://Bad.example/x"})
+            },
+            "lowercase",
+        ),
+        (
+            &|p| p["spec"]["volumes"] = json!([{"name": "mayfly-token", "emptyDir": {}}]),
+            "mayfly-token",
+        ),
+        (
+            &|p| p["spec"]["serviceAccountName"] = json!("a/b"),
+            "service account",
+        ),
+    ];
+    for (change, want) in cases {
+        let mut p = base.clone();
+        change(&mut p);
+        let e = inject_object(&mut p, &opts(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("Pod/n/p: "), "{e}");
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    // Bad options are refused before any object is read.
+    for bad in [
+        InjectOptions::new("abc"),
+        InjectOptions {
+            trust_domain: "Mayfly.local".into(),
+            ..opts()
+        },
+        InjectOptions {
+            control_plane: "nohost".into(),
+            ..opts()
+        },
+        InjectOptions {
+            policy_configmap: "Bad_Name".into(),
+            ..opts()
+        },
+        InjectOptions {
+            image: "".into(),
+            ..opts()
+        },
+    ] {
+        assert!(matches!(
+            inject_yaml("", &bad),
+            Err(InjectError::Options(_))
+        ));
+    }
+}
+
+#[test]
+fn yaml_is_read_as_kubernetes_reads_it_and_written_back_unambiguously() {
+    let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: x\nspec:\n  template:\n    metadata:\n      annotations:\n    spec:\n      containers:\n      - name: a\n        ports: [{containerPort: 80}]\n        env:\n        - {name: A, value: \"yes\"}\n        - {name: B, value: \"0644\"}\n        - {name: C, value: \"8080\"}\n      volumes:\n      - name: v\n        configMap: {name: c, defaultMode: 0644}\n";
+    let out = inject_yaml(text, &opts()).unwrap();
+    let d = &docs(&out)[0];
+    let env = &d["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert_eq!(env[0]["value"], "yes");
+    assert_eq!(env[1]["value"], "0644");
+    assert_eq!(env[2]["value"], "8080");
+    // YAML 1.1 octal, as the API machinery reads it: 0644 == 420.
+    assert_eq!(
+        d["spec"]["template"]["spec"]["volumes"][0]["configMap"]["defaultMode"],
+        420
+    );
+    // `annotations:` with no value became a map.
+    assert_eq!(
+        d["spec"]["template"]["metadata"]["annotations"][ANNOTATION_INJECTED],
+        "true"
+    );
+    // Errors name the document.
+    let e = inject_yaml("a: 1\n---\nb: [\n", &opts()).unwrap_err();
+    assert!(matches!(e, InjectError::Yaml { doc: 2, .. }), "{e}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn hostile_yaml_never_panics(s in "\\PC{0,400}") {
+        let _ = inject_yaml(&s, &opts());
+    }
+
+    #[test]
+    fn mangled_workloads_never_panic(cut in 0usize..2000, insert in "[-:\\[\\]{}&*!|>'\" \n#%@`a-z0-9]{0,12}") {
+        let text = example("orders");
+        let at = text.char_indices().map(|(i, _)| i).find(|i| *i >= cut % text.len()).unwrap_or(0);
+        let mangled = format!("{}{}{}", &text[..at], insert, &text[at..]);
+        if let Ok(out) = inject_yaml(&mangled, &opts()) {
+            // Whatever was accepted injects to a fixed point.
+            prop_assert_eq!(inject_yaml(&out, &opts()).unwrap(), out);
+        }
+    }
+
+    #[test]
+    fn random_json_objects_never_panic(v in arb_json()) {
+        let mut a = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": v.clone()});
+        let _ = inject_object(&mut a, &opts(), None);
+        let mut b = json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"template": v}});
+        let _ = inject_object(&mut b, &opts(), None);
+    }
+}
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        "[a-z0-9]{0,6}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("containers".to_owned()),
+                    Just("ports".to_owned()),
+                    Just("containerPort".to_owned()),
+                    Just("volumes".to_owned()),
+                    Just("initContainers".to_owned()),
+                    Just("name".to_owned()),
+                    Just("metadata".to_owned()),
+                    Just("spec".to_owned()),
+                    Just("annotations".to_owned()),
+                    "[a-z]{1,4}".prop_map(|s| s),
+                ],
+                inner,
+                0..5
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}

@@ -1,0 +1,446 @@
+//! The audit trail end to end: records for allowed, denied and dry-run traffic; delivery
+//! exactly once across a control-plane restart; tamper detection; a full spool.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mayfly_tests::{
+    Ca, Sidecar, Spec, bin, curl, echo_app, eventually, http_app, policy, round_trip,
+};
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn ca_cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let o = std::process::Command::new(bin("mayfly-ca"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn records(dir: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["audit", "query", "--json", "--limit", "1000000"];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = ca_cli(dir, &args);
+    assert!(ok, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+async fn wait_delivered(s: &Sidecar) {
+    // Twice in a row, 300 ms apart: records still in flight to the spool would show up.
+    let mut clean = 0;
+    let ok = eventually(Duration::from_secs(30), async || {
+        let (_, m) = s.admin_get("/metrics").await;
+        if m.lines().any(|l| l == "mayfly_sidecar_audit_spool_bytes 0") {
+            clean += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        } else {
+            clean = 0;
+        }
+        clean >= 2
+    })
+    .await;
+    assert!(
+        ok,
+        "audit spool not delivered:\n{}",
+        s.admin_get("/metrics").await.1
+    );
+}
+
+const POLICY: &str = r#"version = 1
+[[rule]]
+name = "web-reads-orders"
+from = ["spiffe://mayfly.local/web"]
+to = ["spiffe://mayfly.local/orders"]
+methods = ["GET"]
+paths = ["/orders/**"]
+
+[[rule]]
+name = "no-secrets-soon"
+action = "deny"
+mode = "dry-run"
+from = ["spiffe://mayfly.local/web"]
+to = ["spiffe://mayfly.local/orders"]
+paths = ["/orders/secret"]
+"#;
+
+struct Mesh {
+    tmp: Arc<tempfile::TempDir>,
+    ca: Ca,
+    web: Sidecar,
+    orders: Sidecar,
+    url: String,
+}
+
+async fn http_mesh(fixed_port: bool) -> Mesh {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let mut ca = Ca::start(&tmp);
+    if fixed_port {
+        let port = free_port();
+        ca.proc.as_mut().unwrap().stop();
+        ca.run(&port);
+    }
+    let dir = tmp.path();
+    let pol = dir.join("policy.toml");
+    std::fs::write(&pol, POLICY).unwrap();
+    let app = http_app("orders").await;
+    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("o.token"));
+    let mut orders = Sidecar::start(
+        dir,
+        "orders",
+        &Spec {
+            me: "orders",
+            ca: &ca.addr,
+            token: &tok,
+            policy: &pol,
+            inbound_app: Some(&app),
+            outbound: &[],
+            svid_ttl: None,
+            extra: "[audit]\nspool_dir = \"orders-audit\"\n",
+        }
+        .toml()
+        .replace("app = ", "protocol = \"http\"\napp = "),
+    );
+    let inbound = orders.inbound();
+    // web's egress policy is wider: orders' inbound side decides.
+    let web_pol = dir.join("web-policy.toml");
+    std::fs::write(&web_pol, policy(&[("web", "orders")])).unwrap();
+    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("w.token"));
+    let mut web = Sidecar::start(
+        dir,
+        "web",
+        &Spec {
+            me: "web",
+            ca: &ca.addr,
+            token: &tok,
+            policy: &web_pol,
+            inbound_app: None,
+            outbound: &[("orders", &inbound, "orders")],
+            svid_ttl: None,
+            extra: "[audit]\nspool_dir = \"web-audit\"\n",
+        }
+        .toml()
+        .replace(
+            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
+            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
+        ),
+    );
+    let url = format!("http://{}", web.outbound("orders"));
+    orders.wait_ready().await;
+    web.wait_ready().await;
+    Mesh {
+        tmp,
+        ca,
+        web,
+        orders,
+        url,
+    }
+}
+
+fn codes(url: &str, n: usize) -> Vec<String> {
+    let mut args = Vec::new();
+    for _ in 0..n {
+        args.extend(["-o", "/dev/null"]);
+    }
+    args.extend(["-w", "%{http_code}\\n"]);
+    let urls = vec![url.to_owned(); n];
+    for u in &urls {
+        args.push(u);
+    }
+    curl(&args).1.lines().map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_decision_is_recorded_chained_signed_and_tampering_is_named() {
+    let m = http_mesh(false).await;
+    let base = m.url.clone();
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(codes(&format!("{base}/orders/1"), 1), ["200"]);
+        assert_eq!(
+            curl(&[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                &format!("{base}/orders/1")
+            ])
+            .1,
+            "403"
+        );
+        assert_eq!(
+            codes(&format!("{base}/orders/secret"), 1),
+            ["200"],
+            "dry-run does not deny"
+        );
+    })
+    .await
+    .unwrap();
+    wait_delivered(&m.orders).await;
+    wait_delivered(&m.web).await;
+    let dir = m.ca.dir.clone();
+    let inbound: Vec<serde_json::Value> = records(
+        &dir,
+        &[
+            "--kind",
+            "http.request",
+            "--destination",
+            "spiffe://mayfly.local/orders",
+        ],
+    )
+    .into_iter()
+    .filter(|r| r["direction"] == "inbound")
+    .collect();
+    assert_eq!(inbound.len(), 3, "{inbound:?}");
+    let by_path = |p: &str, method: &str| {
+        inbound
+            .iter()
+            .find(|r| r["path"] == p && r["method"] == method)
+            .cloned()
+            .unwrap()
+    };
+    let allowed = by_path("/orders/1", "GET");
+    assert_eq!(allowed["decision"], "allow");
+    assert_eq!(allowed["rule"], "web-reads-orders");
+    assert_eq!(allowed["status"], 200);
+    assert_eq!(allowed["peer_id"], "spiffe://mayfly.local/web");
+    assert!(allowed["peer_serial"].as_str().unwrap().len() > 16);
+    assert!(allowed["decision_id"].as_str().unwrap().starts_with("d-"));
+    let denied = by_path("/orders/1", "POST");
+    assert_eq!(
+        (denied["decision"].as_str(), denied["status"].as_u64()),
+        (Some("deny"), Some(403))
+    );
+    let dry = by_path("/orders/secret", "GET");
+    assert_eq!(dry["decision"], "allow");
+    assert_eq!(dry["dry_run"]["would"], "deny");
+    assert_eq!(dry["dry_run"]["rule"], "no-secrets-soon");
+    // Control-plane events are in the trail too.
+    assert!(!records(&dir, &["--kind", "svid.issued"]).is_empty());
+    // A signed checkpoint lands within its interval; then the whole trail verifies.
+    let ok = eventually(Duration::from_secs(20), async || {
+        records(&dir, &["--kind", "checkpoint"])
+            .iter()
+            .any(|r| r["source"] == "spiffe://mayfly.local/orders")
+    })
+    .await;
+    assert!(ok, "no checkpoint from orders");
+    wait_delivered(&m.orders).await;
+    let (ok, out, err) = ca_cli(&dir, &["audit", "verify"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("signed checkpoints") && out.contains("all "),
+        "{out}"
+    );
+    // Tamper with a stored record: verify fails and names it.
+    let db = rusqlite::Connection::open(dir.join("ca.db")).unwrap();
+    let chain: String = db
+        .query_row(
+            "SELECT chain FROM audit WHERE chain LIKE 'spiffe://mayfly.local/orders#%' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let line: String = db
+        .query_row(
+            "SELECT line FROM audit WHERE chain = ?1 AND seq = 2",
+            [&chain],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let edited = line.replace("\"deny\"", "\"allow\"").replace("403", "200");
+    assert_ne!(edited, line);
+    db.execute(
+        "UPDATE audit SET line = ?1 WHERE chain = ?2 AND seq = 2",
+        rusqlite::params![edited, chain],
+    )
+    .unwrap();
+    let (ok, out, _) = ca_cli(&dir, &["audit", "verify"]);
+    assert!(!ok);
+    assert!(
+        out.contains(&format!("BROKEN  {chain}:")) && out.contains("record 2 was altered"),
+        "{out}"
+    );
+    // Restore it, then delete one: the gap is named.
+    db.execute(
+        "UPDATE audit SET line = ?1 WHERE chain = ?2 AND seq = 2",
+        rusqlite::params![line, chain],
+    )
+    .unwrap();
+    assert!(ca_cli(&dir, &["audit", "verify"]).0);
+    db.execute("DELETE FROM audit WHERE chain = ?1 AND seq = 2", [&chain])
+        .unwrap();
+    let (ok, out, _) = ca_cli(&dir, &["audit", "verify"]);
+    assert!(!ok);
+    assert!(out.contains("expected record seq 2, found seq 3"), "{out}");
+    drop(m.tmp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_restart_under_load_loses_and_duplicates_nothing() {
+    let mut m = http_mesh(true).await;
+    let url = format!("{}/orders/7", m.url);
+    let port = m.ca.addr.clone();
+    let mut sent = 0;
+    for round in 0..30 {
+        if round == 10 {
+            m.ca.proc.as_mut().unwrap().kill();
+        }
+        if round == 20 {
+            m.ca.run(&port);
+        }
+        let u = url.clone();
+        let got = tokio::task::spawn_blocking(move || codes(&u, 10))
+            .await
+            .unwrap();
+        assert!(got.iter().all(|c| c == "200"), "{got:?}");
+        sent += got.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_delivered(&m.web).await;
+    wait_delivered(&m.orders).await;
+    let all = records(&m.ca.dir, &["--kind", "http.request"]);
+    let from = |src: &str| all.iter().filter(|r| r["source"] == src).count();
+    assert_eq!(
+        from("spiffe://mayfly.local/web"),
+        sent,
+        "web's records: none lost, none twice"
+    );
+    assert_eq!(
+        from("spiffe://mayfly.local/orders"),
+        sent,
+        "orders' records: none lost, none twice"
+    );
+    let (ok, out, err) = ca_cli(&m.ca.dir, &["audit", "verify"]);
+    assert!(ok, "{out}{err}");
+}
+
+async fn tcp_pair_with_audit(
+    extra: &str,
+) -> (Arc<tempfile::TempDir>, Ca, Sidecar, Sidecar, String, String) {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let mut ca = Ca::start(&tmp);
+    let port = free_port();
+    ca.proc.as_mut().unwrap().stop();
+    ca.run(&port);
+    let dir = tmp.path();
+    let pol = dir.join("policy.toml");
+    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
+    let app = echo_app("orders-app").await;
+    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("o.token"));
+    let mut orders = Sidecar::start(
+        dir,
+        "orders",
+        &Spec {
+            me: "orders",
+            ca: &ca.addr,
+            token: &tok,
+            policy: &pol,
+            inbound_app: Some(&app),
+            outbound: &[],
+            svid_ttl: None,
+            extra,
+        }
+        .toml()
+        .replace("spool_dir = \"x\"", "spool_dir = \"orders-audit\""),
+    );
+    let inbound = orders.inbound();
+    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("w.token"));
+    let mut web = Sidecar::start(
+        dir,
+        "web",
+        &Spec {
+            me: "web",
+            ca: &ca.addr,
+            token: &tok,
+            policy: &pol,
+            inbound_app: None,
+            outbound: &[("orders", &inbound, "orders")],
+            svid_ttl: None,
+            extra,
+        }
+        .toml()
+        .replace("spool_dir = \"x\"", "spool_dir = \"web-audit\""),
+    );
+    let out = web.outbound("orders");
+    orders.wait_ready().await;
+    web.wait_ready().await;
+    (tmp, ca, web, orders, out, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_fails_closed_by_default_and_recovers() {
+    let (_tmp, mut ca, _web, orders, out, port) =
+        tcp_pair_with_audit("[audit]\nspool_dir = \"x\"\nmax_spool_bytes = 4096\n").await;
+    ca.proc.as_mut().unwrap().kill();
+    // Records pile up with nobody to acknowledge them, until the spool is full.
+    let mut refused = false;
+    for _ in 0..200 {
+        if round_trip(&out, b"x").await.is_err() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(
+        refused,
+        "a full spool must refuse new connections (fail-closed)"
+    );
+    assert!(orders.metric("mayfly_sidecar_connections_total{direction=\"Inbound\",decision=\"audit_full\"}").await
+        + _web.metric("mayfly_sidecar_connections_total{direction=\"Outbound\",decision=\"audit_full\"}").await >= 1.0);
+    // The control plane returns, takes the records, and traffic flows again.
+    ca.run(&port);
+    let back = eventually(Duration::from_secs(30), async || {
+        round_trip(&out, b"x").await.is_ok()
+    })
+    .await;
+    assert!(back, "traffic must resume once the spool drains");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_in_drop_mode_counts_and_marks_the_gap() {
+    let (_tmp, mut ca, web, _orders, out, port) = tcp_pair_with_audit(
+        "[audit]\nspool_dir = \"x\"\nmax_spool_bytes = 4096\nwhen_full = \"drop\"\n",
+    )
+    .await;
+    ca.proc.as_mut().unwrap().kill();
+    for _ in 0..60 {
+        round_trip(&out, b"x")
+            .await
+            .expect("drop mode never refuses traffic");
+    }
+    let counted = eventually(Duration::from_secs(5), async || {
+        web.metric("mayfly_sidecar_audit_dropped").await > 0.0
+    })
+    .await;
+    assert!(
+        counted,
+        "records must have been dropped and counted:\n{}\n{}",
+        web.admin_get("/metrics").await.1,
+        web.proc.log()
+    );
+    ca.run(&port);
+    wait_delivered(&web).await;
+    round_trip(&out, b"x").await.unwrap();
+    wait_delivered(&web).await;
+    let gaps = records(&ca.dir, &["--kind", "gap"]);
+    assert!(
+        gaps.iter()
+            .any(|g| g["source"] == "spiffe://mayfly.local/web"
+                && g["dropped"].as_u64().unwrap_or(0) > 0),
+        "{gaps:?}"
+    );
+}
