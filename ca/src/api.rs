@@ -10,6 +10,47 @@ pub const SVID_PATH: &str = "/v1/svid";
 pub const AUDIT_PATH: &str = "/v1/audit";
 /// The largest audit batch accepted, in bytes.
 pub const MAX_AUDIT_BODY: usize = 4 * 1024 * 1024;
+/// `GET`: a long-lived stream of [`Snapshot`]s (one JSON object per line), over mTLS.
+pub const WATCH_PATH: &str = "/v1/watch";
+
+/// What the control plane pushes to sidecars: the policy in force, the live grants and the
+/// trust bundle. Sent at once, then on every change, and as a heartbeat every 15 s.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Bumped on every change.
+    pub generation: u64,
+    /// Content hash of the policy, when the control plane distributes one.
+    pub policy_version: Option<String>,
+    /// The policy's TOML source.
+    pub policy: Option<String>,
+    /// Grants approved and not yet expired or revoked (the sidecar enforces expiry with its
+    /// own clock).
+    pub grants: Vec<GrantWire>,
+    /// The trust bundle (SPIFFE JWK Set).
+    pub bundle: serde_json::Value,
+}
+
+/// A grant on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantWire {
+    /// Grant id.
+    pub id: String,
+    /// Exact source SPIFFE ID.
+    pub from: String,
+    /// Exact destination SPIFFE ID.
+    pub to: String,
+    /// HTTP methods (empty = any).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Path patterns (empty = any).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub expires: i64,
+}
+
 /// The path of the control plane's own SPIFFE ID in its trust domain.
 pub const CA_ID_PATH: &str = "/mayfly/ca";
 /// The largest request body the control plane reads.

@@ -378,6 +378,88 @@ impl CaClient {
         self.request_svid(tls, key, id, Bootstrap::None, ttl).await
     }
 
+    /// Follows `GET /v1/watch` over mTLS, sending each snapshot to `out`, until the stream
+    /// ends or fails (the caller reconnects).
+    pub async fn watch(
+        &self,
+        bundles: SharedBundles,
+        current: Arc<Credentials>,
+        out: tokio::sync::mpsc::Sender<api::Snapshot>,
+    ) -> Result<(), ClientError> {
+        let tls = self.verified_tls(bundles, current)?;
+        let tcp = tokio::time::timeout(CALL_TIMEOUT, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| ClientError::Timeout(CALL_TIMEOUT))?
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        let stream = tokio::time::timeout(
+            CALL_TIMEOUT,
+            TlsConnector::from(Arc::new(tls)).connect(dial_name(), tcp),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(CALL_TIMEOUT))?
+        .map_err(|e| ClientError::Tls {
+            addr: self.addr.clone(),
+            reason: describe_tls_error(&e),
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(api::WATCH_PATH)
+            .header(http::header::HOST, "mayfly-ca")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            driver.abort();
+            return Err(Self::refused(status, &body));
+        }
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        // A heartbeat arrives every 15 s: silence for 45 s means the stream is dead.
+        loop {
+            let frame = match tokio::time::timeout(Duration::from_secs(45), body.frame()).await {
+                Err(_) => break Err(ClientError::Timeout(Duration::from_secs(45))),
+                Ok(None) => break Ok(()),
+                Ok(Some(Err(e))) => break Err(ClientError::Http(e.to_string())),
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            if buf.len() > 16 << 20 {
+                break Err(ClientError::BadAnswer("watch snapshot over 16 MiB".into()));
+            }
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let snap: api::Snapshot = serde_json::from_slice(&line[..line.len() - 1])
+                    .map_err(|e| ClientError::BadAnswer(format!("watch snapshot: {e}")))?;
+                if out.send(snap).await.is_err() {
+                    driver.abort();
+                    return Ok(());
+                }
+            }
+        }
+        .inspect(|_| driver.abort())
+    }
+
     /// Streams audit records (JSON lines) over mTLS with the current SVID; returns the highest
     /// seq the control plane has stored for that chain.
     pub async fn post_audit(

@@ -14,6 +14,7 @@ use mayfly_ca::server::{self, CaSettings, RunOptions};
 use serde_json::Value;
 
 mod audit_cmd;
+mod grant_cmd;
 mod policy_cmd;
 
 #[derive(Parser)]
@@ -74,6 +75,9 @@ enum Cmd {
     /// The audit trail: tail, query, verify.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCmd),
+    /// Just-in-time grants: request, approve, deny, revoke, list.
+    #[command(subcommand)]
+    Grant(grant_cmd::GrantCmd),
 }
 
 #[derive(Args)]
@@ -106,6 +110,9 @@ struct RunArgs {
     /// How long a client may take for the TLS handshake, headers and body.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     client_timeout: Duration,
+    /// A policy file to validate, version, hot-reload and push to every sidecar.
+    #[arg(long)]
+    policy: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -292,6 +299,7 @@ async fn run(args: RunArgs) -> Result<()> {
         metrics_listen,
         settings,
         drain: Duration::from_secs(10),
+        policy_file: args.policy.clone(),
     })
     .await
     .context("cannot start the control plane")?;
@@ -501,6 +509,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Cmd::Policy(cmd) => policy_cmd::run(cmd),
         Cmd::Audit(cmd) => audit_cmd::run(cmd).await,
+        Cmd::Grant(cmd) => grant_cmd::run(cmd).await,
     }
 }
 

@@ -185,7 +185,7 @@ impl Client {
                 .await
                 .context("reading from db")?;
             if n == 0 {
-                bail!("db closed the connection (refused by its sidecar?)");
+                bail!("the connection was closed without an answer");
             }
             Ok(reply.trim_end().to_owned())
         };

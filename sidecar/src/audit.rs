@@ -73,6 +73,9 @@ pub struct AuditConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
+    /// The SPIFFE ID whose records this spool holds.
+    #[serde(default)]
+    source: Option<String>,
     epoch: String,
     next_seq: u64,
     last_hash: String,
@@ -183,6 +186,26 @@ impl Spool {
         self.dir.join("spool.jsonl")
     }
 
+    fn open_for(dir: &Path, source: &str) -> Result<Self, SpoolError> {
+        let mut s = Self::open(dir)?;
+        match &s.state.source {
+            Some(owner) if owner != source => {
+                return Err(SpoolError::Corrupt(
+                    dir.join("state.json"),
+                    format!(
+                        "this spool holds the records of {owner}, not {source}: give each sidecar its own audit.spool_dir"
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                s.state.source = Some(source.to_owned());
+                s.save_state()?;
+            }
+        }
+        Ok(s)
+    }
+
     fn open(dir: &Path) -> Result<Self, SpoolError> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -202,6 +225,7 @@ impl Spool {
                 let mut b = [0u8; 8];
                 mayfly_ca::keys::fill_random(&mut b);
                 State {
+                    source: None,
                     epoch: hex::encode(b),
                     next_seq: 1,
                     last_hash: GENESIS.into(),
@@ -478,7 +502,7 @@ pub fn start(
     metrics: Arc<crate::metrics::Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(Arc<Auditor>, tokio::task::JoinHandle<()>), SpoolError> {
-    let spool = Spool::open(&cfg.spool_dir)?;
+    let spool = Spool::open_for(&cfg.spool_dir, &identity.id.to_string())?;
     let sink: Option<Box<dyn Write + Send>> = match &cfg.sink {
         Sink::None => None,
         Sink::Stdout => Some(Box::new(std::io::stdout())),

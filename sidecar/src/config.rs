@@ -469,10 +469,11 @@ impl Config {
             return Err(c.bad("runtime.worker_threads", "must be between 1 and 64"));
         }
         let audit = crate::audit::AuditConfig {
-            spool_dir: rel(raw
-                .audit
-                .spool_dir
-                .unwrap_or_else(|| PathBuf::from("mayfly-audit"))),
+            // One spool per identity by default: two sidecars must never share one.
+            spool_dir: rel(raw.audit.spool_dir.unwrap_or_else(|| {
+                PathBuf::from("mayfly-audit")
+                    .join(spiffe_id.path().trim_start_matches('/').replace('/', "_"))
+            })),
             max_spool_bytes: match raw.audit.max_spool_bytes.unwrap_or(64 << 20) {
                 n if n < 4096 => {
                     return Err(c.bad("audit.max_spool_bytes", "must be at least 4096"));

@@ -94,8 +94,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let policy = PolicyState::new(cfg.policy_file.clone(), metrics.clone());
     policy.load_file()?;
     if cfg.policy_file.is_none() {
-        tracing::warn!(
-            "no [policy] file configured: every connection is denied until a policy is loaded"
+        tracing::info!(
+            "no [policy] file: following the control plane's policy; every connection is denied until the first snapshot arrives"
         );
     }
     let identity = Identity::new(
@@ -154,6 +154,18 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         identity.clone().refresh_bundles(stop_rx.clone()),
     ));
     tasks.push(tokio::spawn(policy.clone().watch_file(stop_rx.clone())));
+    tasks.push(tokio::spawn(policy.clone().grant_clock(stop_rx.clone())));
+    if cfg.policy_file.is_none() {
+        let client = mayfly_ca::client::CaClient::new(
+            cfg.control_plane.address.clone(),
+            cfg.spiffe_id.trust_domain().clone(),
+        )?;
+        tasks.push(tokio::spawn(policy.clone().follow_control_plane(
+            identity.clone(),
+            client,
+            stop_rx.clone(),
+        )));
+    }
     let mut inbound_addr = None;
     if let Some((i, l)) = inbound {
         inbound_addr = Some(local(&l, i.listen));

@@ -20,6 +20,8 @@ pub const POLL: Duration = Duration::from_secs(1);
 /// The compiled policy in force and a generation counter that ticks on every change.
 pub struct PolicyState {
     engine: ArcSwapOption<Engine>,
+    /// Live JIT grants (expiry is enforced by this sidecar's own clock).
+    grants: arc_swap::ArcSwap<Vec<mayfly_policy::Grant>>,
     generation: watch::Sender<u64>,
     file: Option<PathBuf>,
     metrics: Arc<Metrics>,
@@ -48,6 +50,7 @@ impl PolicyState {
         let (generation, _) = watch::channel(0);
         Arc::new(Self {
             engine: ArcSwapOption::empty(),
+            grants: arc_swap::ArcSwap::from_pointee(Vec::new()),
             generation,
             file,
             metrics,
@@ -95,6 +98,126 @@ impl PolicyState {
                 Ok(())
             }
             Err(e) => Err(LoadError::Invalid(e.to_string())),
+        }
+    }
+
+    /// Installs a snapshot pushed by the control plane: its policy (when it changed) and its
+    /// grants. A snapshot whose policy does not parse is refused whole.
+    pub fn install_snapshot(&self, snap: &mayfly_ca::api::Snapshot) -> Result<(), LoadError> {
+        let mut changed = false;
+        if let (Some(src), Some(v)) = (&snap.policy, &snap.policy_version)
+            && self.version().as_deref() != Some(v.as_str())
+        {
+            let loaded = Policy::from_toml(src, "control-plane policy")
+                .map_err(|e| LoadError::Invalid(e.to_string()))?;
+            let engine = Engine::with_seed(&loaded.policy, seed());
+            info!(version = %engine.version(), "policy from the control plane in force");
+            self.engine.store(Some(Arc::new(engine)));
+            changed = true;
+        }
+        let mut grants = Vec::with_capacity(snap.grants.len());
+        for g in &snap.grants {
+            let at = |t: i64| {
+                OffsetDateTime::from_unix_timestamp(t).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+            };
+            let paths = g
+                .paths
+                .iter()
+                .filter_map(|p| mayfly_policy::PathPattern::parse(p).ok())
+                .collect();
+            grants.push(mayfly_policy::Grant {
+                id: g.id.clone(),
+                from: g.from.clone(),
+                to: g.to.clone(),
+                methods: g.methods.clone(),
+                paths,
+                not_before: at(g.not_before),
+                expires: at(g.expires),
+            });
+        }
+        let old: Vec<String> = self.grants.load().iter().map(|g| g.id.clone()).collect();
+        let new: Vec<String> = grants.iter().map(|g| g.id.clone()).collect();
+        if old != new {
+            info!(grants = ?new, "live grants updated");
+            self.grants.store(Arc::new(grants));
+            changed = true;
+        }
+        if changed {
+            self.generation.send_modify(|g| *g += 1);
+        }
+        Ok(())
+    }
+
+    /// Re-checks open connections whenever a grant starts or ends, by this sidecar's clock:
+    /// a grant ends on time even if the control plane is away.
+    pub async fn grant_clock(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut changes = self.generation.subscribe();
+        loop {
+            let now = OffsetDateTime::now_utc();
+            let next = self
+                .grants
+                .load()
+                .iter()
+                .flat_map(|g| [g.not_before, g.expires])
+                .filter(|t| *t > now)
+                .min();
+            let wait = next
+                .map(|t| Duration::from_secs_f64((t - now).as_seconds_f64().max(0.0)))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {
+                    info!("a grant started or ended: re-checking open connections");
+                    self.generation.send_modify(|g| *g += 1);
+                    let _ = changes.borrow_and_update();
+                }
+                r = changes.changed() => { if r.is_err() { return; } }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Follows the control plane's snapshots; keeps enforcing the last one while it is away.
+    pub async fn follow_control_plane(
+        self: Arc<Self>,
+        identity: Arc<crate::identity::Identity>,
+        client: mayfly_ca::client::CaClient,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            if identity.ready() {
+                let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+                let fut = client.watch(identity.bundles.clone(), identity.creds.clone(), tx);
+                tokio::pin!(fut);
+                let result = loop {
+                    tokio::select! {
+                        r = &mut fut => break r.map_err(|e| e.to_string()),
+                        Some(snap) = rx.recv() => {
+                            backoff = Duration::from_millis(250);
+                            let ok = match self.install_snapshot(&snap) {
+                                Ok(()) => true,
+                                Err(e) => {
+                                    error!(in_force = self.version().as_deref().unwrap_or("none"), "policy from the control plane refused:\n{e}");
+                                    false
+                                }
+                            };
+                            self.metrics.policy_reloads.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" }.into() }).inc();
+                        }
+                        _ = shutdown.changed() => return,
+                    }
+                };
+                while let Ok(snap) = rx.try_recv() {
+                    let _ = self.install_snapshot(&snap);
+                }
+                if let Err(e) = result {
+                    warn!(error = %e, retry_in = ?backoff, in_force = self.version().as_deref().unwrap_or("none"), "policy watch interrupted; enforcing the last snapshot");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
 
@@ -154,7 +277,7 @@ impl PolicyState {
             http: None,
             now: OffsetDateTime::now_utc(),
         };
-        Verdict::Decided(engine.decide(&req, &[]))
+        Verdict::Decided(engine.decide(&req, &self.grants.load()))
     }
 }
 
@@ -194,7 +317,7 @@ impl PolicyState {
             }),
             now: OffsetDateTime::now_utc(),
         };
-        Verdict::Decided(engine.decide(&req, &[]))
+        Verdict::Decided(engine.decide(&req, &self.grants.load()))
     }
 
     /// Whether some rule could allow some HTTP request from `source` to `destination`: a
@@ -218,7 +341,7 @@ impl PolicyState {
             http: None,
             now: OffsetDateTime::now_utc(),
         };
-        engine.may_allow_any(&req, &[])
+        engine.may_allow_any(&req, &self.grants.load())
     }
 }
 

@@ -170,6 +170,8 @@ pub struct Ca {
     pub dir: PathBuf,
     pub proc: Option<Proc>,
     pub addr: String,
+    /// Extra `run` flags, kept for restarts.
+    pub extra: Vec<String>,
     _tmp: Arc<tempfile::TempDir>,
 }
 
@@ -196,6 +198,7 @@ impl Ca {
             dir,
             proc: None,
             addr: String::new(),
+            extra: Vec::new(),
             _tmp: tmp.clone(),
         };
         ca.run("127.0.0.1:0");
@@ -226,6 +229,7 @@ impl Ca {
             dir,
             proc: Some(p),
             addr,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: tmp.clone(),
         }
     }
@@ -245,6 +249,30 @@ impl Ca {
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
+    /// A control plane on an already initialised data directory, with extra `run` flags.
+    pub fn start_with_existing(
+        tmp: &Arc<tempfile::TempDir>,
+        dir: &Path,
+        listen: &str,
+        extra: &[&str],
+    ) -> Self {
+        let mut ca = Self {
+            dir: dir.to_path_buf(),
+            proc: None,
+            addr: String::new(),
+            extra: Vec::new(),
+            _tmp: tmp.clone(),
+        };
+        ca.run_with(listen, extra);
+        ca
+    }
+
+    /// (Re)starts `mayfly-ca run` on `listen` with extra flags, keeping them for restarts.
+    pub fn run_with(&mut self, listen: &str, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.run(listen);
+    }
+
     /// (Re)starts `mayfly-ca run` on `listen`.
     pub fn run(&mut self, listen: &str) {
         let mut cmd = Command::new(bin("mayfly-ca"));
@@ -257,6 +285,7 @@ impl Ca {
             "--metrics-listen",
             "off",
         ]);
+        cmd.args(&self.extra);
         let mut p = Proc::spawn(cmd, &["mayfly-ca listening"]);
         let _ = p.addr("mayfly-ca listening");
         self.addr = p

@@ -47,6 +47,20 @@ pub enum AdminRequest {
     /// Authorities and their states.
     #[serde(rename = "status")]
     Status,
+    /// Request a just-in-time grant.
+    #[serde(rename = "grant.request")]
+    GrantRequest(super::distribution::GrantRequest),
+    /// Approve, deny or revoke a grant.
+    #[serde(rename = "grant.decide")]
+    GrantDecide {
+        /// Grant id.
+        id: String,
+        /// `approve`, `deny` or `revoke`.
+        action: String,
+    },
+    /// List grants.
+    #[serde(rename = "grant.list")]
+    GrantList,
 }
 
 /// An admin answer.
@@ -137,6 +151,22 @@ fn dispatch(ca: &Ca, who: &str, req: AdminRequest) -> AdminResponse {
                 Err(e) => err(e.to_string()),
             }
         }
+        AdminRequest::GrantRequest(req) => {
+            match super::distribution::request(ca, &ca.dist, who, req) {
+                Ok(g) => ok(serde_json::to_value(g).unwrap_or_default()),
+                Err(e) => err(e),
+            }
+        }
+        AdminRequest::GrantDecide { id, action } => {
+            match super::distribution::decide(ca, &ca.dist, who, &id, &action) {
+                Ok(g) => ok(serde_json::to_value(g).unwrap_or_default()),
+                Err(e) => err(e),
+            }
+        }
+        AdminRequest::GrantList => match super::distribution::list(ca) {
+            Ok(l) => ok(serde_json::to_value(l).unwrap_or_default()),
+            Err(e) => err(e),
+        },
         AdminRequest::Status => match ca.authorities() {
             Ok(a) => ok(super::status_json(&a)),
             Err(e) => err(e.to_string()),

@@ -139,6 +139,8 @@ pub struct Ca {
     settings: CaSettings,
     /// Metrics.
     pub metrics: Metrics,
+    /// Central policy and grants.
+    pub dist: Arc<super::distribution::Distribution>,
 }
 
 fn lock_err() -> StoreError {
@@ -152,6 +154,7 @@ impl Ca {
         store: Arc<dyn Store>,
         authorities: Authorities,
         settings: CaSettings,
+        dist: Arc<super::distribution::Distribution>,
     ) -> Result<Arc<Self>, Refusal> {
         let td = authorities.trust_domain().clone();
         let ca_id = parse_id(&format!("spiffe://{td}{}", crate::api::CA_ID_PATH))
@@ -168,6 +171,7 @@ impl Ca {
             ca_id,
             settings,
             metrics: Metrics::new(),
+            dist,
         });
         ca.rotate(now)?;
         ca.renew_own_svid(now)?;

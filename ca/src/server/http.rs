@@ -47,13 +47,52 @@ fn error(status: u16, reason: &str, msg: String) -> Response<Full<Bytes>> {
     )
 }
 
+/// Response bodies: whole (most) or streamed (`/v1/watch`).
+pub type RespBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// How often a watch stream repeats the snapshot when nothing changes (a heartbeat).
+pub const WATCH_HEARTBEAT: Duration = Duration::from_secs(15);
+
+fn watch(ca: Arc<Ca>, peer: Option<SvidInfo>) -> Response<RespBody> {
+    if peer.is_none() {
+        return error(
+            401,
+            "unauthenticated",
+            "watch needs mTLS with a valid SVID".into(),
+        )
+        .map(BodyExt::boxed);
+    }
+    let rx = ca.dist.subscribe();
+    let stream = futures_util::stream::unfold((ca, rx, true), |(ca, mut rx, first)| async move {
+        if !first {
+            // A change, or a heartbeat; a closed channel means shutdown.
+            if let Ok(Err(_)) = tokio::time::timeout(WATCH_HEARTBEAT, rx.changed()).await {
+                return None;
+            }
+        }
+        let snap = ca.dist.snapshot(&ca);
+        let mut line = serde_json::to_vec(&snap).unwrap_or_default();
+        line.push(b'\n');
+        Some((
+            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(line))),
+            (ca, rx, false),
+        ))
+    });
+    let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
 /// Serves one request.
 pub async fn handle(
     ca: Arc<Ca>,
     peer: Option<SvidInfo>,
     addr: SocketAddr,
     req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<RespBody> {
     let start = Instant::now();
     let path = req.uri().path().to_owned();
     let resp = match (req.method(), path.as_str()) {
@@ -62,7 +101,8 @@ pub async fn handle(
         }
         (&Method::POST, api::SVID_PATH) => svid(ca.clone(), peer, addr, req).await,
         (&Method::POST, api::AUDIT_PATH) => audit(ca.clone(), peer, req).await,
-        (_, api::BUNDLE_PATH | api::SVID_PATH | api::AUDIT_PATH) => {
+        (&Method::GET, api::WATCH_PATH) => return watch(ca.clone(), peer),
+        (_, api::BUNDLE_PATH | api::SVID_PATH | api::AUDIT_PATH | api::WATCH_PATH) => {
             error(405, "method_not_allowed", "method not allowed".into())
         }
         _ => error(404, "not_found", format!("no such endpoint: {path}")),
@@ -75,7 +115,7 @@ pub async fn handle(
         .latency
         .get_or_create(&PathLabel { path: label })
         .observe(start.elapsed().as_secs_f64());
-    resp
+    resp.map(BodyExt::boxed)
 }
 
 async fn audit(

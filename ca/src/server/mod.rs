@@ -5,6 +5,7 @@ pub mod attest;
 pub mod audit;
 pub mod ca;
 pub mod datadir;
+pub mod distribution;
 pub mod http;
 pub mod metrics;
 
@@ -156,6 +157,8 @@ pub struct RunOptions {
     pub settings: CaSettings,
     /// How long to drain connections on shutdown.
     pub drain: Duration,
+    /// The policy file to distribute to sidecars (`--policy`).
+    pub policy_file: Option<PathBuf>,
 }
 
 /// What a started control plane exposes to its caller (tests, the binary).
@@ -185,7 +188,9 @@ impl Running {
 pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
     let (dd, store, authorities) = open(&opts.data_dir)?;
     let store: Arc<dyn Store> = store;
-    let ca = Ca::start(store, authorities, opts.settings.clone())
+    let dist =
+        distribution::Distribution::new(opts.policy_file.clone()).map_err(ServerError::Other)?;
+    let ca = Ca::start(store, authorities, opts.settings.clone(), dist.clone())
         .map_err(|e| ServerError::Other(e.to_string()))?;
     let listener = TcpListener::bind(opts.listen)
         .await
@@ -226,6 +231,14 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
     if let Some(l) = metrics_listener {
         tasks.push(tokio::spawn(serve_metrics(ca.clone(), l, rx.clone())));
     }
+    tasks.push(tokio::spawn(
+        dist.clone().watch_file(ca.clone(), rx.clone()),
+    ));
+    tasks.push(tokio::spawn(distribution::expiry_events(
+        ca.clone(),
+        dist.clone(),
+        rx.clone(),
+    )));
     tasks.push(tokio::spawn(maintain(ca.clone(), rx)));
     info!(api = %api_addr, trust_domain = %ca.bundle().trust_domain(), id = %ca.ca_id(), "control plane started");
     Ok(Running {

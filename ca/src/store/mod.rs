@@ -241,6 +241,11 @@ pub trait Store: Send + Sync {
         chain: &str,
         rows: &[AuditRow],
     ) -> Result<Result<u64, AuditConflict>, StoreError>;
+    /// Stores (inserts or replaces) a grant: its id, state, expiry and JSON body.
+    fn put_grant(&self, id: &str, state: &str, expires: i64, body: &str) -> Result<(), StoreError>;
+    /// Every grant's JSON body, newest first.
+    fn list_grants(&self) -> Result<Vec<String>, StoreError>;
+
     /// Every chain key.
     fn audit_chains(&self) -> Result<Vec<String>, StoreError>;
     /// A chain's lines in seq order.

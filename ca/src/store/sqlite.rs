@@ -43,6 +43,10 @@ const MIGRATIONS: &[&str] = &[
         kind TEXT NOT NULL, line TEXT NOT NULL, UNIQUE (chain, seq));
      CREATE INDEX audit_by_time ON audit (ts_ms);
      DROP TABLE events;",
+    // 3: just-in-time grants.
+    "CREATE TABLE grants (
+        id TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL, body TEXT NOT NULL,
+        created INTEGER NOT NULL DEFAULT (unixepoch()));",
 ];
 
 /// The SQLite store: one connection behind a mutex (operations are short).
@@ -669,6 +673,33 @@ impl Store for SqliteStore {
             }
             tx.commit().map_err(db)?;
             Ok(Ok(last))
+        })
+    }
+
+    fn put_grant(&self, id: &str, state: &str, expires: i64, body: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO grants (id, state, expires, body) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET state = excluded.state,
+                   expires = excluded.expires, body = excluded.body",
+                params![id, state, expires, body],
+            )
+            .map(|_| ())
+            .map_err(db)
+        })
+    }
+
+    fn list_grants(&self) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare("SELECT body FROM grants ORDER BY created DESC, id")
+                .map_err(db)?;
+            let rows = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
         })
     }
 

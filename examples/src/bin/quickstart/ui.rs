@@ -71,7 +71,7 @@ impl Ui {
     pub(crate) fn quote(&self, text: &str) {
         let ind = format!("{INDENT}  ");
         for raw in text.lines() {
-            let lines = wrap(raw, WIDTH - ind.len());
+            let lines = wrap(raw, WIDTH - ind.len() - 2);
             for (i, line) in lines.iter().enumerate() {
                 let cont = if i == 0 { "" } else { "  " };
                 self.out(format!("{ind}{cont}{line}").trim_end());

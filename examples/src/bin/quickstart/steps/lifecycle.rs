@@ -1,11 +1,12 @@
 //! Steps 7-8 and the summary: rotation, grants and audit.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mayfly_examples::web;
 use serde_json::{Value, json};
 
-use crate::mesh::Mesh;
+use crate::mesh::{Mesh, SidecarSpec};
 use crate::report::{Outcome, Report};
 use crate::ui::{Ui, table};
 
@@ -101,6 +102,26 @@ fn probe(mesh: &Mesh, cmd: &str, subcommands: &[&str]) -> bool {
     }
 }
 
+/// Whether this build's sidecar knows the `[audit]` configuration table (and so records its
+/// decisions).
+fn sidecar_has_audit(mesh: &Mesh) -> bool {
+    let spec = SidecarSpec {
+        name: "probe",
+        inbound: Some(("127.0.0.1:9", "tcp")),
+        outbound: vec![],
+        policy: Path::new("policy.toml"),
+        svid_ttl: "1m",
+    };
+    let Ok(path) = mesh.write_config(&spec) else {
+        return false;
+    };
+    let text = format!("{}\n[audit]\n", spec.toml(&mesh.ca_addr));
+    let ok =
+        std::fs::write(&path, text).is_ok() && mesh.check(&path).is_ok_and(|(code, _)| code == 0);
+    let _ = std::fs::remove_file(&path);
+    ok
+}
+
 /// Step 8: JIT grants and audit, if this build has them.
 pub(crate) async fn grants_and_audit(ui: &mut Ui, mesh: &Mesh, report: &mut Report) {
     ui.step("Just-in-time grants and the audit trail");
@@ -135,11 +156,11 @@ pub(crate) async fn grants_and_audit(ui: &mut Ui, mesh: &Mesh, report: &mut Repo
             json!({ "available": false }),
         );
     }
-    if probe(mesh, "audit", &["verify", "query"]) {
+    if probe(mesh, "audit", &["verify", "query"]) && sidecar_has_audit(mesh) {
         audit(ui, mesh, report).await;
     } else {
         ui.item(
-            "mayfly-ca audit: ",
+            "audit trail:     ",
             "not available in this build (would show a hash-chained record of every decision \
              above, checked for gaps and edits).",
         );

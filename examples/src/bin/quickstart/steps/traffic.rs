@@ -69,7 +69,7 @@ pub(crate) async fn web_to_orders(ui: &mut Ui, mesh: &Mesh, s: &Services, report
             Mode::Tcp => {
                 ui.say(&format!(
                     "200 OK. The app saw {} x-forwarded-client-cert header: in TCP mode the \
-                     sidecar passes bytes, it does not add headers (that needs HTTP mode, {}).",
+                     sidecar passes bytes and adds no headers. HTTP mode, which does, is {}.",
                     if w.xfcc.is_empty() {
                         "no"
                     } else {
@@ -293,7 +293,7 @@ pub(crate) async fn web_post(ui: &mut Ui, mesh: &Mesh, s: &Services, report: &mu
             ui.say(&format!(
                 "Answered {status}: in TCP mode the sidecars authorize the connection (web may \
                  talk to orders), not each request, so a GET-only rule cannot be enforced \
-                 here. Method-level rules need the sidecar's HTTP mode: {}.",
+                 here. Method-level rules need the sidecar's HTTP mode, which is {}.",
                 s.no_http.0
             ));
             ui.say("The policy engine already decides per request; under the HTTP policy:");
