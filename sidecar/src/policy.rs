@@ -67,6 +67,11 @@ impl PolicyState {
         self.engine.load().as_ref().map(|e| e.version().to_string())
     }
 
+    /// Whether a grant with this id is live in this sidecar.
+    pub fn has_grant(&self, id: &str) -> bool {
+        self.grants.load().iter().any(|g| g.id == id)
+    }
+
     /// A receiver that sees every policy change.
     pub fn watch(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()

@@ -2,8 +2,9 @@
 //!
 //! Starts a control plane (`mayfly-ca init` + `run`) and three sample services (web, orders,
 //! db), each with its own `mayfly-sidecar`, in a temporary directory; then walks through
-//! allowed and denied calls, the identity the app sees, `policy explain`, and SVID rotation,
-//! with real traffic; prints a summary; stops everything and removes the directory (also on
+//! allowed and denied calls, the identity the app sees, `policy explain`, SVID rotation, a
+//! just-in-time grant from request to expiry, and the audit trail, with real traffic; prints
+//! a summary; stops everything and removes the directory (also on
 //! Ctrl-C and on failure). `--keep-running` leaves the mesh up until Ctrl-C.
 
 mod mesh;
@@ -159,14 +160,15 @@ async fn tour(cli: &Cli, report: &mut Report, finished: &mut bool) -> anyhow::Re
     let mut mesh = Mesh::new(bins)?;
     report.data_dir = Some(mesh.data_dir().display().to_string());
 
-    steps::control_plane(&mut ui, &mut mesh, report).await?;
+    steps::control_plane(&mut ui, &mut mesh, report, &opts).await?;
     let services = steps::services(&mut ui, &mut mesh, report, &opts).await?;
     steps::policy(&mut ui, &services);
     steps::web_to_orders(&mut ui, &mesh, &services, report).await;
     steps::web_post(&mut ui, &mesh, &services, report).await;
     steps::web_to_db(&mut ui, &mesh, &services, report).await;
     steps::rotation(&mut ui, &services, report, &opts).await;
-    steps::grants_and_audit(&mut ui, &mesh, report).await;
+    steps::grant(&mut ui, &mesh, &services, report).await;
+    steps::audit_trail(&mut ui, &mesh, report).await;
     steps::summary(&mut ui, report);
 
     if cli.keep_running {
@@ -248,6 +250,35 @@ async fn keep_running(ui: &Ui, mesh: &Mesh, s: &Services) -> anyhow::Result<()> 
         format!("--from {}", mesh::id("web")),
         format!("--to {}", mesh::id("db")),
     ]);
+    let nc_db = format!(
+        "printf 'KEYS order:\\n' | nc {}",
+        s.web_to_db().replace(':', " ")
+    );
+    ui.say("Just-in-time access: web -> db is denied, a grant opens it for a while:");
+    ui.command(&format!("{nc_db:<40} # web -> db: denied"));
+    ui.command_chunks(&[
+        "mayfly-ca grant request".to_owned(),
+        format!("--from {}", mesh::id("web")),
+        format!("--to {}", mesh::id("db")),
+        "--ttl 30s --reason \"trying it\"".to_owned(),
+    ]);
+    ui.command(&format!("{nc_db:<40} # allowed for 30 s"));
+    for (cmd, comment) in [
+        ("mayfly-ca grant list", "active, then expired"),
+        (
+            "mayfly-ca audit query --kind grant.expired",
+            "by the control plane",
+        ),
+    ] {
+        ui.command(&format!("{cmd:<40} # {comment}"));
+    }
+    ui.say(&format!(
+        "The grant is active at once because the policy says approvals = 0 (a one-person \
+         demo; in production approvals = 1, and a second admin approves). The control plane \
+         distributes {}: edit it and every sidecar enforces the new version within a second \
+         (policy_version in /readyz).",
+        s.policy.display()
+    ));
     ui.say(&format!(
         "Sidecar configurations, tokens and policy: {}",
         mesh.dir().display()

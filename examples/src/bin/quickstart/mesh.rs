@@ -255,12 +255,12 @@ pub(crate) struct SidecarSpec<'a> {
     pub(crate) inbound: Option<(&'a str, &'a str)>,
     /// `(name, remote inbound address, remote workload name, protocol)` per `[[outbound]]`.
     pub(crate) outbound: Vec<(&'a str, &'a str, &'a str, &'a str)>,
-    pub(crate) policy: &'a Path,
     pub(crate) svid_ttl: &'a str,
 }
 
 impl SidecarSpec<'_> {
-    /// The TOML configuration (the token file is `<name>.token` beside it).
+    /// The TOML configuration (the token file is `<name>.token` beside it). No `[policy]`
+    /// section: the sidecar follows the control plane's policy and live grants.
     pub(crate) fn toml(&self, ca_addr: &str) -> String {
         let mut s = format!(
             "# The {name} sidecar of the mayfly quickstart (written by the quickstart).\n\
@@ -269,8 +269,6 @@ impl SidecarSpec<'_> {
              address = \"{ca_addr}\"\n\
              token_file = \"{name}.token\"\n\
              svid_ttl = \"{ttl}\"\n\n\
-             [policy]\n\
-             file = \"{policy}\"\n\n\
              [admin]\n\
              listen = \"127.0.0.1:0\"\n\n\
              [limits]\n\
@@ -278,7 +276,6 @@ impl SidecarSpec<'_> {
             name = self.name,
             id = id(self.name),
             ttl = self.svid_ttl,
-            policy = self.policy.display(),
         );
         if let Some((app, protocol)) = self.inbound {
             s.push_str(&format!(
@@ -329,6 +326,11 @@ impl Mesh {
         self.tmp.path()
     }
 
+    /// The policy file the control plane distributes (`mayfly-ca run --policy`).
+    pub(crate) fn policy_path(&self) -> PathBuf {
+        self.dir().join("policy.toml")
+    }
+
     /// The control plane's data directory.
     pub(crate) fn data_dir(&self) -> PathBuf {
         self.dir().join("ca")
@@ -341,9 +343,11 @@ impl Mesh {
             .context("the temporary directory's path is not UTF-8")
     }
 
-    /// `mayfly-ca init`, then `mayfly-ca run` on 127.0.0.1:0.
-    pub(crate) async fn start_control_plane(&mut self) -> anyhow::Result<()> {
+    /// `mayfly-ca init`, then `mayfly-ca run --policy POLICY` on 127.0.0.1:0: the control plane
+    /// validates the policy, reloads it when the file changes and pushes it to every sidecar.
+    pub(crate) async fn start_control_plane(&mut self, policy: &Path) -> anyhow::Result<()> {
         let dd = self.data_dir_str()?;
+        let policy = policy.to_str().context("the policy's path is not UTF-8")?;
         let (code, _, err) =
             self.bins
                 .ca_cmd(&["init", "--data-dir", &dd, "--trust-domain", TD])?;
@@ -352,13 +356,27 @@ impl Mesh {
         }
         let mut cmd = Command::new(&self.bins.ca);
         cmd.args(["run", "--data-dir", &dd, "--listen", "127.0.0.1:0"])
-            .args(["--metrics-listen", "off"]);
+            .args(["--policy", policy, "--metrics-listen", "off"]);
         let mut p = Proc::spawn("mayfly-ca run", cmd)?;
         self.pids.push(p.pid());
         let addr = p.addr("mayfly-ca listening").await;
         self.procs.push(p);
         self.ca_addr = addr?;
         Ok(())
+    }
+
+    /// The version (content hash) of a policy file, as `mayfly-ca policy check` reports it:
+    /// the `policy_version` a sidecar enforcing it shows in `/readyz`.
+    pub(crate) fn policy_version(&self, policy: &Path) -> anyhow::Result<String> {
+        let p = policy.to_str().context("the policy's path is not UTF-8")?;
+        let (code, out, err) = self.bins.ca_cmd(&["policy", "check", p])?;
+        if code != 0 {
+            bail!("mayfly-ca policy check {p} failed ({code}):\n{err}");
+        }
+        out.rsplit_once("version ")
+            .map(|(_, v)| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .with_context(|| format!("no version in `mayfly-ca policy check`: {out}"))
     }
 
     /// A join token for workload `name`, written to `<dir>/<name>/<name>.token`.

@@ -1,6 +1,5 @@
-//! Steps 7-8 and the summary: rotation, grants and audit.
+//! Steps 7 and 9 and the summary: rotation, the audit trail.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mayfly_examples::web;
@@ -109,7 +108,6 @@ fn sidecar_has_audit(mesh: &Mesh) -> bool {
         name: "probe",
         inbound: Some(("127.0.0.1:9", "tcp")),
         outbound: vec![],
-        policy: Path::new("policy.toml"),
         svid_ttl: "1m",
     };
     let Ok(path) = mesh.write_config(&spec) else {
@@ -122,45 +120,14 @@ fn sidecar_has_audit(mesh: &Mesh) -> bool {
     ok
 }
 
-/// Step 8: JIT grants and audit, if this build has them.
-pub(crate) async fn grants_and_audit(ui: &mut Ui, mesh: &Mesh, report: &mut Report) {
-    ui.step("Just-in-time grants and the audit trail");
-    let what = "a time-boxed grant for web -> db, requested, approved, expiring by itself";
-    if probe(mesh, "grant", &["request", "approve"]) {
-        ui.item(
-            "mayfly-ca grant: ",
-            &format!(
-                "present in this build, not demonstrated by this quickstart yet ({what}); see \
-                 `mayfly-ca grant --help`."
-            ),
-        );
-        report.push(
-            "jit_grant",
-            "JIT grant",
-            "-",
-            "present, not demonstrated",
-            Outcome::Skipped,
-            json!({ "available": true }),
-        );
-    } else {
-        ui.item(
-            "mayfly-ca grant: ",
-            &format!("not available in this build (would show {what})."),
-        );
-        report.push(
-            "jit_grant",
-            "JIT grant",
-            "-",
-            "not available in this build",
-            Outcome::Unavailable,
-            json!({ "available": false }),
-        );
-    }
+/// Step 9: the audit trail, if this build has it.
+pub(crate) async fn audit_trail(ui: &mut Ui, mesh: &Mesh, report: &mut Report) {
+    ui.step("The audit trail");
     if probe(mesh, "audit", &["verify", "query"]) && sidecar_has_audit(mesh) {
         audit(ui, mesh, report).await;
     } else {
         ui.item(
-            "audit trail:     ",
+            "audit trail: ",
             "not available in this build (would show a hash-chained record of every decision \
              above, checked for gaps and edits).",
         );

@@ -1,12 +1,15 @@
 //! The narrated tour: each step drives real traffic through the mesh and records what it saw.
 //! `setup`: steps 1-3 (control plane, services, policy); `traffic`: steps 4-6 (allowed and
-//! denied calls); `lifecycle`: steps 7-8 (rotation, grants and audit) and the summary.
+//! denied calls); `lifecycle`: step 7 (rotation), step 9 (audit) and the summary; `grant`:
+//! step 8 (a just-in-time grant, from request to expiry).
 
+mod grant;
 mod lifecycle;
 mod setup;
 mod traffic;
 
-pub(crate) use lifecycle::{grants_and_audit, rotation, summary};
+pub(crate) use grant::grant;
+pub(crate) use lifecycle::{audit_trail, rotation, summary};
 pub(crate) use setup::{control_plane, policy, services};
 pub(crate) use traffic::{web_post, web_to_db, web_to_orders};
 
@@ -28,7 +31,7 @@ const POLICY_HTTP: &str = include_str!("../../../../policies/quickstart-http.tom
 const POLICY_TCP: &str = include_str!("../../../../policies/quickstart-tcp.toml");
 
 /// Numbered steps in the narration.
-pub(crate) const STEPS: usize = 8;
+pub(crate) const STEPS: usize = 9;
 
 /// How the orders hop (web -> orders) is proxied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -54,7 +57,10 @@ pub(crate) struct Services {
     pub(crate) db: SidecarAddrs,
     pub(crate) orders_app: String,
     pub(crate) db_app: String,
+    /// The policy file the control plane distributes.
     pub(crate) policy: PathBuf,
+    /// Its version, as every sidecar reports it.
+    pub(crate) policy_version: String,
     /// In TCP mode, why not HTTP, as a phrase ("not available in this build"), and the
     /// outcome to record for steps that need HTTP mode.
     no_http: (String, Outcome),
@@ -73,7 +79,8 @@ impl Services {
         self.svid_ttl
     }
 
-    fn web_to_db(&self) -> &str {
+    /// Where web sends traffic for db (its sidecar's outbound port).
+    pub(crate) fn web_to_db(&self) -> &str {
         self.web.outbound.get("db").map_or("", String::as_str)
     }
 }

@@ -14,17 +14,26 @@ use crate::ui::Ui;
 
 use super::{Mode, Opts, POLICY_HTTP, POLICY_TCP, Services, is_sidecar_xfcc, whoami};
 
-/// Step 1: `mayfly-ca init` and `mayfly-ca run`.
+/// Step 1: `mayfly-ca init` and `mayfly-ca run --policy`. The policy is the HTTP one unless
+/// TCP was asked for; step 2 changes it if this build's sidecar has no HTTP mode, and the
+/// control plane pushes the change.
 pub(crate) async fn control_plane(
     ui: &mut Ui,
     mesh: &mut Mesh,
     report: &mut Report,
+    opts: &Opts,
 ) -> anyhow::Result<()> {
-    ui.step("Control plane: mayfly-ca init + mayfly-ca run");
+    ui.step("Control plane: mayfly-ca init + mayfly-ca run --policy");
+    let text = match opts.orders_protocol {
+        Some(Mode::Tcp) => POLICY_TCP,
+        _ => POLICY_HTTP,
+    };
+    let policy = mesh.policy_path();
+    std::fs::write(&policy, text).with_context(|| format!("cannot write {}", policy.display()))?;
     let r = ui
         .progress(
             "creating a root CA and an intermediate, starting the control plane",
-            mesh.start_control_plane(),
+            mesh.start_control_plane(&policy),
         )
         .await;
     report.pids.clone_from(&mesh.pids);
@@ -49,6 +58,13 @@ pub(crate) async fn control_plane(
         "data dir      ",
         &format!("{} (temporary)", mesh.data_dir().display()),
     );
+    ui.item(
+        "policy        ",
+        &format!(
+            "{}: checked, versioned, reloaded on change, pushed to every sidecar (step 3)",
+            policy.display()
+        ),
+    );
     report.push(
         "control_plane",
         "control plane up",
@@ -63,15 +79,11 @@ pub(crate) async fn control_plane(
 /// Does this sidecar build accept `protocol = "http"`? `Err(reason)` when it does not. The
 /// same configuration in TCP mode must pass, so that only the protocol is being asked about.
 fn http_accepted(mesh: &Mesh) -> anyhow::Result<Result<(), String>> {
-    let policy = mesh.dir().join("policy-http.toml");
-    std::fs::write(&policy, POLICY_HTTP)
-        .with_context(|| format!("cannot write {}", policy.display()))?;
     let check = |proto: &str| -> anyhow::Result<(i32, String)> {
         let spec = SidecarSpec {
             name: "probe",
             inbound: Some(("127.0.0.1:9", proto)),
             outbound: vec![("orders", "127.0.0.1:9", "orders", proto)],
-            policy: &policy,
             svid_ttl: "1m",
         };
         let path = mesh.write_config(&spec)?;
@@ -105,14 +117,19 @@ async fn bind() -> anyhow::Result<(TcpListener, String)> {
 
 /// Starts db, orders and their sidecars, and web's sidecar, callee first (a caller's
 /// outbound `remote` is its callee's inbound address), then waits until every sidecar holds
-/// an SVID and the policy.
+/// an SVID and enforces the mode's policy, as pushed by the control plane.
 async fn start_services(mesh: &mut Mesh, mode: Mode, opts: &Opts) -> anyhow::Result<Services> {
-    let (name, text) = match mode {
-        Mode::Http => ("policy-http.toml", POLICY_HTTP),
-        Mode::Tcp => ("policy-tcp.toml", POLICY_TCP),
+    let text = match mode {
+        Mode::Http => POLICY_HTTP,
+        Mode::Tcp => POLICY_TCP,
     };
-    let policy = mesh.dir().join(name);
-    std::fs::write(&policy, text).with_context(|| format!("cannot write {}", policy.display()))?;
+    let policy = mesh.policy_path();
+    if std::fs::read_to_string(&policy).ok().as_deref() != Some(text) {
+        // The control plane sees the change within a second and pushes it.
+        std::fs::write(&policy, text)
+            .with_context(|| format!("cannot write {}", policy.display()))?;
+    }
+    let version = mesh.policy_version(&policy)?;
     let ttl = format!("{}s", opts.svid_ttl.as_secs().max(1));
     let proto = mode.as_str();
     let mut tasks = Vec::new();
@@ -126,7 +143,6 @@ async fn start_services(mesh: &mut Mesh, mode: Mode, opts: &Opts) -> anyhow::Res
             name: "db",
             inbound: Some((&db_app, "tcp")),
             outbound: vec![],
-            policy: &policy,
             svid_ttl: &ttl,
         })
         .await?;
@@ -138,7 +154,6 @@ async fn start_services(mesh: &mut Mesh, mode: Mode, opts: &Opts) -> anyhow::Res
             name: "orders",
             inbound: Some((&orders_app, proto)),
             outbound: vec![("db", &db_in, "db", "tcp")],
-            policy: &policy,
             svid_ttl: &ttl,
         })
         .await?;
@@ -163,7 +178,6 @@ async fn start_services(mesh: &mut Mesh, mode: Mode, opts: &Opts) -> anyhow::Res
                 ("orders", &orders_in, "orders", proto),
                 ("db", &db_in, "db", "tcp"),
             ],
-            policy: &policy,
             svid_ttl: &ttl,
         })
         .await?;
@@ -175,27 +189,36 @@ async fn start_services(mesh: &mut Mesh, mode: Mode, opts: &Opts) -> anyhow::Res
         orders_app,
         db_app,
         policy,
+        policy_version: version,
         no_http: (String::new(), Outcome::Skipped),
         svid_ttl: opts.svid_ttl.as_secs(),
         tasks,
     };
     for (name, sc) in [("web", &s.web), ("orders", &s.orders), ("db", &s.db)] {
-        wait_ready(mesh, name, &sc.admin).await?;
+        wait_ready(mesh, name, &sc.admin, &s.policy_version).await?;
     }
     Ok(s)
 }
 
-async fn wait_ready(mesh: &Mesh, name: &str, admin: &str) -> anyhow::Result<()> {
+/// Waits until the sidecar is ready (SVID held, policy received) and enforces `version`.
+async fn wait_ready(mesh: &Mesh, name: &str, admin: &str, version: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = String::new();
     loop {
-        if let Ok(r) = web::call(admin, "GET", "/readyz", &[], None).await
-            && r.status == 200
-        {
-            return Ok(());
+        if let Ok(r) = web::call(admin, "GET", "/readyz", &[], None).await {
+            seen = r.body.trim().to_owned();
+            let v = r.json().ok();
+            let pushed = v
+                .as_ref()
+                .and_then(|v| v.get("policy_version")?.as_str().map(str::to_owned));
+            if r.status == 200 && pushed.as_deref() == Some(version) {
+                return Ok(());
+            }
         }
         if Instant::now() > deadline {
             bail!(
-                "the {name} sidecar was not ready within 30 s:\n{}",
+                "the {name} sidecar was not ready with policy version {version} within 30 s \
+                 (/readyz: {seen}):\n{}",
                 tail(&mesh.log_of(&format!("{name} sidecar")), 15)
             );
         }
@@ -316,10 +339,11 @@ pub(crate) async fn services(
     );
     ui.blank();
     ui.say(&format!(
-        "All three sidecars are ready: SVID held ({}s lifetime), policy loaded. Apps speak \
-         plaintext on loopback only; everything between sidecars is TLS 1.3 with both sides' \
-         SVIDs.",
-        opts.svid_ttl.as_secs()
+        "All three sidecars are ready: SVID held ({}s lifetime), policy {} received from \
+         the control plane. Apps speak plaintext on loopback only; everything between \
+         sidecars is TLS 1.3 with both sides' SVIDs.",
+        opts.svid_ttl.as_secs(),
+        s.policy_version
     ));
     match &tcp_reason {
         None => ui.say(
@@ -346,6 +370,7 @@ pub(crate) async fn services(
             "web_admin": s.web.admin,
             "orders_admin": s.orders.admin,
             "db_admin": s.db.admin,
+            "policy_version": s.policy_version,
         }),
     );
     Ok(s)
@@ -353,28 +378,50 @@ pub(crate) async fn services(
 
 /// Step 3: the policy in force.
 pub(crate) fn policy(ui: &mut Ui, s: &Services) {
-    ui.step("One policy, enforced by every sidecar (default deny)");
+    ui.step("One policy, from the control plane to every sidecar (default deny)");
     let file = match s.mode {
         Mode::Http => "examples/policies/quickstart-http.toml",
         Mode::Tcp => "examples/policies/quickstart-tcp.toml",
     };
-    ui.say(&format!("{file}, rules only:"));
-    let rules: String = std::fs::read_to_string(&s.policy)
+    ui.say(&format!(
+        "The sidecars have no policy file of their own: mayfly-ca run --policy pushes {file} \
+         to each over a long-lived mTLS stream (GET /v1/watch), with the live grants. All \
+         three report policy_version {} in /readyz. Its grant limits and rules:",
+        s.policy_version
+    ));
+    // The `[grants]` table and the rules; not the comments nor the `[[service]]` tables.
+    let mut keep = false;
+    let mut shown = String::new();
+    for l in std::fs::read_to_string(&s.policy)
         .unwrap_or_default()
         .lines()
-        .skip_while(|l| !l.starts_with("[[rule]]"))
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    ui.quote(rules.trim_end());
+    {
+        if l.starts_with('[') {
+            keep = l.starts_with("[grants]") || l.starts_with("[[rule]]");
+            if keep && !shown.is_empty() {
+                shown.push('\n');
+            }
+        }
+        if keep && !l.starts_with('#') && !l.trim().is_empty() {
+            shown.push_str(l);
+            shown.push('\n');
+        }
+    }
+    ui.quote(shown.trim_end());
     match s.mode {
         Mode::Http => ui.say(
             "So: web may GET from orders, orders may talk to db, and anything else (another \
-             method, another caller, another callee) is denied.",
+             method, another caller, another callee) is denied, unless a just-in-time grant \
+             allows it for a while (step 8).",
         ),
         Mode::Tcp => ui.say(
             "So: web may connect to orders, orders may connect to db, and anything else is \
-             denied.",
+             denied, unless a just-in-time grant allows it for a while (step 8).",
         ),
     }
+    ui.say(
+        "approvals = 0 makes a grant active as soon as it is requested: fine for a \
+         one-person demo. In production set approvals = 1: a second admin approves, and the \
+         requester never can.",
+    );
 }
