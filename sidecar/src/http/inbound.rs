@@ -15,14 +15,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use mayfly_ca::svid::SvidInfo;
-use mayfly_policy::normalize_path;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info};
 
 use super::{
     Body, GRPC_INVALID_ARGUMENT, GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, XFCC, is_grpc,
-    local_reply, smuggling_check, strip_hop_by_hop, xfcc_value,
+    local_reply, strip_hop_by_hop, xfcc_value,
 };
 use crate::config::{AppProtocol, Inbound};
 use crate::metrics::Direction;
@@ -194,56 +193,12 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
     let m = &ctx.shared.metrics;
-    if !ctx.shared.audit.admits() {
-        m.request(Direction::Inbound, "audit_full");
-        return local_reply(
-            is_grpc(req.headers()),
-            StatusCode::SERVICE_UNAVAILABLE,
-            GRPC_UNAVAILABLE,
-            "mayfly: audit spool full, refusing unaudited traffic",
-            None,
-        );
-    }
     let grpc = is_grpc(req.headers());
-    if let Err(why) = smuggling_check(req.headers()) {
-        m.request(Direction::Inbound, "malformed");
-        return local_reply(
-            grpc,
-            StatusCode::BAD_REQUEST,
-            GRPC_INVALID_ARGUMENT,
-            why,
-            None,
-        );
-    }
-    if let Err(why) = super::header_limits(req.headers()) {
-        m.request(Direction::Inbound, "malformed");
-        return local_reply(
-            grpc,
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            GRPC_INVALID_ARGUMENT,
-            why,
-            None,
-        );
-    }
-    let path = match normalize_path(req.uri().path()) {
+    let path = match super::admit(&ctx.shared, Direction::Inbound, &req) {
         Ok(p) => p,
-        Err(e) => {
-            m.request(Direction::Inbound, "malformed");
-            return local_reply(
-                grpc,
-                StatusCode::BAD_REQUEST,
-                GRPC_INVALID_ARGUMENT,
-                &format!("request path refused: {e}"),
-                None,
-            );
-        }
+        Err(reply) => return *reply,
     };
-    let names: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .filter(|(n, _)| *n != XFCC)
-        .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-        .collect();
+    let names = super::policy_headers(req.headers());
     let headers: Vec<(&str, &str)> = names
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))

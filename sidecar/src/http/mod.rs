@@ -68,6 +68,63 @@ pub async fn sniff_h2(tcp: &tokio::net::TcpStream, timeout: std::time::Duration)
     tokio::time::timeout(timeout, fut).await.ok().flatten()
 }
 
+/// The checks every proxied request passes before the policy sees it: the audit spool can
+/// take its record (fail-closed), no smuggling shape, headers within limits, a path that
+/// normalises. Returns the normalised path, or the local answer to send instead.
+pub(crate) fn admit(
+    shared: &crate::proxy::Shared,
+    direction: crate::metrics::Direction,
+    req: &http::Request<hyper::body::Incoming>,
+) -> Result<String, Box<Response<Body>>> {
+    let m = &shared.metrics;
+    let grpc = is_grpc(req.headers());
+    let refuse = |label: &str, status: StatusCode, code: u8, msg: &str| {
+        m.request(direction, label);
+        Err(Box::new(local_reply(grpc, status, code, msg, None)))
+    };
+    if !shared.audit.admits() {
+        return refuse(
+            "audit_full",
+            StatusCode::SERVICE_UNAVAILABLE,
+            GRPC_UNAVAILABLE,
+            "mayfly: audit spool full, refusing unaudited traffic",
+        );
+    }
+    if let Err(why) = smuggling_check(req.headers()) {
+        return refuse(
+            "malformed",
+            StatusCode::BAD_REQUEST,
+            GRPC_INVALID_ARGUMENT,
+            why,
+        );
+    }
+    if let Err(why) = header_limits(req.headers()) {
+        return refuse(
+            "malformed",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            GRPC_INVALID_ARGUMENT,
+            why,
+        );
+    }
+    mayfly_policy::normalize_path(req.uri().path()).or_else(|e| {
+        refuse(
+            "malformed",
+            StatusCode::BAD_REQUEST,
+            GRPC_INVALID_ARGUMENT,
+            &format!("request path refused: {e}"),
+        )
+    })
+}
+
+/// The headers as the policy sees them (names are lowercase already). The identity header is
+/// left out: only the inbound sidecar sets it, after the decision.
+pub(crate) fn policy_headers(h: &HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .filter(|(n, _)| *n != XFCC)
+        .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect()
+}
+
 /// A body from bytes.
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()

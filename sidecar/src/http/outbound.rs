@@ -13,7 +13,6 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mayfly_ca::tls::dial_name;
 use mayfly_ca::verify::{describe_tls_error, peer_identity};
-use mayfly_policy::normalize_path;
 use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, watch};
@@ -22,7 +21,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
     Body, GRPC_INVALID_ARGUMENT, GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, MAX_HEADER_BYTES,
-    is_grpc, local_reply, smuggling_check, strip_hop_by_hop,
+    is_grpc, local_reply, strip_hop_by_hop,
 };
 use crate::config::Outbound;
 use crate::metrics::Direction;
@@ -179,57 +178,14 @@ impl Upstream {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let started = std::time::Instant::now();
         let m = &self.shared.metrics;
-        if !self.shared.audit.admits() {
-            m.request(Direction::Outbound, "audit_full");
-            return local_reply(
-                is_grpc(req.headers()),
-                StatusCode::SERVICE_UNAVAILABLE,
-                GRPC_UNAVAILABLE,
-                "mayfly: audit spool full, refusing unaudited traffic",
-                None,
-            );
-        }
         let grpc = is_grpc(req.headers());
-        if let Err(why) = smuggling_check(req.headers()) {
-            m.request(Direction::Outbound, "malformed");
-            return local_reply(
-                grpc,
-                StatusCode::BAD_REQUEST,
-                GRPC_INVALID_ARGUMENT,
-                why,
-                None,
-            );
-        }
-        if let Err(why) = super::header_limits(req.headers()) {
-            m.request(Direction::Outbound, "malformed");
-            return local_reply(
-                grpc,
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                GRPC_INVALID_ARGUMENT,
-                why,
-                None,
-            );
-        }
-        let path = match normalize_path(req.uri().path()) {
+        let path = match super::admit(&self.shared, Direction::Outbound, &req) {
             Ok(p) => p,
-            Err(e) => {
-                m.request(Direction::Outbound, "malformed");
-                return local_reply(
-                    grpc,
-                    StatusCode::BAD_REQUEST,
-                    GRPC_INVALID_ARGUMENT,
-                    &format!("request path refused: {e}"),
-                    None,
-                );
-            }
+            Err(reply) => return *reply,
         };
         let me = self.shared.identity.id.to_string();
         let dest = self.up.spiffe_id.to_string();
-        let owned: Vec<(String, String)> = req
-            .headers()
-            .iter()
-            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-            .collect();
+        let owned = super::policy_headers(req.headers());
         let headers: Vec<(&str, &str)> = owned
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
