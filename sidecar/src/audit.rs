@@ -32,6 +32,8 @@ pub const SYNC_EVERY: Duration = Duration::from_millis(200);
 pub const CHECKPOINT_RECORDS: u64 = 256;
 /// ...or this long after the first unsigned record.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// The least time between two deliveries to the control plane (each is one mTLS request).
+pub const SHIP_EVERY: Duration = Duration::from_secs(1);
 /// Most records shipped in one request.
 pub const SHIP_BATCH: usize = 2000;
 
@@ -596,6 +598,10 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
                         if let Err(e) = a.spool.ack(acked) {
                             error!(error = %e, "cannot trim the audit spool");
                         }
+                        // Batch: one delivery a second while records trickle in, back to back
+                        // while a full batch is waiting.
+                        next_ship = tokio::time::Instant::now()
+                            + if a.spool.index.len() >= SHIP_BATCH { Duration::ZERO } else { SHIP_EVERY };
                         a.update_full();
                         a.write_gap_if_any(now_ms());
                     }

@@ -73,14 +73,25 @@ pub struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// The listen backlog: bursts of new connections (a deploy, a reconnect storm) must not
+/// overflow the kernel's accept queue (the default is 128 here).
+const BACKLOG: u32 = 4096;
+
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: what.into(),
-            addr,
-            source,
-        })
+    let err = |source| StartError::Bind {
+        what: what.into(),
+        addr,
+        source,
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(BACKLOG).map_err(err)
 }
 
 fn local(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {

@@ -287,8 +287,18 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     if let Some(v) = &ctx.xfcc {
         parts.headers.insert(XFCC, v.clone());
     }
-    if let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
-        parts.headers.insert(http::header::HOST, a);
+    // HTTP/1.1 carries the caller's authority in Host. Over h2c the request's :authority is
+    // the app's address (the pooled client routes by it), and a second, different Host would
+    // make servers refuse the request as ambiguous.
+    match ctx.version {
+        http::Version::HTTP_2 => {
+            parts.headers.remove(http::header::HOST);
+        }
+        _ => {
+            if let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                parts.headers.insert(http::header::HOST, a);
+            }
+        }
     }
     parts.version = ctx.version;
     let req = Request::from_parts(parts, body.boxed());
