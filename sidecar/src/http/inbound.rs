@@ -198,11 +198,8 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         Ok(p) => p,
         Err(reply) => return *reply,
     };
-    let names = super::policy_headers(req.headers());
-    let headers: Vec<(&str, &str)> = names
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
+    // Borrowed from the request: no per-request copies of the header block.
+    let headers = super::policy_headers(req.headers());
     let verdict = ctx.shared.policy.decide_http(
         &ctx.peer,
         &ctx.me,

@@ -118,10 +118,10 @@ pub(crate) fn admit(
 
 /// The headers as the policy sees them (names are lowercase already). The identity header is
 /// left out: only the inbound sidecar sets it, after the decision.
-pub(crate) fn policy_headers(h: &HeaderMap) -> Vec<(String, String)> {
+pub(crate) fn policy_headers(h: &HeaderMap) -> Vec<(&str, &str)> {
     h.iter()
         .filter(|(n, _)| *n != XFCC)
-        .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))
         .collect()
 }
 

@@ -185,11 +185,8 @@ impl Upstream {
         };
         let me = self.shared.identity.id.to_string();
         let dest = self.up.spiffe_id.to_string();
-        let owned = super::policy_headers(req.headers());
-        let headers: Vec<(&str, &str)> = owned
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
+        // Borrowed from the request: no per-request copies of the header block.
+        let headers = super::policy_headers(req.headers());
         let verdict = self.shared.policy.decide_http(
             &me,
             &dest,
