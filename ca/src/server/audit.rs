@@ -125,8 +125,10 @@ pub fn checkpoint_own(ca: &Arc<Ca>) -> Result<(), StoreError> {
     let Some(chain) = store.own_chain()? else {
         return Ok(());
     };
-    let lines = store.events_after(0, u32::MAX)?;
-    if lines.last().is_none_or(|e| e.kind == "checkpoint") {
+    if store
+        .last_own_kind()?
+        .is_none_or(|kind| kind == "checkpoint")
+    {
         return Ok(());
     }
     let Some(svid) = ca.credentials().get() else {

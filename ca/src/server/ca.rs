@@ -333,23 +333,34 @@ impl Ca {
         peer: &str,
     ) -> Result<IssuedSvid, Refusal> {
         let now = OffsetDateTime::now_utc();
-        let result = self.issue_inner(csr_der, &caller, ttl, now);
+        // Nothing leaves unrecorded: an SVID whose issuance cannot be logged is not returned.
+        let result =
+            self.issue_inner(csr_der, &caller, ttl, now)
+                .and_then(|(issued, requester, kind)| {
+                    let detail = serde_json::json!({
+                        "spiffe_id": issued.id.to_string(), "serial": issued.serial,
+                        "not_after": issued.not_after.unix_timestamp(), "requester": requester,
+                        "peer": peer,
+                    });
+                    let rec = IssuedRecord {
+                        serial: issued.serial.clone(),
+                        spiffe_id: issued.id.to_string(),
+                        not_after: issued.not_after,
+                        issued_at: now,
+                        requester: requester.clone(),
+                    };
+                    self.store
+                        .log_issued_with_event(&rec, "svid.issued", &detail.to_string())?;
+                    Ok((issued, requester, kind))
+                });
         match &result {
-            Ok((issued, requester, kind)) => {
+            Ok((_, _, kind)) => {
                 self.metrics
                     .issued
                     .get_or_create(&KindLabel {
                         kind: (*kind).into(),
                     })
                     .inc();
-                self.event(
-                    "svid.issued",
-                    serde_json::json!({
-                        "spiffe_id": issued.id.to_string(), "serial": issued.serial,
-                        "not_after": issued.not_after.unix_timestamp(), "requester": requester,
-                        "peer": peer,
-                    }),
-                );
             }
             Err(r) => {
                 self.metrics.refuse(r.reason());
@@ -431,7 +442,6 @@ impl Ca {
             let signer = a.signer().ok_or(IssueError::NoSigner)?;
             issue(signer, &csr, &allowed, ttl, now)?
         };
-        self.log(&issued, &requester, now);
         Ok((issued, requester, kind))
     }
 

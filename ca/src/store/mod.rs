@@ -214,12 +214,27 @@ pub trait Store: Send + Sync {
 
     /// Logs an issued certificate.
     fn log_issued(&self, rec: &IssuedRecord) -> Result<(), StoreError>;
+    /// Logs an issued certificate and appends its control-plane event (`kind`, JSON `detail`),
+    /// both durable when this returns. Implementations may commit concurrent calls together
+    /// (group commit); the default writes them one after the other.
+    fn log_issued_with_event(
+        &self,
+        rec: &IssuedRecord,
+        kind: &str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        self.log_issued(rec)?;
+        self.append_event(rec.issued_at, kind, detail).map(|_| ())
+    }
     /// The most recent issued certificates.
     fn list_issued(&self, limit: u32) -> Result<Vec<IssuedRecord>, StoreError>;
 
     /// Appends a control-plane event; returns its sequence number.
     fn append_event(&self, at: OffsetDateTime, kind: &str, detail: &str)
     -> Result<i64, StoreError>;
+    /// The kind of the last record on the control plane's own chain, if any (whether a
+    /// checkpoint is due, without reading the chain).
+    fn last_own_kind(&self) -> Result<Option<String>, StoreError>;
     /// The control plane's own events after `after_seq`, oldest first.
     fn events_after(&self, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>, StoreError>;
     /// Appends a record to the control plane's own chain, built by `make(seq, prev)`
