@@ -65,6 +65,8 @@ pub struct Running {
     pub identity: Arc<Identity>,
     /// The policy.
     pub policy: Arc<PolicyState>,
+    /// The audit stream: an embedding program can record events of its own in the chain.
+    pub audit: Arc<audit::Auditor>,
     stop_accepting: watch::Sender<bool>,
     hard_stop: watch::Sender<bool>,
     slots: Arc<Semaphore>,
@@ -147,7 +149,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         limits: cfg.limits.clone(),
         hard_stop: hard_rx,
         slots: slots.clone(),
-        audit: auditor,
+        audit: auditor.clone(),
     });
     let mut tasks = vec![audit_task];
     let admin_addr = local(&admin, cfg.admin);
@@ -206,6 +208,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         outbound_addrs,
         identity,
         policy,
+        audit: auditor,
         stop_accepting: stop_tx,
         hard_stop: hard_tx,
         slots,
