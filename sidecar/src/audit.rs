@@ -149,14 +149,48 @@ pub enum SpoolError {
     Corrupt(PathBuf, String),
 }
 
+/// A spool sync taken off the data path (it waits for the disk): the spool file's data, then
+/// the state file.
+struct SyncJob {
+    file: std::fs::File,
+    spool_path: PathBuf,
+    state_path: PathBuf,
+    state: Vec<u8>,
+}
+
+impl SyncJob {
+    fn run(self) -> Result<(), SpoolError> {
+        self.file.sync_data().map_err(io(&self.spool_path))?;
+        write_atomic(&self.state_path, &self.state).map_err(io(&self.state_path))
+    }
+}
+
+/// Logical spool size (acknowledged head, as a hole) after which the file is rewritten.
+const REWRITE_AFTER: u64 = 64 << 20;
+/// The same where the filesystem cannot punch holes (the head then holds disk space).
+const REWRITE_AFTER_NO_HOLES: u64 = 8 << 20;
+
+/// Records are buffered in memory up to this size between writes to the spool file (one
+/// `write` per record cost a syscall per request); the buffer is flushed on every sync (at least
+/// every `SYNC_EVERY`), before records are read back for delivery, and before a trim.
+const SPOOL_WRITE_BUFFER: usize = 64 * 1024;
+
 struct Spool {
     dir: PathBuf,
-    file: std::fs::File,
+    file: std::io::BufWriter<std::fs::File>,
     state: State,
     /// (seq, start, end) byte ranges of the unacknowledged lines in the file, in order.
     index: VecDeque<(u64, u64, u64)>,
     /// Everything before this offset is acknowledged (trimmed lazily).
     acked_end: u64,
+    /// Everything before this offset is a hole: acknowledged records whose disk space was given
+    /// back in place (no copy, offsets unchanged).
+    punched: u64,
+    /// False once the filesystem refused to punch a hole (then only rewrites reclaim space).
+    can_punch: bool,
+    /// The file is rewritten without its acknowledged head once that head is over this size and
+    /// at least as large as the rest (so draining a long backlog stays linear).
+    rewrite_after: u64,
     len: u64,
     dirty: bool,
 }
@@ -245,12 +279,22 @@ impl Spool {
         let mut file = open_append(&path)?;
         // The file is the truth for what was written after the last state save (a crash
         // between the two is repaired here); a torn last line is cut off.
+        // Acknowledged records may have been punched out: start at the first data (a hole reads
+        // as zeros, block by block, so skip the zeros left of a partial block too).
+        let size = file.metadata().map_err(io(&path))?.len();
+        let data = match nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekData) {
+            Ok(o) => u64::try_from(o).unwrap_or(0),
+            Err(nix::errno::Errno::ENXIO) => size, // nothing but a hole
+            Err(_) => 0,
+        };
         let mut all = Vec::new();
-        file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
+        file.seek(SeekFrom::Start(data)).map_err(io(&path))?;
         file.read_to_end(&mut all).map_err(io(&path))?;
+        let zeros = all.iter().take_while(|b| **b == 0).count();
+        let first = data + zeros as u64;
         let mut index = VecDeque::new();
-        let (mut off, mut acked_end, mut good) = (0u64, 0u64, 0u64);
-        for line in all.split_inclusive(|b| *b == b'\n') {
+        let (mut off, mut acked_end, mut good) = (first, first, first);
+        for line in all[zeros..].split_inclusive(|b| *b == b'\n') {
             let start = off;
             off += line.len() as u64;
             let Some(body) = line.strip_suffix(b"\n") else {
@@ -270,16 +314,19 @@ impl Spool {
             }
             good = off;
         }
-        if good < all.len() as u64 {
+        if good < data + all.len() as u64 {
             warn!(path = %path.display(), "audit spool ended with a torn record; truncating it");
             file.set_len(good).map_err(io(&path))?;
         }
         let mut s = Self {
             dir: dir.to_path_buf(),
-            file,
+            file: std::io::BufWriter::with_capacity(SPOOL_WRITE_BUFFER, file),
             state,
             index,
             acked_end,
+            punched: first,
+            can_punch: true,
+            rewrite_after: REWRITE_AFTER,
             len: good,
             dirty: false,
         };
@@ -308,14 +355,48 @@ impl Spool {
         Ok(line)
     }
 
-    fn sync(&mut self) -> Result<(), SpoolError> {
-        if self.dirty {
+    /// Flushes the write buffer and returns the fsync of the file and the state save to run
+    /// off the data path (`None` when nothing changed since the last one).
+    fn begin_sync(&mut self) -> Result<Option<SyncJob>, SpoolError> {
+        if !self.dirty {
+            return Ok(None);
+        }
+        let p = self.path();
+        self.file.flush().map_err(io(&p))?;
+        let file = self.file.get_ref().try_clone().map_err(io(&p))?;
+        let state_path = self.dir.join("state.json");
+        let state = serde_json::to_vec(&self.state)
+            .map_err(|e| SpoolError::Corrupt(state_path.clone(), e.to_string()))?;
+        self.dirty = false;
+        Ok(Some(SyncJob {
+            file,
+            spool_path: p,
+            state_path,
+            state,
+        }))
+    }
+
+    /// After a sync made the state up to `synced_next_seq` durable: if nothing was written since
+    /// and everything is acknowledged, cut the file to nothing (no copy; the durable state
+    /// carries the chain's head, so the file is not needed to continue it).
+    fn after_sync(&mut self, synced_next_seq: u64) -> Result<(), SpoolError> {
+        if self.len > 0 && self.index.is_empty() && self.state.next_seq == synced_next_seq {
             let p = self.path();
-            self.file.sync_data().map_err(io(&p))?;
-            self.save_state()?;
-            self.dirty = false;
+            self.file.flush().map_err(io(&p))?;
+            self.file.get_ref().set_len(0).map_err(io(&p))?;
+            self.len = 0;
+            self.acked_end = 0;
+            self.punched = 0;
         }
         Ok(())
+    }
+
+    /// Syncs in place (at shutdown, and in tests).
+    fn sync(&mut self) -> Result<(), SpoolError> {
+        match self.begin_sync()? {
+            Some(job) => job.run(),
+            None => Ok(()),
+        }
     }
 
     /// Bytes of records not yet acknowledged.
@@ -324,12 +405,13 @@ impl Spool {
     }
 
     /// Up to `max` unacknowledged lines, oldest first.
-    fn unacked(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+    fn unacked(&mut self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
         let n = self.index.len().min(max);
         if n == 0 {
             return Ok(Vec::new());
         }
         let p = self.path();
+        self.file.flush().map_err(io(&p))?;
         let start = self.index[0].1;
         let end = self.index[n - 1].2;
         let mut f = std::fs::File::open(&p).map_err(io(&p))?;
@@ -359,12 +441,36 @@ impl Spool {
             self.index.pop_front();
         }
         self.state.acked_seq = self.state.acked_seq.max(seq);
-        self.save_state()?;
-        // Rewriting the file costs its unacknowledged tail: do it only once the acknowledged
-        // head is at least as large (and over 1 MiB), so draining a long backlog stays linear.
+        // Saved by the next sync: if a crash loses it, the records since the last save are
+        // delivered again and the control plane skips them (it checks their hashes).
+        self.dirty = true;
         let acked = self.acked_end;
+        if acked == 0 {
+            return Ok(());
+        }
+        // Give the acknowledged bytes' disk space back in place: a hole keeps every offset, so
+        // there is nothing to copy and nothing to wait for (a crash that loses the hole brings
+        // back acknowledged records, which are skipped on reopening).
+        if self.can_punch && acked > self.punched {
+            match nix::fcntl::fallocate(
+                self.file.get_ref(),
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                i64::try_from(self.punched).unwrap_or(i64::MAX),
+                i64::try_from(acked - self.punched).unwrap_or(i64::MAX),
+            ) {
+                Ok(()) => self.punched = acked,
+                Err(e) => {
+                    warn!(error = %e, "the audit spool's filesystem cannot punch holes: acknowledged records are reclaimed by rewriting the spool");
+                    self.can_punch = false;
+                    self.rewrite_after = self.rewrite_after.min(REWRITE_AFTER_NO_HOLES);
+                }
+            }
+        }
+        // The file's logical size still grows: rewrite it without the acknowledged head once
+        // that head is large, and at least as large as the rest (the copy costs the rest).
         let rest = self.len - acked;
-        if acked > 0 && (self.index.is_empty() || (acked > 1 << 20 && acked >= rest)) {
+        if acked > self.rewrite_after && acked >= rest {
             self.trim()?;
         }
         Ok(())
@@ -374,18 +480,20 @@ impl Spool {
     fn trim(&mut self) -> Result<(), SpoolError> {
         let p = self.path();
         let cut = self.acked_end;
+        self.file.flush().map_err(io(&p))?;
         let mut rest = Vec::new();
         let mut f = std::fs::File::open(&p).map_err(io(&p))?;
         f.seek(SeekFrom::Start(cut)).map_err(io(&p))?;
         f.read_to_end(&mut rest).map_err(io(&p))?;
         write_atomic(&p, &rest).map_err(io(&p))?;
-        self.file = open_append(&p)?;
+        self.file = std::io::BufWriter::with_capacity(SPOOL_WRITE_BUFFER, open_append(&p)?);
         for e in self.index.iter_mut() {
             e.1 -= cut;
             e.2 -= cut;
         }
         self.len -= cut;
         self.acked_end = 0;
+        self.punched = 0;
         Ok(())
     }
 }
@@ -595,6 +703,11 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
     let mut in_flight = false;
     let mut backoff = Duration::from_millis(250);
     let mut next_ship = tokio::time::Instant::now();
+    // At most one sync runs at a time, on the blocking pool: the data path never waits for
+    // the disk.
+    let (sync_tx, mut sync_rx) = mpsc::channel::<Result<(), SpoolError>>(1);
+    let mut syncing = false;
+    let mut synced_seq = 0;
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
@@ -603,14 +716,31 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
             },
             _ = tick.tick() => {
                 a.maybe_checkpoint();
-                if let Err(e) = a.spool.sync() {
-                    error!(error = %e, "cannot sync the audit spool");
+                if !syncing {
+                    match a.spool.begin_sync() {
+                        Ok(Some(job)) => {
+                            syncing = true;
+                            synced_seq = a.spool.state.next_seq;
+                            let tx = sync_tx.clone();
+                            tokio::task::spawn_blocking(move || {
+                                let _ = tx.blocking_send(job.run());
+                            });
+                        }
+                        Ok(None) => {}
+                        Err(e) => error!(error = %e, "cannot sync the audit spool"),
+                    }
                 }
                 a.update_full();
                 a.metrics.audit_spool_bytes.set(i64::try_from(a.spool.unacked_bytes()).unwrap_or(i64::MAX));
                 a.metrics.audit_dropped.set(i64::try_from(a.dropped.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
                 if !in_flight && tokio::time::Instant::now() >= next_ship {
                     in_flight = a.ship(&ship_tx);
+                }
+            }
+            Some(r) = sync_rx.recv() => {
+                syncing = false;
+                if let Err(e) = r.and_then(|()| a.spool.after_sync(synced_seq)) {
+                    error!(error = %e, "cannot sync the audit spool");
                 }
             }
             Some(r) = ship_rx.recv() => {
@@ -645,6 +775,9 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
                 break;
             }
         }
+    }
+    if syncing {
+        let _ = sync_rx.recv().await;
     }
     if let Err(e) = a.spool.sync() {
         error!(error = %e, "cannot sync the audit spool at shutdown");
@@ -704,12 +837,14 @@ mod tests {
         );
         s.ack(5).unwrap();
         assert!(s.unacked(10).unwrap().is_empty());
-        assert_eq!(
-            std::fs::metadata(dir.path().join("spool.jsonl"))
-                .unwrap()
-                .len(),
-            0
-        );
+        // Acknowledged records are a hole now; once the state is durable the file is cut.
+        let spool_file = dir.path().join("spool.jsonl");
+        let bytes = std::fs::read(&spool_file).unwrap();
+        assert!(!bytes.is_empty() && bytes.iter().all(|b| *b == 0));
+        let synced = s.state.next_seq;
+        s.sync().unwrap();
+        s.after_sync(synced).unwrap();
+        assert_eq!(std::fs::metadata(&spool_file).unwrap().len(), 0);
         drop(s);
         let s = Spool::open(dir.path()).unwrap();
         assert_eq!(
@@ -728,6 +863,7 @@ mod tests {
     fn trims_are_amortised_and_keep_the_unacknowledged_tail_intact() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path()).unwrap();
+        s.rewrite_after = 1 << 20;
         let epoch = s.state.epoch.clone();
         let pad = "x".repeat(1000);
         for _ in 0..4000 {
@@ -742,13 +878,24 @@ mod tests {
         let file = dir.path().join("spool.jsonl");
         let size = || std::fs::metadata(&file).unwrap().len();
         let full = size();
+        use std::os::unix::fs::MetadataExt;
+        let blocks = || std::fs::metadata(&file).unwrap().blocks();
+        let full_blocks = blocks();
         // About 1.1 MB acknowledged of about 4.4 MB: over 1 MiB but less than the rest, so no
-        // rewrite yet.
+        // rewrite yet; the acknowledged head is punched out in place.
         s.ack(1000).unwrap();
         assert_eq!(size(), full);
+        assert!(
+            blocks() < full_blocks * 4 / 5,
+            "{} of {full_blocks}",
+            blocks()
+        );
         assert_eq!(s.unacked(1).unwrap()[0].0, 1001);
         drop(s);
+        // Reopened, the hole is skipped and the numbering continues.
         let mut s = Spool::open(dir.path()).unwrap();
+        s.rewrite_after = 1 << 20;
+        assert_eq!(s.unacked_bytes(), full - s.index[0].1);
         assert_eq!(
             s.unacked(1).unwrap()[0].0,
             1001,
@@ -764,11 +911,44 @@ mod tests {
             mayfly_ca::audit::verify_lines("c", tail.iter().map(|l| l.1.as_slice()), None).unwrap();
         assert_eq!(chain.last_seq, 4000);
         drop(s);
-        let s = Spool::open(dir.path()).unwrap();
+        let mut s = Spool::open(dir.path()).unwrap();
         let again = s.unacked(5000).unwrap();
         assert_eq!(again.len(), 1900);
         assert_eq!(again[0], tail[0]);
         assert_eq!(s.state.next_seq, 4001);
+    }
+
+    /// A spool that is all hole (everything acknowledged, then a restart before the file was
+    /// cut) reopens empty and goes on numbering where it was.
+    #[test]
+    fn an_all_hole_spool_reopens_empty_and_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path()).unwrap();
+        let epoch = s.state.epoch.clone();
+        let append = |s: &mut Spool| {
+            let r = Record {
+                epoch: epoch.clone(),
+                ..rec(s.state.next_seq, &s.state.last_hash.clone())
+            };
+            s.append(&r).unwrap();
+        };
+        for _ in 0..3 {
+            append(&mut s);
+        }
+        assert_eq!(s.unacked(10).unwrap().len(), 3);
+        s.ack(3).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let mut s = Spool::open(dir.path()).unwrap();
+        assert!(s.unacked(10).unwrap().is_empty());
+        assert_eq!(s.unacked_bytes(), 0);
+        assert_eq!(s.state.next_seq, 4);
+        append(&mut s);
+        let lines = s.unacked(10).unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].0, 4);
+        let r: Record = serde_json::from_slice(&lines[0].1).unwrap();
+        assert_eq!(r.seq, 4);
     }
 
     #[test]
@@ -785,7 +965,7 @@ mod tests {
             .unwrap();
         f.write_all(b"{\"v\":1,\"sour").unwrap();
         drop(f);
-        let s = Spool::open(dir.path()).unwrap();
+        let mut s = Spool::open(dir.path()).unwrap();
         assert_eq!(s.unacked(10).unwrap().len(), 1);
         assert_eq!(s.state.next_seq, 2);
     }
