@@ -501,6 +501,8 @@ impl Spool {
 type ShipResult = Result<u64, String>;
 
 struct Actor {
+    /// This sidecar's SPIFFE ID as text (every record's `source`).
+    source: String,
     spool: Spool,
     cfg: AuditConfig,
     identity: Arc<Identity>,
@@ -518,7 +520,7 @@ impl Actor {
     fn write(&mut self, kind: &str, ts_ms: i64, fields: Map<String, Value>) {
         let r = Record {
             v: VERSION,
-            source: self.identity.id.to_string(),
+            source: self.source.clone(),
             epoch: self.spool.state.epoch.clone(),
             seq: self.spool.state.next_seq,
             prev: self.spool.state.last_hash.clone(),
@@ -679,6 +681,7 @@ pub fn start(
         when_full: cfg.when_full,
     });
     let mut actor = Actor {
+        source: identity.id.to_string(),
         spool,
         client: if cfg.ship { client } else { None },
         cfg,
