@@ -460,26 +460,14 @@ impl CaClient {
         .inspect(|_| driver.abort())
     }
 
-    /// Streams audit records (JSON lines) over mTLS with the current SVID; returns the highest
-    /// seq the control plane has stored for that chain.
-    pub async fn post_audit(
-        &self,
-        bundles: SharedBundles,
-        current: Arc<Credentials>,
-        lines: Vec<u8>,
-    ) -> Result<u64, ClientError> {
-        let tls = self.verified_tls(bundles, current)?;
-        let (status, body) = self
-            .call(tls, Method::POST, api::AUDIT_PATH, Some(lines))
-            .await?;
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| ClientError::BadAnswer(format!("audit answer: {e}")))?;
-        match (
-            status.is_success(),
-            v.get("acked").and_then(serde_json::Value::as_u64),
-        ) {
-            (true, Some(n)) => Ok(n),
-            _ => Err(Self::refused(status, &body)),
+    /// A session for audit deliveries over one kept-open mTLS connection (see
+    /// [`AuditSession`]).
+    pub fn audit_session(&self, bundles: SharedBundles, current: Arc<Credentials>) -> AuditSession {
+        AuditSession {
+            client: self.clone(),
+            bundles,
+            creds: current,
+            conn: None,
         }
     }
 
@@ -525,5 +513,158 @@ impl CaClient {
             ttl: Duration::from_secs(resp.ttl),
             serial: resp.serial,
         })
+    }
+}
+
+/// Audit deliveries over one kept-open mTLS connection (HTTP/1.1 keep-alive): one TLS
+/// handshake per SVID rather than per batch, so a delivery does not stall the sidecar's data
+/// path for a handshake. The connection is replaced when our SVID rotates, when the control
+/// plane closes it, and after any error.
+pub struct AuditSession {
+    client: CaClient,
+    bundles: SharedBundles,
+    creds: Arc<Credentials>,
+    conn: Option<KeptConn>,
+}
+
+struct KeptConn {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    driver: tokio::task::JoinHandle<()>,
+    /// The SVID current when the connection was made.
+    svid: Arc<crate::tls::Svid>,
+}
+
+impl Drop for KeptConn {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl std::fmt::Debug for AuditSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditSession")
+            .field("addr", &self.client.addr)
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl AuditSession {
+    /// Delivers audit records (JSON lines); returns the highest seq the control plane has
+    /// stored for that chain. A kept connection that fails (the server may close an idle one
+    /// at any moment) is replaced and the batch sent once more; redelivery is safe, the control
+    /// plane skips records it has.
+    pub async fn post(&mut self, lines: Bytes) -> Result<u64, ClientError> {
+        let reused = self.keep_if_current();
+        match self.post_once(lines.clone()).await {
+            Err(_) if reused => self.post_once(lines).await,
+            r => r,
+        }
+    }
+
+    /// Whether there is a kept connection still worth using: open, made with the current SVID.
+    fn keep_if_current(&mut self) -> bool {
+        let current = self.creds.get();
+        let ok = match (&self.conn, &current) {
+            (Some(c), Some(cur)) => Arc::ptr_eq(&c.svid, cur) && !c.sender.is_closed(),
+            _ => false,
+        };
+        if !ok {
+            self.conn = None;
+        }
+        ok
+    }
+
+    async fn connect(&self) -> Result<KeptConn, ClientError> {
+        let svid = self
+            .creds
+            .get()
+            .ok_or_else(|| ClientError::Http("no SVID to present".into()))?;
+        let tls = self
+            .client
+            .verified_tls(self.bundles.clone(), self.creds.clone())?;
+        let addr = &self.client.addr;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let stream = TlsConnector::from(Arc::new(tls))
+            .connect(dial_name(), tcp)
+            .await
+            .map_err(|e| ClientError::Tls {
+                addr: addr.clone(),
+                reason: describe_tls_error(&e),
+            })?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(KeptConn {
+            sender,
+            driver,
+            svid,
+        })
+    }
+
+    async fn post_once(&mut self, lines: Bytes) -> Result<u64, ClientError> {
+        let r = tokio::time::timeout(CALL_TIMEOUT, self.exchange(lines))
+            .await
+            .map_err(|_| ClientError::Timeout(CALL_TIMEOUT))
+            .and_then(|r| r);
+        let (status, body) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                self.conn = None;
+                return Err(e);
+            }
+        };
+        let acked = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("acked").and_then(serde_json::Value::as_u64));
+        match (status.is_success(), acked) {
+            (true, Some(n)) => Ok(n),
+            (true, None) => Err(ClientError::BadAnswer(
+                "audit answer without \"acked\"".into(),
+            )),
+            _ => Err(CaClient::refused(status, &body)),
+        }
+    }
+
+    async fn exchange(&mut self, lines: Bytes) -> Result<(StatusCode, Bytes), ClientError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.connect().await?);
+        }
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| ClientError::Http("no connection".into()))?;
+        conn.sender
+            .ready()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(api::AUDIT_PATH)
+            .header(http::header::HOST, "mayfly-ca")
+            .header(http::header::CONTENT_TYPE, "application/x-ndjson")
+            .body(Full::new(lines))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = conn
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), 1024 * 1024)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
     }
 }

@@ -32,7 +32,9 @@ pub const SYNC_EVERY: Duration = Duration::from_millis(200);
 pub const CHECKPOINT_RECORDS: u64 = 256;
 /// ...or this long after the first unsigned record.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
-/// The least time between two deliveries to the control plane (each is one mTLS request).
+/// The least time between two deliveries to the control plane (one request each, over a
+/// kept-open mTLS connection). Each delivery is one fsynced transaction on the control plane,
+/// so this sets its commit rate: one a second per sidecar.
 pub const SHIP_EVERY: Duration = Duration::from_secs(1);
 /// Most records shipped in one request.
 pub const SHIP_BATCH: usize = 2000;
@@ -404,8 +406,28 @@ impl Spool {
         self.len - self.acked_end
     }
 
-    /// Up to `max` unacknowledged lines, oldest first.
+    /// Up to `max` unacknowledged lines, oldest first, without their newlines (tests: the
+    /// same read as a delivery body, cut at the index).
+    #[cfg(test)]
     fn unacked(&mut self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+        let body = self.unacked_bytes_upto(max)?;
+        let start = self.index.front().map_or(0, |e| e.1);
+        Ok(self
+            .index
+            .iter()
+            .take(max)
+            .map(|(seq, s, e)| {
+                (
+                    *seq,
+                    body[(s - start) as usize..(e - start - 1) as usize].to_vec(),
+                )
+            })
+            .collect())
+    }
+
+    /// The oldest unacknowledged lines (up to `max`), newline-terminated, as one buffer: the
+    /// body of a delivery.
+    fn unacked_bytes_upto(&mut self, max: usize) -> Result<Vec<u8>, SpoolError> {
         let n = self.index.len().min(max);
         if n == 0 {
             return Ok(Vec::new());
@@ -416,19 +438,9 @@ impl Spool {
         let end = self.index[n - 1].2;
         let mut f = std::fs::File::open(&p).map_err(io(&p))?;
         f.seek(SeekFrom::Start(start)).map_err(io(&p))?;
-        let mut buf = vec![0u8; (end - start) as usize];
+        let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
         f.read_exact(&mut buf).map_err(io(&p))?;
-        Ok(self
-            .index
-            .iter()
-            .take(n)
-            .map(|(seq, s, e)| {
-                (
-                    *seq,
-                    buf[(s - start) as usize..(e - start - 1) as usize].to_vec(),
-                )
-            })
-            .collect())
+        Ok(buf)
     }
 
     /// The control plane has stored everything up to `seq`.
@@ -498,7 +510,8 @@ impl Spool {
     }
 }
 
-type ShipResult = Result<u64, String>;
+/// A delivery's outcome, with the session handed back for the next one.
+type ShipResult = (mayfly_ca::client::AuditSession, Result<u64, String>);
 
 struct Actor {
     /// This sidecar's SPIFFE ID as text (every record's `source`).
@@ -506,7 +519,9 @@ struct Actor {
     spool: Spool,
     cfg: AuditConfig,
     identity: Arc<Identity>,
-    client: Option<mayfly_ca::client::CaClient>,
+    /// The delivery session (kept-open mTLS connection); `None` when shipping is off, or while
+    /// a delivery is in flight (the task holds it).
+    session: Option<mayfly_ca::client::AuditSession>,
     full: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
     reported_dropped: u64,
@@ -619,32 +634,29 @@ impl Actor {
     /// Starts delivering the oldest unacknowledged records (up to `SHIP_BATCH`) to the control
     /// plane; the answer comes back on `done`. Returns whether a delivery is now in flight.
     fn ship(&mut self, done: &mpsc::Sender<ShipResult>) -> bool {
-        let Some(client) = self.client.clone() else {
-            return false;
-        };
         if self.spool.index.is_empty() {
             return false;
         }
-        let lines = match self.spool.unacked(SHIP_BATCH) {
-            Ok(lines) => lines,
+        let Some(mut session) = self.session.take() else {
+            return false;
+        };
+        // The spool holds the lines as the control plane wants them: newline-terminated, in
+        // order, so the body is one contiguous read.
+        let body = match self.spool.unacked_bytes_upto(SHIP_BATCH) {
+            Ok(body) => body,
             Err(e) => {
                 error!(error = %e, "cannot read the audit spool");
+                self.session = Some(session);
                 return false;
             }
         };
-        let mut body = Vec::with_capacity(lines.iter().map(|(_, l)| l.len() + 1).sum());
-        for (_, l) in &lines {
-            body.extend_from_slice(l);
-            body.push(b'\n');
-        }
         let tx = done.clone();
-        let id = self.identity.clone();
         tokio::spawn(async move {
-            let r = client
-                .post_audit(id.bundles.clone(), id.creds.clone(), body)
+            let r = session
+                .post(bytes::Bytes::from(body))
                 .await
                 .map_err(|e| e.to_string());
-            let _ = tx.send(r).await;
+            let _ = tx.send((session, r)).await;
         });
         true
     }
@@ -683,7 +695,12 @@ pub fn start(
     let mut actor = Actor {
         source: identity.id.to_string(),
         spool,
-        client: if cfg.ship { client } else { None },
+        session: match client {
+            Some(c) if cfg.ship => {
+                Some(c.audit_session(identity.bundles.clone(), identity.creds.clone()))
+            }
+            _ => None,
+        },
         cfg,
         identity,
         full,
@@ -746,8 +763,9 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
                     error!(error = %e, "cannot sync the audit spool");
                 }
             }
-            Some(r) = ship_rx.recv() => {
+            Some((session, r)) = ship_rx.recv() => {
                 in_flight = false;
+                a.session = Some(session);
                 match r {
                     Ok(acked) => {
                         backoff = Duration::from_millis(250);

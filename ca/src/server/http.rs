@@ -94,6 +94,9 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let start = Instant::now();
+    // A connection outlives the handshake that authenticated it (keep-alive): a client
+    // certificate that has expired since authenticates nothing.
+    let peer = peer.filter(|p| p.not_after > time::OffsetDateTime::now_utc());
     let path = req.uri().path().to_owned();
     let resp = match (req.method(), path.as_str()) {
         (&Method::GET, api::BUNDLE_PATH) => {

@@ -1,0 +1,115 @@
+//! Audit deliveries over a kept-open mTLS connection: records arrive in order over one
+//! connection, and a client certificate that expires while the connection stays open stops
+//! authenticating on it (nothing more is stored).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use mayfly_ca::audit::{GENESIS, Record, VERSION, line_hash};
+use mayfly_ca::authority::AuthorityConfig;
+use mayfly_ca::bundle::BundleSet;
+use mayfly_ca::client::CaClient;
+use mayfly_ca::id::{parse_trust_domain, parse_workload_id};
+use mayfly_ca::keys::SecretKey;
+use mayfly_ca::server::ca::Caller;
+use mayfly_ca::server::{self, CaSettings, RunOptions};
+use mayfly_ca::svid::SvidInfo;
+use mayfly_ca::tls::{Credentials, Svid};
+use time::OffsetDateTime;
+
+const ID: &str = "spiffe://mayfly.local/web";
+
+fn record(seq: u64, prev: &str) -> Vec<u8> {
+    Record {
+        v: VERSION,
+        source: ID.into(),
+        epoch: "e1".into(),
+        seq,
+        prev: prev.into(),
+        ts_ms: 1,
+        kind: "http.request".into(),
+        fields: serde_json::Map::new(),
+    }
+    .line()
+}
+
+#[tokio::test]
+async fn a_kept_connection_delivers_and_stops_authenticating_at_certificate_expiry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("ca");
+    server::init(&data, "mayfly.local", AuthorityConfig::default()).unwrap();
+    let cp = server::start(RunOptions {
+        data_dir: data,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        settings: CaSettings::default(),
+        drain: Duration::from_secs(1),
+        policy_file: None,
+    })
+    .await
+    .unwrap();
+
+    // An SVID that lives 3 seconds, signed by the control plane itself.
+    let id = parse_workload_id(ID).unwrap();
+    let key = SecretKey::generate().unwrap();
+    let csr = mayfly_ca::issue::make_csr(&key, &id).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let caller = SvidInfo {
+        id: id.clone(),
+        serial: "01".into(),
+        not_before: now,
+        not_after: now + Duration::from_secs(60),
+    };
+    let issued = cp
+        .ca
+        .issue_svid(
+            &csr,
+            Caller::Svid(caller),
+            Some(Duration::from_secs(3)),
+            "test",
+        )
+        .unwrap();
+    let not_after = issued.not_after;
+    let creds = Credentials::new();
+    creds.set(Svid::new(issued.chain, &key).unwrap());
+    let bundles = Arc::new(ArcSwap::from_pointee(BundleSet::single(
+        (*cp.ca.bundle()).clone(),
+    )));
+
+    let client = CaClient::new(
+        cp.api_addr.to_string(),
+        parse_trust_domain("mayfly.local").unwrap(),
+    )
+    .unwrap();
+    let mut session = client.audit_session(bundles, creds);
+    let chain = format!("{ID}#e1");
+    let mut prev = GENESIS.to_owned();
+    let mut sent = Vec::new();
+    for seq in 1..=3 {
+        let line = record(seq, &prev);
+        prev = line_hash(&line);
+        let acked = session
+            .post(Bytes::from([line.as_slice(), b"\n"].concat()))
+            .await
+            .unwrap();
+        assert_eq!(acked, seq);
+        sent.push(line);
+    }
+    assert_eq!(cp.ca.store().audit_lines(&chain).unwrap(), sent);
+
+    // Past the certificate's NotAfter, the same open connection authenticates nothing, and a
+    // new one cannot be made with it: the record is refused and not stored.
+    let wait = (not_after - OffsetDateTime::now_utc()).whole_milliseconds() + 1200;
+    tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0))).await;
+    let line = record(4, &prev);
+    let refused = session
+        .post(Bytes::from([line.as_slice(), b"\n"].concat()))
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(cp.ca.store().audit_lines(&chain).unwrap(), sent);
+    cp.shutdown().await;
+}
