@@ -171,6 +171,44 @@ enum Bootstrap {
     None,
 }
 
+/// An HTTP/1.1 connection to the control plane: the sender and the task driving it.
+type Http1 = (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// One request on an open connection; the answer's status and body (at most 1 MiB).
+async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    method: Method,
+    path: &str,
+    content_type: &'static str,
+    body: Bytes,
+) -> Result<(StatusCode, Bytes), ClientError> {
+    sender
+        .ready()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, "mayfly-ca")
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(body))
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), 1024 * 1024)
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes();
+    Ok((status, body))
+}
+
 /// A client for one control plane.
 #[derive(Debug, Clone)]
 pub struct CaClient {
@@ -215,6 +253,22 @@ impl CaClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        let (mut sender, driver) = self.open(tls).await?;
+        let r = send(
+            &mut sender,
+            method,
+            path,
+            "application/json",
+            Bytes::from(body.unwrap_or_default()),
+        )
+        .await;
+        driver.abort();
+        r
+    }
+
+    /// A verified TLS connection to the control plane, speaking HTTP/1.1; the task driving it
+    /// ends when the sender is dropped or the handle aborted.
+    async fn open(&self, tls: ClientConfig) -> Result<Http1, ClientError> {
         let tcp = TcpStream::connect(&self.addr)
             .await
             .map_err(|source| ClientError::Connect {
@@ -229,31 +283,13 @@ impl CaClient {
                 addr: self.addr.clone(),
                 reason: describe_tls_error(&e),
             })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let driver = tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(http::header::HOST, "mayfly-ca")
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), 1024 * 1024)
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
-        driver.abort();
-        Ok((status, body))
+        Ok((sender, driver))
     }
 
     fn refused(status: StatusCode, body: &[u8]) -> ClientError {
@@ -387,29 +423,9 @@ impl CaClient {
         out: tokio::sync::mpsc::Sender<api::Snapshot>,
     ) -> Result<(), ClientError> {
         let tls = self.verified_tls(bundles, current)?;
-        let tcp = tokio::time::timeout(CALL_TIMEOUT, TcpStream::connect(&self.addr))
+        let (mut sender, driver) = tokio::time::timeout(CALL_TIMEOUT, self.open(tls))
             .await
-            .map_err(|_| ClientError::Timeout(CALL_TIMEOUT))?
-            .map_err(|source| ClientError::Connect {
-                addr: self.addr.clone(),
-                source,
-            })?;
-        let stream = tokio::time::timeout(
-            CALL_TIMEOUT,
-            TlsConnector::from(Arc::new(tls)).connect(dial_name(), tcp),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout(CALL_TIMEOUT))?
-        .map_err(|e| ClientError::Tls {
-            addr: self.addr.clone(),
-            reason: describe_tls_error(&e),
-        })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let driver = tokio::spawn(async move {
-            let _ = conn.await;
-        });
+            .map_err(|_| ClientError::Timeout(CALL_TIMEOUT))??;
         let req = Request::builder()
             .method(Method::GET)
             .uri(api::WATCH_PATH)
@@ -583,27 +599,7 @@ impl AuditSession {
         let tls = self
             .client
             .verified_tls(self.bundles.clone(), self.creds.clone())?;
-        let addr = &self.client.addr;
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ClientError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let stream = TlsConnector::from(Arc::new(tls))
-            .connect(dial_name(), tcp)
-            .await
-            .map_err(|e| ClientError::Tls {
-                addr: addr.clone(),
-                reason: describe_tls_error(&e),
-            })?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let driver = tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (sender, driver) = self.client.open(tls).await?;
         Ok(KeptConn {
             sender,
             driver,
@@ -643,28 +639,13 @@ impl AuditSession {
             .conn
             .as_mut()
             .ok_or_else(|| ClientError::Http("no connection".into()))?;
-        conn.sender
-            .ready()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(api::AUDIT_PATH)
-            .header(http::header::HOST, "mayfly-ca")
-            .header(http::header::CONTENT_TYPE, "application/x-ndjson")
-            .body(Full::new(lines))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = conn
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), 1024 * 1024)
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
-        Ok((status, body))
+        send(
+            &mut conn.sender,
+            Method::POST,
+            api::AUDIT_PATH,
+            "application/x-ndjson",
+            lines,
+        )
+        .await
     }
 }
