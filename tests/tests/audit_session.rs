@@ -113,3 +113,69 @@ async fn a_kept_connection_delivers_and_stops_authenticating_at_certificate_expi
     assert_eq!(cp.ca.store().audit_lines(&chain).unwrap(), sent);
     cp.shutdown().await;
 }
+
+/// The policy watch stream, also a long-lived request, ends when the client certificate that
+/// opened it expires (the sidecar reconnects with its renewed SVID).
+#[tokio::test]
+async fn a_watch_stream_ends_at_the_client_certificate_expiry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("ca");
+    server::init(&data, "mayfly.local", AuthorityConfig::default()).unwrap();
+    let cp = server::start(RunOptions {
+        data_dir: data,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        settings: CaSettings::default(),
+        drain: Duration::from_secs(1),
+        policy_file: None,
+    })
+    .await
+    .unwrap();
+    let id = parse_workload_id(ID).unwrap();
+    let key = SecretKey::generate().unwrap();
+    let csr = mayfly_ca::issue::make_csr(&key, &id).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let caller = SvidInfo {
+        id,
+        serial: "01".into(),
+        not_before: now,
+        not_after: now + Duration::from_secs(60),
+    };
+    let issued = cp
+        .ca
+        .issue_svid(
+            &csr,
+            Caller::Svid(caller),
+            Some(Duration::from_secs(3)),
+            "test",
+        )
+        .unwrap();
+    let creds = Credentials::new();
+    creds.set(Svid::new(issued.chain, &key).unwrap());
+    // The certificate's NotAfter (X.509 times are whole seconds).
+    let not_after = creds.get().unwrap().info.not_after;
+    let bundles = Arc::new(ArcSwap::from_pointee(BundleSet::single(
+        (*cp.ca.bundle()).clone(),
+    )));
+    let client = CaClient::new(
+        cp.api_addr.to_string(),
+        parse_trust_domain("mayfly.local").unwrap(),
+    )
+    .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let watch = tokio::spawn(async move { client.watch(bundles, creds, tx).await });
+    assert!(rx.recv().await.is_some(), "a first snapshot at once");
+    // Ends within a second or so of NotAfter, long before the 15 s heartbeat would matter.
+    let ended = tokio::time::timeout(Duration::from_secs(8), watch).await;
+    let ended_at = OffsetDateTime::now_utc();
+    assert!(
+        ended.is_ok(),
+        "the watch stream outlived the client certificate"
+    );
+    assert!(
+        ended_at >= not_after,
+        "ended {} ms before NotAfter: {ended:?}",
+        (not_after - ended_at).whole_milliseconds()
+    );
+    cp.shutdown().await;
+}

@@ -54,30 +54,43 @@ pub type RespBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 pub const WATCH_HEARTBEAT: Duration = Duration::from_secs(15);
 
 fn watch(ca: Arc<Ca>, peer: Option<SvidInfo>) -> Response<RespBody> {
-    if peer.is_none() {
+    let Some(peer) = peer else {
         return error(
             401,
             "unauthenticated",
             "watch needs mTLS with a valid SVID".into(),
         )
         .map(BodyExt::boxed);
-    }
+    };
+    // The stream lives no longer than the certificate that opened it: the sidecar reconnects
+    // with its renewed SVID (it rotates at half-life, long before this).
+    let left =
+        Duration::try_from(peer.not_after - time::OffsetDateTime::now_utc()).unwrap_or_default();
+    let until = tokio::time::Instant::now() + left;
     let rx = ca.dist.subscribe();
-    let stream = futures_util::stream::unfold((ca, rx, true), |(ca, mut rx, first)| async move {
-        if !first {
-            // A change, or a heartbeat; a closed channel means shutdown.
-            if let Ok(Err(_)) = tokio::time::timeout(WATCH_HEARTBEAT, rx.changed()).await {
-                return None;
+    let stream =
+        futures_util::stream::unfold((ca, rx, true), move |(ca, mut rx, first)| async move {
+            if !first {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                // A change, or a heartbeat; a closed channel means shutdown.
+                if left.is_zero()
+                    || matches!(
+                        tokio::time::timeout(WATCH_HEARTBEAT.min(left), rx.changed()).await,
+                        Ok(Err(_))
+                    )
+                    || tokio::time::Instant::now() >= until
+                {
+                    return None;
+                }
             }
-        }
-        let snap = ca.dist.snapshot(&ca);
-        let mut line = serde_json::to_vec(&snap).unwrap_or_default();
-        line.push(b'\n');
-        Some((
-            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(line))),
-            (ca, rx, false),
-        ))
-    });
+            let snap = ca.dist.snapshot(&ca);
+            let mut line = serde_json::to_vec(&snap).unwrap_or_default();
+            line.push(b'\n');
+            Some((
+                Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(line))),
+                (ca, rx, false),
+            ))
+        });
     let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed());
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
