@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -19,10 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info};
 
-use super::{
-    Body, GRPC_INVALID_ARGUMENT, GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, XFCC, is_grpc,
-    local_reply, strip_hop_by_hop, xfcc_value,
-};
+use super::{Body, GRPC_UNAVAILABLE, XFCC, is_grpc, local_reply, strip_hop_by_hop, xfcc_value};
 use crate::config::{AppProtocol, Inbound};
 use crate::metrics::Direction;
 use crate::policy::HttpFacts;
@@ -212,71 +209,35 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         },
     );
     m.request(Direction::Inbound, verdict.label());
-    let mut fields = crate::proxy::audit_base(
-        Direction::Inbound,
-        &ctx.me,
-        &ctx.peer,
-        Some(ctx.peer_addr.clone()),
-        Some(&ctx.peer_serial),
-        "http",
+    let record = super::RequestRecord::new(
+        &ctx.shared.audit,
+        crate::proxy::audit_base(
+            Direction::Inbound,
+            &ctx.me,
+            &ctx.peer,
+            Some(ctx.peer_addr.clone()),
+            Some(&ctx.peer_serial),
+            "http",
+        ),
+        req.method(),
+        &path,
+        &verdict,
+        started,
     );
-    fields.insert("method".into(), req.method().as_str().into());
-    fields.insert("path".into(), path.clone().into());
-    verdict.audit_into(&mut fields);
-    let audit = |mut fields: serde_json::Map<String, serde_json::Value>, status: StatusCode| {
-        fields.insert("status".into(), status.as_u16().into());
-        fields.insert(
-            "duration_ms".into(),
-            (started.elapsed().as_millis() as u64).into(),
-        );
-        ctx.shared.audit.emit("http.request", fields);
-    };
     if !verdict.permits() {
-        audit(fields, StatusCode::FORBIDDEN);
+        record.finish(StatusCode::FORBIDDEN);
         info!(method = %req.method(), path = %path, decision = verdict.decision_id(), by = %verdict.by(), "request denied by policy");
-        return local_reply(
-            grpc,
-            StatusCode::FORBIDDEN,
-            GRPC_PERMISSION_DENIED,
-            &format!(
-                "denied by mayfly policy (decision {})",
-                verdict.decision_id()
-            ),
-            Some(verdict.decision_id()),
-        );
+        return super::denied(grpc, &verdict);
     }
     let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
+    let authority = super::request_authority(&parts);
     let pq = match parts.uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(ctx.app.to_string())
-        .path_and_query(pq)
-        .build()
-    {
+    parts.uri = match super::next_hop_uri(grpc, "http", &ctx.app.to_string(), pq) {
         Ok(u) => u,
-        Err(e) => {
-            return local_reply(
-                grpc,
-                StatusCode::BAD_REQUEST,
-                GRPC_INVALID_ARGUMENT,
-                &format!("bad request target: {e}"),
-                None,
-            );
-        }
+        Err(reply) => return *reply,
     };
     strip_hop_by_hop(&mut parts.headers);
     // Only the sidecar speaks for the caller's identity.
@@ -301,14 +262,13 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     let req = Request::from_parts(parts, body.boxed());
     match ctx.app_client.request(req).await {
         Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            audit(fields, parts.status);
-            Response::from_parts(parts, body.boxed())
+            let (status, resp) = super::relay(resp);
+            record.finish(status);
+            resp
         }
         Err(e) => {
             m.request(Direction::Inbound, "app_unreachable");
-            audit(fields, StatusCode::BAD_GATEWAY);
+            record.finish(StatusCode::BAD_GATEWAY);
             info!(app = %ctx.app, error = %e, "the local app did not answer");
             local_reply(
                 grpc,

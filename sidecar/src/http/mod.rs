@@ -178,6 +178,103 @@ pub fn local_reply(
     r
 }
 
+/// The audit record of one HTTP request, emitted once, with the status the caller got.
+pub(crate) struct RequestRecord<'a> {
+    audit: &'a crate::audit::Auditor,
+    fields: serde_json::Map<String, serde_json::Value>,
+    started: std::time::Instant,
+}
+
+impl<'a> RequestRecord<'a> {
+    /// `base` (from `proxy::audit_base`) plus the request line and the policy's verdict.
+    pub(crate) fn new(
+        audit: &'a crate::audit::Auditor,
+        mut base: serde_json::Map<String, serde_json::Value>,
+        method: &http::Method,
+        path: &str,
+        verdict: &crate::policy::Verdict,
+        started: std::time::Instant,
+    ) -> Self {
+        base.insert("method".into(), method.as_str().into());
+        base.insert("path".into(), path.into());
+        verdict.audit_into(&mut base);
+        Self {
+            audit,
+            fields: base,
+            started,
+        }
+    }
+
+    /// Records the outcome.
+    pub(crate) fn finish(mut self, status: StatusCode) {
+        self.fields.insert("status".into(), status.as_u16().into());
+        self.fields.insert(
+            "duration_ms".into(),
+            (self.started.elapsed().as_millis() as u64).into(),
+        );
+        self.audit.emit("http.request", self.fields);
+    }
+}
+
+/// The answer to a request the policy refused: 403 / PERMISSION_DENIED with the decision ID.
+pub(crate) fn denied(grpc: bool, verdict: &crate::policy::Verdict) -> Response<Body> {
+    local_reply(
+        grpc,
+        StatusCode::FORBIDDEN,
+        GRPC_PERMISSION_DENIED,
+        &format!(
+            "denied by mayfly policy (decision {})",
+            verdict.decision_id()
+        ),
+        Some(verdict.decision_id()),
+    )
+}
+
+/// The authority the caller addressed: the request URI's, else its Host header.
+pub(crate) fn request_authority(parts: &http::request::Parts) -> Option<String> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+}
+
+/// The request target for the next hop, or the 400 / INVALID_ARGUMENT answer to give.
+pub(crate) fn next_hop_uri(
+    grpc: bool,
+    scheme: &str,
+    authority: &str,
+    path_and_query: String,
+) -> Result<http::Uri, Box<Response<Body>>> {
+    http::Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| {
+            Box::new(local_reply(
+                grpc,
+                StatusCode::BAD_REQUEST,
+                GRPC_INVALID_ARGUMENT,
+                &format!("bad request target: {e}"),
+                None,
+            ))
+        })
+}
+
+/// A response from the next hop, passed on without its hop-by-hop headers; with its status.
+pub(crate) fn relay(resp: Response<hyper::body::Incoming>) -> (StatusCode, Response<Body>) {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    (parts.status, Response::from_parts(parts, body.boxed()))
+}
+
 /// gRPC status PERMISSION_DENIED.
 pub const GRPC_PERMISSION_DENIED: u8 = 7;
 /// gRPC status UNAVAILABLE.

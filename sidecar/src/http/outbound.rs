@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
@@ -19,10 +19,7 @@ use tokio::sync::{Mutex, watch};
 use tokio_rustls::TlsConnector;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{
-    Body, GRPC_INVALID_ARGUMENT, GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, MAX_HEADER_BYTES,
-    is_grpc, local_reply, strip_hop_by_hop,
-};
+use super::{Body, GRPC_UNAVAILABLE, MAX_HEADER_BYTES, is_grpc, local_reply, strip_hop_by_hop};
 use crate::config::Outbound;
 use crate::metrics::Direction;
 use crate::policy::HttpFacts;
@@ -199,73 +196,36 @@ impl Upstream {
             },
         );
         m.request(Direction::Outbound, verdict.label());
-        let mut fields = crate::proxy::audit_base(
-            Direction::Outbound,
-            &me,
-            &dest,
-            Some(self.up.remote.clone()),
-            None,
-            "http",
+        let record = super::RequestRecord::new(
+            &self.shared.audit,
+            crate::proxy::audit_base(
+                Direction::Outbound,
+                &me,
+                &dest,
+                Some(self.up.remote.clone()),
+                None,
+                "http",
+            ),
+            req.method(),
+            &path,
+            &verdict,
+            started,
         );
-        fields.insert("method".into(), req.method().as_str().into());
-        fields.insert("path".into(), path.clone().into());
-        verdict.audit_into(&mut fields);
-        let audit = |mut fields: serde_json::Map<String, serde_json::Value>, status: StatusCode| {
-            fields.insert("status".into(), status.as_u16().into());
-            fields.insert(
-                "duration_ms".into(),
-                (started.elapsed().as_millis() as u64).into(),
-            );
-            self.shared.audit.emit("http.request", fields);
-        };
         if !verdict.permits() {
-            audit(fields, StatusCode::FORBIDDEN);
+            record.finish(StatusCode::FORBIDDEN);
             info!(method = %req.method(), path = %path, decision = verdict.decision_id(), "request denied by egress policy");
-            return local_reply(
-                grpc,
-                StatusCode::FORBIDDEN,
-                GRPC_PERMISSION_DENIED,
-                &format!(
-                    "denied by mayfly policy (decision {})",
-                    verdict.decision_id()
-                ),
-                Some(verdict.decision_id()),
-            );
+            return super::denied(grpc, &verdict);
         }
         let (mut parts, body) = req.into_parts();
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| self.up.name.clone());
+        let authority = super::request_authority(&parts).unwrap_or_else(|| self.up.name.clone());
         let pq = parts
             .uri
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into());
-        parts.uri = match Uri::builder()
-            .scheme("https")
-            .authority(authority)
-            .path_and_query(pq)
-            .build()
-        {
+        parts.uri = match super::next_hop_uri(grpc, "https", &authority, pq) {
             Ok(u) => u,
-            Err(e) => {
-                return local_reply(
-                    grpc,
-                    StatusCode::BAD_REQUEST,
-                    GRPC_INVALID_ARGUMENT,
-                    &format!("bad request target: {e}"),
-                    None,
-                );
-            }
+            Err(reply) => return *reply,
         };
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(http::header::HOST);
@@ -276,7 +236,7 @@ impl Upstream {
             Err(e) => {
                 m.request(Direction::Outbound, "upstream_unreachable");
                 warn!(error = %e, "upstream unavailable");
-                audit(fields, StatusCode::BAD_GATEWAY);
+                record.finish(StatusCode::BAD_GATEWAY);
                 return local_reply(
                     grpc,
                     StatusCode::BAD_GATEWAY,
@@ -288,7 +248,7 @@ impl Upstream {
         };
         if sender.ready().await.is_err() {
             m.request(Direction::Outbound, "upstream_unreachable");
-            audit(fields, StatusCode::BAD_GATEWAY);
+            record.finish(StatusCode::BAD_GATEWAY);
             return local_reply(
                 grpc,
                 StatusCode::BAD_GATEWAY,
@@ -299,14 +259,13 @@ impl Upstream {
         }
         match sender.send_request(req).await {
             Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                audit(fields, parts.status);
-                Response::from_parts(parts, body.boxed())
+                let (status, resp) = super::relay(resp);
+                record.finish(status);
+                resp
             }
             Err(e) => {
                 m.request(Direction::Outbound, "upstream_error");
-                audit(fields, StatusCode::BAD_GATEWAY);
+                record.finish(StatusCode::BAD_GATEWAY);
                 info!(error = %e, "upstream request failed");
                 local_reply(
                     grpc,
