@@ -612,3 +612,28 @@ pub fn curl(args: &[&str]) -> (bool, String, String) {
         Err(e) => panic!("curl is required for these tests: {e}"),
     }
 }
+
+/// A control plane in this process (`mayfly-ca init` + `run`, as library calls) for trust domain
+/// `mayfly.local` in `dir/ca`, listening on 127.0.0.1:0, following `policy` when given: for the
+/// benchmark harnesses and tests that need its internals (store, issuance) at hand.
+pub async fn in_process_control_plane(
+    dir: &Path,
+    policy: Option<PathBuf>,
+) -> anyhow::Result<mayfly_ca::server::Running> {
+    use mayfly_ca::server;
+    let data = dir.join("ca");
+    server::init(
+        &data,
+        "mayfly.local",
+        mayfly_ca::authority::AuthorityConfig::default(),
+    )?;
+    Ok(server::start(server::RunOptions {
+        data_dir: data,
+        listen: "127.0.0.1:0".parse()?,
+        metrics_listen: None,
+        settings: server::CaSettings::default(),
+        drain: Duration::from_secs(1),
+        policy_file: policy,
+    })
+    .await?)
+}

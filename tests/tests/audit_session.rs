@@ -10,13 +10,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use mayfly_ca::audit::{GENESIS, Record, VERSION, line_hash};
-use mayfly_ca::authority::AuthorityConfig;
 use mayfly_ca::bundle::BundleSet;
 use mayfly_ca::client::CaClient;
 use mayfly_ca::id::{parse_trust_domain, parse_workload_id};
 use mayfly_ca::keys::SecretKey;
 use mayfly_ca::server::ca::Caller;
-use mayfly_ca::server::{self, CaSettings, RunOptions};
 use mayfly_ca::svid::SvidInfo;
 use mayfly_ca::tls::{Credentials, Svid};
 use time::OffsetDateTime;
@@ -37,29 +35,26 @@ fn record(seq: u64, prev: &str) -> Vec<u8> {
     .line()
 }
 
-#[tokio::test]
-async fn a_kept_connection_delivers_and_stops_authenticating_at_certificate_expiry() {
+/// A control plane in this process, and a client holding an SVID from it that lives 3 s:
+/// (control plane, client, its credentials, its bundles, the certificate's NotAfter).
+async fn control_plane_and_short_lived_client() -> (
+    tempfile::TempDir,
+    mayfly_ca::server::Running,
+    CaClient,
+    Arc<Credentials>,
+    mayfly_ca::verify::SharedBundles,
+    OffsetDateTime,
+) {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("ca");
-    server::init(&data, "mayfly.local", AuthorityConfig::default()).unwrap();
-    let cp = server::start(RunOptions {
-        data_dir: data,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        settings: CaSettings::default(),
-        drain: Duration::from_secs(1),
-        policy_file: None,
-    })
-    .await
-    .unwrap();
-
-    // An SVID that lives 3 seconds, signed by the control plane itself.
+    let cp = mayfly_tests::in_process_control_plane(tmp.path(), None)
+        .await
+        .unwrap();
     let id = parse_workload_id(ID).unwrap();
     let key = SecretKey::generate().unwrap();
     let csr = mayfly_ca::issue::make_csr(&key, &id).unwrap();
     let now = OffsetDateTime::now_utc();
     let caller = SvidInfo {
-        id: id.clone(),
+        id,
         serial: "01".into(),
         not_before: now,
         not_after: now + Duration::from_secs(60),
@@ -73,18 +68,25 @@ async fn a_kept_connection_delivers_and_stops_authenticating_at_certificate_expi
             "test",
         )
         .unwrap();
-    let not_after = issued.not_after;
     let creds = Credentials::new();
     creds.set(Svid::new(issued.chain, &key).unwrap());
+    // The certificate's NotAfter (X.509 times are whole seconds).
+    let not_after = creds.get().unwrap().info.not_after;
     let bundles = Arc::new(ArcSwap::from_pointee(BundleSet::single(
         (*cp.ca.bundle()).clone(),
     )));
-
     let client = CaClient::new(
         cp.api_addr.to_string(),
         parse_trust_domain("mayfly.local").unwrap(),
     )
     .unwrap();
+    (tmp, cp, client, creds, bundles, not_after)
+}
+
+#[tokio::test]
+async fn a_kept_connection_delivers_and_stops_authenticating_at_certificate_expiry() {
+    let (_tmp, cp, client, creds, bundles, not_after) =
+        control_plane_and_short_lived_client().await;
     let mut session = client.audit_session(bundles, creds);
     let chain = format!("{ID}#e1");
     let mut prev = GENESIS.to_owned();
@@ -118,50 +120,8 @@ async fn a_kept_connection_delivers_and_stops_authenticating_at_certificate_expi
 /// opened it expires (the sidecar reconnects with its renewed SVID).
 #[tokio::test]
 async fn a_watch_stream_ends_at_the_client_certificate_expiry() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("ca");
-    server::init(&data, "mayfly.local", AuthorityConfig::default()).unwrap();
-    let cp = server::start(RunOptions {
-        data_dir: data,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        settings: CaSettings::default(),
-        drain: Duration::from_secs(1),
-        policy_file: None,
-    })
-    .await
-    .unwrap();
-    let id = parse_workload_id(ID).unwrap();
-    let key = SecretKey::generate().unwrap();
-    let csr = mayfly_ca::issue::make_csr(&key, &id).unwrap();
-    let now = OffsetDateTime::now_utc();
-    let caller = SvidInfo {
-        id,
-        serial: "01".into(),
-        not_before: now,
-        not_after: now + Duration::from_secs(60),
-    };
-    let issued = cp
-        .ca
-        .issue_svid(
-            &csr,
-            Caller::Svid(caller),
-            Some(Duration::from_secs(3)),
-            "test",
-        )
-        .unwrap();
-    let creds = Credentials::new();
-    creds.set(Svid::new(issued.chain, &key).unwrap());
-    // The certificate's NotAfter (X.509 times are whole seconds).
-    let not_after = creds.get().unwrap().info.not_after;
-    let bundles = Arc::new(ArcSwap::from_pointee(BundleSet::single(
-        (*cp.ca.bundle()).clone(),
-    )));
-    let client = CaClient::new(
-        cp.api_addr.to_string(),
-        parse_trust_domain("mayfly.local").unwrap(),
-    )
-    .unwrap();
+    let (_tmp, cp, client, creds, bundles, not_after) =
+        control_plane_and_short_lived_client().await;
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let watch = tokio::spawn(async move { client.watch(bundles, creds, tx).await });
     assert!(rx.recv().await.is_some(), "a first snapshot at once");

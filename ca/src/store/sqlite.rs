@@ -256,10 +256,14 @@ impl SqliteStore {
     /// Writes every queued issued certificate and event in one transaction and tells each
     /// waiting caller how it went. Called with the connection held.
     fn commit_issued_queue(&self, c: &mut Connection, own: &(String, String)) {
-        let batch = match self.issued_queue.lock() {
-            Ok(mut q) => std::mem::take(&mut *q),
-            Err(_) => return,
-        };
+        // A poisoned queue still holds its callers' answer channels: take them all the same,
+        // so nobody waits forever.
+        let batch = std::mem::take(
+            &mut *self
+                .issued_queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         if batch.is_empty() {
             return;
         }

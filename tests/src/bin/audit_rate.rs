@@ -19,28 +19,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mayfly_ca::authority::AuthorityConfig;
-use mayfly_ca::server::{self, CaSettings, RunOptions};
+use mayfly_ca::server;
 use mayfly_ca::svid::SvidInfo;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
-const TD: &str = "mayfly.local";
 const ID: &str = "spiffe://mayfly.local/bench/web";
-
-async fn control_plane(dir: &std::path::Path) -> Result<server::Running> {
-    let data = dir.join("ca");
-    server::init(&data, TD, AuthorityConfig::default())?;
-    Ok(server::start(RunOptions {
-        data_dir: data,
-        listen: "127.0.0.1:0".parse()?,
-        metrics_listen: None,
-        settings: CaSettings::default(),
-        drain: Duration::from_secs(1),
-        policy_file: None,
-    })
-    .await?)
-}
 
 /// One sample of the sidecar's admin metrics: (records spooled, unacknowledged spool bytes).
 fn scrape(admin: SocketAddr) -> Result<(u64, u64)> {
@@ -82,7 +66,7 @@ fn fields(i: u64) -> Map<String, Value> {
 
 async fn run(m: u64) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let cp = control_plane(tmp.path()).await?;
+    let cp = mayfly_tests::in_process_control_plane(tmp.path(), None).await?;
     let (token, _) = cp
         .ca
         .create_token(ID, Duration::from_secs(600), "bench")
@@ -169,7 +153,7 @@ async fn run(m: u64) -> Result<()> {
 
     // Baseline: the same lines, ingested in process by a fresh control plane.
     let tmp2 = tempfile::tempdir()?;
-    let cp2 = control_plane(tmp2.path()).await?;
+    let cp2 = mayfly_tests::in_process_control_plane(tmp2.path(), None).await?;
     let now = OffsetDateTime::now_utc();
     let peer = SvidInfo {
         id: mayfly_ca::id::parse_workload_id(ID)?,

@@ -28,13 +28,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
-use mayfly_ca::authority::AuthorityConfig;
 use mayfly_ca::bundle::BundleSet;
 use mayfly_ca::client::CaClient;
 use mayfly_ca::id::{SpiffeId, parse_trust_domain, parse_workload_id};
 use mayfly_ca::keys::SecretKey;
 use mayfly_ca::server::ca::Caller;
-use mayfly_ca::server::{self, CaSettings, RunOptions};
 use mayfly_ca::svid::SvidInfo;
 use mayfly_ca::tls::{Credentials, Svid};
 use mayfly_ca::token::JoinToken;
@@ -46,23 +44,10 @@ fn id_of(i: usize) -> String {
     format!("spiffe://{TD}/bench/client-{i}")
 }
 
-fn run_options(data: &Path) -> Result<RunOptions> {
-    Ok(RunOptions {
-        data_dir: data.to_path_buf(),
-        listen: "127.0.0.1:0".parse()?,
-        metrics_listen: None,
-        settings: CaSettings::default(),
-        drain: Duration::from_secs(1),
-        policy_file: None,
-    })
-}
-
 /// Child process: a control plane with `n` join tokens; prints its address and the tokens, serves
 /// until stdin closes, then prints how many SVIDs its store logged.
 async fn serve(dir: &Path, n: usize) -> Result<()> {
-    let data = dir.join("ca");
-    server::init(&data, TD, AuthorityConfig::default())?;
-    let cp = server::start(run_options(&data)?).await?;
+    let cp = mayfly_tests::in_process_control_plane(dir, None).await?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "ADDR {}", cp.api_addr)?;
     for i in 0..n {
@@ -127,9 +112,7 @@ fn rate(threads: usize, secs: Duration, f: impl Fn() -> Result<()> + Sync) -> Re
 /// Figures 1 and 2.
 async fn in_process(threads: usize, secs: Duration) -> Result<(f64, f64)> {
     let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("ca");
-    server::init(&data, TD, AuthorityConfig::default())?;
-    let cp = server::start(run_options(&data)?).await?;
+    let cp = mayfly_tests::in_process_control_plane(tmp.path(), None).await?;
     let id = parse_workload_id(&id_of(0))?;
     let key = SecretKey::generate()?;
     let csr = mayfly_ca::issue::make_csr(&key, &id)?;

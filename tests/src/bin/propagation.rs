@@ -8,26 +8,15 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mayfly_ca::authority::AuthorityConfig;
-use mayfly_ca::server::{self, CaSettings, RunOptions};
+use mayfly_ca::server;
 
 const POLICY: &str = "version = 1\n[grants]\nmax_ttl = \"10m\"\napprovals = 0\n";
 
 async fn run(n: usize) -> Result<Vec<Duration>> {
     let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("ca");
-    server::init(&data, "mayfly.local", AuthorityConfig::default())?;
     let policy = tmp.path().join("policy.toml");
     std::fs::write(&policy, POLICY)?;
-    let cp = server::start(RunOptions {
-        data_dir: data,
-        listen: "127.0.0.1:0".parse()?,
-        metrics_listen: None,
-        settings: CaSettings::default(),
-        drain: Duration::from_secs(1),
-        policy_file: Some(policy),
-    })
-    .await?;
+    let cp = mayfly_tests::in_process_control_plane(tmp.path(), Some(policy)).await?;
     let mut sidecars = Vec::with_capacity(n);
     for i in 0..n {
         let id = format!("spiffe://mayfly.local/svc-{i}");
