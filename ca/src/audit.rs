@@ -144,13 +144,24 @@ pub enum ChainError {
         /// Why.
         reason: String,
     },
+    /// The chain is in the control plane's name (a reserved ID) but is not the chain the
+    /// control plane writes itself: someone else's records posing as control-plane events.
+    #[error(
+        "{chain}: records in the control plane's name that the control plane did not write (its own chain is {own})"
+    )]
+    Impostor {
+        /// Chain.
+        chain: String,
+        /// The control plane's own chain.
+        own: String,
+    },
 }
 
 impl ChainError {
     /// The seq of the first record found broken, when known.
     pub fn seq(&self) -> Option<u64> {
         match self {
-            ChainError::Malformed { .. } => None,
+            ChainError::Malformed { .. } | ChainError::Impostor { .. } => None,
             ChainError::Gap { expected, .. } => Some(*expected),
             ChainError::Broken { prev_seq, .. } => Some(*prev_seq),
             ChainError::BadCheckpoint { seq, .. } => Some(*seq),
@@ -195,6 +206,14 @@ fn verify_checkpoint(r: &Record, bundles: Option<&BundleSet>) -> Result<(), Stri
         return Err(format!(
             "signed by {}, not by the chain's writer {}",
             info.id, r.source
+        ));
+    }
+    if crate::id::is_reserved(&info.id)
+        && !crate::svid::has_control_plane_mark(leaf).map_err(|e| e.to_string())?
+    {
+        return Err(format!(
+            "signed with a certificate for {} that lacks the control-plane mark: not the control plane",
+            info.id
         ));
     }
     if let Some(b) = bundles {

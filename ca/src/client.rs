@@ -315,7 +315,7 @@ impl CaClient {
         Ok(client_config(
             creds,
             bundles,
-            IdMatcher::Exact(self.ca_id.clone()),
+            IdMatcher::ControlPlane(self.ca_id.clone()),
             &[b"http/1.1"],
         )?)
     }

@@ -9,6 +9,8 @@
 //!   config is byte for byte the ID in the certificate: no two spellings of one identity.
 //! - an ID longer than 2048 bytes is rejected (the standard requires support up to 2048).
 //! - a *workload* ID (what a leaf SVID carries) must have a non-empty path.
+//! - the path namespace `/mayfly/...` is **reserved** for the control plane's own identities
+//!   ([`is_reserved`]): no join token, CSR, attestation, renewal or `svid mint` may produce one.
 
 use std::fmt;
 
@@ -51,6 +53,23 @@ pub enum IdError {
     /// The ID names a trust domain only where a workload ID (with a path) is needed.
     #[error("{0} names a trust domain, not a workload: a workload ID needs a path")]
     NoPath(String),
+    /// The ID is in the namespace the control plane keeps for itself.
+    #[error(
+        "{0} is reserved: IDs whose path starts with /{RESERVED_SEGMENT}/ belong to the control plane and are never issued to workloads"
+    )]
+    Reserved(String),
+}
+
+/// The first path segment of the identities the control plane keeps for itself
+/// (`spiffe://<td>/mayfly/ca`).
+pub const RESERVED_SEGMENT: &str = "mayfly";
+
+/// Whether `id` is in the control plane's reserved namespace: its first path segment is
+/// `mayfly` in any ASCII case (`/Mayfly/ca` is another ID for SPIFFE, but one a reader would
+/// take for the control plane's, so it is kept back too).
+pub fn is_reserved(id: &SpiffeId) -> bool {
+    let first = id.path().trim_start_matches('/').split('/').next();
+    first.is_some_and(|s| s.eq_ignore_ascii_case(RESERVED_SEGMENT))
 }
 
 const SCHEME: &str = "spiffe://";
@@ -101,6 +120,16 @@ pub fn parse_workload_id(s: &str) -> Result<SpiffeId, IdError> {
     let id = parse_id(s)?;
     if id.path().is_empty() {
         return Err(IdError::NoPath(shown(s)));
+    }
+    Ok(id)
+}
+
+/// Parses an ID that may be issued to a workload: a workload ID ([`parse_workload_id`]) outside
+/// the control plane's reserved namespace ([`is_reserved`]).
+pub fn parse_issuable_id(s: &str) -> Result<SpiffeId, IdError> {
+    let id = parse_workload_id(s)?;
+    if is_reserved(&id) {
+        return Err(IdError::Reserved(shown(s)));
     }
     Ok(id)
 }
@@ -205,6 +234,30 @@ mod tests {
     fn workload_ids_need_a_path() {
         assert!(parse_workload_id("spiffe://trustdomain").is_err());
         assert!(parse_workload_id("spiffe://trustdomain/x").is_ok());
+    }
+
+    #[test]
+    fn the_control_plane_namespace_is_reserved_in_every_case() {
+        for v in [
+            "spiffe://td/mayfly/ca",
+            "spiffe://td/mayfly",
+            "spiffe://td/mayfly/injector",
+            "spiffe://td/Mayfly/ca",
+            "spiffe://td/MAYFLY/x/y",
+        ] {
+            assert!(is_reserved(&parse_id(v).unwrap()), "{v}");
+            let e = parse_issuable_id(v).unwrap_err();
+            assert!(matches!(e, IdError::Reserved(_)), "{v}: {e}");
+        }
+        for v in [
+            "spiffe://td/mayflyer",
+            "spiffe://td/ns/mayfly/sa/ca",
+            "spiffe://td/web/mayfly",
+            "spiffe://mayfly/web",
+        ] {
+            assert!(!is_reserved(&parse_id(v).unwrap()), "{v}");
+            assert!(parse_issuable_id(v).is_ok(), "{v}");
+        }
     }
 
     #[test]

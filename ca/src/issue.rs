@@ -56,6 +56,11 @@ pub enum IssueError {
     /// The CSR's URI SAN is not a valid workload SPIFFE ID.
     #[error("CSR asks for an invalid ID: {0}")]
     BadId(#[from] id::IdError),
+    /// The ID is in the control plane's reserved namespace (`/mayfly/...`).
+    #[error(
+        "{0} is reserved for the control plane: IDs whose path starts with /mayfly/ are never issued to workloads"
+    )]
+    Reserved(String),
     /// The CSR asks for CA rights (cA=true, keyCertSign or cRLSign).
     #[error("CSR asks for CA rights ({0}): SVIDs are never CAs")]
     AsksForCa(&'static str),
@@ -83,6 +88,7 @@ impl IssueError {
             IssueError::NoId(_) => "no_id",
             IssueError::ExtraSans(_) => "extra_sans",
             IssueError::WrongId { .. } => "wrong_id",
+            IssueError::BadId(id::IdError::Reserved(_)) | IssueError::Reserved(_) => "reserved_id",
             IssueError::BadId(_) => "bad_id",
             IssueError::AsksForCa(_) => "asks_for_ca",
             IssueError::Ttl(_) => "ttl",
@@ -144,6 +150,9 @@ pub fn verify_csr(der: &[u8]) -> Result<VerifiedCsr, IssueError> {
         many => return Err(IssueError::ExtraSans(many.len())),
     };
     let id = id::parse_workload_id(&uri)?;
+    if id::is_reserved(&id) {
+        return Err(IssueError::Reserved(id.to_string()));
+    }
     Ok(VerifiedCsr { params, id })
 }
 
@@ -165,11 +174,18 @@ pub fn issue(
             allowed: allowed.to_string(),
         });
     }
-    sign_leaf(signer, &csr.params.public_key, &csr.id, ttl, now)
+    sign_leaf_with(
+        signer,
+        &csr.params.public_key,
+        &csr.id,
+        Leaf::Workload,
+        ttl,
+        now,
+    )
 }
 
-/// Signs an SVID for a key the CA itself holds (the control plane's own serving SVID, and
-/// `svid mint`).
+/// Signs a workload SVID for a key the CA itself holds (`svid mint`). Reserved IDs are refused
+/// as for a CSR.
 pub fn issue_for_key(
     signer: &Authority,
     key: &SecretKey,
@@ -177,13 +193,18 @@ pub fn issue_for_key(
     ttl: Duration,
     now: OffsetDateTime,
 ) -> Result<IssuedSvid, IssueError> {
-    issue_for_key_with_names(signer, key, id, &[], ttl, now)
+    let kp = key
+        .key_pair()
+        .map_err(|e| IssueError::Sign(AuthorityError::Key(e)))?;
+    sign_leaf_with(signer, &kp, id, Leaf::Workload, ttl, now)
 }
 
-/// [`issue_for_key`] with extra DNS names or IP addresses beside the SPIFFE ID (the control
-/// plane's own SVID, so that `curl --cacert bundle.pem https://localhost:8443/...` verifies).
-/// Workload SVIDs from CSRs never carry extra names.
-pub fn issue_for_key_with_names(
+/// Signs the control plane's own serving SVID: an ID in the reserved namespace, the
+/// control-plane mark in its subject ([`crate::svid::CONTROL_PLANE_OU`]), and extra DNS names
+/// or IP addresses beside the SPIFFE ID (so that `curl --cacert bundle.pem
+/// https://localhost:8443/...` verifies). The only way to sign a reserved ID; the control plane
+/// calls it for itself, never on anyone's request.
+pub(crate) fn issue_control_plane_svid(
     signer: &Authority,
     key: &SecretKey,
     id: &SpiffeId,
@@ -205,27 +226,37 @@ pub fn issue_for_key_with_names(
             )),
         }
     }
-    sign_leaf_with(signer, &kp, id, extra, ttl, now)
+    sign_leaf_with(signer, &kp, id, Leaf::ControlPlane(extra), ttl, now)
 }
 
-fn sign_leaf(
-    signer: &Authority,
-    public_key: &impl rcgen::PublicKeyData,
-    id: &SpiffeId,
-    ttl: Duration,
-    now: OffsetDateTime,
-) -> Result<IssuedSvid, IssueError> {
-    sign_leaf_with(signer, public_key, id, Vec::new(), ttl, now)
+/// What kind of leaf is signed.
+enum Leaf {
+    /// A workload's SVID: never a reserved ID, never extra names.
+    Workload,
+    /// The control plane's own: a reserved ID, the control-plane mark, these extra names.
+    ControlPlane(Vec<SanType>),
 }
 
+/// The one function that signs leaves: every issuance path goes through it, so the reserved
+/// namespace holds whichever caller asks.
 fn sign_leaf_with(
     signer: &Authority,
     public_key: &impl rcgen::PublicKeyData,
     id: &SpiffeId,
-    extra_names: Vec<SanType>,
+    leaf: Leaf,
     ttl: Duration,
     now: OffsetDateTime,
 ) -> Result<IssuedSvid, IssueError> {
+    match (&leaf, id::is_reserved(id)) {
+        (Leaf::Workload, true) => return Err(IssueError::Reserved(id.to_string())),
+        (Leaf::ControlPlane(_), false) => {
+            return Err(IssueError::BadId(id::IdError::Invalid {
+                input: id.to_string(),
+                reason: "the control plane's own ID must be in the reserved namespace".into(),
+            }));
+        }
+        _ => {}
+    }
     if !(MIN_SVID_TTL..=MAX_SVID_TTL).contains(&ttl) {
         return Err(IssueError::Ttl(ttl));
     }
@@ -248,6 +279,12 @@ fn sign_leaf_with(
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.distinguished_name
         .push(DnType::OrganizationName, "mayfly");
+    if let Leaf::ControlPlane(_) = leaf {
+        p.distinguished_name.push(
+            DnType::OrganizationalUnitName,
+            crate::svid::CONTROL_PLANE_OU,
+        );
+    }
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![
@@ -259,7 +296,9 @@ fn sign_leaf_with(
         .try_into()
         .map_err(|_| IssueError::BadId(id::IdError::NoPath(id_text.clone())))?;
     p.subject_alt_names = vec![SanType::URI(uri)];
-    p.subject_alt_names.extend(extra_names);
+    if let Leaf::ControlPlane(extra_names) = leaf {
+        p.subject_alt_names.extend(extra_names);
+    }
     p.use_authority_key_identifier_extension = true;
     let issuer = signer.issuer()?;
     let cert = p

@@ -326,8 +326,8 @@ async fn admin_call(dir: &Path, req: AdminRequest) -> Result<Value> {
 
 fn mint(dir: &Path, id: &str, ttl: Duration, out: &Path) -> Result<()> {
     use mayfly_ca::keys::{SecretKey, pem_encode};
+    let id = mayfly_ca::id::parse_issuable_id(id)?;
     let (_dd, store, authorities) = server::open(dir)?;
-    let id = mayfly_ca::id::parse_workload_id(id)?;
     let key = SecretKey::generate()?;
     let now = time::OffsetDateTime::now_utc();
     let signer = authorities.signer().context("no active intermediate CA")?;

@@ -207,6 +207,22 @@ pub fn spki_der(der: &[u8]) -> Result<Vec<u8>, ProfileError> {
     Ok(cert.public_key().raw.to_vec())
 }
 
+/// The organizational unit in the subject of the control plane's own SVID, and of no other:
+/// the control plane writes it only when it signs its own serving SVID, and sidecars require it
+/// (beside the reserved ID) before they take a policy from a server or deliver audit records
+/// to it. A certificate for the reserved ID that lacks it (one signed by an older version, or
+/// by a path that should not have signed it) is not a control plane.
+pub const CONTROL_PLANE_OU: &str = "mayfly control plane";
+
+/// Whether a certificate carries the control-plane mark ([`CONTROL_PLANE_OU`]).
+pub fn has_control_plane_mark(der: &[u8]) -> Result<bool, ProfileError> {
+    let cert = parse(der)?;
+    Ok(cert
+        .subject()
+        .iter_organizational_unit()
+        .any(|ou| ou.as_str() == Ok(CONTROL_PLANE_OU)))
+}
+
 /// The subject of a certificate, in RFC 4514 form, for `ca status` and logs.
 pub fn subject(der: &[u8]) -> Result<String, ProfileError> {
     Ok(parse(der)?.subject().to_string())

@@ -96,6 +96,28 @@ impl TestCa {
         (issued.chain, key)
     }
 
+    /// The control plane's own SVID for this trust domain, as the control plane signs it
+    /// (reserved ID, control-plane mark).
+    pub fn control_plane_svid(&self) -> (Vec<CertificateDer<'static>>, SecretKey) {
+        let key = SecretKey::generate().unwrap();
+        let id = crate::id::parse_id(&format!(
+            "spiffe://{}{}",
+            self.authorities.trust_domain(),
+            crate::api::CA_ID_PATH
+        ))
+        .unwrap();
+        let issued = crate::issue::issue_control_plane_svid(
+            self.authorities.signer().unwrap(),
+            &key,
+            &id,
+            &["localhost".to_owned()],
+            Duration::from_secs(300),
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        (issued.chain, key)
+    }
+
     /// Credentials holding a fresh well-formed SVID.
     pub fn credentials(&self, id: &str) -> Arc<Credentials> {
         let (chain, key) = self.svid(id);

@@ -64,6 +64,12 @@ pub enum VerifyError {
         /// Who answered.
         got: String,
     },
+    /// A server presents the control plane's ID without the mark only the control plane's own
+    /// SVID carries: an impostor (or an SVID from before the namespace was reserved).
+    #[error(
+        "server presents the control plane's ID {0} without the control-plane mark in its subject: not the control plane"
+    )]
+    NotControlPlane(String),
 }
 
 impl VerifyError {
@@ -79,6 +85,7 @@ impl VerifyError {
             VerifyError::BadSignature(_) => "bad_signature",
             VerifyError::Chain { .. } => "chain",
             VerifyError::UnexpectedServer { .. } => "unexpected_server_id",
+            VerifyError::NotControlPlane(_) => "not_control_plane",
         }
     }
 
@@ -163,13 +170,16 @@ pub enum IdMatcher {
     OneOf(Vec<SpiffeId>),
     /// Any ID of this trust domain.
     TrustDomain(TrustDomain),
+    /// The control plane: exactly this (reserved) ID, and the control-plane mark
+    /// ([`crate::svid::CONTROL_PLANE_OU`]) in the certificate.
+    ControlPlane(SpiffeId),
 }
 
 impl IdMatcher {
     /// Whether `id` is accepted.
     pub fn matches(&self, id: &SpiffeId) -> bool {
         match self {
-            IdMatcher::Exact(want) => want == id,
+            IdMatcher::Exact(want) | IdMatcher::ControlPlane(want) => want == id,
             IdMatcher::OneOf(ids) => ids.contains(id),
             IdMatcher::TrustDomain(td) => id.trust_domain() == td,
         }
@@ -180,6 +190,7 @@ impl std::fmt::Display for IdMatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             IdMatcher::Exact(id) => write!(f, "{id}"),
+            IdMatcher::ControlPlane(id) => write!(f, "the control plane {id}"),
             IdMatcher::OneOf(ids) => {
                 let v: Vec<String> = ids.iter().map(ToString::to_string).collect();
                 write!(f, "one of [{}]", v.join(", "))
@@ -308,6 +319,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 got: info.id.to_string(),
             }
             .into_rustls());
+        }
+        if let IdMatcher::ControlPlane(_) = &self.expected {
+            let marked = crate::svid::has_control_plane_mark(end_entity)
+                .map_err(|e| VerifyError::Profile(e).into_rustls())?;
+            if !marked {
+                return Err(VerifyError::NotControlPlane(info.id.to_string()).into_rustls());
+            }
         }
         Ok(ServerCertVerified::assertion())
     }

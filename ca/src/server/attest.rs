@@ -24,7 +24,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::Value;
 use tracing::warn;
 
-use crate::id::{SpiffeId, TrustDomain, parse_workload_id};
+use crate::id::{SpiffeId, TrustDomain, parse_issuable_id};
 
 /// The audience a projected token must carry.
 pub const AUDIENCE: &str = "mayfly";
@@ -516,7 +516,7 @@ impl K8sAttestor {
                 "sub does not match kubernetes.io.namespace and serviceaccount".into(),
             ));
         }
-        let id = parse_workload_id(&format!("spiffe://{td}/ns/{ns}/sa/{sa}"))
+        let id = parse_issuable_id(&format!("spiffe://{td}/ns/{ns}/sa/{sa}"))
             .map_err(|e| AttestError::Malformed(e.to_string()))?;
         let pod = k8s
             .pointer("/pod/name")

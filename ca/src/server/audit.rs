@@ -34,6 +34,12 @@ pub enum IngestError {
         /// Authenticated caller.
         caller: String,
     },
+    /// The caller holds an ID of the control plane's reserved namespace: its chain is written
+    /// in process only, never over the network.
+    #[error(
+        "audit records in the name of {0} are not accepted over the network: the control plane writes its own chain itself"
+    )]
+    Reserved(String),
     /// The batch does not continue the stored chain.
     #[error(transparent)]
     Conflict(#[from] AuditConflict),
@@ -48,7 +54,7 @@ impl IngestError {
         match self {
             IngestError::Unauthenticated => 401,
             IngestError::Malformed(..) => 400,
-            IngestError::NotYours { .. } => 403,
+            IngestError::NotYours { .. } | IngestError::Reserved(_) => 403,
             IngestError::Conflict(_) => 409,
             IngestError::Store(_) => 500,
         }
@@ -60,6 +66,7 @@ impl IngestError {
             IngestError::Unauthenticated => "unauthenticated",
             IngestError::Malformed(..) => "bad_record",
             IngestError::NotYours { .. } => "not_yours",
+            IngestError::Reserved(_) => "reserved_chain",
             IngestError::Conflict(AuditConflict::Gap { .. }) => "audit_gap",
             IngestError::Conflict(AuditConflict::Diverged { .. }) => "audit_diverged",
             IngestError::Store(_) => "internal",
@@ -96,6 +103,11 @@ struct RecordHead<'a> {
 /// batch normally holds one chain).
 pub fn ingest(ca: &Ca, peer: Option<&SvidInfo>, body: &[u8]) -> Result<u64, IngestError> {
     let peer = peer.ok_or(IngestError::Unauthenticated)?;
+    // The control plane's own chain is written in process only: no record in its name (or in
+    // its namespace) is taken over the network, whoever presents it.
+    if crate::id::is_reserved(&peer.id) {
+        return Err(IngestError::Reserved(peer.id.to_string()));
+    }
     let caller = peer.id.to_string();
     let mut by_chain: Vec<(String, Vec<AuditRow>)> = Vec::new();
     for (i, line) in body.split(|b| *b == b'\n').enumerate() {
@@ -177,7 +189,19 @@ pub struct ChainReport {
 /// Verifies every chain in the store against the trust bundle.
 pub fn verify_all(store: &dyn Store, bundles: &BundleSet) -> Result<Vec<ChainReport>, StoreError> {
     let mut out = Vec::new();
+    let own = store.own_chain()?;
     for chain in store.audit_chains()? {
+        let source = chain.split('#').next().unwrap_or_default();
+        let reserved = crate::id::parse_id(source).is_ok_and(|id| crate::id::is_reserved(&id));
+        if reserved && own.as_deref() != Some(chain.as_str()) {
+            let own = own.clone().unwrap_or_default();
+            let result = Err(crate::audit::ChainError::Impostor {
+                chain: chain.clone(),
+                own,
+            });
+            out.push(ChainReport { chain, result });
+            continue;
+        }
         let lines = store.audit_lines(&chain)?;
         let result = verify_lines(&chain, lines.iter().map(Vec::as_slice), Some(bundles));
         out.push(ChainReport { chain, result });

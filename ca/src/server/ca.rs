@@ -12,7 +12,7 @@ use crate::authority::{Authorities, Change, Role};
 use crate::bundle::{BundleSet, DEFAULT_REFRESH_HINT, TrustBundle};
 use crate::id::{SpiffeId, parse_id, parse_workload_id};
 use crate::issue::{
-    DEFAULT_SVID_TTL, IssueError, IssuedSvid, MAX_SVID_TTL, issue, issue_for_key_with_names,
+    DEFAULT_SVID_TTL, IssueError, IssuedSvid, MAX_SVID_TTL, issue, issue_control_plane_svid,
     verify_csr,
 };
 use crate::keys::SecretKey;
@@ -103,7 +103,11 @@ impl Refusal {
             | Refusal::TokenFormat(_)
             | Refusal::K8s(_) => 401,
             Refusal::ForeignPeer(_) => 403,
-            Refusal::Issue(IssueError::WrongId { .. }) => 403,
+            Refusal::Issue(
+                IssueError::WrongId { .. }
+                | IssueError::Reserved(_)
+                | IssueError::BadId(crate::id::IdError::Reserved(_)),
+            ) => 403,
             Refusal::Issue(IssueError::CsrTooLarge(_)) => 413,
             Refusal::Issue(
                 IssueError::NoSigner | IssueError::SignerExpired(_) | IssueError::Sign(_),
@@ -279,7 +283,7 @@ impl Ca {
         let issued = {
             let a = self.authorities.lock().map_err(|_| lock_err())?;
             let signer = a.signer().ok_or(IssueError::NoSigner)?;
-            issue_for_key_with_names(
+            issue_control_plane_svid(
                 signer,
                 &key,
                 &self.ca_id,
@@ -459,7 +463,9 @@ impl Ca {
         ttl: Duration,
         by: &str,
     ) -> Result<(JoinToken, TokenRecord), String> {
-        let id = parse_workload_id(id).map_err(|e| e.to_string())?;
+        // The control plane's namespace is never handed out: a token for it would let its
+        // holder serve sidecars as their control plane.
+        let id = crate::id::parse_issuable_id(id).map_err(|e| e.to_string())?;
         if ttl > self.settings.token_max_ttl || ttl.is_zero() {
             return Err(format!(
                 "token TTL must be between 1s and {} (the configured maximum)",

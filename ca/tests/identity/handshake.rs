@@ -93,6 +93,39 @@ async fn a_client_refuses_a_server_with_an_unexpected_id() {
 }
 
 #[tokio::test]
+async fn a_client_of_the_control_plane_refuses_the_reserved_id_without_the_control_plane_mark() {
+    let ca = TestCa::new("mayfly.local");
+    let cp_id = mayfly_ca::id::parse_id("spiffe://mayfly.local/mayfly/ca").unwrap();
+    let creds = |(chain, key): (Vec<_>, mayfly_ca::keys::SecretKey)| {
+        let c = Credentials::new();
+        c.set(mayfly_ca::tls::Svid::new(chain, &key).unwrap());
+        c
+    };
+    // The real one: signed by the control plane for itself.
+    let (_, c) = handshake(
+        creds(ca.control_plane_svid()),
+        ca.bundles(),
+        ca.credentials(CLIENT),
+        ca.bundles(),
+        IdMatcher::ControlPlane(cp_id.clone()),
+    )
+    .await;
+    assert_eq!(c.unwrap(), cp_id.to_string());
+    // An impostor: the same ID, signed by the same CA (as an older version would have for a
+    // token or `svid mint`), without the mark.
+    let (_, c) = handshake(
+        creds(ca.leaf(&Leaf::new(&cp_id.to_string()))),
+        ca.bundles(),
+        ca.credentials(CLIENT),
+        ca.bundles(),
+        IdMatcher::ControlPlane(cp_id.clone()),
+    )
+    .await;
+    let err = c.unwrap_err();
+    assert!(err.contains("not the control plane"), "{err}");
+}
+
+#[tokio::test]
 async fn every_bad_client_certificate_class_fails_the_handshake_naming_the_cause() {
     let ca = TestCa::new("mayfly.local");
     let foreign = TestCa::new("other.org");

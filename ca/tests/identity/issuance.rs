@@ -209,3 +209,61 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn no_workload_issuance_path_signs_the_control_planes_namespace() {
+    let ca = TestCa::new("mayfly.local");
+    let signer = ca.authorities.signer().unwrap();
+    let now = OffsetDateTime::now_utc();
+    for reserved in [
+        "spiffe://mayfly.local/mayfly/ca",
+        "spiffe://mayfly.local/mayfly/anything",
+        "spiffe://mayfly.local/Mayfly/ca",
+    ] {
+        let id = mayfly_ca::id::parse_id(reserved).unwrap();
+        let key = SecretKey::generate().unwrap();
+        // A CSR asking for it is refused before anything else is looked at (a token for it,
+        // created before the namespace was reserved, is then never spent).
+        let csr = make_csr(&key, &id).unwrap();
+        let e = verify_csr(&csr).err().unwrap();
+        assert_eq!(e.reason(), "reserved_id", "{reserved}: {e}");
+        // `svid mint` and every other workload path: refused at signing.
+        let e = mayfly_ca::issue::issue_for_key(signer, &key, &id, Duration::from_secs(60), now)
+            .unwrap_err();
+        assert!(matches!(e, IssueError::Reserved(_)), "{reserved}: {e}");
+        assert!(
+            e.to_string().contains("reserved for the control plane"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn only_the_control_planes_own_svid_carries_the_control_plane_mark() {
+    let ca = TestCa::new("mayfly.local");
+    let (cp, _) = ca.control_plane_svid();
+    assert!(mayfly_ca::svid::has_control_plane_mark(&cp[0]).unwrap());
+    assert_eq!(
+        check_leaf(&cp[0]).unwrap().id.to_string(),
+        "spiffe://mayfly.local/mayfly/ca"
+    );
+    let (web, _) = ca.svid("spiffe://mayfly.local/web");
+    assert!(!mayfly_ca::svid::has_control_plane_mark(&web[0]).unwrap());
+    // A CSR cannot ask for the mark: the subject is the CA's, never the CSR's.
+    let csr = csr_with(|p| {
+        p.distinguished_name.push(
+            rcgen::DnType::OrganizationalUnitName,
+            mayfly_ca::svid::CONTROL_PLANE_OU,
+        );
+    });
+    let v = verify_csr(&csr).unwrap();
+    let issued = issue(
+        ca.authorities.signer().unwrap(),
+        &v,
+        &v.id.clone(),
+        Duration::from_secs(60),
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    assert!(!mayfly_ca::svid::has_control_plane_mark(&issued.chain[0]).unwrap());
+}

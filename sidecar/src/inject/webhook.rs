@@ -460,7 +460,7 @@ mod tests {
     #[tokio::test]
     async fn the_webhook_serves_admission_reviews_over_tls() {
         let ca = TestCa::new("mayfly.local");
-        let id = "spiffe://mayfly.local/mayfly/injector";
+        let id = "spiffe://mayfly.local/ns/mayfly-system/sa/mayfly-injector";
         let (chain, key) = ca.svid(id);
         let dir = tempfile::tempdir().unwrap();
         let cert = dir.path().join("tls.crt");
