@@ -204,7 +204,7 @@ pub fn issue_for_key(
 /// or IP addresses beside the SPIFFE ID (so that `curl --cacert bundle.pem
 /// https://localhost:8443/...` verifies). The only way to sign a reserved ID; the control plane
 /// calls it for itself, never on anyone's request.
-pub(crate) fn issue_control_plane_svid(
+pub fn issue_control_plane_svid(
     signer: &Authority,
     key: &SecretKey,
     id: &SpiffeId,

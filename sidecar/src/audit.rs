@@ -26,12 +26,15 @@ use tracing::{error, info, warn};
 
 use crate::identity::Identity;
 
+mod recover;
+
 /// How often the spool is synced to disk.
 pub const SYNC_EVERY: Duration = Duration::from_millis(200);
 /// A checkpoint is written after this many records...
 pub const CHECKPOINT_RECORDS: u64 = 256;
-/// ...or this long after the first unsigned record.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// ...or this long after the first unsigned record (and at a clean shutdown), so a dropped
+/// tail is never more than a few seconds of unsigned records.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 /// The least time between two deliveries to the control plane (one request each, over a
 /// kept-open mTLS connection). Each delivery is one fsynced transaction on the control plane,
 /// so this sets its commit rate: one a second per sidecar.
@@ -84,6 +87,18 @@ struct State {
     next_seq: u64,
     last_hash: String,
     acked_seq: u64,
+    /// True only while the spool is closed after a clean shutdown: found false on opening, the
+    /// sidecar stopped without one (records it had not synced may be lost) and the chain rolls
+    /// to a new epoch that says so (see `recover`).
+    #[serde(default)]
+    clean: bool,
+    /// A closed epoch kept only to deliver what is left of it (a backlog spool): never
+    /// appended to, never rolled.
+    #[serde(default)]
+    closed: bool,
+    /// When this epoch began after a roll (orders backlog spools).
+    #[serde(default)]
+    rolled_at_ms: i64,
 }
 
 /// One event, before it is numbered.
@@ -230,26 +245,13 @@ impl Spool {
     }
 
     fn open_for(dir: &Path, source: &str) -> Result<Self, SpoolError> {
-        let mut s = Self::open(dir)?;
-        match &s.state.source {
-            Some(owner) if owner != source => {
-                return Err(SpoolError::Corrupt(
-                    dir.join("state.json"),
-                    format!(
-                        "this spool holds the records of {owner}, not {source}: give each sidecar its own audit.spool_dir"
-                    ),
-                ));
-            }
-            Some(_) => {}
-            None => {
-                s.state.source = Some(source.to_owned());
-                s.save_state()?;
-            }
-        }
-        Ok(s)
+        Self::open(dir, Some(source))
     }
 
-    fn open(dir: &Path) -> Result<Self, SpoolError> {
+    /// Opens (or creates) the spool in `dir` for `source`'s records. A spool that was not
+    /// closed cleanly, or whose lines are damaged, rolls to a new epoch first (`recover`); a
+    /// torn last line is cut off.
+    fn open(dir: &Path, source: Option<&str>) -> Result<Self, SpoolError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -261,26 +263,44 @@ impl Spool {
                 .map_err(io(dir))?;
         }
         let state_path = dir.join("state.json");
-        let mut state = match std::fs::read(&state_path) {
-            Ok(b) => serde_json::from_slice::<State>(&b)
-                .map_err(|e| SpoolError::Corrupt(state_path.clone(), e.to_string()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut b = [0u8; 8];
-                mayfly_ca::keys::fill_random(&mut b);
+        let (mut state, existed) = match std::fs::read(&state_path) {
+            Ok(b) => (
+                serde_json::from_slice::<State>(&b)
+                    .map_err(|e| SpoolError::Corrupt(state_path.clone(), e.to_string()))?,
+                true,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
                 State {
                     source: None,
-                    epoch: hex::encode(b),
+                    epoch: recover::new_epoch(),
                     next_seq: 1,
                     last_hash: GENESIS.into(),
                     acked_seq: 0,
-                }
-            }
+                    clean: true,
+                    closed: false,
+                    rolled_at_ms: 0,
+                },
+                false,
+            ),
             Err(e) => return Err(SpoolError::Io(state_path, e)),
         };
+        match (&state.source, source) {
+            (Some(owner), Some(source)) if owner != source => {
+                return Err(SpoolError::Corrupt(
+                    state_path,
+                    format!(
+                        "this spool holds the records of {owner}, not {source}: give each sidecar its own audit.spool_dir"
+                    ),
+                ));
+            }
+            (None, Some(source)) => state.source = Some(source.to_owned()),
+            _ => {}
+        }
+        recover::finish_interrupted(dir, Some(&state.epoch))?;
         let path = dir.join("spool.jsonl");
         let mut file = open_append(&path)?;
         // The file is the truth for what was written after the last state save (a crash
-        // between the two is repaired here); a torn last line is cut off.
+        // between the two is repaired here).
         // Acknowledged records may have been punched out: start at the first data (a hole reads
         // as zeros, block by block, so skip the zeros left of a partial block too).
         let size = file.metadata().map_err(io(&path))?.len();
@@ -294,31 +314,53 @@ impl Spool {
         file.read_to_end(&mut all).map_err(io(&path))?;
         let zeros = all.iter().take_while(|b| **b == 0).count();
         let first = data + zeros as u64;
-        let mut index = VecDeque::new();
-        let (mut off, mut acked_end, mut good) = (first, first, first);
-        for line in all[zeros..].split_inclusive(|b| *b == b'\n') {
-            let start = off;
-            off += line.len() as u64;
-            let Some(body) = line.strip_suffix(b"\n") else {
-                break;
-            };
-            let Ok(r) = serde_json::from_slice::<Record>(body) else {
-                break;
-            };
-            if r.seq > state.acked_seq {
-                index.push_back((r.seq, start, off));
-            } else {
-                acked_end = off;
-            }
-            if r.seq >= state.next_seq {
-                state.next_seq = r.seq + 1;
-                state.last_hash = line_hash(body);
-            }
-            good = off;
+        let scan = recover::scan(&all[zeros..], first, &state);
+        let unclean = existed && !state.clean;
+        if let Some(source) = source
+            && existed
+            && !state.closed
+            && (unclean || scan.damaged() || scan.torn)
+        {
+            drop(file);
+            return Self::roll_on_open(dir, &state, scan, &all[zeros..], first, source);
         }
+        if scan.damaged() {
+            // A closed backlog spool (or one opened without its owner): keep what chains, put
+            // the rest aside where it can be inspected.
+            let mut bad = Vec::new();
+            for (s, e) in &scan.damaged {
+                bad.extend_from_slice(
+                    &all[zeros + (s - first) as usize..zeros + (e - first) as usize],
+                );
+            }
+            for r in &scan.after {
+                bad.extend_from_slice(&r.line());
+                bad.push(b'\n');
+            }
+            let q = recover::quarantine(dir, &state.epoch, &bad)?;
+            error!(spool = %dir.display(), quarantine = %q.display(), "a closed audit spool is damaged: its damaged tail was put aside");
+        }
+        let mut index = VecDeque::new();
+        let mut acked_end = first;
+        for (seq, start, end, hash) in &scan.intact {
+            if *seq > state.acked_seq {
+                index.push_back((*seq, *start, *end));
+            } else {
+                acked_end = *end;
+            }
+            if *seq >= state.next_seq {
+                state.next_seq = seq + 1;
+                state.last_hash = hash.clone();
+            }
+        }
+        let good = scan.intact.last().map_or(first, |e| e.2);
         if good < data + all.len() as u64 {
-            warn!(path = %path.display(), "audit spool ended with a torn record; truncating it");
+            warn!(path = %path.display(), "audit spool ended with a torn or damaged record; cutting it off");
             file.set_len(good).map_err(io(&path))?;
+        }
+        if !state.closed {
+            // From here on a stop without a clean shutdown is detected at the next opening.
+            state.clean = false;
         }
         let mut s = Self {
             dir: dir.to_path_buf(),
@@ -334,6 +376,120 @@ impl Spool {
         };
         s.save_state()?;
         Ok(s)
+    }
+
+    /// Rolls a spool that cannot simply continue to a new epoch (see `recover`): the old
+    /// epoch's intact unacknowledged records become a backlog, damaged lines go to quarantine,
+    /// and the new epoch starts with a `gap` record followed by the re-chained survivors.
+    fn roll_on_open(
+        dir: &Path,
+        state: &State,
+        scan: recover::Scan,
+        data: &[u8],
+        base: u64,
+        source: &str,
+    ) -> Result<Self, SpoolError> {
+        let slice = |s: u64, e: u64| &data[(s - base) as usize..(e - base) as usize];
+        let (last_seq, last_hash) = match scan.intact.last() {
+            Some((seq, _, _, hash)) => (*seq, hash.clone()),
+            None => (state.next_seq.saturating_sub(1), state.last_hash.clone()),
+        };
+        let mut backlog = Vec::new();
+        for (seq, start, end, _) in &scan.intact {
+            if *seq > state.acked_seq {
+                backlog.extend_from_slice(slice(*start, *end));
+            }
+        }
+        if !backlog.is_empty() {
+            let st = State {
+                next_seq: last_seq + 1,
+                last_hash,
+                ..state.clone()
+            };
+            recover::write_backlog(dir, &st, &backlog)?;
+        }
+        let mut bad = Vec::new();
+        for (s, e) in &scan.damaged {
+            bad.extend_from_slice(slice(*s, *e));
+        }
+        if scan.torn {
+            bad.extend_from_slice(&data[(scan.good_end - base) as usize..]);
+        }
+        let quarantined = if bad.is_empty() {
+            None
+        } else {
+            Some(recover::quarantine(dir, &state.epoch, &bad)?)
+        };
+        let why = if scan.damaged() || (scan.torn && state.clean) {
+            recover::Why::SpoolDamaged
+        } else {
+            recover::Why::UncleanShutdown
+        };
+        let acked = state.acked_seq;
+        let loss = recover::Loss {
+            why,
+            epoch: state.epoch.clone(),
+            last_seq,
+            lost: scan.lost.iter().copied().filter(|s| *s > acked).collect(),
+            quarantined,
+        };
+        let after = scan.after.into_iter().filter(|r| r.seq > acked).collect();
+        let (lines, new_state) = recover::new_chain(source, &loss, after);
+        recover::install(dir, &lines, &new_state)?;
+        warn!(
+            spool = %dir.display(),
+            reason = ?why,
+            previous_epoch = %state.epoch,
+            previous_last_seq = last_seq,
+            epoch = %new_state.epoch,
+            "audit chain rolled to a new epoch; the loss is recorded as a gap record"
+        );
+        Self::open(dir, Some(source))
+    }
+
+    /// Rolls the live spool to a new epoch while running, because the control plane refuses
+    /// to continue its chain (`409`: it expects records this spool no longer holds, or holds
+    /// others): every unacknowledged record is re-chained after a `gap` record. Rare; the
+    /// disk I/O is done in place.
+    fn roll_live(&mut self, why: recover::Why) -> Result<(), SpoolError> {
+        let Some(source) = self.state.source.clone() else {
+            return Ok(());
+        };
+        let body = self.unacked_bytes_upto(usize::MAX)?;
+        let after: Vec<Record> = body
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect();
+        let loss = recover::Loss {
+            why,
+            epoch: self.state.epoch.clone(),
+            last_seq: self.state.acked_seq,
+            lost: Vec::new(),
+            quarantined: None,
+        };
+        let (lines, new_state) = recover::new_chain(&source, &loss, after);
+        recover::install(&self.dir, &lines, &new_state)?;
+        warn!(reason = ?why, previous_epoch = %self.state.epoch, epoch = %new_state.epoch, "the control plane refuses to continue the audit chain: rolled to a new epoch, the loss is recorded as a gap record");
+        let dir = self.dir.clone();
+        *self = Self::open(&dir, Some(&source))?;
+        Ok(())
+    }
+
+    /// Deletes a fully delivered backlog spool.
+    fn remove(self) {
+        let dir = self.dir.clone();
+        drop(self);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            warn!(error = %e, path = %dir.display(), "cannot remove a delivered audit backlog");
+        }
+    }
+
+    /// Marks the spool cleanly closed and syncs it (at a clean shutdown).
+    fn close(&mut self) -> Result<(), SpoolError> {
+        self.state.clean = true;
+        self.dirty = true;
+        self.sync()
     }
 
     fn save_state(&mut self) -> Result<(), SpoolError> {
@@ -510,13 +666,28 @@ impl Spool {
     }
 }
 
+/// Which spool a delivery came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The oldest closed epoch still to deliver.
+    Backlog,
+    /// The live spool.
+    Live,
+}
+
 /// A delivery's outcome, with the session handed back for the next one.
-type ShipResult = (mayfly_ca::client::AuditSession, Result<u64, String>);
+type ShipResult = (
+    mayfly_ca::client::AuditSession,
+    Target,
+    Result<u64, mayfly_ca::client::ClientError>,
+);
 
 struct Actor {
     /// This sidecar's SPIFFE ID as text (every record's `source`).
     source: String,
     spool: Spool,
+    /// Closed epochs left by a roll, oldest first: delivered before the live spool.
+    backlog: VecDeque<Spool>,
     cfg: AuditConfig,
     identity: Arc<Identity>,
     /// The delivery session (kept-open mTLS connection); `None` when shipping is off, or while
@@ -563,8 +734,13 @@ impl Actor {
         self.update_full();
     }
 
+    /// Bytes not yet acknowledged, live spool and backlog together.
+    fn unacked_total(&self) -> u64 {
+        self.spool.unacked_bytes() + self.backlog.iter().map(Spool::unacked_bytes).sum::<u64>()
+    }
+
     fn update_full(&mut self) {
-        let used = self.spool.unacked_bytes();
+        let used = self.unacked_total();
         self.metrics
             .audit_spool_bytes
             .set(i64::try_from(used).unwrap_or(i64::MAX));
@@ -609,7 +785,14 @@ impl Actor {
             || self
                 .first_unsigned
                 .is_some_and(|t| t.elapsed() >= CHECKPOINT_INTERVAL);
-        if !due {
+        if due {
+            self.checkpoint_now();
+        }
+    }
+
+    /// Signs a checkpoint now if any record is unsigned.
+    fn checkpoint_now(&mut self) {
+        if self.unsigned == 0 {
             return;
         }
         let Some(svid) = self.identity.creds.get() else {
@@ -631,10 +814,120 @@ impl Actor {
 }
 
 impl Actor {
+    /// The control plane stored everything up to `acked` of `target`'s chain.
+    fn acked(&mut self, target: Target, acked: u64) {
+        let r = match target {
+            Target::Live => self.spool.ack(acked),
+            Target::Backlog => {
+                let r = self.backlog.front_mut().map_or(Ok(()), |b| b.ack(acked));
+                if self.backlog.front().is_some_and(|b| b.index.is_empty())
+                    && let Some(b) = self.backlog.pop_front()
+                {
+                    info!(epoch = %b.state.epoch, "an audit backlog epoch is delivered");
+                    b.remove();
+                }
+                r
+            }
+        };
+        if let Err(e) = r {
+            error!(error = %e, "cannot trim the audit spool");
+        }
+        self.update_full();
+        self.write_gap_if_any(now_ms());
+    }
+
+    /// A `409` from the control plane: it will not continue this chain (it expects records the
+    /// spool no longer has, or holds different ones). Instead of retrying forever, the records
+    /// go on in a new chain after a `gap` record that says so. Returns whether it was such a
+    /// refusal.
+    fn refused_chain(&mut self, target: Target, e: &mayfly_ca::client::ClientError) -> bool {
+        let why = match e {
+            mayfly_ca::client::ClientError::Refused {
+                status: 409,
+                reason,
+                ..
+            } => {
+                if reason == "audit_diverged" {
+                    recover::Why::ControlPlaneDiverged
+                } else {
+                    recover::Why::ControlPlaneGap
+                }
+            }
+            _ => return false,
+        };
+        warn!(error = %e, "the control plane refuses to continue an audit chain");
+        match target {
+            Target::Live => {
+                if let Err(e) = self.spool.roll_live(why) {
+                    error!(error = %e, "cannot roll the audit spool to a new epoch");
+                    return false;
+                }
+                self.session_epoch_changed();
+            }
+            Target::Backlog => {
+                // The closed epoch's records continue the live chain, after a gap record.
+                let Some(mut b) = self.backlog.pop_front() else {
+                    return true;
+                };
+                let body = match b.unacked_bytes_upto(usize::MAX) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        error!(error = %e, "cannot read an audit backlog");
+                        self.backlog.push_front(b);
+                        return false;
+                    }
+                };
+                let records: Vec<Record> = body
+                    .split(|c| *c == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .filter_map(|l| serde_json::from_slice(l).ok())
+                    .collect();
+                let mut f = Map::new();
+                f.insert("reason".into(), Value::from(recover::why_str(why)));
+                f.insert("previous_epoch".into(), Value::from(b.state.epoch.clone()));
+                f.insert("previous_last_seq".into(), Value::from(b.state.acked_seq));
+                f.insert("rechained".into(), Value::from(records.len()));
+                self.write("gap", now_ms(), f);
+                for r in records {
+                    let mut f = r.fields;
+                    f.insert(
+                        "rechained_from".into(),
+                        Value::from(format!("{}:{}", r.epoch, r.seq)),
+                    );
+                    let kind = if r.kind == "checkpoint" {
+                        "checkpoint.rechained"
+                    } else {
+                        r.kind.as_str()
+                    };
+                    self.write(kind, r.ts_ms, f);
+                }
+                b.remove();
+            }
+        }
+        true
+    }
+
+    /// After the live epoch changed: nothing to reset today (the session is per identity, not
+    /// per chain); kept as the one place to do it.
+    fn session_epoch_changed(&mut self) {
+        self.unsigned = 0;
+        self.first_unsigned = None;
+    }
+
     /// Starts delivering the oldest unacknowledged records (up to `SHIP_BATCH`) to the control
     /// plane; the answer comes back on `done`. Returns whether a delivery is now in flight.
     fn ship(&mut self, done: &mpsc::Sender<ShipResult>) -> bool {
-        if self.spool.index.is_empty() {
+        // Closed epochs first, oldest first, one chain per delivery.
+        while self.backlog.front().is_some_and(|b| b.index.is_empty()) {
+            if let Some(b) = self.backlog.pop_front() {
+                b.remove();
+            }
+        }
+        let (target, spool) = match self.backlog.front_mut() {
+            Some(b) => (Target::Backlog, b),
+            None => (Target::Live, &mut self.spool),
+        };
+        if spool.index.is_empty() {
             return false;
         }
         let Some(mut session) = self.session.take() else {
@@ -642,7 +935,7 @@ impl Actor {
         };
         // The spool holds the lines as the control plane wants them: newline-terminated, in
         // order, so the body is one contiguous read.
-        let body = match self.spool.unacked_bytes_upto(SHIP_BATCH) {
+        let body = match spool.unacked_bytes_upto(SHIP_BATCH) {
             Ok(body) => body,
             Err(e) => {
                 error!(error = %e, "cannot read the audit spool");
@@ -652,11 +945,8 @@ impl Actor {
         };
         let tx = done.clone();
         tokio::spawn(async move {
-            let r = session
-                .post(bytes::Bytes::from(body))
-                .await
-                .map_err(|e| e.to_string());
-            let _ = tx.send((session, r)).await;
+            let r = session.post(bytes::Bytes::from(body)).await;
+            let _ = tx.send((session, target, r)).await;
         });
         true
     }
@@ -671,6 +961,15 @@ pub fn start(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(Arc<Auditor>, tokio::task::JoinHandle<()>), SpoolError> {
     let spool = Spool::open_for(&cfg.spool_dir, &identity.id.to_string())?;
+    let mut backlog = VecDeque::new();
+    for (_, dir) in recover::backlog_dirs(&cfg.spool_dir) {
+        let b = Spool::open(&dir, Some(&identity.id.to_string()))?;
+        if b.index.is_empty() {
+            b.remove();
+        } else {
+            backlog.push_back(b);
+        }
+    }
     let sink: Option<Box<dyn Write + Send>> = match &cfg.sink {
         Sink::None => None,
         Sink::Stdout => Some(Box::new(std::io::stdout())),
@@ -695,6 +994,7 @@ pub fn start(
     let mut actor = Actor {
         source: identity.id.to_string(),
         spool,
+        backlog,
         session: match client {
             Some(c) if cfg.ship => {
                 Some(c.audit_session(identity.bundles.clone(), identity.creds.clone()))
@@ -751,7 +1051,7 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
                     }
                 }
                 a.update_full();
-                a.metrics.audit_spool_bytes.set(i64::try_from(a.spool.unacked_bytes()).unwrap_or(i64::MAX));
+                a.metrics.audit_spool_bytes.set(i64::try_from(a.unacked_total()).unwrap_or(i64::MAX));
                 a.metrics.audit_dropped.set(i64::try_from(a.dropped.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
                 if !in_flight && tokio::time::Instant::now() >= next_ship {
                     in_flight = a.ship(&ship_tx);
@@ -763,28 +1063,29 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
                     error!(error = %e, "cannot sync the audit spool");
                 }
             }
-            Some((session, r)) = ship_rx.recv() => {
+            Some((session, target, r)) = ship_rx.recv() => {
                 in_flight = false;
                 a.session = Some(session);
                 match r {
                     Ok(acked) => {
                         backoff = Duration::from_millis(250);
-                        if let Err(e) = a.spool.ack(acked) {
-                            error!(error = %e, "cannot trim the audit spool");
-                        }
-                        a.update_full();
-                        a.write_gap_if_any(now_ms());
+                        a.acked(target, acked);
                         // Batch: one delivery a second while records trickle in, back to back
                         // (without waiting for the next tick) while a full batch is waiting.
                         next_ship = tokio::time::Instant::now() + SHIP_EVERY;
-                        if a.spool.index.len() >= SHIP_BATCH {
+                        let waiting = a.backlog.front().map_or(a.spool.index.len(), |b| b.index.len());
+                        if waiting >= SHIP_BATCH || !a.backlog.is_empty() {
                             in_flight = a.ship(&ship_tx);
                         }
                     }
                     Err(e) => {
-                        warn!(error = %e, retry_in = ?backoff, "cannot deliver audit records; they stay in the spool");
-                        next_ship = tokio::time::Instant::now() + backoff;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        if a.refused_chain(target, &e) {
+                            next_ship = tokio::time::Instant::now();
+                        } else {
+                            warn!(error = %e, retry_in = ?backoff, "cannot deliver audit records; they stay in the spool");
+                            next_ship = tokio::time::Instant::now() + backoff;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
                     }
                 }
             }
@@ -800,7 +1101,10 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
     if syncing {
         let _ = sync_rx.recv().await;
     }
-    if let Err(e) = a.spool.sync() {
+    // A clean shutdown: sign what is unsigned, and mark the spool closed so the next start
+    // continues this epoch instead of rolling to a new one.
+    a.checkpoint_now();
+    if let Err(e) = a.spool.close() {
         error!(error = %e, "cannot sync the audit spool at shutdown");
     }
 }
@@ -825,7 +1129,7 @@ mod tests {
     #[test]
     fn the_spool_survives_reopening_and_trims_only_acknowledged_records() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Spool::open(dir.path()).unwrap();
+        let mut s = Spool::open(dir.path(), None).unwrap();
         let epoch = s.state.epoch.clone();
         for _ in 0..5 {
             let r = Record {
@@ -836,7 +1140,7 @@ mod tests {
         }
         s.sync().unwrap();
         drop(s);
-        let mut s = Spool::open(dir.path()).unwrap();
+        let mut s = Spool::open(dir.path(), None).unwrap();
         assert_eq!(s.state.next_seq, 6);
         assert_eq!(s.state.epoch, epoch);
         let lines = s.unacked(10).unwrap();
@@ -867,7 +1171,7 @@ mod tests {
         s.after_sync(synced).unwrap();
         assert_eq!(std::fs::metadata(&spool_file).unwrap().len(), 0);
         drop(s);
-        let s = Spool::open(dir.path()).unwrap();
+        let s = Spool::open(dir.path(), None).unwrap();
         assert_eq!(
             s.state.next_seq, 6,
             "numbering continues after a trim and a restart"
@@ -883,7 +1187,7 @@ mod tests {
     #[test]
     fn trims_are_amortised_and_keep_the_unacknowledged_tail_intact() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Spool::open(dir.path()).unwrap();
+        let mut s = Spool::open(dir.path(), None).unwrap();
         s.rewrite_after = 1 << 20;
         let epoch = s.state.epoch.clone();
         let pad = "x".repeat(1000);
@@ -914,7 +1218,7 @@ mod tests {
         assert_eq!(s.unacked(1).unwrap()[0].0, 1001);
         drop(s);
         // Reopened, the hole is skipped and the numbering continues.
-        let mut s = Spool::open(dir.path()).unwrap();
+        let mut s = Spool::open(dir.path(), None).unwrap();
         s.rewrite_after = 1 << 20;
         assert_eq!(s.unacked_bytes(), full - s.index[0].1);
         assert_eq!(
@@ -932,7 +1236,7 @@ mod tests {
             mayfly_ca::audit::verify_lines("c", tail.iter().map(|l| l.1.as_slice()), None).unwrap();
         assert_eq!(chain.last_seq, 4000);
         drop(s);
-        let mut s = Spool::open(dir.path()).unwrap();
+        let mut s = Spool::open(dir.path(), None).unwrap();
         let again = s.unacked(5000).unwrap();
         assert_eq!(again.len(), 1900);
         assert_eq!(again[0], tail[0]);
@@ -944,7 +1248,7 @@ mod tests {
     #[test]
     fn an_all_hole_spool_reopens_empty_and_continues() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Spool::open(dir.path()).unwrap();
+        let mut s = Spool::open(dir.path(), None).unwrap();
         let epoch = s.state.epoch.clone();
         let append = |s: &mut Spool| {
             let r = Record {
@@ -960,7 +1264,7 @@ mod tests {
         s.ack(3).unwrap();
         s.sync().unwrap();
         drop(s);
-        let mut s = Spool::open(dir.path()).unwrap();
+        let mut s = Spool::open(dir.path(), None).unwrap();
         assert!(s.unacked(10).unwrap().is_empty());
         assert_eq!(s.unacked_bytes(), 0);
         assert_eq!(s.state.next_seq, 4);
@@ -975,9 +1279,8 @@ mod tests {
     #[test]
     fn a_torn_last_line_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Spool::open(dir.path()).unwrap();
-        let r = rec(1, GENESIS);
-        s.append(&r).unwrap();
+        let mut s = Spool::open(dir.path(), None).unwrap();
+        append_n(&mut s, 1);
         s.sync().unwrap();
         drop(s);
         let mut f = std::fs::OpenOptions::new()
@@ -986,8 +1289,172 @@ mod tests {
             .unwrap();
         f.write_all(b"{\"v\":1,\"sour").unwrap();
         drop(f);
-        let mut s = Spool::open(dir.path()).unwrap();
+        let mut s = Spool::open(dir.path(), None).unwrap();
         assert_eq!(s.unacked(10).unwrap().len(), 1);
         assert_eq!(s.state.next_seq, 2);
+    }
+
+    const SRC: &str = "spiffe://t/a";
+
+    fn append_n(s: &mut Spool, n: usize) {
+        for _ in 0..n {
+            let r = Record {
+                epoch: s.state.epoch.clone(),
+                ..rec(s.state.next_seq, &s.state.last_hash.clone())
+            };
+            s.append(&r).unwrap();
+        }
+    }
+
+    fn lines_of(path: &Path) -> Vec<Record> {
+        std::fs::read(path)
+            .unwrap()
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty() && l[0] != 0)
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+
+    fn raw_lines(path: &Path) -> Vec<Vec<u8>> {
+        std::fs::read(path)
+            .unwrap()
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
+    #[test]
+    fn a_clean_close_continues_the_epoch_and_an_unclean_stop_rolls_to_a_new_one_that_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), Some(SRC)).unwrap();
+        let first = s.state.epoch.clone();
+        append_n(&mut s, 3);
+        s.ack(2).unwrap();
+        s.close().unwrap();
+        drop(s);
+        let mut s = Spool::open(dir.path(), Some(SRC)).unwrap();
+        assert_eq!(s.state.epoch, first, "a clean close keeps the epoch");
+        assert_eq!(s.state.next_seq, 4);
+        append_n(&mut s, 2);
+        s.sync().unwrap();
+        // Killed: no close. Records 3..5 are unacknowledged.
+        drop(s);
+        let s = Spool::open(dir.path(), Some(SRC)).unwrap();
+        assert_ne!(
+            s.state.epoch, first,
+            "an unclean stop never reuses the epoch's numbers"
+        );
+        let live = lines_of(&dir.path().join("spool.jsonl"));
+        assert_eq!(live.len(), 1);
+        let gap = &live[0];
+        assert_eq!(
+            (gap.kind.as_str(), gap.seq, gap.prev.as_str()),
+            ("gap", 1, GENESIS)
+        );
+        assert_eq!(gap.fields["reason"], "unclean_shutdown");
+        assert_eq!(gap.fields["previous_epoch"], first.as_str());
+        assert_eq!(gap.fields["previous_last_seq"], 5);
+        // The old epoch's unacknowledged records wait in a backlog, intact and in order.
+        let backlog = dir.path().join("epochs").join(&first).join("spool.jsonl");
+        let old = raw_lines(&backlog);
+        let chain =
+            mayfly_ca::audit::verify_lines("c", old.iter().map(Vec::as_slice), None).unwrap();
+        assert_eq!((chain.records, chain.last_seq), (3, 5));
+        drop(s);
+        let b = Spool::open(&dir.path().join("epochs").join(&first), Some(SRC)).unwrap();
+        assert_eq!(
+            b.index.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+    }
+
+    #[test]
+    fn a_damaged_line_mid_spool_is_quarantined_and_every_other_record_is_kept_behind_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), Some(SRC)).unwrap();
+        let first = s.state.epoch.clone();
+        append_n(&mut s, 10);
+        s.close().unwrap();
+        drop(s);
+        let path = dir.path().join("spool.jsonl");
+        let mut lines = raw_lines(&path);
+        let original5 = lines[4].clone();
+        lines[4] = b"{\"v\":1,\"source\":garbage".to_vec();
+        let mut body = lines.join(&b'\n');
+        body.push(b'\n');
+        std::fs::write(&path, body).unwrap();
+
+        let s = Spool::open(dir.path(), Some(SRC)).unwrap();
+        assert_ne!(s.state.epoch, first);
+        // Records 1..4 of the old epoch: a backlog that chains.
+        let old = raw_lines(&dir.path().join("epochs").join(&first).join("spool.jsonl"));
+        let chain =
+            mayfly_ca::audit::verify_lines("c", old.iter().map(Vec::as_slice), None).unwrap();
+        assert_eq!((chain.records, chain.last_seq), (4, 4));
+        // The damaged line, kept for inspection.
+        let q: Vec<_> = std::fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .collect();
+        assert_eq!(q.len(), 1);
+        let kept = std::fs::read(q[0].as_ref().unwrap().path()).unwrap();
+        assert!(kept.starts_with(b"{\"v\":1,\"source\":garbage"));
+        assert_ne!(kept, original5);
+        // The new epoch: a gap naming seq 5, then 6..10 re-chained, and it chains.
+        let live = raw_lines(&path);
+        let chain =
+            mayfly_ca::audit::verify_lines("c", live.iter().map(Vec::as_slice), None).unwrap();
+        assert_eq!(chain.records, 6);
+        let recs = lines_of(&path);
+        assert_eq!(recs[0].kind, "gap");
+        assert_eq!(recs[0].fields["reason"], "spool_damaged");
+        assert_eq!(recs[0].fields["lost_seqs"], serde_json::json!([5]));
+        assert_eq!(recs[0].fields["previous_last_seq"], 4);
+        let from: Vec<String> = recs[1..]
+            .iter()
+            .map(|r| r.fields["rechained_from"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            from,
+            (6..=10).map(|i| format!("{first}:{i}")).collect::<Vec<_>>()
+        );
+        assert_eq!(s.index.len(), 6, "every survivor is waiting for delivery");
+    }
+
+    #[test]
+    fn an_edited_record_mid_spool_is_caught_by_its_successors_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), Some(SRC)).unwrap();
+        append_n(&mut s, 6);
+        s.close().unwrap();
+        drop(s);
+        let path = dir.path().join("spool.jsonl");
+        let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        lines[2] = lines[2].replace("connection.open", "connection.opex");
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let _s = Spool::open(dir.path(), Some(SRC)).unwrap();
+        let recs = lines_of(&path);
+        assert_eq!(recs[0].fields["lost_seqs"], serde_json::json!([3]));
+        assert_eq!(recs.len(), 1 + 3, "gap, then 4..6 re-chained");
+    }
+
+    #[test]
+    fn a_roll_cut_by_a_crash_is_completed_or_redone_on_the_next_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), Some(SRC)).unwrap();
+        let first = s.state.epoch.clone();
+        append_n(&mut s, 3);
+        s.sync().unwrap();
+        drop(s);
+        // A crash after the new file was written but before the state was switched: undone,
+        // and the roll is done again.
+        std::fs::write(dir.path().join("spool.jsonl.new"), b"{}\n").unwrap();
+        let s = Spool::open(dir.path(), Some(SRC)).unwrap();
+        assert_ne!(s.state.epoch, first);
+        assert!(!dir.path().join("spool.jsonl.new").exists());
+        let recs = lines_of(&dir.path().join("spool.jsonl"));
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].kind, "gap");
     }
 }
