@@ -240,16 +240,24 @@ impl SqliteStore {
         let td = self
             .setting("trust_domain")?
             .ok_or(StoreError::NotInitialised)?;
-        let epoch = match self.setting("audit_epoch")? {
-            Some(e) => e,
-            None => {
-                let mut b = [0u8; 8];
-                crate::keys::fill_random(&mut b);
-                let e = hex::encode(b);
-                self.set_setting("audit_epoch", &e)?;
-                e
-            }
-        };
+        // Made and read back under one hold of the connection: concurrent first callers all
+        // get the one epoch stored (each used to store its own, the last one winning).
+        let epoch = self.with(|c| {
+            let mut b = [0u8; 8];
+            crate::keys::fill_random(&mut b);
+            c.execute(
+                "INSERT INTO settings (key, value) VALUES ('audit_epoch', ?1)
+                 ON CONFLICT (key) DO NOTHING",
+                [hex::encode(b)],
+            )
+            .map_err(db)?;
+            c.query_row(
+                "SELECT value FROM settings WHERE key = 'audit_epoch'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .map_err(db)
+        })?;
         Ok(self.own.get_or_init(|| (td, epoch)))
     }
 
