@@ -1,10 +1,12 @@
 //! The control plane's persistent state behind one trait.
 //!
 //! [`SqliteStore`] is the embedded default (one file in the data directory). The trait speaks
-//! in domain types and whole operations (a token is consumed atomically, authorities are
-//! replaced in one transaction), so a PostgreSQL implementation shared by several replicas can
+//! in domain types and whole operations (a token is spent in the transaction that logs the
+//! SVID it pays for, authorities are replaced in one transaction), so a PostgreSQL implementation shared by several replicas can
 //! implement it without changing callers.
 
+#[cfg(test)]
+pub(crate) mod faulty;
 mod sqlite;
 
 pub use sqlite::SqliteStore;
@@ -58,11 +60,42 @@ pub struct TokenRecord {
     pub revoked_at: Option<OffsetDateTime>,
 }
 
+impl TokenRecord {
+    /// Whether the secret whose hash is `hash` redeems this token at `now`. The hashes are
+    /// compared in constant time; a mismatch is `Unknown`, as for a token that does not exist.
+    pub fn check(&self, hash: &str, now: OffsetDateTime) -> Result<(), TokenRefusal> {
+        if aws_lc_rs::constant_time::verify_slices_are_equal(self.hash.as_bytes(), hash.as_bytes())
+            .is_err()
+        {
+            return Err(TokenRefusal::Unknown);
+        }
+        if self.revoked_at.is_some() {
+            return Err(TokenRefusal::Revoked(self.id.clone()));
+        }
+        if self.used_at.is_some() {
+            return Err(TokenRefusal::Used(self.id.clone()));
+        }
+        if self.expires_at <= now {
+            return Err(TokenRefusal::Expired(self.id.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// A join token presented for a bootstrap: spent together with the issuance it pays for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenClaim {
+    /// The token's public ID (the row looked up).
+    pub id: String,
+    /// Hex SHA-256 of the presented secret (compared with the stored one).
+    pub hash: String,
+}
+
 /// Why a token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokenRefusal {
-    /// No token has this hash (forged, or mistyped).
+    /// No token has this ID and secret (forged, or mistyped).
     #[error("join token is unknown (forged or mistyped)")]
     Unknown,
     /// Already used once.
@@ -198,15 +231,9 @@ pub trait Store: Send + Sync {
 
     /// Stores a new token.
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
-    /// Consumes a token by the hash of its secret, atomically: of concurrent callers exactly one
-    /// succeeds.
-    fn consume_token(
-        &self,
-        hash: &str,
-        now: OffsetDateTime,
-    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError>;
-    /// A token by the hash of its secret, without consuming it.
-    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// A token by its public ID, without spending it (tokens are spent by
+    /// [`Store::log_issued_with_event`]).
+    fn find_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Revokes a token by id. Returns false if no unused token has that id.
     fn revoke_token(&self, id: &str, now: OffsetDateTime) -> Result<bool, StoreError>;
     /// Every token, newest first.
@@ -214,18 +241,19 @@ pub trait Store: Send + Sync {
 
     /// Logs an issued certificate.
     fn log_issued(&self, rec: &IssuedRecord) -> Result<(), StoreError>;
-    /// Logs an issued certificate and appends its control-plane event (`kind`, JSON `detail`),
-    /// both durable when this returns. Implementations may commit concurrent calls together
-    /// (group commit); the default writes them one after the other.
+    /// Logs an issued certificate and appends its control-plane event (`kind`, JSON `detail`)
+    /// and, for a bootstrap, spends the join `token` (checked with [`TokenRecord::check`] at
+    /// `rec.issued_at`), in one transaction: all of it is durable when this returns `Ok(Ok(()))`,
+    /// and nothing is written when it returns a refusal or an error, so a token is spent exactly
+    /// when its SVID is logged. Of concurrent callers spending one token, exactly one succeeds.
+    /// Implementations may commit concurrent calls together (group commit).
     fn log_issued_with_event(
         &self,
         rec: &IssuedRecord,
         kind: &str,
         detail: &str,
-    ) -> Result<(), StoreError> {
-        self.log_issued(rec)?;
-        self.append_event(rec.issued_at, kind, detail).map(|_| ())
-    }
+        token: Option<&TokenClaim>,
+    ) -> Result<Result<(), TokenRefusal>, StoreError>;
     /// The most recent issued certificates.
     fn list_issued(&self, limit: u32) -> Result<Vec<IssuedRecord>, StoreError>;
 

@@ -8,7 +8,7 @@ use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use super::{
-    AuditConflict, AuditFilter, AuditRow, EventRecord, IssuedRecord, Store, StoreError,
+    AuditConflict, AuditFilter, AuditRow, EventRecord, IssuedRecord, Store, StoreError, TokenClaim,
     TokenRecord, TokenRefusal,
 };
 use crate::audit::Record;
@@ -63,12 +63,17 @@ pub struct SqliteStore {
     own: std::sync::OnceLock<(String, String)>,
 }
 
-/// An issued certificate and its event, waiting for a group commit.
+/// What a caller of the group commit hears: its token refused (nothing written), or how the
+/// commit went.
+type IssuedOutcome = Result<Result<(), TokenRefusal>, String>;
+
+/// An issued certificate, its event and the join token it spends, waiting for a group commit.
 struct PendingIssued {
     rec: IssuedRecord,
     kind: String,
     detail: String,
-    done: std::sync::mpsc::SyncSender<Result<(), String>>,
+    token: Option<TokenClaim>,
+    done: std::sync::mpsc::SyncSender<IssuedOutcome>,
 }
 
 /// The fields of a control-plane event from its JSON text (anything else is kept as `detail`).
@@ -108,6 +113,40 @@ fn insert_issued(c: &Connection, r: &IssuedRecord) -> Result<(), StoreError> {
         })
         .map(|_| ())
         .map_err(db)
+}
+
+/// Spends a join token inside an open transaction: looked up by its ID, its secret's hash
+/// compared in constant time. A refusal writes nothing.
+fn spend_token_in(
+    c: &Connection,
+    claim: &TokenClaim,
+    now: OffsetDateTime,
+) -> Result<Result<(), TokenRefusal>, StoreError> {
+    let row = c
+        .prepare_cached(&format!(
+            "SELECT {TOKEN_COLS} FROM join_tokens WHERE id = ?1"
+        ))
+        .and_then(|mut st| st.query_row([&claim.id], token_row).optional())
+        .map_err(db)?;
+    let Some(row) = row else {
+        return Ok(Err(TokenRefusal::Unknown));
+    };
+    let t = token_from(row)?;
+    if let Err(refusal) = t.check(&claim.hash, now) {
+        return Ok(Err(refusal));
+    }
+    let n = c
+        .prepare_cached(
+            "UPDATE join_tokens SET used_at = ?1
+             WHERE id = ?2 AND used_at IS NULL AND revoked_at IS NULL",
+        )
+        .and_then(|mut st| st.execute(params![ts(now), claim.id]))
+        .map_err(db)?;
+    Ok(if n == 1 {
+        Ok(())
+    } else {
+        Err(TokenRefusal::Used(t.id))
+    })
 }
 
 /// Appends one record to the control plane's own chain inside an open transaction.
@@ -261,8 +300,9 @@ impl SqliteStore {
         Ok(self.own.get_or_init(|| (td, epoch)))
     }
 
-    /// Writes every queued issued certificate and event in one transaction and tells each
-    /// waiting caller how it went. Called with the connection held.
+    /// Writes every queued issued certificate and event, and spends their tokens, in one
+    /// transaction, and tells each waiting caller how it went. A refused token leaves its
+    /// caller's rows out; any error fails the whole batch. Called with the connection held.
     fn commit_issued_queue(&self, c: &mut Connection, own: &(String, String)) {
         // A poisoned queue still holds its callers' answer channels: take them all the same,
         // so nobody waits forever.
@@ -275,19 +315,36 @@ impl SqliteStore {
         if batch.is_empty() {
             return;
         }
-        let result = (|| -> Result<(), StoreError> {
+        let result = (|| -> Result<Vec<Result<(), TokenRefusal>>, StoreError> {
             let tx = c.transaction().map_err(db)?;
+            let mut outcomes = Vec::with_capacity(batch.len());
             for p in &batch {
+                if let Some(claim) = &p.token
+                    && let Err(refusal) = spend_token_in(&tx, claim, p.rec.issued_at)?
+                {
+                    outcomes.push(Err(refusal));
+                    continue;
+                }
                 insert_issued(&tx, &p.rec)?;
                 let fields = event_fields(&p.detail);
                 append_own_in(&tx, own, p.rec.issued_at, &p.kind, &|_, _| fields.clone())?;
+                outcomes.push(Ok(()));
             }
-            tx.commit().map_err(db)
-        })()
-        .map_err(|e| e.to_string());
-        for p in batch {
-            // A caller that gave up waiting is gone; its rows are written all the same.
-            let _ = p.done.send(result.clone());
+            tx.commit().map_err(db)?;
+            Ok(outcomes)
+        })();
+        match result {
+            Ok(outcomes) => {
+                for (p, outcome) in batch.into_iter().zip(outcomes) {
+                    // A caller that gave up waiting is gone; its rows are written all the same.
+                    let _ = p.done.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for p in batch {
+                    let _ = p.done.send(Err(e.to_string()));
+                }
+            }
         }
     }
 }
@@ -500,57 +557,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn consume_token(
-        &self,
-        hash: &str,
-        now: OffsetDateTime,
-    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
-        self.with(|c| {
-            let tx = c.transaction().map_err(db)?;
-            let row = tx
-                .query_row(
-                    &format!("SELECT {TOKEN_COLS} FROM join_tokens WHERE hash = ?1"),
-                    [hash],
-                    token_row,
-                )
-                .optional()
-                .map_err(db)?;
-            let Some(row) = row else {
-                return Ok(Err(TokenRefusal::Unknown));
-            };
-            let t = token_from(row)?;
-            if t.revoked_at.is_some() {
-                return Ok(Err(TokenRefusal::Revoked(t.id)));
-            }
-            if t.used_at.is_some() {
-                return Ok(Err(TokenRefusal::Used(t.id)));
-            }
-            if t.expires_at <= now {
-                return Ok(Err(TokenRefusal::Expired(t.id)));
-            }
-            let n = tx
-                .execute(
-                    "UPDATE join_tokens SET used_at = ?1
-                     WHERE hash = ?2 AND used_at IS NULL AND revoked_at IS NULL",
-                    params![ts(now), hash],
-                )
-                .map_err(db)?;
-            if n != 1 {
-                return Ok(Err(TokenRefusal::Used(t.id)));
-            }
-            tx.commit().map_err(db)?;
-            Ok(Ok(TokenRecord {
-                used_at: Some(now),
-                ..t
-            }))
-        })
-    }
-
-    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+    fn find_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         let row = self.with(|c| {
             c.query_row(
-                &format!("SELECT {TOKEN_COLS} FROM join_tokens WHERE hash = ?1"),
-                [hash],
+                &format!("SELECT {TOKEN_COLS} FROM join_tokens WHERE id = ?1"),
+                [id],
                 token_row,
             )
             .optional()
@@ -597,7 +608,8 @@ impl Store for SqliteStore {
         rec: &IssuedRecord,
         kind: &str,
         detail: &str,
-    ) -> Result<(), StoreError> {
+        token: Option<&TokenClaim>,
+    ) -> Result<Result<(), TokenRefusal>, StoreError> {
         let own = self.own_parts()?;
         let (done, wait) = std::sync::mpsc::sync_channel(1);
         self.issued_queue
@@ -607,6 +619,7 @@ impl Store for SqliteStore {
                 rec: rec.clone(),
                 kind: kind.to_owned(),
                 detail: detail.to_owned(),
+                token: token.cloned(),
                 done,
             });
         // Whoever gets the connection first commits everything queued so far, ours included
@@ -962,33 +975,108 @@ mod tests {
         );
     }
 
+    fn store() -> SqliteStore {
+        let s = SqliteStore::in_memory().unwrap();
+        s.set_setting("trust_domain", "mayfly.local").unwrap();
+        s
+    }
+
+    /// Logs an SVID with `serial` paid for by token `id` with secret hash `hash`.
+    fn spend(
+        s: &SqliteStore,
+        serial: &str,
+        id: &str,
+        hash: &str,
+    ) -> Result<Result<(), TokenRefusal>, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let rec = IssuedRecord {
+            serial: serial.into(),
+            spiffe_id: "spiffe://mayfly.local/web".into(),
+            not_after: now + time::Duration::minutes(5),
+            issued_at: now,
+            requester: format!("token:{id}"),
+        };
+        let claim = TokenClaim {
+            id: id.into(),
+            hash: hash.into(),
+        };
+        s.log_issued_with_event(&rec, "svid.issued", "{}", Some(&claim))
+    }
+
     #[test]
     fn tokens_are_single_use_and_refusals_say_why() {
-        let s = SqliteStore::in_memory().unwrap();
+        let s = store();
         let now = OffsetDateTime::now_utc();
         s.insert_token(&token("a", "ha", 600)).unwrap();
         s.insert_token(&token("b", "hb", -1)).unwrap();
         s.insert_token(&token("c", "hc", 600)).unwrap();
-        assert!(s.consume_token("ha", now).unwrap().is_ok());
+        assert_eq!(spend(&s, "01", "a", "ha").unwrap(), Ok(()));
         assert_eq!(
-            s.consume_token("ha", now).unwrap(),
+            spend(&s, "02", "a", "ha").unwrap(),
             Err(TokenRefusal::Used("a".into()))
         );
         assert_eq!(
-            s.consume_token("hb", now).unwrap(),
+            spend(&s, "03", "b", "hb").unwrap(),
             Err(TokenRefusal::Expired("b".into()))
         );
         assert_eq!(
-            s.consume_token("zz", now).unwrap(),
+            spend(&s, "04", "zz", "hc").unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+        // A secret presented under another live token's ID.
+        assert_eq!(
+            spend(&s, "05", "c", "ha").unwrap(),
             Err(TokenRefusal::Unknown)
         );
         assert!(s.revoke_token("c", now).unwrap());
         assert!(!s.revoke_token("c", now).unwrap());
         assert_eq!(
-            s.consume_token("hc", now).unwrap(),
+            spend(&s, "06", "c", "hc").unwrap(),
             Err(TokenRefusal::Revoked("c".into()))
         );
         assert_eq!(s.list_tokens().unwrap().len(), 3);
+        // A refusal logs nothing: only the SVID that spent a token is in the log.
+        let issued = s.list_issued(10).unwrap();
+        assert_eq!(issued.len(), 1);
+        assert_eq!(issued[0].serial, "01");
+        assert_eq!(s.find_token("c").unwrap().unwrap().used_at, None);
+    }
+
+    #[test]
+    fn a_token_is_spent_only_if_its_svid_is_logged() {
+        let s = store();
+        s.insert_token(&token("a", "ha", 600)).unwrap();
+        s.insert_token(&token("b", "hb", 600)).unwrap();
+        spend(&s, "01", "b", "hb").unwrap().unwrap();
+        // The log refuses a second row with serial 01: the transaction fails as a whole.
+        assert!(spend(&s, "01", "a", "ha").is_err());
+        assert_eq!(s.find_token("a").unwrap().unwrap().used_at, None);
+        assert_eq!(spend(&s, "02", "a", "ha").unwrap(), Ok(()));
+        assert!(s.find_token("a").unwrap().unwrap().used_at.is_some());
+    }
+
+    #[test]
+    fn concurrent_spends_of_one_token_have_exactly_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        s.set_setting("trust_domain", "mayfly.local").unwrap();
+        s.insert_token(&token("a", "ha", 600)).unwrap();
+        let outcomes: Vec<_> = std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..8)
+                .map(|i| {
+                    let s = &s;
+                    scope.spawn(move || spend(s, &format!("{i:02}"), "a", "ha").unwrap())
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1);
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| o.is_ok() || *o == Err(TokenRefusal::Used("a".into())))
+        );
+        assert_eq!(s.list_issued(100).unwrap().len(), 1);
     }
 
     #[test]
@@ -1043,7 +1131,8 @@ mod tests {
                             requester: "test".into(),
                         };
                         let detail = format!("{{\"serial\":\"{serial}\"}}");
-                        s.log_issued_with_event(&rec, "svid.issued", &detail)
+                        s.log_issued_with_event(&rec, "svid.issued", &detail, None)
+                            .unwrap()
                             .unwrap();
                         // Durable and visible once the call returns.
                         let n: i64 = s
