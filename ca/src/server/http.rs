@@ -83,7 +83,8 @@ fn watch(ca: Arc<Ca>, peer: Option<SvidInfo>) -> Response<RespBody> {
                     return None;
                 }
             }
-            let snap = ca.dist.snapshot(&ca);
+            // Without any good read of the grants, end the stream: the sidecar reconnects.
+            let snap = ca.dist.snapshot(&ca).await?;
             let mut line = serde_json::to_vec(&snap).unwrap_or_default();
             line.push(b'\n');
             Some((

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub handshake_failures: Counter,
     /// Audit records received from sidecars.
     pub audit_records: Counter,
+    /// Failed reads of the grants for watch snapshots (the last good grants stayed).
+    pub snapshot_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -76,6 +78,7 @@ impl Metrics {
         });
         let handshake_failures = Counter::default();
         let audit_records = Counter::default();
+        let snapshot_errors = Counter::default();
         registry.register(
             "svids_issued",
             "SVIDs issued, by how they were obtained",
@@ -106,7 +109,13 @@ impl Metrics {
             "Audit records received from sidecars",
             audit_records.clone(),
         );
+        registry.register(
+            "watch_snapshot_errors",
+            "Failed reads of the grants for watch snapshots (the last good grants stayed)",
+            snapshot_errors.clone(),
+        );
         Self {
+            snapshot_errors,
             audit_records,
             registry,
             issued,

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use time::OffsetDateTime;
 
 use super::{
-    AuditConflict, AuditFilter, AuditRow, EventRecord, IssuedRecord, SqliteStore, Store,
-    StoreError, TokenClaim, TokenRecord, TokenRefusal,
+    AuditConflict, AuditFilter, AuditRow, EventRecord, GrantState, IssuedRecord, SqliteStore,
+    Store, StoreError, TokenClaim, TokenRecord, TokenRefusal,
 };
 use crate::authority::{Authorities, AuthorityConfig};
 use crate::id::TrustDomain;
@@ -120,12 +120,41 @@ impl Store for FaultyStore {
     ) -> Result<Result<u64, AuditConflict>, StoreError> {
         self.inner.audit_append(chain, rows)
     }
-    fn put_grant(&self, id: &str, state: &str, expires: i64, body: &str) -> Result<(), StoreError> {
-        self.inner.put_grant(id, state, expires, body)
+    fn insert_grant(
+        &self,
+        id: &str,
+        state: GrantState,
+        expires: i64,
+        body: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.insert_grant(id, state, expires, body)
+    }
+    fn update_grant(
+        &self,
+        id: &str,
+        from: GrantState,
+        to: GrantState,
+        expires: i64,
+        body: &str,
+    ) -> Result<bool, StoreError> {
+        self.inner.update_grant(id, from, to, expires, body)
+    }
+    fn grant(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.inner.grant(id)
     }
     fn list_grants(&self) -> Result<Vec<String>, StoreError> {
         self.check(&self.fail_grant_reads, "list grants")?;
         self.inner.list_grants()
+    }
+    fn live_grants(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        self.check(&self.fail_grant_reads, "live grants")?;
+        self.inner.live_grants(now)
+    }
+    fn expire_grants(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        self.inner.expire_grants(now)
+    }
+    fn next_grant_expiry(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        self.inner.next_grant_expiry(now)
     }
     fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
         self.inner.audit_chains()

@@ -2,7 +2,8 @@
 //!
 //! [`SqliteStore`] is the embedded default (one file in the data directory). The trait speaks
 //! in domain types and whole operations (a token is spent in the transaction that logs the
-//! SVID it pays for, authorities are replaced in one transaction), so a PostgreSQL implementation shared by several replicas can
+//! SVID it pays for, grant decisions are compare-and-set, authorities are replaced in one
+//! transaction), so a PostgreSQL implementation shared by several replicas can
 //! implement it without changing callers.
 
 #[cfg(test)]
@@ -193,6 +194,63 @@ pub enum AuditConflict {
     },
 }
 
+/// Where a just-in-time grant is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantState {
+    /// Requested, waiting for another admin's approval.
+    Pending,
+    /// Approved (or needing no approval): in force until its expiry.
+    Active,
+    /// Refused by an admin.
+    Denied,
+    /// Ended by an admin.
+    Revoked,
+    /// Past its expiry.
+    Expired,
+}
+
+impl GrantState {
+    /// The name stored and shown (`pending`, `active`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantState::Pending => "pending",
+            GrantState::Active => "active",
+            GrantState::Denied => "denied",
+            GrantState::Revoked => "revoked",
+            GrantState::Expired => "expired",
+        }
+    }
+}
+
+impl std::fmt::Display for GrantState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that names no grant state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown grant state {0:?} (expected pending, active, denied, revoked or expired)")]
+pub struct UnknownGrantState(pub String);
+
+impl std::str::FromStr for GrantState {
+    type Err = UnknownGrantState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            GrantState::Pending,
+            GrantState::Active,
+            GrantState::Denied,
+            GrantState::Revoked,
+            GrantState::Expired,
+        ]
+        .into_iter()
+        .find(|g| g.as_str() == s)
+        .ok_or_else(|| UnknownGrantState(s.to_owned()))
+    }
+}
+
 /// Filters of `audit query`.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
@@ -284,10 +342,37 @@ pub trait Store: Send + Sync {
         chain: &str,
         rows: &[AuditRow],
     ) -> Result<Result<u64, AuditConflict>, StoreError>;
-    /// Stores (inserts or replaces) a grant: its id, state, expiry and JSON body.
-    fn put_grant(&self, id: &str, state: &str, expires: i64, body: &str) -> Result<(), StoreError>;
+    /// Stores a new grant: its id, state, expiry (unix seconds, 0 while it has none) and JSON
+    /// body.
+    fn insert_grant(
+        &self,
+        id: &str,
+        state: GrantState,
+        expires: i64,
+        body: &str,
+    ) -> Result<(), StoreError>;
+    /// Moves a grant from state `from` to `to`, with its new expiry and body, only if it is
+    /// still in `from` (compare-and-set). False when it is not: another decision came first.
+    fn update_grant(
+        &self,
+        id: &str,
+        from: GrantState,
+        to: GrantState,
+        expires: i64,
+        body: &str,
+    ) -> Result<bool, StoreError>;
+    /// One grant's JSON body.
+    fn grant(&self, id: &str) -> Result<Option<String>, StoreError>;
     /// Every grant's JSON body, newest first.
     fn list_grants(&self) -> Result<Vec<String>, StoreError>;
+    /// The JSON bodies of the grants in force at `now` (unix seconds): active (approved, not
+    /// revoked) and not yet expired, newest first.
+    fn live_grants(&self, now: i64) -> Result<Vec<String>, StoreError>;
+    /// Marks every active grant whose expiry is at or before `now` as expired and returns the
+    /// bodies it marked: each grant is returned once, ever (across restarts and callers).
+    fn expire_grants(&self, now: i64) -> Result<Vec<String>, StoreError>;
+    /// The earliest expiry after `now` of an active grant.
+    fn next_grant_expiry(&self, now: i64) -> Result<Option<i64>, StoreError>;
 
     /// Every chain key.
     fn audit_chains(&self) -> Result<Vec<String>, StoreError>;

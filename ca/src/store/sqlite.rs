@@ -8,8 +8,8 @@ use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use super::{
-    AuditConflict, AuditFilter, AuditRow, EventRecord, IssuedRecord, Store, StoreError, TokenClaim,
-    TokenRecord, TokenRefusal,
+    AuditConflict, AuditFilter, AuditRow, EventRecord, GrantState, IssuedRecord, Store, StoreError,
+    TokenClaim, TokenRecord, TokenRefusal,
 };
 use crate::audit::Record;
 use crate::authority::{Authorities, Authority, AuthorityConfig, Role, State};
@@ -47,6 +47,8 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE grants (
         id TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL, body TEXT NOT NULL,
         created INTEGER NOT NULL DEFAULT (unixepoch()));",
+    // 4: watch snapshots and the expiry scan read only grants in force.
+    "CREATE INDEX grants_by_state ON grants (state, expires);",
 ];
 
 /// The SQLite store: one connection behind a mutex (operations are short).
@@ -147,6 +149,17 @@ fn spend_token_in(
     } else {
         Err(TokenRefusal::Used(t.id))
     })
+}
+
+/// The single text column of every row `sql` returns.
+fn bodies(c: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<Vec<String>, StoreError> {
+    let mut st = c.prepare_cached(sql).map_err(db)?;
+    let rows = st
+        .query_map(p, |r| r.get::<_, String>(0))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(rows)
 }
 
 /// Appends one record to the control plane's own chain inside an open transaction.
@@ -817,30 +830,84 @@ impl Store for SqliteStore {
         })
     }
 
-    fn put_grant(&self, id: &str, state: &str, expires: i64, body: &str) -> Result<(), StoreError> {
+    fn insert_grant(
+        &self,
+        id: &str,
+        state: GrantState,
+        expires: i64,
+        body: &str,
+    ) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO grants (id, state, expires, body) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET state = excluded.state,
-                   expires = excluded.expires, body = excluded.body",
-                params![id, state, expires, body],
+                "INSERT INTO grants (id, state, expires, body) VALUES (?1, ?2, ?3, ?4)",
+                params![id, state.as_str(), expires, body],
             )
             .map(|_| ())
             .map_err(db)
         })
     }
 
-    fn list_grants(&self) -> Result<Vec<String>, StoreError> {
+    fn update_grant(
+        &self,
+        id: &str,
+        from: GrantState,
+        to: GrantState,
+        expires: i64,
+        body: &str,
+    ) -> Result<bool, StoreError> {
         self.with(|c| {
-            let mut st = c
-                .prepare("SELECT body FROM grants ORDER BY created DESC, id")
-                .map_err(db)?;
-            let rows = st
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(db)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(db)?;
-            Ok(rows)
+            c.execute(
+                "UPDATE grants SET state = ?3, expires = ?4, body = ?5 WHERE id = ?1 AND state = ?2",
+                params![id, from.as_str(), to.as_str(), expires, body],
+            )
+            .map(|n| n == 1)
+            .map_err(db)
+        })
+    }
+
+    fn grant(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT body FROM grants WHERE id = ?1", [id], |r| r.get(0))
+                .optional()
+                .map_err(db)
+        })
+    }
+
+    fn list_grants(&self) -> Result<Vec<String>, StoreError> {
+        self.with(|c| bodies(c, "SELECT body FROM grants ORDER BY created DESC, id", []))
+    }
+
+    fn live_grants(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            bodies(
+                c,
+                "SELECT body FROM grants WHERE state = 'active' AND expires > ?1
+                 ORDER BY created DESC, id",
+                [now],
+            )
+        })
+    }
+
+    fn expire_grants(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        // One statement: a grant moves to expired exactly once, whoever else scans.
+        self.with(|c| {
+            bodies(
+                c,
+                "UPDATE grants SET state = 'expired', body = json_set(body, '$.state', 'expired')
+                 WHERE state = 'active' AND expires <= ?1 RETURNING body",
+                [now],
+            )
+        })
+    }
+
+    fn next_grant_expiry(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT min(expires) FROM grants WHERE state = 'active' AND expires > ?1",
+                [now],
+                |r| r.get(0),
+            )
+            .map_err(db)
         })
     }
 
@@ -1077,6 +1144,66 @@ mod tests {
                 .all(|o| o.is_ok() || *o == Err(TokenRefusal::Used("a".into())))
         );
         assert_eq!(s.list_issued(100).unwrap().len(), 1);
+    }
+
+    fn grant(s: &SqliteStore, id: &str, state: GrantState, expires: i64) {
+        let body = serde_json::json!({ "id": id, "state": state }).to_string();
+        s.insert_grant(id, state, expires, &body).unwrap();
+    }
+
+    #[test]
+    fn only_grants_in_force_are_live_and_each_expiry_is_reported_once() {
+        let s = store();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        grant(&s, "live", GrantState::Active, now + 60);
+        grant(&s, "later", GrantState::Active, now + 120);
+        grant(&s, "ended", GrantState::Active, now - 1);
+        grant(&s, "waiting", GrantState::Pending, 0);
+        grant(&s, "refused", GrantState::Denied, 0);
+        grant(&s, "cut", GrantState::Revoked, now + 60);
+        let ids = |bodies: Vec<String>| -> Vec<String> {
+            let mut v: Vec<String> = bodies
+                .iter()
+                .map(|b| serde_json::from_str::<serde_json::Value>(b).unwrap()["id"].to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(s.live_grants(now).unwrap()), ["\"later\"", "\"live\""]);
+        assert_eq!(s.next_grant_expiry(now).unwrap(), Some(now + 60));
+        let expired = s.expire_grants(now).unwrap();
+        assert_eq!(ids(expired.clone()), ["\"ended\""]);
+        let body: serde_json::Value = serde_json::from_str(&expired[0]).unwrap();
+        assert_eq!(body["state"], "expired");
+        assert!(s.expire_grants(now).unwrap().is_empty(), "reported twice");
+        assert_eq!(ids(s.expire_grants(now + 60).unwrap()), ["\"live\""]);
+        assert_eq!(s.next_grant_expiry(now + 60).unwrap(), Some(now + 120));
+    }
+
+    #[test]
+    fn a_grant_decision_applies_only_to_the_state_it_was_made_on() {
+        let s = store();
+        grant(&s, "g", GrantState::Pending, 0);
+        let (p, a, r) = (GrantState::Pending, GrantState::Active, GrantState::Revoked);
+        assert!(s.update_grant("g", p, a, 60, "{}").unwrap());
+        assert!(!s.update_grant("g", p, r, 0, "{}").unwrap(), "stale");
+        assert!(s.update_grant("g", a, r, 60, "{}").unwrap());
+        assert!(!s.update_grant("nope", p, a, 60, "{}").unwrap());
+    }
+
+    #[test]
+    fn grant_states_have_one_name_each() {
+        for g in [
+            GrantState::Pending,
+            GrantState::Active,
+            GrantState::Denied,
+            GrantState::Revoked,
+            GrantState::Expired,
+        ] {
+            assert_eq!(g.as_str().parse::<GrantState>().unwrap(), g);
+            assert_eq!(serde_json::to_value(g).unwrap(), g.as_str());
+        }
+        assert!("approved".parse::<GrantState>().is_err());
     }
 
     #[test]
