@@ -37,6 +37,8 @@ pub struct CaSettings {
     pub server_names: Vec<String>,
     /// How long a client may take for the TLS handshake, request headers and body.
     pub client_timeout: Duration,
+    /// Most connections the API listener holds open; above it new ones are closed at once.
+    pub max_connections: usize,
     /// Kubernetes service-account token attestation (`--k8s-jwks`, `--k8s-issuer`), if on.
     pub k8s: Option<Arc<super::attest::K8sAttestor>>,
 }
@@ -50,6 +52,7 @@ impl Default for CaSettings {
             admin_uids: vec![0],
             server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             client_timeout: Duration::from_secs(10),
+            max_connections: super::http::DEFAULT_MAX_CONNECTIONS,
             k8s: None,
         }
     }
