@@ -110,6 +110,10 @@ struct RunArgs {
     /// How long a client may take for the TLS handshake, headers and body.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     client_timeout: Duration,
+    /// Most API connections open at once; more are closed as soon as they are accepted. Each
+    /// sidecar holds about two (watch stream, audit session).
+    #[arg(long, default_value_t = server::http::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
     /// A policy file to validate, version, hot-reload and push to every sidecar.
     #[arg(long)]
     policy: Option<PathBuf>,
@@ -268,6 +272,9 @@ async fn run(args: RunArgs) -> Result<()> {
     if args.svid_max_ttl > mayfly_ca::issue::MAX_SVID_TTL {
         bail!("--svid-max-ttl may not exceed 60m");
     }
+    if args.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
     let metrics_listen = match args.metrics_listen.as_str() {
         "off" | "" => None,
         s => Some(
@@ -286,6 +293,7 @@ async fn run(args: RunArgs) -> Result<()> {
             args.server_names.clone()
         },
         client_timeout: args.client_timeout,
+        max_connections: args.max_connections,
         k8s: match (&args.k8s_jwks, &args.k8s_issuer) {
             (Some(path), Some(issuer)) => Some(std::sync::Arc::new(
                 server::attest::K8sAttestor::load(path, issuer).context("--k8s-jwks")?,

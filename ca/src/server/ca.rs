@@ -16,7 +16,7 @@ use crate::issue::{
     verify_csr,
 };
 use crate::keys::SecretKey;
-use crate::store::{IssuedRecord, Store, StoreError, TokenRecord, TokenRefusal};
+use crate::store::{IssuedRecord, Store, StoreError, TokenClaim, TokenRecord, TokenRefusal};
 use crate::svid::SvidInfo;
 use crate::tls::{Credentials, Svid};
 use crate::token::JoinToken;
@@ -37,6 +37,8 @@ pub struct CaSettings {
     pub server_names: Vec<String>,
     /// How long a client may take for the TLS handshake, request headers and body.
     pub client_timeout: Duration,
+    /// Most connections the API listener holds open; above it new ones are closed at once.
+    pub max_connections: usize,
     /// Kubernetes service-account token attestation (`--k8s-jwks`, `--k8s-issuer`), if on.
     pub k8s: Option<Arc<super::attest::K8sAttestor>>,
 }
@@ -50,6 +52,7 @@ impl Default for CaSettings {
             admin_uids: vec![0],
             server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             client_timeout: Duration::from_secs(10),
+            max_connections: super::http::DEFAULT_MAX_CONNECTIONS,
             k8s: None,
         }
     }
@@ -338,25 +341,36 @@ impl Ca {
     ) -> Result<IssuedSvid, Refusal> {
         let now = OffsetDateTime::now_utc();
         // Nothing leaves unrecorded: an SVID whose issuance cannot be logged is not returned.
-        let result =
-            self.issue_inner(csr_der, &caller, ttl, now)
-                .and_then(|(issued, requester, kind)| {
-                    let detail = serde_json::json!({
-                        "spiffe_id": issued.id.to_string(), "serial": issued.serial,
-                        "not_after": issued.not_after.unix_timestamp(), "requester": requester,
-                        "peer": peer,
-                    });
-                    let rec = IssuedRecord {
-                        serial: issued.serial.clone(),
-                        spiffe_id: issued.id.to_string(),
-                        not_after: issued.not_after,
-                        issued_at: now,
-                        requester: requester.clone(),
-                    };
-                    self.store
-                        .log_issued_with_event(&rec, "svid.issued", &detail.to_string())?;
-                    Ok((issued, requester, kind))
+        let result = self.issue_inner(csr_der, &caller, ttl, now).and_then(
+            |(issued, requester, kind, token)| {
+                let detail = serde_json::json!({
+                    "spiffe_id": issued.id.to_string(), "serial": issued.serial,
+                    "not_after": issued.not_after.unix_timestamp(), "requester": requester,
+                    "peer": peer,
                 });
+                let rec = IssuedRecord {
+                    serial: issued.serial.clone(),
+                    spiffe_id: issued.id.to_string(),
+                    not_after: issued.not_after,
+                    issued_at: now,
+                    requester: requester.clone(),
+                };
+                // A join token is spent in the same transaction, or not at all.
+                self.store.log_issued_with_event(
+                    &rec,
+                    "svid.issued",
+                    &detail.to_string(),
+                    token.as_ref(),
+                )??;
+                if let Some(t) = token {
+                    self.event(
+                        "token.used",
+                        serde_json::json!({ "token": t.id, "spiffe_id": rec.spiffe_id }),
+                    );
+                }
+                Ok((issued, requester, kind))
+            },
+        );
         match &result {
             Ok((_, _, kind)) => {
                 self.metrics
@@ -394,12 +408,13 @@ impl Ca {
         caller: &Caller,
         ttl: Option<Duration>,
         now: OffsetDateTime,
-    ) -> Result<(IssuedSvid, String, &'static str), Refusal> {
+    ) -> Result<(IssuedSvid, String, &'static str, Option<TokenClaim>), Refusal> {
         // Check the CSR before spending the token: a malformed CSR must not burn it.
         let csr = verify_csr(csr_der)?;
         let ttl = ttl
             .unwrap_or(self.settings.svid_default_ttl)
             .min(self.settings.svid_max_ttl);
+        let mut claim = None;
         let (allowed, requester, kind) = match caller {
             Caller::Anonymous => return Err(Refusal::Unauthenticated),
             Caller::Svid(info) => {
@@ -411,8 +426,9 @@ impl Ca {
             Caller::Token(text) => {
                 let token =
                     JoinToken::parse(text).map_err(|e| Refusal::TokenFormat(e.to_string()))?;
-                // The token's ID must match the CSR before the token is consumed.
-                let rec = self.peek_token(&token)?;
+                // Checked before signing (a bad token costs no signature), spent only with the
+                // issuance's log entry. The token's SPIFFE ID must match the CSR.
+                let rec = self.peek_token(&token, now)?;
                 if rec.spiffe_id != csr.id.to_string() {
                     return Err(IssueError::WrongId {
                         asked: csr.id.to_string(),
@@ -420,13 +436,12 @@ impl Ca {
                     }
                     .into());
                 }
-                let rec = self.store.consume_token(&token.hash(), now)??;
-                self.event(
-                    "token.used",
-                    serde_json::json!({ "token": rec.id, "spiffe_id": rec.spiffe_id }),
-                );
                 let id = parse_workload_id(&rec.spiffe_id)
                     .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))?;
+                claim = Some(TokenClaim {
+                    id: rec.id.clone(),
+                    hash: token.hash(),
+                });
                 (id, format!("token:{}", rec.id), "bootstrap")
             }
             Caller::K8s(jwt) => {
@@ -446,14 +461,18 @@ impl Ca {
             let signer = a.signer().ok_or(IssueError::NoSigner)?;
             issue(signer, &csr, &allowed, ttl, now)?
         };
-        Ok((issued, requester, kind))
+        Ok((issued, requester, kind, claim))
     }
 
-    fn peek_token(&self, token: &JoinToken) -> Result<TokenRecord, Refusal> {
-        Ok(self
+    /// The token with this ID, if its secret matches (compared in constant time) and it is
+    /// still redeemable at `now`.
+    fn peek_token(&self, token: &JoinToken, now: OffsetDateTime) -> Result<TokenRecord, Refusal> {
+        let rec = self
             .store
-            .find_token(&token.hash())?
-            .ok_or(TokenRefusal::Unknown)?)
+            .find_token(&token.id)?
+            .ok_or(TokenRefusal::Unknown)?;
+        rec.check(&token.hash(), now)?;
+        Ok(rec)
     }
 
     /// Creates a join token for `id`. Returns the token (print it once) and its record.

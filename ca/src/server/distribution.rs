@@ -1,10 +1,14 @@
 //! Central policy and just-in-time grants: the control plane holds the policy file (validated,
 //! versioned, reloaded on change; a bad file is refused and the last good one stays) and the
 //! grants, and pushes snapshots to every sidecar on `GET /v1/watch`.
+//!
+//! The grants in force are read from the store once per change, off the runtime's threads, and
+//! shared by every watcher; a failed read keeps the last good set. Grant decisions are
+//! compare-and-set in the store, so racing admins cannot both win a conflicting transition.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use mayfly_policy::{Grant, GrantSettings, PathPattern, Policy};
@@ -12,11 +16,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::ca::Ca;
 use crate::api::{GrantWire, Snapshot};
 use crate::duration::format_duration;
+use crate::store::{GrantState, StoreError};
 
 /// A loaded policy.
 pub struct LoadedPolicy {
@@ -33,7 +38,20 @@ pub struct Distribution {
     file: Option<PathBuf>,
     policy: ArcSwapOption<LoadedPolicy>,
     changes: watch::Sender<u64>,
+    live: tokio::sync::Mutex<LiveCache>,
 }
+
+/// The grants in force as last read from the store, shared by every watcher.
+#[derive(Default)]
+struct LiveCache {
+    /// The last good read and the change generation it reflects.
+    good: Option<(u64, Arc<Vec<GrantWire>>)>,
+    /// The generation and time of the last failed read (retried at most once a second).
+    failed: Option<(u64, Instant)>,
+}
+
+/// How soon a failed read of the grants is tried again for the same generation.
+const RETRY_FAILED_READ: Duration = Duration::from_secs(1);
 
 fn load(file: &PathBuf) -> Result<LoadedPolicy, String> {
     let src = std::fs::read_to_string(file)
@@ -59,6 +77,7 @@ impl Distribution {
             file,
             policy: ArcSwapOption::new(policy),
             changes,
+            live: tokio::sync::Mutex::new(LiveCache::default()),
         }))
     }
 
@@ -86,31 +105,48 @@ impl Distribution {
         self.policy.load().as_ref().map(|p| p.version.clone())
     }
 
-    /// The snapshot to push now.
-    pub fn snapshot(&self, ca: &Ca) -> Snapshot {
+    /// The snapshot to push now, or `None` while the grants have never been read: a sidecar
+    /// must not take "no grants known" for "no grants". The grants are read from the store at
+    /// most once per change, off the runtime's threads, and shared by every watcher; when a
+    /// read fails the last good grants stay (the error is logged and counted).
+    pub async fn snapshot(&self, ca: &Arc<Ca>) -> Option<Snapshot> {
+        let (generation, grants) = self.live_grants(ca).await?;
         let p = self.policy.load();
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let grants = list(ca)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|g| g.state == "active" && g.expires.is_some_and(|e| e > now))
-            .map(|g| GrantWire {
-                id: g.id,
-                from: g.from,
-                to: g.to,
-                methods: g.methods,
-                paths: g.paths,
-                not_before: g.not_before.unwrap_or(now),
-                expires: g.expires.unwrap_or(now),
-            })
-            .collect();
-        Snapshot {
-            generation: *self.changes.borrow(),
+        Some(Snapshot {
+            generation,
             policy_version: p.as_ref().map(|p| p.version.clone()),
             policy: p.as_ref().map(|p| p.source.clone()),
-            grants,
+            // A grant read before it expired is not pushed after.
+            grants: grants.iter().filter(|g| g.expires > now).cloned().collect(),
             bundle: serde_json::from_str(&ca.jwks()).unwrap_or(serde_json::Value::Null),
+        })
+    }
+
+    async fn live_grants(&self, ca: &Arc<Ca>) -> Option<(u64, Arc<Vec<GrantWire>>)> {
+        let generation = *self.changes.borrow();
+        let mut cache = self.live.lock().await;
+        let fresh = matches!(&cache.good, Some((g, _)) if *g == generation);
+        let failed_lately = matches!(cache.failed,
+            Some((g, at)) if g == generation && at.elapsed() < RETRY_FAILED_READ);
+        if !fresh && !failed_lately {
+            let ca2 = ca.clone();
+            let read = tokio::task::spawn_blocking(move || read_live(&ca2))
+                .await
+                .unwrap_or_else(|e| Err(format!("grant read task failed: {e}")));
+            match read {
+                Ok(grants) => {
+                    cache.good = Some((generation, Arc::new(grants)));
+                    cache.failed = None;
+                }
+                Err(e) => {
+                    ca.metrics.snapshot_errors.inc();
+                    error!(error = %e, "cannot read the grants in force; watchers keep the last good set");
+                    cache.failed = Some((generation, Instant::now()));
+                }
+            }
         }
+        cache.good.clone()
     }
 
     /// Polls the policy file every second; reloads and pushes on change.
@@ -176,8 +212,9 @@ pub struct GrantRecord {
     pub requested_by: String,
     /// Unix seconds.
     pub requested_at: i64,
-    /// `pending`, `active`, `denied`, `revoked` (and `expired` in listings).
-    pub state: String,
+    /// `pending`, `active`, `denied`, `revoked` or `expired` (listings show an active grant
+    /// past its expiry as expired at once; the store records it within seconds).
+    pub state: GrantState,
     /// Who approved, denied or revoked it.
     pub decided_by: Option<String>,
     /// Start of validity (set on activation).
@@ -205,37 +242,69 @@ pub struct GrantRequest {
     pub reason: String,
 }
 
-fn save(ca: &Ca, g: &GrantRecord) -> Result<(), String> {
-    let body = serde_json::to_string(g).map_err(|e| e.to_string())?;
-    ca.store()
-        .put_grant(&g.id, &g.state, g.expires.unwrap_or(0), &body)
-        .map_err(|e| e.to_string())
+fn parse(body: &str) -> Result<GrantRecord, String> {
+    serde_json::from_str(body).map_err(|e| format!("stored grant is unreadable: {e}"))
+}
+
+/// An active grant past its expiry shows as expired before the store records it.
+fn with_expiry(mut g: GrantRecord, now: i64) -> GrantRecord {
+    if g.state == GrantState::Active && g.expires.is_some_and(|e| e <= now) {
+        g.state = GrantState::Expired;
+    }
+    g
+}
+
+/// The grants in force now, as pushed to sidecars (blocking: a store read).
+fn read_live(ca: &Ca) -> Result<Vec<GrantWire>, String> {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let bodies = ca.store().live_grants(now).map_err(|e| e.to_string())?;
+    bodies
+        .iter()
+        .map(|b| {
+            let g = parse(b)?;
+            Ok(GrantWire {
+                not_before: g.not_before.unwrap_or(now),
+                expires: g.expires.unwrap_or(now),
+                id: g.id,
+                from: g.from,
+                to: g.to,
+                methods: g.methods,
+                paths: g.paths,
+            })
+        })
+        .collect()
+}
+
+fn body(g: &GrantRecord) -> Result<String, String> {
+    serde_json::to_string(g).map_err(|e| e.to_string())
 }
 
 /// Every grant, with `expired` computed.
 pub fn list(ca: &Ca) -> Result<Vec<GrantRecord>, String> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    let mut out = Vec::new();
-    for body in ca.store().list_grants().map_err(|e| e.to_string())? {
-        let mut g: GrantRecord = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-        if g.state == "active" && g.expires.is_some_and(|e| e <= now) {
-            g.state = "expired".into();
-        }
-        out.push(g);
-    }
-    Ok(out)
+    ca.store()
+        .list_grants()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|b| parse(b).map(|g| with_expiry(g, now)))
+        .collect()
 }
 
 fn get(ca: &Ca, id: &str) -> Result<GrantRecord, String> {
-    list(ca)?
-        .into_iter()
-        .find(|g| g.id == id)
-        .ok_or_else(|| format!("no grant with id {id}"))
+    let body = ca
+        .store()
+        .grant(id)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no grant with id {id}"))?;
+    Ok(with_expiry(
+        parse(&body)?,
+        OffsetDateTime::now_utc().unix_timestamp(),
+    ))
 }
 
 fn activate(g: &mut GrantRecord) {
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    g.state = "active".into();
+    g.state = GrantState::Active;
     g.not_before = Some(now);
     g.expires = Some(now + g.ttl_secs);
 }
@@ -290,7 +359,7 @@ pub fn request(
         ttl_secs: ttl.as_secs() as i64,
         requested_by: by.to_owned(),
         requested_at: now.unix_timestamp(),
-        state: "pending".into(),
+        state: GrantState::Pending,
         decided_by: None,
         not_before: None,
         expires: None,
@@ -298,12 +367,14 @@ pub fn request(
     if settings.approvals == 0 {
         activate(&mut g);
     }
-    save(ca, &g)?;
+    ca.store()
+        .insert_grant(&g.id, g.state, g.expires.unwrap_or(0), &body(&g)?)
+        .map_err(|e| e.to_string())?;
     ca.event(
         "grant.requested",
         serde_json::to_value(&g).unwrap_or_default(),
     );
-    if g.state == "active" {
+    if g.state == GrantState::Active {
         ca.event(
             "grant.activated",
             json!({ "grant": g.id, "expires": g.expires }),
@@ -313,7 +384,12 @@ pub fn request(
     Ok(g)
 }
 
-/// `grant approve|deny|revoke`.
+/// How often a decision is re-made on a grant that another decision changed meanwhile (states
+/// only move forward, so two retries always settle it).
+const DECIDE_ATTEMPTS: usize = 4;
+
+/// `grant approve|deny|revoke`: made on the grant's current state and applied only if that
+/// state still holds (compare-and-set); otherwise made again on the new state.
 pub fn decide(
     ca: &Ca,
     dist: &Distribution,
@@ -321,66 +397,101 @@ pub fn decide(
     id: &str,
     action: &str,
 ) -> Result<GrantRecord, String> {
-    let mut g = get(ca, id)?;
-    match (action, g.state.as_str()) {
-        ("approve", "pending") => {
-            if g.requested_by == by {
-                ca.event(
-                    "grant.self_approval_refused",
-                    json!({ "grant": g.id, "user": by }),
-                );
-                return Err(format!(
-                    "{by} requested grant {id} and cannot approve it: another admin must"
-                ));
+    for _ in 0..DECIDE_ATTEMPTS {
+        let mut g = get(ca, id)?;
+        let from = g.state;
+        match (action, from) {
+            ("approve", GrantState::Pending) => {
+                if g.requested_by == by {
+                    ca.event(
+                        "grant.self_approval_refused",
+                        json!({ "grant": g.id, "user": by }),
+                    );
+                    return Err(format!(
+                        "{by} requested grant {id} and cannot approve it: another admin must"
+                    ));
+                }
+                activate(&mut g);
             }
-            activate(&mut g);
+            ("deny", GrantState::Pending) => g.state = GrantState::Denied,
+            ("revoke", GrantState::Active | GrantState::Pending) => g.state = GrantState::Revoked,
+            (a, s) => return Err(format!("cannot {a} grant {id}: it is {s}")),
         }
-        ("deny", "pending") => g.state = "denied".into(),
-        ("revoke", "active" | "pending") => g.state = "revoked".into(),
-        (a, s) => return Err(format!("cannot {a} grant {id}: it is {s}")),
+        g.decided_by = Some(by.to_owned());
+        let applied = ca
+            .store()
+            .update_grant(id, from, g.state, g.expires.unwrap_or(0), &body(&g)?)
+            .map_err(|e| e.to_string())?;
+        if !applied {
+            // Another decision came first: decide again on what it left.
+            continue;
+        }
+        ca.event(
+            &format!(
+                "grant.{}",
+                match action {
+                    "approve" => "approved",
+                    "deny" => "denied",
+                    _ => "revoked",
+                }
+            ),
+            json!({ "grant": g.id, "by": by, "from": g.from, "to": g.to, "expires": g.expires }),
+        );
+        dist.bump();
+        return Ok(g);
     }
-    g.decided_by = Some(by.to_owned());
-    save(ca, &g)?;
-    ca.event(
-        &format!(
-            "grant.{}",
-            match action {
-                "approve" => "approved",
-                "deny" => "denied",
-                _ => "revoked",
-            }
-        ),
-        json!({ "grant": g.id, "by": by, "from": g.from, "to": g.to, "expires": g.expires }),
-    );
-    dist.bump();
-    Ok(g)
+    Err(format!(
+        "grant {id} kept changing under concurrent decisions; look at it and try again"
+    ))
 }
 
-/// Wakes at each grant expiry so that watchers get a fresh snapshot and audit records the end.
+/// Records each grant expiry once (`grant.expired`) and wakes the watchers, waking at the next
+/// expiry (at least every 5 s, and on every change). The store marks a grant expired exactly
+/// once, so nothing is kept in memory and a restart records nothing twice.
 pub async fn expiry_events(ca: Arc<Ca>, dist: Arc<Distribution>, mut stop: watch::Receiver<bool>) {
-    let mut announced = std::collections::HashSet::new();
+    let mut changes = dist.subscribe();
     loop {
-        let now = OffsetDateTime::now_utc().unix_timestamp();
-        let grants = list(&ca).unwrap_or_default();
-        for g in grants.iter().filter(|g| g.state == "expired") {
-            if announced.insert(g.id.clone()) {
-                ca.event(
-                    "grant.expired",
-                    json!({ "grant": g.id, "from": g.from, "to": g.to }),
-                );
-                dist.bump();
+        let ca2 = ca.clone();
+        let scan = tokio::task::spawn_blocking(move || expire_due(&ca2))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Db(format!("expiry task failed: {e}"))));
+        let wait = match scan {
+            Ok((expired, next)) => {
+                if expired > 0 {
+                    dist.bump();
+                }
+                let now = OffsetDateTime::now_utc().unix_timestamp();
+                next.map(|e| (e - now).clamp(0, 5)).unwrap_or(5)
             }
-        }
-        let next = grants
-            .iter()
-            .filter(|g| g.state == "active")
-            .filter_map(|g| g.expires)
-            .min()
-            .map(|e| (e - now).clamp(0, 5))
-            .unwrap_or(5);
+            Err(e) => {
+                warn!(error = %e, "cannot scan grants for expiry; retrying in 5s");
+                5
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(next as u64 * 1000 + 50)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(wait as u64 * 1000 + 50)) => {}
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Marks the grants due as expired and records each; returns how many, and the next expiry.
+fn expire_due(ca: &Ca) -> Result<(usize, Option<i64>), StoreError> {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let expired = ca.store().expire_grants(now)?;
+    for b in &expired {
+        match parse(b) {
+            Ok(g) => ca.event(
+                "grant.expired",
+                json!({ "grant": g.id, "from": g.from, "to": g.to }),
+            ),
+            Err(e) => warn!(error = %e, "grant expired but its record is unreadable"),
+        }
+    }
+    Ok((expired.len(), ca.store().next_grant_expiry(now)?))
 }

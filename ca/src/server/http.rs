@@ -14,10 +14,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info_span, warn};
 
 use super::ca::{Ca, Caller};
 use super::metrics::PathLabel;
@@ -53,6 +54,32 @@ pub type RespBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// How often a watch stream repeats the snapshot when nothing changes (a heartbeat).
 pub const WATCH_HEARTBEAT: Duration = Duration::from_secs(15);
 
+/// Default of `--max-connections`. Each sidecar holds two long-lived connections (the watch
+/// stream and its audit session), so this serves about 5,000 sidecars.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// An accepted connection's slot: counted in the open-connections gauge until it ends.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, open: Gauge) -> Self {
+        open.inc();
+        Self {
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
 fn watch(ca: Arc<Ca>, peer: Option<SvidInfo>) -> Response<RespBody> {
     let Some(peer) = peer else {
         return error(
@@ -83,7 +110,8 @@ fn watch(ca: Arc<Ca>, peer: Option<SvidInfo>) -> Response<RespBody> {
                     return None;
                 }
             }
-            let snap = ca.dist.snapshot(&ca);
+            // Without any good read of the grants, end the stream: the sidecar reconnects.
+            let snap = ca.dist.snapshot(&ca).await?;
             let mut line = serde_json::to_vec(&snap).unwrap_or_default();
             line.push(b'\n');
             Some((
@@ -242,7 +270,9 @@ async fn svid(
 }
 
 /// Accepts TLS connections on `listener` until `shutdown` flips, then drains connections for
-/// up to `drain`.
+/// up to `drain`. At most `max_connections` (from the settings) are open at once: one more is
+/// closed as soon as it is accepted, so its client learns at once and retries with backoff
+/// (rather than waiting unseen in the listen backlog), and the refusal is counted.
 pub async fn serve(
     ca: Arc<Ca>,
     listener: TcpListener,
@@ -260,6 +290,12 @@ pub async fn serve(
         };
     let acceptor = TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
+    let max = ca
+        .settings()
+        .max_connections
+        .clamp(1, Semaphore::MAX_PERMITS);
+    let slots = Arc::new(Semaphore::new(max));
+    let mut full = false;
     loop {
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -272,6 +308,20 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            ca.metrics.connections_refused.inc();
+            if !full {
+                warn!(
+                    limit = max,
+                    "connection limit reached: closing new connections until some end (--max-connections)"
+                );
+                full = true;
+            }
+            drop(tcp);
+            continue;
+        };
+        full = false;
+        let slot = Slot::new(permit, ca.metrics.open_connections.clone());
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let ca = ca.clone();
@@ -279,6 +329,7 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(
             async move {
+                let _slot = slot;
                 let timeout = ca.settings().client_timeout;
                 let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(t)) => t,

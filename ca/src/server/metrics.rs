@@ -54,6 +54,12 @@ pub struct Metrics {
     pub handshake_failures: Counter,
     /// Audit records received from sidecars.
     pub audit_records: Counter,
+    /// API connections open now.
+    pub open_connections: Gauge,
+    /// API connections closed at once because `--max-connections` were open.
+    pub connections_refused: Counter,
+    /// Failed reads of the grants for watch snapshots (the last good grants stayed).
+    pub snapshot_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -76,6 +82,9 @@ impl Metrics {
         });
         let handshake_failures = Counter::default();
         let audit_records = Counter::default();
+        let open_connections = Gauge::default();
+        let connections_refused = Counter::default();
+        let snapshot_errors = Counter::default();
         registry.register(
             "svids_issued",
             "SVIDs issued, by how they were obtained",
@@ -106,7 +115,25 @@ impl Metrics {
             "Audit records received from sidecars",
             audit_records.clone(),
         );
+        registry.register(
+            "open_connections",
+            "API connections open now",
+            open_connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "API connections closed at once because --max-connections were open",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "watch_snapshot_errors",
+            "Failed reads of the grants for watch snapshots (the last good grants stayed)",
+            snapshot_errors.clone(),
+        );
         Self {
+            open_connections,
+            connections_refused,
+            snapshot_errors,
             audit_records,
             registry,
             issued,

@@ -8,6 +8,8 @@ pub mod datadir;
 pub mod distribution;
 pub mod http;
 pub mod metrics;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

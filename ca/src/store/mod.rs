@@ -1,10 +1,13 @@
 //! The control plane's persistent state behind one trait.
 //!
 //! [`SqliteStore`] is the embedded default (one file in the data directory). The trait speaks
-//! in domain types and whole operations (a token is consumed atomically, authorities are
-//! replaced in one transaction), so a PostgreSQL implementation shared by several replicas can
+//! in domain types and whole operations (a token is spent in the transaction that logs the
+//! SVID it pays for, grant decisions are compare-and-set, authorities are replaced in one
+//! transaction), so a PostgreSQL implementation shared by several replicas can
 //! implement it without changing callers.
 
+#[cfg(test)]
+pub(crate) mod faulty;
 mod sqlite;
 
 pub use sqlite::SqliteStore;
@@ -58,11 +61,42 @@ pub struct TokenRecord {
     pub revoked_at: Option<OffsetDateTime>,
 }
 
+impl TokenRecord {
+    /// Whether the secret whose hash is `hash` redeems this token at `now`. The hashes are
+    /// compared in constant time; a mismatch is `Unknown`, as for a token that does not exist.
+    pub fn check(&self, hash: &str, now: OffsetDateTime) -> Result<(), TokenRefusal> {
+        if aws_lc_rs::constant_time::verify_slices_are_equal(self.hash.as_bytes(), hash.as_bytes())
+            .is_err()
+        {
+            return Err(TokenRefusal::Unknown);
+        }
+        if self.revoked_at.is_some() {
+            return Err(TokenRefusal::Revoked(self.id.clone()));
+        }
+        if self.used_at.is_some() {
+            return Err(TokenRefusal::Used(self.id.clone()));
+        }
+        if self.expires_at <= now {
+            return Err(TokenRefusal::Expired(self.id.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// A join token presented for a bootstrap: spent together with the issuance it pays for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenClaim {
+    /// The token's public ID (the row looked up).
+    pub id: String,
+    /// Hex SHA-256 of the presented secret (compared with the stored one).
+    pub hash: String,
+}
+
 /// Why a token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokenRefusal {
-    /// No token has this hash (forged, or mistyped).
+    /// No token has this ID and secret (forged, or mistyped).
     #[error("join token is unknown (forged or mistyped)")]
     Unknown,
     /// Already used once.
@@ -160,6 +194,63 @@ pub enum AuditConflict {
     },
 }
 
+/// Where a just-in-time grant is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantState {
+    /// Requested, waiting for another admin's approval.
+    Pending,
+    /// Approved (or needing no approval): in force until its expiry.
+    Active,
+    /// Refused by an admin.
+    Denied,
+    /// Ended by an admin.
+    Revoked,
+    /// Past its expiry.
+    Expired,
+}
+
+impl GrantState {
+    /// The name stored and shown (`pending`, `active`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantState::Pending => "pending",
+            GrantState::Active => "active",
+            GrantState::Denied => "denied",
+            GrantState::Revoked => "revoked",
+            GrantState::Expired => "expired",
+        }
+    }
+}
+
+impl std::fmt::Display for GrantState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that names no grant state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown grant state {0:?} (expected pending, active, denied, revoked or expired)")]
+pub struct UnknownGrantState(pub String);
+
+impl std::str::FromStr for GrantState {
+    type Err = UnknownGrantState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            GrantState::Pending,
+            GrantState::Active,
+            GrantState::Denied,
+            GrantState::Revoked,
+            GrantState::Expired,
+        ]
+        .into_iter()
+        .find(|g| g.as_str() == s)
+        .ok_or_else(|| UnknownGrantState(s.to_owned()))
+    }
+}
+
 /// Filters of `audit query`.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
@@ -198,15 +289,9 @@ pub trait Store: Send + Sync {
 
     /// Stores a new token.
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
-    /// Consumes a token by the hash of its secret, atomically: of concurrent callers exactly one
-    /// succeeds.
-    fn consume_token(
-        &self,
-        hash: &str,
-        now: OffsetDateTime,
-    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError>;
-    /// A token by the hash of its secret, without consuming it.
-    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// A token by its public ID, without spending it (tokens are spent by
+    /// [`Store::log_issued_with_event`]).
+    fn find_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Revokes a token by id. Returns false if no unused token has that id.
     fn revoke_token(&self, id: &str, now: OffsetDateTime) -> Result<bool, StoreError>;
     /// Every token, newest first.
@@ -214,18 +299,19 @@ pub trait Store: Send + Sync {
 
     /// Logs an issued certificate.
     fn log_issued(&self, rec: &IssuedRecord) -> Result<(), StoreError>;
-    /// Logs an issued certificate and appends its control-plane event (`kind`, JSON `detail`),
-    /// both durable when this returns. Implementations may commit concurrent calls together
-    /// (group commit); the default writes them one after the other.
+    /// Logs an issued certificate and appends its control-plane event (`kind`, JSON `detail`)
+    /// and, for a bootstrap, spends the join `token` (checked with [`TokenRecord::check`] at
+    /// `rec.issued_at`), in one transaction: all of it is durable when this returns `Ok(Ok(()))`,
+    /// and nothing is written when it returns a refusal or an error, so a token is spent exactly
+    /// when its SVID is logged. Of concurrent callers spending one token, exactly one succeeds.
+    /// Implementations may commit concurrent calls together (group commit).
     fn log_issued_with_event(
         &self,
         rec: &IssuedRecord,
         kind: &str,
         detail: &str,
-    ) -> Result<(), StoreError> {
-        self.log_issued(rec)?;
-        self.append_event(rec.issued_at, kind, detail).map(|_| ())
-    }
+        token: Option<&TokenClaim>,
+    ) -> Result<Result<(), TokenRefusal>, StoreError>;
     /// The most recent issued certificates.
     fn list_issued(&self, limit: u32) -> Result<Vec<IssuedRecord>, StoreError>;
 
@@ -256,10 +342,37 @@ pub trait Store: Send + Sync {
         chain: &str,
         rows: &[AuditRow],
     ) -> Result<Result<u64, AuditConflict>, StoreError>;
-    /// Stores (inserts or replaces) a grant: its id, state, expiry and JSON body.
-    fn put_grant(&self, id: &str, state: &str, expires: i64, body: &str) -> Result<(), StoreError>;
+    /// Stores a new grant: its id, state, expiry (unix seconds, 0 while it has none) and JSON
+    /// body.
+    fn insert_grant(
+        &self,
+        id: &str,
+        state: GrantState,
+        expires: i64,
+        body: &str,
+    ) -> Result<(), StoreError>;
+    /// Moves a grant from state `from` to `to`, with its new expiry and body, only if it is
+    /// still in `from` (compare-and-set). False when it is not: another decision came first.
+    fn update_grant(
+        &self,
+        id: &str,
+        from: GrantState,
+        to: GrantState,
+        expires: i64,
+        body: &str,
+    ) -> Result<bool, StoreError>;
+    /// One grant's JSON body.
+    fn grant(&self, id: &str) -> Result<Option<String>, StoreError>;
     /// Every grant's JSON body, newest first.
     fn list_grants(&self) -> Result<Vec<String>, StoreError>;
+    /// The JSON bodies of the grants in force at `now` (unix seconds): active (approved, not
+    /// revoked) and not yet expired, newest first.
+    fn live_grants(&self, now: i64) -> Result<Vec<String>, StoreError>;
+    /// Marks every active grant whose expiry is at or before `now` as expired and returns the
+    /// bodies it marked: each grant is returned once, ever (across restarts and callers).
+    fn expire_grants(&self, now: i64) -> Result<Vec<String>, StoreError>;
+    /// The earliest expiry after `now` of an active grant.
+    fn next_grant_expiry(&self, now: i64) -> Result<Option<i64>, StoreError>;
 
     /// Every chain key.
     fn audit_chains(&self) -> Result<Vec<String>, StoreError>;

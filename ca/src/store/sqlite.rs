@@ -8,8 +8,8 @@ use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use super::{
-    AuditConflict, AuditFilter, AuditRow, EventRecord, IssuedRecord, Store, StoreError,
-    TokenRecord, TokenRefusal,
+    AuditConflict, AuditFilter, AuditRow, EventRecord, GrantState, IssuedRecord, Store, StoreError,
+    TokenClaim, TokenRecord, TokenRefusal,
 };
 use crate::audit::Record;
 use crate::authority::{Authorities, Authority, AuthorityConfig, Role, State};
@@ -47,6 +47,8 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE grants (
         id TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL, body TEXT NOT NULL,
         created INTEGER NOT NULL DEFAULT (unixepoch()));",
+    // 4: watch snapshots and the expiry scan read only grants in force.
+    "CREATE INDEX grants_by_state ON grants (state, expires);",
 ];
 
 /// The SQLite store: one connection behind a mutex (operations are short).
@@ -63,12 +65,17 @@ pub struct SqliteStore {
     own: std::sync::OnceLock<(String, String)>,
 }
 
-/// An issued certificate and its event, waiting for a group commit.
+/// What a caller of the group commit hears: its token refused (nothing written), or how the
+/// commit went.
+type IssuedOutcome = Result<Result<(), TokenRefusal>, String>;
+
+/// An issued certificate, its event and the join token it spends, waiting for a group commit.
 struct PendingIssued {
     rec: IssuedRecord,
     kind: String,
     detail: String,
-    done: std::sync::mpsc::SyncSender<Result<(), String>>,
+    token: Option<TokenClaim>,
+    done: std::sync::mpsc::SyncSender<IssuedOutcome>,
 }
 
 /// The fields of a control-plane event from its JSON text (anything else is kept as `detail`).
@@ -108,6 +115,51 @@ fn insert_issued(c: &Connection, r: &IssuedRecord) -> Result<(), StoreError> {
         })
         .map(|_| ())
         .map_err(db)
+}
+
+/// Spends a join token inside an open transaction: looked up by its ID, its secret's hash
+/// compared in constant time. A refusal writes nothing.
+fn spend_token_in(
+    c: &Connection,
+    claim: &TokenClaim,
+    now: OffsetDateTime,
+) -> Result<Result<(), TokenRefusal>, StoreError> {
+    let row = c
+        .prepare_cached(&format!(
+            "SELECT {TOKEN_COLS} FROM join_tokens WHERE id = ?1"
+        ))
+        .and_then(|mut st| st.query_row([&claim.id], token_row).optional())
+        .map_err(db)?;
+    let Some(row) = row else {
+        return Ok(Err(TokenRefusal::Unknown));
+    };
+    let t = token_from(row)?;
+    if let Err(refusal) = t.check(&claim.hash, now) {
+        return Ok(Err(refusal));
+    }
+    let n = c
+        .prepare_cached(
+            "UPDATE join_tokens SET used_at = ?1
+             WHERE id = ?2 AND used_at IS NULL AND revoked_at IS NULL",
+        )
+        .and_then(|mut st| st.execute(params![ts(now), claim.id]))
+        .map_err(db)?;
+    Ok(if n == 1 {
+        Ok(())
+    } else {
+        Err(TokenRefusal::Used(t.id))
+    })
+}
+
+/// The single text column of every row `sql` returns.
+fn bodies(c: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<Vec<String>, StoreError> {
+    let mut st = c.prepare_cached(sql).map_err(db)?;
+    let rows = st
+        .query_map(p, |r| r.get::<_, String>(0))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(rows)
 }
 
 /// Appends one record to the control plane's own chain inside an open transaction.
@@ -240,21 +292,30 @@ impl SqliteStore {
         let td = self
             .setting("trust_domain")?
             .ok_or(StoreError::NotInitialised)?;
-        let epoch = match self.setting("audit_epoch")? {
-            Some(e) => e,
-            None => {
-                let mut b = [0u8; 8];
-                crate::keys::fill_random(&mut b);
-                let e = hex::encode(b);
-                self.set_setting("audit_epoch", &e)?;
-                e
-            }
-        };
+        // Made and read back under one hold of the connection: concurrent first callers all
+        // get the one epoch stored (each used to store its own, the last one winning).
+        let epoch = self.with(|c| {
+            let mut b = [0u8; 8];
+            crate::keys::fill_random(&mut b);
+            c.execute(
+                "INSERT INTO settings (key, value) VALUES ('audit_epoch', ?1)
+                 ON CONFLICT (key) DO NOTHING",
+                [hex::encode(b)],
+            )
+            .map_err(db)?;
+            c.query_row(
+                "SELECT value FROM settings WHERE key = 'audit_epoch'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .map_err(db)
+        })?;
         Ok(self.own.get_or_init(|| (td, epoch)))
     }
 
-    /// Writes every queued issued certificate and event in one transaction and tells each
-    /// waiting caller how it went. Called with the connection held.
+    /// Writes every queued issued certificate and event, and spends their tokens, in one
+    /// transaction, and tells each waiting caller how it went. A refused token leaves its
+    /// caller's rows out; any error fails the whole batch. Called with the connection held.
     fn commit_issued_queue(&self, c: &mut Connection, own: &(String, String)) {
         // A poisoned queue still holds its callers' answer channels: take them all the same,
         // so nobody waits forever.
@@ -267,19 +328,36 @@ impl SqliteStore {
         if batch.is_empty() {
             return;
         }
-        let result = (|| -> Result<(), StoreError> {
+        let result = (|| -> Result<Vec<Result<(), TokenRefusal>>, StoreError> {
             let tx = c.transaction().map_err(db)?;
+            let mut outcomes = Vec::with_capacity(batch.len());
             for p in &batch {
+                if let Some(claim) = &p.token
+                    && let Err(refusal) = spend_token_in(&tx, claim, p.rec.issued_at)?
+                {
+                    outcomes.push(Err(refusal));
+                    continue;
+                }
                 insert_issued(&tx, &p.rec)?;
                 let fields = event_fields(&p.detail);
                 append_own_in(&tx, own, p.rec.issued_at, &p.kind, &|_, _| fields.clone())?;
+                outcomes.push(Ok(()));
             }
-            tx.commit().map_err(db)
-        })()
-        .map_err(|e| e.to_string());
-        for p in batch {
-            // A caller that gave up waiting is gone; its rows are written all the same.
-            let _ = p.done.send(result.clone());
+            tx.commit().map_err(db)?;
+            Ok(outcomes)
+        })();
+        match result {
+            Ok(outcomes) => {
+                for (p, outcome) in batch.into_iter().zip(outcomes) {
+                    // A caller that gave up waiting is gone; its rows are written all the same.
+                    let _ = p.done.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for p in batch {
+                    let _ = p.done.send(Err(e.to_string()));
+                }
+            }
         }
     }
 }
@@ -492,57 +570,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn consume_token(
-        &self,
-        hash: &str,
-        now: OffsetDateTime,
-    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
-        self.with(|c| {
-            let tx = c.transaction().map_err(db)?;
-            let row = tx
-                .query_row(
-                    &format!("SELECT {TOKEN_COLS} FROM join_tokens WHERE hash = ?1"),
-                    [hash],
-                    token_row,
-                )
-                .optional()
-                .map_err(db)?;
-            let Some(row) = row else {
-                return Ok(Err(TokenRefusal::Unknown));
-            };
-            let t = token_from(row)?;
-            if t.revoked_at.is_some() {
-                return Ok(Err(TokenRefusal::Revoked(t.id)));
-            }
-            if t.used_at.is_some() {
-                return Ok(Err(TokenRefusal::Used(t.id)));
-            }
-            if t.expires_at <= now {
-                return Ok(Err(TokenRefusal::Expired(t.id)));
-            }
-            let n = tx
-                .execute(
-                    "UPDATE join_tokens SET used_at = ?1
-                     WHERE hash = ?2 AND used_at IS NULL AND revoked_at IS NULL",
-                    params![ts(now), hash],
-                )
-                .map_err(db)?;
-            if n != 1 {
-                return Ok(Err(TokenRefusal::Used(t.id)));
-            }
-            tx.commit().map_err(db)?;
-            Ok(Ok(TokenRecord {
-                used_at: Some(now),
-                ..t
-            }))
-        })
-    }
-
-    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+    fn find_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         let row = self.with(|c| {
             c.query_row(
-                &format!("SELECT {TOKEN_COLS} FROM join_tokens WHERE hash = ?1"),
-                [hash],
+                &format!("SELECT {TOKEN_COLS} FROM join_tokens WHERE id = ?1"),
+                [id],
                 token_row,
             )
             .optional()
@@ -589,7 +621,8 @@ impl Store for SqliteStore {
         rec: &IssuedRecord,
         kind: &str,
         detail: &str,
-    ) -> Result<(), StoreError> {
+        token: Option<&TokenClaim>,
+    ) -> Result<Result<(), TokenRefusal>, StoreError> {
         let own = self.own_parts()?;
         let (done, wait) = std::sync::mpsc::sync_channel(1);
         self.issued_queue
@@ -599,6 +632,7 @@ impl Store for SqliteStore {
                 rec: rec.clone(),
                 kind: kind.to_owned(),
                 detail: detail.to_owned(),
+                token: token.cloned(),
                 done,
             });
         // Whoever gets the connection first commits everything queued so far, ours included
@@ -796,30 +830,84 @@ impl Store for SqliteStore {
         })
     }
 
-    fn put_grant(&self, id: &str, state: &str, expires: i64, body: &str) -> Result<(), StoreError> {
+    fn insert_grant(
+        &self,
+        id: &str,
+        state: GrantState,
+        expires: i64,
+        body: &str,
+    ) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO grants (id, state, expires, body) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET state = excluded.state,
-                   expires = excluded.expires, body = excluded.body",
-                params![id, state, expires, body],
+                "INSERT INTO grants (id, state, expires, body) VALUES (?1, ?2, ?3, ?4)",
+                params![id, state.as_str(), expires, body],
             )
             .map(|_| ())
             .map_err(db)
         })
     }
 
-    fn list_grants(&self) -> Result<Vec<String>, StoreError> {
+    fn update_grant(
+        &self,
+        id: &str,
+        from: GrantState,
+        to: GrantState,
+        expires: i64,
+        body: &str,
+    ) -> Result<bool, StoreError> {
         self.with(|c| {
-            let mut st = c
-                .prepare("SELECT body FROM grants ORDER BY created DESC, id")
-                .map_err(db)?;
-            let rows = st
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(db)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(db)?;
-            Ok(rows)
+            c.execute(
+                "UPDATE grants SET state = ?3, expires = ?4, body = ?5 WHERE id = ?1 AND state = ?2",
+                params![id, from.as_str(), to.as_str(), expires, body],
+            )
+            .map(|n| n == 1)
+            .map_err(db)
+        })
+    }
+
+    fn grant(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT body FROM grants WHERE id = ?1", [id], |r| r.get(0))
+                .optional()
+                .map_err(db)
+        })
+    }
+
+    fn list_grants(&self) -> Result<Vec<String>, StoreError> {
+        self.with(|c| bodies(c, "SELECT body FROM grants ORDER BY created DESC, id", []))
+    }
+
+    fn live_grants(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            bodies(
+                c,
+                "SELECT body FROM grants WHERE state = 'active' AND expires > ?1
+                 ORDER BY created DESC, id",
+                [now],
+            )
+        })
+    }
+
+    fn expire_grants(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        // One statement: a grant moves to expired exactly once, whoever else scans.
+        self.with(|c| {
+            bodies(
+                c,
+                "UPDATE grants SET state = 'expired', body = json_set(body, '$.state', 'expired')
+                 WHERE state = 'active' AND expires <= ?1 RETURNING body",
+                [now],
+            )
+        })
+    }
+
+    fn next_grant_expiry(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT min(expires) FROM grants WHERE state = 'active' AND expires > ?1",
+                [now],
+                |r| r.get(0),
+            )
+            .map_err(db)
         })
     }
 
@@ -954,33 +1042,168 @@ mod tests {
         );
     }
 
+    fn store() -> SqliteStore {
+        let s = SqliteStore::in_memory().unwrap();
+        s.set_setting("trust_domain", "mayfly.local").unwrap();
+        s
+    }
+
+    /// Logs an SVID with `serial` paid for by token `id` with secret hash `hash`.
+    fn spend(
+        s: &SqliteStore,
+        serial: &str,
+        id: &str,
+        hash: &str,
+    ) -> Result<Result<(), TokenRefusal>, StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let rec = IssuedRecord {
+            serial: serial.into(),
+            spiffe_id: "spiffe://mayfly.local/web".into(),
+            not_after: now + time::Duration::minutes(5),
+            issued_at: now,
+            requester: format!("token:{id}"),
+        };
+        let claim = TokenClaim {
+            id: id.into(),
+            hash: hash.into(),
+        };
+        s.log_issued_with_event(&rec, "svid.issued", "{}", Some(&claim))
+    }
+
     #[test]
     fn tokens_are_single_use_and_refusals_say_why() {
-        let s = SqliteStore::in_memory().unwrap();
+        let s = store();
         let now = OffsetDateTime::now_utc();
         s.insert_token(&token("a", "ha", 600)).unwrap();
         s.insert_token(&token("b", "hb", -1)).unwrap();
         s.insert_token(&token("c", "hc", 600)).unwrap();
-        assert!(s.consume_token("ha", now).unwrap().is_ok());
+        assert_eq!(spend(&s, "01", "a", "ha").unwrap(), Ok(()));
         assert_eq!(
-            s.consume_token("ha", now).unwrap(),
+            spend(&s, "02", "a", "ha").unwrap(),
             Err(TokenRefusal::Used("a".into()))
         );
         assert_eq!(
-            s.consume_token("hb", now).unwrap(),
+            spend(&s, "03", "b", "hb").unwrap(),
             Err(TokenRefusal::Expired("b".into()))
         );
         assert_eq!(
-            s.consume_token("zz", now).unwrap(),
+            spend(&s, "04", "zz", "hc").unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+        // A secret presented under another live token's ID.
+        assert_eq!(
+            spend(&s, "05", "c", "ha").unwrap(),
             Err(TokenRefusal::Unknown)
         );
         assert!(s.revoke_token("c", now).unwrap());
         assert!(!s.revoke_token("c", now).unwrap());
         assert_eq!(
-            s.consume_token("hc", now).unwrap(),
+            spend(&s, "06", "c", "hc").unwrap(),
             Err(TokenRefusal::Revoked("c".into()))
         );
         assert_eq!(s.list_tokens().unwrap().len(), 3);
+        // A refusal logs nothing: only the SVID that spent a token is in the log.
+        let issued = s.list_issued(10).unwrap();
+        assert_eq!(issued.len(), 1);
+        assert_eq!(issued[0].serial, "01");
+        assert_eq!(s.find_token("c").unwrap().unwrap().used_at, None);
+    }
+
+    #[test]
+    fn a_token_is_spent_only_if_its_svid_is_logged() {
+        let s = store();
+        s.insert_token(&token("a", "ha", 600)).unwrap();
+        s.insert_token(&token("b", "hb", 600)).unwrap();
+        spend(&s, "01", "b", "hb").unwrap().unwrap();
+        // The log refuses a second row with serial 01: the transaction fails as a whole.
+        assert!(spend(&s, "01", "a", "ha").is_err());
+        assert_eq!(s.find_token("a").unwrap().unwrap().used_at, None);
+        assert_eq!(spend(&s, "02", "a", "ha").unwrap(), Ok(()));
+        assert!(s.find_token("a").unwrap().unwrap().used_at.is_some());
+    }
+
+    #[test]
+    fn concurrent_spends_of_one_token_have_exactly_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        s.set_setting("trust_domain", "mayfly.local").unwrap();
+        s.insert_token(&token("a", "ha", 600)).unwrap();
+        let outcomes: Vec<_> = std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..8)
+                .map(|i| {
+                    let s = &s;
+                    scope.spawn(move || spend(s, &format!("{i:02}"), "a", "ha").unwrap())
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1);
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| o.is_ok() || *o == Err(TokenRefusal::Used("a".into())))
+        );
+        assert_eq!(s.list_issued(100).unwrap().len(), 1);
+    }
+
+    fn grant(s: &SqliteStore, id: &str, state: GrantState, expires: i64) {
+        let body = serde_json::json!({ "id": id, "state": state }).to_string();
+        s.insert_grant(id, state, expires, &body).unwrap();
+    }
+
+    #[test]
+    fn only_grants_in_force_are_live_and_each_expiry_is_reported_once() {
+        let s = store();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        grant(&s, "live", GrantState::Active, now + 60);
+        grant(&s, "later", GrantState::Active, now + 120);
+        grant(&s, "ended", GrantState::Active, now - 1);
+        grant(&s, "waiting", GrantState::Pending, 0);
+        grant(&s, "refused", GrantState::Denied, 0);
+        grant(&s, "cut", GrantState::Revoked, now + 60);
+        let ids = |bodies: Vec<String>| -> Vec<String> {
+            let mut v: Vec<String> = bodies
+                .iter()
+                .map(|b| serde_json::from_str::<serde_json::Value>(b).unwrap()["id"].to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(s.live_grants(now).unwrap()), ["\"later\"", "\"live\""]);
+        assert_eq!(s.next_grant_expiry(now).unwrap(), Some(now + 60));
+        let expired = s.expire_grants(now).unwrap();
+        assert_eq!(ids(expired.clone()), ["\"ended\""]);
+        let body: serde_json::Value = serde_json::from_str(&expired[0]).unwrap();
+        assert_eq!(body["state"], "expired");
+        assert!(s.expire_grants(now).unwrap().is_empty(), "reported twice");
+        assert_eq!(ids(s.expire_grants(now + 60).unwrap()), ["\"live\""]);
+        assert_eq!(s.next_grant_expiry(now + 60).unwrap(), Some(now + 120));
+    }
+
+    #[test]
+    fn a_grant_decision_applies_only_to_the_state_it_was_made_on() {
+        let s = store();
+        grant(&s, "g", GrantState::Pending, 0);
+        let (p, a, r) = (GrantState::Pending, GrantState::Active, GrantState::Revoked);
+        assert!(s.update_grant("g", p, a, 60, "{}").unwrap());
+        assert!(!s.update_grant("g", p, r, 0, "{}").unwrap(), "stale");
+        assert!(s.update_grant("g", a, r, 60, "{}").unwrap());
+        assert!(!s.update_grant("nope", p, a, 60, "{}").unwrap());
+    }
+
+    #[test]
+    fn grant_states_have_one_name_each() {
+        for g in [
+            GrantState::Pending,
+            GrantState::Active,
+            GrantState::Denied,
+            GrantState::Revoked,
+            GrantState::Expired,
+        ] {
+            assert_eq!(g.as_str().parse::<GrantState>().unwrap(), g);
+            assert_eq!(serde_json::to_value(g).unwrap(), g.as_str());
+        }
+        assert!("approved".parse::<GrantState>().is_err());
     }
 
     #[test]
@@ -1035,7 +1258,8 @@ mod tests {
                             requester: "test".into(),
                         };
                         let detail = format!("{{\"serial\":\"{serial}\"}}");
-                        s.log_issued_with_event(&rec, "svid.issued", &detail)
+                        s.log_issued_with_event(&rec, "svid.issued", &detail, None)
+                            .unwrap()
                             .unwrap();
                         // Durable and visible once the call returns.
                         let n: i64 = s
