@@ -189,10 +189,10 @@ proptest! {
         pat in prop::sample::select(vec!["/a", "/a/**", "/*/b", "/**", "/A/*"]),
     ) {
         let p = PathPattern::parse(pat).unwrap();
-        if let Ok(path) = normalize_path(&raw) {
-            if p.matches(&path) {
-                prop_assert!(p.matches_deny(&path, &deny_form(&path)));
-            }
+        if let Ok(path) = normalize_path(&raw)
+            && p.matches(&path)
+        {
+            prop_assert!(p.matches_deny(&path, &deny_form(&path)));
         }
     }
 }
