@@ -52,7 +52,7 @@ pub use duration::{DurationError, format_duration, parse_duration};
 pub use engine::{Engine, Explanation, Step};
 pub use grant::{Grant, GrantError};
 pub use model::{Action, GrantSettings, Loaded, Mode, Policy, Protocol, Rule, Service};
-pub use path::{PathError, is_normalized, normalize_path};
+pub use path::{PathError, deny_form, is_normalized, normalize_path};
 pub use pattern::{PathPattern, PatternError};
 pub use request::{HttpRequest, Request};
 pub use spiffe_id::{IdError, IdPattern, IdPatternError, validate_spiffe_id};

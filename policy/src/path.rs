@@ -1,4 +1,7 @@
-//! HTTP path normalisation, shared by rule loading and the HTTP layer.
+//! HTTP path normalisation, shared by rule loading and the HTTP layer, and the form of a
+//! path that deny rules match against.
+
+use std::borrow::Cow;
 
 /// Why a request path is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +28,10 @@ pub enum PathError {
     /// A `%` not followed by two hex digits.
     #[error("`%` must be followed by two hex digits")]
     BadEscape,
+    /// A segment that is `.` or `..` once its `;parameters` and trailing spaces are removed
+    /// (`..;x`, `%2e%2e;`, `..%20`): Tomcat, Jetty and Spring read it as a dot segment.
+    #[error("a dot segment with parameters or trailing spaces (`..;x`) is refused")]
+    DisguisedDotSegment,
 }
 
 /// Bytes that stay raw in a normal path: RFC 3986 `pchar` minus `%`, plus `/`.
@@ -93,8 +100,9 @@ fn decode_escape(bytes: &[u8], i: usize) -> Result<u8, PathError> {
 /// Drops `?query` and `#fragment`; requires a leading `/`; decodes `%XX` of unreserved
 /// characters (`A-Z a-z 0-9 - . _ ~`) and upper-cases the hex of other escapes; escapes bytes
 /// that may not appear raw (space, `"`, non-ASCII, ...); refuses `%2F`, `%5C`, `\`, and raw or
-/// encoded control characters; merges `//`; resolves `.` and `..` (never above `/`). A trailing
-/// `/` is kept. Idempotent: `normalize_path(&normalize_path(x)?) == normalize_path(x)`.
+/// encoded control characters, and segments that are `.` or `..` once their `;parameters` and
+/// trailing spaces are removed (`..;x`); merges `//`; resolves `.` and `..` (never above `/`).
+/// A trailing `/` is kept. Idempotent: `normalize_path(&normalize_path(x)?) == normalize_path(x)`.
 pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     let end = raw.find(['?', '#']).unwrap_or(raw.len());
     let bytes = &raw.as_bytes()[..end];
@@ -123,7 +131,110 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
         }
         i += 1;
     }
+    if decoded.split('/').any(is_disguised_dot_segment) {
+        return Err(PathError::DisguisedDotSegment);
+    }
     Ok(resolve_segments(&decoded))
+}
+
+/// A segment with its `;parameters` removed (Tomcat, Jetty and Spring ignore them).
+fn without_params(seg: &str) -> &str {
+    seg.split_once(';').map_or(seg, |(name, _)| name)
+}
+
+/// `seg` without trailing dots and spaces (raw or `%20`), which Windows and IIS ignore.
+fn trim_dots_and_spaces(mut seg: &str) -> &str {
+    loop {
+        let t = seg
+            .strip_suffix('.')
+            .or_else(|| seg.strip_suffix(' '))
+            .or_else(|| seg.strip_suffix("%20"));
+        match t {
+            Some(t) => seg = t,
+            None => return seg,
+        }
+    }
+}
+
+/// `seg` without trailing spaces (raw or `%20`).
+fn trim_spaces(mut seg: &str) -> &str {
+    while let Some(t) = seg.strip_suffix(' ').or_else(|| seg.strip_suffix("%20")) {
+        seg = t;
+    }
+    seg
+}
+
+/// A segment that is not a plain `.` / `..` but reads as one once its parameters and trailing
+/// spaces are gone (`..;x`, `.;`, `..%20`).
+fn is_disguised_dot_segment(seg: &str) -> bool {
+    matches!(trim_spaces(without_params(seg)), "." | "..") && !matches!(seg, "." | "..")
+}
+
+/// The form of a normal path that deny rules match against: the path as permissive backends
+/// read it. In every segment `;parameters` are removed (Tomcat, Jetty, Spring), ASCII letters
+/// are lower-cased outside `%XX` escapes (Express, IIS), and trailing dots and spaces are
+/// removed (IIS, Windows); segments left empty are merged, and a trailing `/` is kept.
+/// Borrows when nothing changes (the common case). Idempotent.
+///
+/// `/ADMIN`, `/Admin`, `/admin.`, `/admin%20` and `/admin;x` all read as `/admin`.
+pub fn deny_form(path: &str) -> Cow<'_, str> {
+    if !needs_folding(path) {
+        return Cow::Borrowed(path);
+    }
+    let segs: Vec<&str> = path.get(1..).unwrap_or("").split('/').collect();
+    let last = segs.len().saturating_sub(1);
+    let mut out = String::with_capacity(path.len());
+    let mut trailing = false;
+    for (i, seg) in segs.iter().enumerate() {
+        let seg = trim_dots_and_spaces(without_params(seg));
+        if seg.is_empty() {
+            trailing = i == last;
+            continue;
+        }
+        out.push('/');
+        push_lowercase(&mut out, seg);
+        trailing = false;
+    }
+    if trailing || out.is_empty() {
+        out.push('/');
+    }
+    Cow::Owned(out)
+}
+
+/// ASCII letters lower-cased, except the hex digits of `%XX` escapes.
+fn push_lowercase(out: &mut String, seg: &str) {
+    let mut escape = 0;
+    for c in seg.chars() {
+        if escape > 0 {
+            escape -= 1;
+            out.push(c);
+        } else if c == '%' {
+            escape = 2;
+            out.push(c);
+        } else {
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+}
+
+/// Whether [`deny_form`] would change `path`.
+fn needs_folding(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                i += 3;
+                continue;
+            }
+            b';' => return true,
+            b if b.is_ascii_uppercase() => return true,
+            _ => {}
+        }
+        i += 1;
+    }
+    path.split('/')
+        .any(|seg| trim_dots_and_spaces(seg).len() != seg.len())
 }
 
 /// Merges empty segments and resolves dot segments of a path that starts with `/`.
@@ -194,6 +305,7 @@ pub fn is_normalized(path: &str) -> bool {
         match seg {
             "" if is_last => {}
             "" | "." | ".." => return false,
+            s if is_disguised_dot_segment(s) => return false,
             _ => {}
         }
     }

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::path::normalize_path;
+use crate::path::{deny_form, normalize_path};
 
 /// Why a path pattern is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,7 +37,7 @@ enum Seg {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
-    Exact,
+    Exact(String),
     /// Everything that starts with this string, which ends with `/`.
     Prefix(String),
     /// Segment by segment; `true` when the pattern ends with `**`.
@@ -49,6 +49,8 @@ enum Kind {
 pub struct PathPattern {
     raw: String,
     kind: Kind,
+    /// The pattern in [`deny_form`], for deny rules.
+    loose: Kind,
 }
 
 impl PathPattern {
@@ -65,38 +67,63 @@ impl PathPattern {
         if normal != s {
             return Err(PatternError::NotNormal(normal));
         }
-        let segs: Vec<&str> = s[1..].split('/').collect();
-        let last = segs.len() - 1;
-        let mut glob = Vec::with_capacity(segs.len());
-        let mut wild = false;
-        for (i, seg) in segs.iter().enumerate() {
-            match *seg {
-                "**" if i != last => return Err(PatternError::DoubleStarNotLast),
-                "**" => {}
-                "*" => {
-                    wild = true;
-                    glob.push(Seg::Any);
-                }
-                s if s.contains('*') => return Err(PatternError::PartialWildcard),
-                s => glob.push(Seg::Lit(s.to_owned())),
-            }
-        }
-        let tail = segs[last] == "**";
-        let kind = match (wild, tail) {
-            (false, false) => Kind::Exact,
-            (false, true) => Kind::Prefix(s[..s.len() - 2].to_owned()),
-            (true, tail) => Kind::Glob(glob, tail),
-        };
+        let kind = kind_of(s)?;
+        let loose = kind_of(&deny_form(s))?;
         Ok(PathPattern {
             raw: s.to_owned(),
             kind,
+            loose,
         })
     }
 
-    /// True if the (normalised) `path` matches.
+    /// True if the (normalised) `path` matches, exactly as written: how allow rules and
+    /// grants match.
     pub fn matches(&self, path: &str) -> bool {
-        match &self.kind {
-            Kind::Exact => self.raw == path,
+        self.kind.matches(path)
+    }
+
+    /// How deny rules match: the path as written, or its [`deny_form`] against the pattern's
+    /// own (`folded` must be `deny_form(path)`). A deny is never narrower than [`Self::matches`].
+    pub fn matches_deny(&self, path: &str, folded: &str) -> bool {
+        self.kind.matches(path) || self.loose.matches(folded)
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+}
+
+/// The shape of a pattern already in normal form.
+fn kind_of(s: &str) -> Result<Kind, PatternError> {
+    let segs: Vec<&str> = s.get(1..).unwrap_or("").split('/').collect();
+    let last = segs.len() - 1;
+    let mut glob = Vec::with_capacity(segs.len());
+    let mut wild = false;
+    for (i, seg) in segs.iter().enumerate() {
+        match *seg {
+            "**" if i != last => return Err(PatternError::DoubleStarNotLast),
+            "**" => {}
+            "*" => {
+                wild = true;
+                glob.push(Seg::Any);
+            }
+            s if s.contains('*') => return Err(PatternError::PartialWildcard),
+            s => glob.push(Seg::Lit(s.to_owned())),
+        }
+    }
+    let tail = segs[last] == "**";
+    Ok(match (wild, tail) {
+        (false, false) => Kind::Exact(s.to_owned()),
+        (false, true) => Kind::Prefix(s[..s.len() - 2].to_owned()),
+        (true, tail) => Kind::Glob(glob, tail),
+    })
+}
+
+impl Kind {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            Kind::Exact(p) => p == path,
             Kind::Prefix(p) => path.starts_with(p.as_str()),
             Kind::Glob(segs, tail) => {
                 let Some(rest) = path.strip_prefix('/') else {
@@ -119,11 +146,6 @@ impl PathPattern {
                 }
             }
         }
-    }
-
-    /// The pattern as written.
-    pub fn as_str(&self) -> &str {
-        &self.raw
     }
 }
 

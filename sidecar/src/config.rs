@@ -146,6 +146,7 @@ struct RawLimits {
     idle_timeout: Option<String>,
     drain_timeout: Option<String>,
     max_connections: Option<usize>,
+    underscore_identity_headers: Option<UnderscoreHeaders>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +175,20 @@ pub enum AppProtocol {
     Http1,
     /// HTTP/2 with prior knowledge (h2c): gRPC servers need this.
     Http2,
+}
+
+/// What HTTP mode does with a request header that spells a header the sidecar controls
+/// (`x-forwarded-client-cert`, `x-mayfly-decision-id`) with `_` for `-`: WSGI and CGI-style
+/// servers fold both spellings into one variable, so a forged one would reach the app beside
+/// the sidecar's own (Envoy's `headers_with_underscores_action`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnderscoreHeaders {
+    /// Remove the header and pass the request on.
+    #[default]
+    Drop,
+    /// Answer 400 (gRPC: INVALID_ARGUMENT).
+    Reject,
 }
 
 /// Where the join token comes from.
@@ -245,6 +260,8 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Connections beyond this are refused.
     pub max_connections: usize,
+    /// HTTP mode: request headers spelling an identity header with `_`.
+    pub underscore_identity_headers: UnderscoreHeaders,
 }
 
 /// The whole, checked configuration.
@@ -460,6 +477,7 @@ impl Config {
                 Duration::from_secs(15),
             )?,
             max_connections: raw.limits.max_connections.unwrap_or(10_000),
+            underscore_identity_headers: raw.limits.underscore_identity_headers.unwrap_or_default(),
         };
         if limits.max_connections == 0 {
             return Err(c.bad("limits.max_connections", "must be at least 1"));
@@ -550,6 +568,31 @@ file = "policy.toml"
             matches!(c.control_plane.token, TokenSource::File(p) if p == Path::new("/etc/mayfly/token"))
         );
         assert_eq!(c.worker_threads, 1);
+        assert_eq!(
+            c.limits.underscore_identity_headers,
+            UnderscoreHeaders::Drop
+        );
+    }
+
+    #[test]
+    fn underscored_identity_headers_can_be_refused_instead_of_dropped() {
+        let c = Config::parse(
+            &format!("{GOOD}\n[limits]\nunderscore_identity_headers = \"reject\"\n"),
+            "s.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(
+            c.limits.underscore_identity_headers,
+            UnderscoreHeaders::Reject
+        );
+        let e = err(&format!(
+            "{GOOD}\n[limits]\nunderscore_identity_headers = \"allow\"\n"
+        ));
+        assert!(
+            e.contains("underscore_identity_headers") || e.contains("drop"),
+            "{e}"
+        );
     }
 
     fn err(text: &str) -> String {

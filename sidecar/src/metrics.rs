@@ -79,6 +79,8 @@ pub struct Metrics {
     pub rotations: Family<ResultLabels, Counter>,
     /// Policy reloads by result.
     pub policy_reloads: Family<ResultLabels, Counter>,
+    /// Grants from the control plane refused because a path does not parse.
+    pub grants_rejected: Counter,
     /// Audit records written to the spool.
     pub audit_records: Counter,
     /// Bytes of audit records not yet acknowledged by the control plane.
@@ -108,6 +110,7 @@ impl Metrics {
             svid_expiry: Gauge::default(),
             rotations: Family::default(),
             policy_reloads: Family::default(),
+            grants_rejected: Counter::default(),
             audit_records: Counter::default(),
             audit_spool_bytes: Gauge::default(),
             audit_dropped: Gauge::default(),
@@ -158,6 +161,11 @@ impl Metrics {
             "policy_reloads",
             "Policy reloads by result",
             m.policy_reloads.clone(),
+        );
+        r.register(
+            "grants_rejected",
+            "Grants from the control plane refused because a path does not parse",
+            m.grants_rejected.clone(),
         );
         r.register(
             "audit_records",

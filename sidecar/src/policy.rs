@@ -25,6 +25,8 @@ pub struct PolicyState {
     generation: watch::Sender<u64>,
     file: Option<PathBuf>,
     metrics: Arc<Metrics>,
+    /// Grants of the last snapshot refused as unparseable (each is logged and counted once).
+    rejected: std::sync::Mutex<Vec<String>>,
 }
 
 /// Why a file was refused.
@@ -54,6 +56,7 @@ impl PolicyState {
             generation,
             file,
             metrics,
+            rejected: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -121,15 +124,29 @@ impl PolicyState {
             changed = true;
         }
         let mut grants = Vec::with_capacity(snap.grants.len());
+        let mut rejected = Vec::new();
         for g in &snap.grants {
             let at = |t: i64| {
                 OffsetDateTime::from_unix_timestamp(t).unwrap_or(OffsetDateTime::UNIX_EPOCH)
             };
-            let paths = g
+            // A grant with a path this sidecar cannot parse applies to nothing: dropping only
+            // the path would widen it to every path, and to raw connections.
+            let paths: Result<Vec<_>, _> = g
                 .paths
                 .iter()
-                .filter_map(|p| mayfly_policy::PathPattern::parse(p).ok())
+                .map(|p| mayfly_policy::PathPattern::parse(p).map_err(|e| (p, e)))
                 .collect();
+            let paths = match paths {
+                Ok(p) => p,
+                Err((path, e)) => {
+                    if !self.rejected.lock().is_ok_and(|r| r.contains(&g.id)) {
+                        warn!(grant = %g.id, path = %path, error = %e, "grant refused: a path does not parse; it applies to nothing");
+                        self.metrics.grants_rejected.inc();
+                    }
+                    rejected.push(g.id.clone());
+                    continue;
+                }
+            };
             grants.push(mayfly_policy::Grant {
                 id: g.id.clone(),
                 from: g.from.clone(),
@@ -139,6 +156,9 @@ impl PolicyState {
                 not_before: at(g.not_before),
                 expires: at(g.expires),
             });
+        }
+        if let Ok(mut r) = self.rejected.lock() {
+            *r = rejected;
         }
         let old: Vec<String> = self.grants.load().iter().map(|g| g.id.clone()).collect();
         let new: Vec<String> = grants.iter().map(|g| g.id.clone()).collect();
@@ -440,5 +460,75 @@ impl Verdict {
             Verdict::NoPolicy => "no policy loaded".into(),
             Verdict::Decided(d) => format!("{:?}", d.decided_by),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(id: &str, paths: &[&str]) -> mayfly_ca::api::GrantWire {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        mayfly_ca::api::GrantWire {
+            id: id.into(),
+            from: "spiffe://mayfly.local/web".into(),
+            to: "spiffe://mayfly.local/orders".into(),
+            methods: Vec::new(),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            not_before: now - 60,
+            expires: now + 600,
+        }
+    }
+
+    fn snapshot(grants: Vec<mayfly_ca::api::GrantWire>) -> mayfly_ca::api::Snapshot {
+        mayfly_ca::api::Snapshot {
+            generation: 1,
+            policy_version: None,
+            policy: Some("version = 1\n".into()),
+            grants,
+            bundle: serde_json::Value::Null,
+        }
+    }
+
+    fn get(state: &PolicyState, path: &str) -> bool {
+        state
+            .decide_http(
+                "spiffe://mayfly.local/web",
+                "spiffe://mayfly.local/orders",
+                Some(8080),
+                None,
+                &HttpFacts {
+                    method: "GET",
+                    path,
+                    headers: &[],
+                },
+            )
+            .permits()
+    }
+
+    #[test]
+    fn a_grant_whose_path_does_not_parse_gives_no_access_at_l4_or_l7() {
+        let metrics = Arc::new(Metrics::new());
+        let state = PolicyState::new(None, metrics.clone());
+        let mut snap = snapshot(vec![
+            wire("g-bad", &["/a*b"]),
+            wire("g-dots", &["/reports/..;/admin", "/ok"]),
+        ]);
+        snap.policy_version = Some("v1".into());
+        state.install_snapshot(&snap).unwrap();
+        let (web, orders) = ("spiffe://mayfly.local/web", "spiffe://mayfly.local/orders");
+        assert!(!state.decide_l4(web, orders, Some(8080), None).permits());
+        assert!(!state.may_allow_any(web, orders, Some(8080), None));
+        assert!(!get(&state, "/ok") && !get(&state, "/admin"));
+        assert!(!state.has_grant("g-bad") && !state.has_grant("g-dots"));
+        assert_eq!(metrics.grants_rejected.get(), 2);
+        // Counted once however often the control plane repeats it.
+        state.install_snapshot(&snap).unwrap();
+        assert_eq!(metrics.grants_rejected.get(), 2);
+        // A good grant beside it still applies, to its path only.
+        snap.grants.push(wire("g-good", &["/ok"]));
+        state.install_snapshot(&snap).unwrap();
+        assert!(get(&state, "/ok") && !get(&state, "/admin"));
+        assert!(!state.decide_l4(web, orders, Some(8080), None).permits());
     }
 }

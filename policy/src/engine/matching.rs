@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 
 use crate::grant::Grant;
 use crate::model::{Action, Rule};
+use crate::path::deny_form;
 use crate::pattern::PathPattern;
 use crate::request::Request;
 use crate::timewin::TimeWindow;
@@ -154,10 +155,18 @@ pub(crate) fn check_rule<'a>(
     {
         return Err(Mismatch::Method(http.method, methods));
     }
-    if let Some(paths) = &r.paths
-        && !paths.iter().any(|p| p.matches(http.path))
-    {
-        return Err(Mismatch::Path(http.path, paths));
+    if let Some(paths) = &r.paths {
+        // Allow rules match the path as written; deny rules also match it the way permissive
+        // backends read it (`/ADMIN`, `/admin;x`, `/admin.` are `/admin` to some).
+        let hit = if deny {
+            let folded = deny_form(http.path);
+            paths.iter().any(|p| p.matches_deny(http.path, &folded))
+        } else {
+            paths.iter().any(|p| p.matches(http.path))
+        };
+        if !hit {
+            return Err(Mismatch::Path(http.path, paths));
+        }
     }
     if let Some(headers) = &r.headers {
         for (name, want) in headers {

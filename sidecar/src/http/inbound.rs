@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info};
 
+use super::idle::{Activity, IDLE_GRACE, IdleTimer};
 use super::{Body, GRPC_UNAVAILABLE, XFCC, is_grpc, local_reply, strip_hop_by_hop, xfcc_value};
 use crate::config::{AppProtocol, Inbound};
 use crate::metrics::Direction;
@@ -99,9 +100,14 @@ pub async fn serve_conn(
             AppProtocol::Http2 => http::Version::HTTP_2,
         },
     });
+    // HTTP/2: the first request within the header-read limit, then no idle stretch past
+    // the idle limit (hyper's HTTP/1.1 header-read timeout covers both for HTTP/1.1).
+    let (activity, idle) =
+        Activity::new(shared.limits.handshake_timeout, shared.limits.idle_timeout);
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+        let stream = activity.stream();
+        async move { Ok::<_, Infallible>(Activity::hold(handle(ctx, req).await, stream)) }
     });
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let _open = crate::proxy::OpenGuard::new(m.clone(), Direction::Inbound);
@@ -114,11 +120,17 @@ pub async fn serve_conn(
     };
     let io = TokioIo::new(tls);
     let draining = if h2 {
-        drive(super::h2_server().serve_connection(io, svc), watch).await
+        drive(
+            super::h2_server().serve_connection(io, svc),
+            watch,
+            Some(idle),
+        )
+        .await
     } else {
         drive(
             super::h1_server(shared.limits.handshake_timeout).serve_connection(io, svc),
             watch,
+            None,
         )
         .await
     };
@@ -141,8 +153,9 @@ struct Watch {
 
 /// Runs a connection until it ends; drains it with GOAWAY (HTTP/2) or `Connection: close`
 /// (HTTP/1.1) when the peer's SVID expires, when the policy no longer lets the peer in, or on
-/// shutdown, giving in-flight requests a short grace. Returns why it ended.
-async fn drive<C>(conn: C, w: Watch) -> &'static str
+/// shutdown, giving in-flight requests a short grace; closes an HTTP/2 connection that `idle`
+/// finds idle past its limits. Returns why it ended.
+async fn drive<C>(conn: C, w: Watch, mut idle: Option<IdleTimer>) -> &'static str
 where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
@@ -152,6 +165,7 @@ where
     let mut policy = w.shared.policy.watch();
     let mut hard = w.shared.hard_stop.clone();
     let mut draining: Option<&'static str> = None;
+    let mut grace_until = tokio::time::Instant::now();
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -162,15 +176,20 @@ where
             }
             _ = tokio::time::sleep_until(w.deadline), if draining.is_none() => {
                 info!("peer SVID expired: draining the connection");
-                draining = Some("peer_svid_expired");
+                (draining, grace_until) = (Some("peer_svid_expired"), tokio::time::Instant::now() + DRAIN_GRACE);
                 conn.as_mut().graceful_shutdown();
             }
             r = policy.changed(), if draining.is_none() => {
                 if r.is_ok() && !w.shared.policy.may_allow_any(&w.peer, &me, w.port, w.ip) {
                     info!("policy no longer allows this peer: draining the connection");
-                    draining = Some("policy_revoked");
+                    (draining, grace_until) = (Some("policy_revoked"), tokio::time::Instant::now() + DRAIN_GRACE);
                     conn.as_mut().graceful_shutdown();
                 }
+            }
+            _ = async { match idle.as_mut() { Some(t) => t.expired().await, None => std::future::pending().await } }, if draining.is_none() => {
+                debug!("HTTP/2 connection idle past its limit: closing it");
+                (draining, grace_until) = (Some("idle"), tokio::time::Instant::now() + IDLE_GRACE);
+                conn.as_mut().graceful_shutdown();
             }
             r = hard.changed() => {
                 if r.is_err() || *hard.borrow() {
@@ -178,7 +197,7 @@ where
                     break;
                 }
             }
-            _ = tokio::time::sleep(DRAIN_GRACE), if draining.is_some() => break,
+            _ = tokio::time::sleep_until(grace_until), if draining.is_some() => break,
         }
     }
     draining.unwrap_or("done")
@@ -187,11 +206,11 @@ where
 /// How long in-flight requests may run once a connection is being drained.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
     let m = &ctx.shared.metrics;
     let grpc = is_grpc(req.headers());
-    let path = match super::admit(&ctx.shared, Direction::Inbound, &req) {
+    let path = match super::admit(&ctx.shared, Direction::Inbound, &mut req) {
         Ok(p) => p,
         Err(reply) => return *reply,
     };

@@ -2,6 +2,7 @@
 //! HTTP/2 over mTLS between sidecars, a policy decision per request, and the caller's verified
 //! identity handed to the app in `x-forwarded-client-cert`.
 
+mod idle;
 pub mod inbound;
 pub mod outbound;
 
@@ -10,6 +11,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
+use tracing::debug;
+
+use crate::config::UnderscoreHeaders;
 
 /// The body type every proxied message uses (streamed, trailers preserved).
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -18,6 +22,10 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 /// The decision ID of a denial, on every 403 the sidecar answers.
 pub const DECISION_ID: HeaderName = HeaderName::from_static("x-mayfly-decision-id");
+
+/// Headers only the sidecar sets: a request header that spells one of them with `_` for `-` is
+/// dropped or refused (WSGI and CGI-style servers read both spellings as one).
+pub const IDENTITY_HEADERS: [HeaderName; 2] = [XFCC, DECISION_ID];
 
 /// Most headers a request may carry.
 pub const MAX_HEADERS: usize = 100;
@@ -69,12 +77,13 @@ pub async fn sniff_h2(tcp: &tokio::net::TcpStream, timeout: std::time::Duration)
 }
 
 /// The checks every proxied request passes before the policy sees it: the audit spool can
-/// take its record (fail-closed), no smuggling shape, headers within limits, a path that
-/// normalises. Returns the normalised path, or the local answer to send instead.
+/// take its record (fail-closed), no smuggling shape, headers within limits, no identity
+/// header spelled with `_` (dropped, or refused if so configured), a path that normalises.
+/// Returns the normalised path, or the local answer to send instead.
 pub(crate) fn admit(
     shared: &crate::proxy::Shared,
     direction: crate::metrics::Direction,
-    req: &http::Request<hyper::body::Incoming>,
+    req: &mut http::Request<hyper::body::Incoming>,
 ) -> Result<String, Box<Response<Body>>> {
     let m = &shared.metrics;
     let grpc = is_grpc(req.headers());
@@ -106,6 +115,21 @@ pub(crate) fn admit(
             why,
         );
     }
+    let forged = underscored_identity_headers(req.headers());
+    if let Some(first) = forged.first() {
+        if shared.limits.underscore_identity_headers == UnderscoreHeaders::Reject {
+            return refuse(
+                "malformed",
+                StatusCode::BAD_REQUEST,
+                GRPC_INVALID_ARGUMENT,
+                &format!("header `{first}` spells a header only mayfly sets"),
+            );
+        }
+        debug!(header = %first, "dropped a request header that spells an identity header with `_`");
+        for n in &forged {
+            req.headers_mut().remove(n);
+        }
+    }
     mayfly_policy::normalize_path(req.uri().path()).or_else(|e| {
         refuse(
             "malformed",
@@ -114,6 +138,26 @@ pub(crate) fn admit(
             &format!("request path refused: {e}"),
         )
     })
+}
+
+/// The names in `h` that equal one of [`IDENTITY_HEADERS`] once `_` is read as `-`, other than
+/// the header itself.
+pub fn underscored_identity_headers(h: &HeaderMap) -> Vec<HeaderName> {
+    h.keys()
+        .filter(|n| {
+            let n = n.as_str().as_bytes();
+            n.contains(&b'_')
+                && IDENTITY_HEADERS.iter().any(|id| {
+                    let id = id.as_str().as_bytes();
+                    id.len() == n.len()
+                        && id
+                            .iter()
+                            .zip(n)
+                            .all(|(a, b)| a == b || (*a == b'-' && *b == b'_'))
+                })
+        })
+        .cloned()
+        .collect()
 }
 
 /// The headers as the policy sees them (names are lowercase already). The identity header is
@@ -269,9 +313,13 @@ pub(crate) fn next_hop_uri(
 }
 
 /// A response from the next hop, passed on without its hop-by-hop headers; with its status.
+/// Underscored spellings of identity headers are dropped here too: only mayfly sets those.
 pub(crate) fn relay(resp: Response<hyper::body::Incoming>) -> (StatusCode, Response<Body>) {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    for n in underscored_identity_headers(&parts.headers) {
+        parts.headers.remove(n);
+    }
     (parts.status, Response::from_parts(parts, body.boxed()))
 }
 
@@ -285,6 +333,19 @@ pub const GRPC_INVALID_ARGUMENT: u8 = 3;
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 /// `te: trailers` survives (gRPC needs it).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Read before `Connection` is applied: a conforming HTTP/1.1 client that sends TE names it
+    // in `Connection: te`, and the app only sends trailers to a request that accepts them.
+    let trailers = h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|p| {
+                p.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        })
+    });
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -306,13 +367,6 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     ] {
         h.remove(n);
     }
-    let trailers = h
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|p| p.trim().eq_ignore_ascii_case("trailers"))
-        });
     h.remove(header::TE);
     if trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -374,6 +428,49 @@ mod tests {
         );
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn te_trailers_survives_being_named_in_connection() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("te"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get(header::TRAILER).unwrap(), "x-sum");
+        assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn identity_headers_spelled_with_underscores_are_found_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "x_forwarded_client_cert",
+            "x-forwarded_client-cert",
+            "x_mayfly_decision_id",
+            "x-forwarded-client-cert",
+            "x_forwarded_client_certs",
+            "x_other",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+        }
+        let mut found: Vec<String> = underscored_identity_headers(&h)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                "x-forwarded_client-cert",
+                "x_forwarded_client_cert",
+                "x_mayfly_decision_id"
+            ]
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use tokio::sync::{Mutex, watch};
 use tokio_rustls::TlsConnector;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::idle::Activity;
 use super::{Body, GRPC_UNAVAILABLE, MAX_HEADER_BYTES, is_grpc, local_reply, strip_hop_by_hop};
 use crate::config::Outbound;
 use crate::metrics::Direction;
@@ -100,6 +101,23 @@ impl Upstream {
         Ok(s)
     }
 
+    /// A sender ready for a new stream. A pooled connection that turns out to be closing (the
+    /// server closed it as idle, or is shutting down) is replaced once.
+    async fn ready_sender(&self) -> Result<SendRequest<Body>, DialError> {
+        let mut sender = self.sender().await?;
+        if sender.ready().await.is_ok() {
+            return Ok(sender);
+        }
+        debug!("pooled upstream connection is closing: dialling a new one");
+        self.pooled.lock().await.take();
+        sender = self.sender().await?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| DialError::H2(self.up.remote.clone(), e.to_string()))?;
+        Ok(sender)
+    }
+
     async fn dial(&self, our_serial: String) -> Result<Pooled, DialError> {
         let m = &self.shared.metrics;
         let limits = &self.shared.limits;
@@ -172,11 +190,11 @@ impl Upstream {
         })
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = std::time::Instant::now();
         let m = &self.shared.metrics;
         let grpc = is_grpc(req.headers());
-        let path = match super::admit(&self.shared, Direction::Outbound, &req) {
+        let path = match super::admit(&self.shared, Direction::Outbound, &mut req) {
             Ok(p) => p,
             Err(reply) => return *reply,
         };
@@ -231,7 +249,7 @@ impl Upstream {
         parts.headers.remove(http::header::HOST);
         parts.version = http::Version::HTTP_2;
         let req = Request::from_parts(parts, body.boxed());
-        let mut sender = match self.sender().await {
+        let mut sender = match self.ready_sender().await {
             Ok(s) => s,
             Err(e) => {
                 m.request(Direction::Outbound, "upstream_unreachable");
@@ -246,17 +264,6 @@ impl Upstream {
                 );
             }
         };
-        if sender.ready().await.is_err() {
-            m.request(Direction::Outbound, "upstream_unreachable");
-            record.finish(StatusCode::BAD_GATEWAY);
-            return local_reply(
-                grpc,
-                StatusCode::BAD_GATEWAY,
-                GRPC_UNAVAILABLE,
-                "mayfly: upstream connection closed",
-                None,
-            );
-        }
         match sender.send_request(req).await {
             Ok(resp) => {
                 let (status, resp) = super::relay(resp);
@@ -318,9 +325,11 @@ pub async fn serve(
         tokio::spawn(
             async move {
                 let _permit = permit;
+                let (activity, idle) = Activity::new(limits.handshake_timeout, limits.idle_timeout);
                 let svc = hyper::service::service_fn(move |req| {
                     let upstream = upstream.clone();
-                    async move { Ok::<_, Infallible>(upstream.handle(req).await) }
+                    let stream = activity.stream();
+                    async move { Ok::<_, Infallible>(Activity::hold(upstream.handle(req).await, stream)) }
                 });
                 // h2c prior knowledge or HTTP/1.1; a client that sends nothing is cut.
                 let Some(h2) = super::sniff_h2(&tcp, limits.handshake_timeout).await else {
@@ -329,7 +338,9 @@ pub async fn serve(
                 let io = TokioIo::new(tcp);
                 let stop = async { while hard.changed().await.is_ok() { if *hard.borrow() { return; } } };
                 let r = if h2 {
-                    tokio::select! { r = super::h2_server().serve_connection(io, svc) => r, _ = stop => Ok(()) }
+                    // Preface and then nothing: closed like an idle HTTP/1.1 connection.
+                    let conn = super::idle::serve_with_idle(super::h2_server().serve_connection(io, svc), idle);
+                    tokio::select! { r = conn => r, _ = stop => Ok(()) }
                 } else {
                     tokio::select! { r = super::h1_server(limits.handshake_timeout).serve_connection(io, svc) => r, _ = stop => Ok(()) }
                 };
