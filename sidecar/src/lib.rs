@@ -13,6 +13,7 @@ pub mod inject;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod retry;
 pub mod splice;
 
 use std::net::SocketAddr;
