@@ -141,6 +141,7 @@ async fn a_new_join_token_in_the_file_is_picked_up_within_seconds_after_many_fai
     tokio::time::sleep(Duration::from_secs(17)).await;
     let (status, body) = orders.admin_get("/readyz").await;
     assert_eq!(status, 503, "{body}");
+    assert!(body.contains("bootstrap failed"), "{body}");
 
     ca.token_file("spiffe://mayfly.local/orders", &tok);
     let ready = eventually(Duration::from_secs(5), async || {
@@ -188,8 +189,7 @@ async fn a_restarted_sidecar_reads_its_token_variable_again() {
     );
     let refused = eventually(Duration::from_secs(10), async || {
         let (s, b) = first.admin_get("/readyz").await;
-        let _ = b;
-        s == 503
+        s == 503 && b.contains("bootstrap failed")
     })
     .await;
     assert!(refused, "{}", first.proc.log());
