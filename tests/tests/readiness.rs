@@ -1,13 +1,13 @@
 //! Readiness tells the truth: `/readyz` is 503 with the reason whenever the sidecar would
-//! refuse traffic, and the traffic listeners stay closed until the SVID and the policy are
-//! in force.
+//! refuse traffic, the traffic listeners stay closed until the SVID and the policy are in
+//! force, and `check` / `run` refuse a policy file that does not exist.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mayfly_tests::{
-    Ca, Sidecar, Spec, echo_app, eventually, free_port, http_app, http_get, policy, round_trip,
+    Ca, Sidecar, Spec, bin, echo_app, eventually, free_port, http_app, http_get, policy, round_trip,
 };
 
 /// Waits for `/readyz` to answer `status` with a body containing every one of `words`.
@@ -253,5 +253,39 @@ async fn readiness_says_the_svid_expired_when_it_could_not_be_renewed() {
         readyz_says(&orders, 503, &["expired", "without renewal"]).await,
         "{}",
         orders.admin_get("/readyz").await.1
+    );
+}
+
+#[test]
+fn check_and_run_refuse_a_policy_file_that_does_not_exist_with_status_64() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        "spiffe_id = \"spiffe://mayfly.local/orders\"\n[control_plane]\naddress = \"127.0.0.1:1\"\ntoken_file = \"token\"\n[policy]\nfile = \"missing-policy.toml\"\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:9\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    for cmd in ["check", "run"] {
+        let out = std::process::Command::new(bin("mayfly-sidecar"))
+            .args([cmd, "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{cmd}: {stderr}");
+        assert!(
+            stderr.contains("`policy.file`") && stderr.contains("missing-policy.toml"),
+            "{cmd}: {stderr}"
+        );
+    }
+    std::fs::write(tmp.path().join("missing-policy.toml"), "version = 1\nbad\n").unwrap();
+    let out = std::process::Command::new(bin("mayfly-sidecar"))
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "an invalid policy: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
