@@ -14,16 +14,13 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::policy::PolicyState;
+use crate::ready::Readiness;
 
 /// What the admin endpoints read.
 pub struct AdminState {
-    /// Identity.
-    pub identity: Arc<Identity>,
-    /// Policy.
-    pub policy: Arc<PolicyState>,
+    /// Identity, policy and audit: what `/readyz` reports.
+    pub ready: Readiness,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -42,16 +39,20 @@ fn handle(s: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            let svid = s.identity.ready();
-            let policy = s.policy.loaded();
+            // The same predicate that holds the listeners: ready exactly when the sidecar
+            // does not refuse traffic for a reason of its own.
+            let reasons = s.ready.reasons();
+            let ready = reasons.is_empty();
             let body = json!({
-                "ready": svid && policy,
-                "svid": svid,
-                "svid_expires_in": s.identity.expires_in(),
-                "policy": policy,
-                "policy_version": s.policy.version(),
+                "ready": ready,
+                "reasons": reasons,
+                "svid": s.ready.identity.ready(),
+                "svid_expires_in": s.ready.identity.expires_in(),
+                "policy": s.ready.policy.loaded(),
+                "policy_version": s.ready.policy.version(),
+                "audit": s.ready.audit.admits(),
             });
-            let status = if svid && policy {
+            let status = if ready {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -59,14 +60,14 @@ fn handle(s: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             reply(status, "application/json", format!("{body}\n"))
         }
         "/metrics" => {
-            s.metrics.svid_expiry.set(s.identity.expires_in());
+            s.metrics.svid_expiry.set(s.ready.identity.expires_in());
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 s.metrics.encode(),
             )
         }
-        "/svid" => match s.identity.creds.get() {
+        "/svid" => match s.ready.identity.creds.get() {
             Some(svid) => {
                 let chain: String = svid
                     .certified
@@ -79,7 +80,7 @@ fn handle(s: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "serial": svid.info.serial,
                     "not_before": svid.info.not_before.unix_timestamp(),
                     "not_after": svid.info.not_after.unix_timestamp(),
-                    "expires_in": s.identity.expires_in(),
+                    "expires_in": s.ready.identity.expires_in(),
                     "chain_pem": chain,
                 });
                 reply(StatusCode::OK, "application/json", format!("{body}\n"))

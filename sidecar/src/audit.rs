@@ -118,7 +118,11 @@ pub struct Auditor {
     full: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
     when_full: WhenFull,
+    delivery_error: DeliveryError,
 }
+
+/// Why the last delivery to the control plane failed (`None` after a success): for readiness.
+type DeliveryError = Arc<std::sync::Mutex<Option<String>>>;
 
 fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
@@ -152,6 +156,11 @@ impl Auditor {
     /// Records dropped so far (drop mode, or a writer that fell behind).
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Why the last delivery to the control plane failed; `None` once one succeeds.
+    pub fn delivery_error(&self) -> Option<String> {
+        self.delivery_error.lock().ok().and_then(|e| e.clone())
     }
 }
 
@@ -695,6 +704,7 @@ struct Actor {
     session: Option<mayfly_ca::client::AuditSession>,
     full: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
+    delivery_error: DeliveryError,
     reported_dropped: u64,
     sink: Option<Box<dyn Write + Send>>,
     unsigned: u64,
@@ -985,11 +995,13 @@ pub fn start(
     let (tx, rx) = mpsc::channel(64 * 1024);
     let full = Arc::new(AtomicBool::new(false));
     let dropped = Arc::new(AtomicU64::new(0));
+    let delivery_error = DeliveryError::default();
     let auditor = Arc::new(Auditor {
         tx,
         full: full.clone(),
         dropped: dropped.clone(),
         when_full: cfg.when_full,
+        delivery_error: delivery_error.clone(),
     });
     let mut actor = Actor {
         source: identity.id.to_string(),
@@ -1005,6 +1017,7 @@ pub fn start(
         identity,
         full,
         dropped,
+        delivery_error,
         reported_dropped: 0,
         sink,
         unsigned: 0,
@@ -1066,6 +1079,9 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
             Some((session, target, r)) = ship_rx.recv() => {
                 in_flight = false;
                 a.session = Some(session);
+                if let Ok(mut e) = a.delivery_error.lock() {
+                    *e = r.as_ref().err().cloned();
+                }
                 match r {
                     Ok(acked) => {
                         backoff = Duration::from_millis(250);

@@ -534,6 +534,26 @@ impl Config {
             worker_threads,
         })
     }
+
+    /// Checks that `[policy] file`, when set, is a readable file (its content is the policy
+    /// engine's to check). Kept apart from [`Config::parse`], which touches no file.
+    pub fn check_policy_file(&self, name: &str) -> Result<(), ConfigError> {
+        let Some(path) = &self.policy_file else {
+            return Ok(());
+        };
+        let bad = |reason: String| ConfigError::Invalid {
+            path: name.to_owned(),
+            key: "policy.file".into(),
+            reason,
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => std::fs::File::open(path)
+                .map(drop)
+                .map_err(|e| bad(format!("cannot read {}: {e}", path.display()))),
+            Ok(_) => Err(bad(format!("{} is not a file", path.display()))),
+            Err(e) => Err(bad(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -659,6 +679,27 @@ file = "policy.toml"
         assert!(e.contains("only used with k8s_token_file"), "{e}");
         let e = err(&k8s.replace("[control_plane]", "[control_plane]\ntoken_env = \"T\""));
         assert!(e.contains("exactly one"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_policy_file_is_a_config_error_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::parse(GOOD, "s.toml", dir.path()).unwrap();
+        let e = c.check_policy_file("s.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("`policy.file`") && e.contains("policy.toml") && e.contains("No such file"),
+            "{e}"
+        );
+        std::fs::create_dir(dir.path().join("policy.toml")).unwrap();
+        let e = c.check_policy_file("s.toml").unwrap_err().to_string();
+        assert!(e.contains("is not a file"), "{e}");
+        std::fs::remove_dir(dir.path().join("policy.toml")).unwrap();
+        std::fs::write(dir.path().join("policy.toml"), "version = 1\n").unwrap();
+        c.check_policy_file("s.toml").unwrap();
+        let no_policy = GOOD.replace("[policy]\nfile = \"policy.toml\"\n", "");
+        let c = Config::parse(&no_policy, "s.toml", dir.path()).unwrap();
+        assert!(c.policy_file.is_none());
+        c.check_policy_file("s.toml").unwrap();
     }
 
     #[test]

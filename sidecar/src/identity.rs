@@ -1,5 +1,6 @@
 //! The sidecar's own SVID: bootstrap with the join token, rotation at half-life with jitter and
-//! a new key each time, retries with backoff, bundle refresh, and fail-closed at expiry.
+//! a new key each time, retries bounded by the time left ([`crate::retry`]), a join token file
+//! watched for a new token, bundle refresh, and fail-closed at expiry.
 //!
 //! Private keys live only in memory ([`SecretKey`] zeroes itself on drop).
 
@@ -20,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::config::{ControlPlane, TokenSource};
 use crate::metrics::{Metrics, ResultLabels};
+use crate::retry;
 
 /// The sidecar's identity: current SVID and trust bundles, shared with every listener.
 pub struct Identity {
@@ -36,7 +38,14 @@ pub struct Identity {
     /// When to renew the current SVID: half of its remaining life at installation (+-10 %),
     /// not counted from NotBefore, which is backdated for clock skew.
     renew_at: std::sync::Mutex<OffsetDateTime>,
+    /// Why the last bootstrap or renewal failed (cleared when an SVID is installed).
+    last_error: std::sync::Mutex<Option<String>>,
+    /// When the last SVID expired without renewal (cleared when an SVID is installed).
+    expired_at: std::sync::Mutex<Option<OffsetDateTime>>,
 }
+
+/// How often a join token file is checked for a new token while bootstrap fails.
+pub const TOKEN_POLL: Duration = Duration::from_millis(300);
 
 /// Why a new SVID was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -49,11 +58,24 @@ enum AcceptError {
     Tls(String),
 }
 
-fn jitter_fraction() -> f64 {
+/// A random number in 0..=1.
+fn random_unit() -> f64 {
     let mut b = [0u8; 2];
     fill_random(&mut b);
+    f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
+}
+
+fn jitter_fraction() -> f64 {
     // 0.4 ..= 0.6: half-life +- 10 %.
-    0.4 + 0.2 * f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
+    0.4 + 0.2 * random_unit()
+}
+
+fn left_until(t: OffsetDateTime) -> Duration {
+    Duration::from_secs_f64(
+        (t - OffsetDateTime::now_utc())
+            .as_seconds_f64()
+            .clamp(0.0, 1e9),
+    )
 }
 
 impl Identity {
@@ -74,12 +96,39 @@ impl Identity {
             metrics,
             ready,
             renew_at: std::sync::Mutex::new(OffsetDateTime::UNIX_EPOCH),
+            last_error: std::sync::Mutex::new(None),
+            expired_at: std::sync::Mutex::new(None),
         }))
     }
 
-    /// Whether a valid SVID is held.
+    /// Whether an SVID is held and has not expired.
     pub fn ready(&self) -> bool {
-        *self.ready.borrow()
+        self.creds
+            .get()
+            .is_some_and(|s| s.info.not_after > OffsetDateTime::now_utc())
+    }
+
+    /// Why no usable SVID is held (`None` when one is): for `/readyz`.
+    pub fn why_not_ready(&self) -> Option<String> {
+        let mut why = match self.creds.get() {
+            Some(s) if s.info.not_after > OffsetDateTime::now_utc() => return None,
+            Some(s) => format!("SVID expired at {}", s.info.not_after),
+            None => match self.expired_at.lock().ok().and_then(|t| *t) {
+                Some(t) => format!("no SVID: the last one expired at {t} without renewal"),
+                None => "no SVID yet".to_owned(),
+            },
+        };
+        if let Some(e) = self.last_error.lock().ok().and_then(|e| e.clone()) {
+            why.push_str("; ");
+            why.push_str(&e);
+        }
+        Some(why)
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        if let Ok(mut l) = self.last_error.lock() {
+            *l = e;
+        }
     }
 
     /// A receiver that sees readiness changes.
@@ -136,6 +185,10 @@ impl Identity {
         if let Ok(mut t) = self.renew_at.lock() {
             let now = OffsetDateTime::now_utc();
             *t = now + (svid.info.not_after - now) * jitter_fraction();
+        }
+        self.set_error(None);
+        if let Ok(mut t) = self.expired_at.lock() {
+            *t = None;
         }
         self.creds.set(svid);
         self.ready.send_replace(true);
@@ -203,6 +256,9 @@ impl Identity {
         match self.creds.get() {
             Some(s) if s.info.not_after <= OffsetDateTime::now_utc() => {
                 warn!(serial = %s.info.serial, "SVID expired without renewal: failing closed");
+                if let Ok(mut t) = self.expired_at.lock() {
+                    *t = Some(s.info.not_after);
+                }
                 self.creds.clear();
                 self.ready.send_replace(false);
                 true
@@ -212,69 +268,115 @@ impl Identity {
         }
     }
 
-    /// Keeps an SVID: bootstrap, then renew at half-life (+-10 %) for as long as the sidecar
-    /// runs. Stops when `shutdown` flips.
-    pub async fn maintain(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(500);
+    /// What a new join token would change: the token file's content (`None` for a token in
+    /// the environment, which only a restart changes).
+    fn token_stamp(&self) -> Option<Vec<u8>> {
+        match &self.control_plane.token {
+            TokenSource::File(p) | TokenSource::K8s(p) => std::fs::read(p).ok(),
+            TokenSource::Env(_) => None,
+        }
+    }
+
+    /// Resolves when the token file no longer holds `seen` (polled every [`TOKEN_POLL`]).
+    async fn token_changed(&self, seen: Option<Vec<u8>>) {
+        if matches!(self.control_plane.token, TokenSource::Env(_)) {
+            return std::future::pending().await;
+        }
         loop {
-            let wait = if self.expire_if_due() {
+            tokio::time::sleep(TOKEN_POLL).await;
+            if self.token_stamp() != seen {
+                return;
+            }
+        }
+    }
+
+    /// One bootstrap attempt; on failure, waits for the bootstrap retry schedule or for a new
+    /// token in the token file, whichever comes first. Returns false at shutdown.
+    async fn bootstrap_or_wait(
+        &self,
+        failures: &mut u32,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let seen = self.token_stamp();
+        match self.bootstrap().await {
+            Ok(()) => {
+                self.count(true);
+                *failures = 0;
+                true
+            }
+            Err(e) => {
+                self.count(false);
+                let wait = retry::bootstrap_delay(*failures, random_unit());
+                *failures = failures.saturating_add(1);
+                warn!(error = %e, retry_in = ?wait, "bootstrap failed; retrying, and at once when the token file changes");
+                self.set_error(Some(format!("bootstrap failed: {e}")));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => true,
+                    _ = self.token_changed(seen) => {
+                        info!("the join token file changed: bootstrapping now");
+                        true
+                    }
+                    _ = shutdown.changed() => false,
+                }
+            }
+        }
+    }
+
+    /// Keeps an SVID: bootstrap, then renew at half-life (+-10 %) for as long as the sidecar
+    /// runs, retrying a failed renewal on [`retry::renew_delay`]'s schedule (never more than a
+    /// quarter of the time left) until expiry. Stops when `shutdown` flips.
+    pub async fn maintain(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut boot_failures = 0u32;
+        let mut renew_failures = 0u32;
+        loop {
+            if self.expire_if_due() {
                 // No valid SVID: only a (new) join token or a service-account token can help.
-                match self.bootstrap().await {
+                renew_failures = 0;
+                if !self
+                    .bootstrap_or_wait(&mut boot_failures, &mut shutdown)
+                    .await
+                {
+                    return;
+                }
+                continue;
+            }
+            let Some(svid) = self.creds.get() else {
+                continue;
+            };
+            let renew_at = self
+                .renew_at
+                .lock()
+                .map(|t| *t)
+                .unwrap_or(svid.info.not_before);
+            let now = OffsetDateTime::now_utc();
+            let wait = if now < renew_at {
+                left_until(renew_at)
+            } else {
+                // An attempt that hangs must not hold the sidecar past expiry.
+                let left = left_until(svid.info.not_after);
+                let r = match tokio::time::timeout(left, self.renew()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("no answer in the {left:?} the SVID had left")),
+                };
+                match r {
                     Ok(()) => {
                         self.count(true);
-                        backoff = Duration::from_millis(500);
+                        renew_failures = 0;
                         continue;
                     }
                     Err(e) => {
                         self.count(false);
-                        warn!(error = %e, retry_in = ?backoff, "bootstrap failed");
-                        let w = backoff;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                        w
-                    }
-                }
-            } else {
-                let svid = match self.creds.get() {
-                    Some(s) => s,
-                    None => continue,
-                };
-                let renew_at = self
-                    .renew_at
-                    .lock()
-                    .map(|t| *t)
-                    .unwrap_or(svid.info.not_before);
-                let now = OffsetDateTime::now_utc();
-                if now < renew_at {
-                    Duration::from_secs_f64((renew_at - now).as_seconds_f64())
-                } else {
-                    match self.renew().await {
-                        Ok(()) => {
-                            self.count(true);
-                            backoff = Duration::from_millis(500);
-                            continue;
-                        }
-                        Err(e) => {
-                            self.count(false);
-                            let left = (svid.info.not_after - OffsetDateTime::now_utc())
-                                .as_seconds_f64()
-                                .max(0.0);
-                            warn!(error = %e, seconds_left = left as u64, retry_in = ?backoff, "SVID renewal failed; still serving with the current SVID");
-                            let w = backoff.min(Duration::from_secs_f64(left.max(0.05)));
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
-                            w
-                        }
+                        let left = left_until(svid.info.not_after);
+                        let next = retry::renew_delay(left, renew_failures, random_unit());
+                        renew_failures = renew_failures.saturating_add(1);
+                        warn!(error = %e, seconds_left = left.as_secs_f64(), retry_in = ?next, "SVID renewal failed; still serving with the current SVID");
+                        self.set_error(Some(format!("renewal failed: {e}")));
+                        next.unwrap_or(left)
                     }
                 }
             };
             // Also wake exactly at expiry to fail closed on time.
-            let until_expiry = match self.creds.get() {
-                Some(s) => Duration::from_secs_f64(
-                    (s.info.not_after - OffsetDateTime::now_utc())
-                        .as_seconds_f64()
-                        .max(0.0),
-                ),
-                None => wait,
-            };
+            let until_expiry = left_until(svid.info.not_after);
             tokio::select! {
                 _ = tokio::time::sleep(wait.min(until_expiry)) => {}
                 _ = shutdown.changed() => return,

@@ -13,20 +13,23 @@ pub mod inject;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod ready;
+pub mod retry;
 pub mod splice;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
-use tracing::info;
+use tracing::{error, info};
 
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::policy::PolicyState;
 use crate::proxy::Shared;
+use crate::ready::Readiness;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,7 @@ pub struct Running {
     pub audit: Arc<audit::Auditor>,
     stop_accepting: watch::Sender<bool>,
     hard_stop: watch::Sender<bool>,
+    failed: watch::Receiver<Option<String>>,
     slots: Arc<Semaphore>,
     max_connections: usize,
     drain: std::time::Duration,
@@ -79,36 +83,112 @@ pub struct Running {
 /// overflow the kernel's accept queue (the default is 128 here).
 const BACKLOG: u32 = 4096;
 
-async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+/// A bound socket that is not listening yet.
+struct Reserved {
+    what: String,
+    addr: SocketAddr,
+    socket: TcpSocket,
+}
+
+/// Binds `addr` (the port is taken and its errors surface now) without listening.
+fn reserve(what: &str, addr: SocketAddr) -> Result<Reserved, StartError> {
     let err = |source| StartError::Bind {
         what: what.into(),
         addr,
         source,
     };
     let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
+        TcpSocket::new_v4()
     } else {
-        tokio::net::TcpSocket::new_v6()
+        TcpSocket::new_v6()
     }
     .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
-    socket.listen(BACKLOG).map_err(err)
+    let addr = socket.local_addr().unwrap_or(addr);
+    Ok(Reserved {
+        what: what.into(),
+        addr,
+        socket,
+    })
 }
 
-fn local(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {
-    l.local_addr().unwrap_or(fallback)
+impl Reserved {
+    fn listen(self) -> Result<TcpListener, StartError> {
+        let (what, addr) = (self.what, self.addr);
+        self.socket
+            .listen(BACKLOG)
+            .map_err(|source| StartError::Bind { what, addr, source })
+    }
+}
+
+/// The traffic listeners, bound at start and listening only once the sidecar is ready.
+struct Held {
+    inbound: Option<(config::Inbound, Reserved)>,
+    outbound: Vec<(config::Outbound, Reserved)>,
+}
+
+/// Holds the traffic listeners until the SVID and the policy are in force (and the audit spool
+/// takes records): until then their ports are bound but not listening, so a client gets
+/// "connection refused" (and can retry elsewhere, the request unsent) instead of a 403
+/// `no-policy` or a failed handshake. Then serves them until `stop` flips; a listener that
+/// cannot listen is reported on `failed`.
+async fn open_when_ready(
+    ready: Readiness,
+    held: Held,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    failed: watch::Sender<Option<String>>,
+) {
+    if !ready.wait(&mut stop).await {
+        return;
+    }
+    let mut tasks = Vec::new();
+    let fail = |e: StartError| {
+        error!(error = %e, "cannot open a listener");
+        failed.send_replace(Some(e.to_string()));
+    };
+    if let Some((i, r)) = held.inbound {
+        match r.listen() {
+            Ok(l) => tasks.push(tokio::spawn(proxy::serve_inbound(
+                shared.clone(),
+                i,
+                l,
+                stop.clone(),
+            ))),
+            Err(e) => return fail(e),
+        }
+    }
+    for (o, r) in held.outbound {
+        let l = match r.listen() {
+            Ok(l) => l,
+            Err(e) => return fail(e),
+        };
+        tasks.push(match o.protocol {
+            config::Protocol::Tcp => {
+                tokio::spawn(proxy::serve_outbound(shared.clone(), o, l, stop.clone()))
+            }
+            config::Protocol::Http => {
+                tokio::spawn(http::outbound::serve(shared.clone(), o, l, stop.clone()))
+            }
+        });
+    }
+    info!("SVID and policy in force: listening");
+    for t in tasks {
+        let _ = t.await;
+    }
 }
 
 /// Loads the policy, binds every listener (errors surface before anything runs), then spawns
-/// the identity, policy, admin and proxy tasks.
+/// the identity, policy, admin and proxy tasks. The admin listener listens at once; the
+/// inbound and outbound listeners only once the sidecar is ready (see [`ready`]).
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let policy = PolicyState::new(cfg.policy_file.clone(), metrics.clone());
     policy.load_file()?;
     if cfg.policy_file.is_none() {
         tracing::info!(
-            "no [policy] file: following the control plane's policy; every connection is denied until the first snapshot arrives"
+            "no [policy] file: following the control plane's policy; the listeners open when the first snapshot arrives"
         );
     }
     let identity = Identity::new(
@@ -116,16 +196,16 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         cfg.control_plane.clone(),
         metrics.clone(),
     )?;
-    let admin = bind("admin", cfg.admin).await?;
+    let admin = reserve("admin", cfg.admin)?.listen()?;
     let inbound = match &cfg.inbound {
-        Some(i) => Some((i.clone(), bind("inbound", i.listen).await?)),
+        Some(i) => Some((i.clone(), reserve("inbound", i.listen)?)),
         None => None,
     };
     let mut outbound = Vec::new();
     for o in &cfg.outbound {
         outbound.push((
             o.clone(),
-            bind(&format!("outbound {}", o.name), o.listen).await?,
+            reserve(&format!("outbound {}", o.name), o.listen)?,
         ));
     }
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -152,11 +232,15 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         audit: auditor.clone(),
     });
     let mut tasks = vec![audit_task];
-    let admin_addr = local(&admin, cfg.admin);
+    let admin_addr = admin.local_addr().unwrap_or(cfg.admin);
+    let readiness = Readiness {
+        identity: identity.clone(),
+        policy: policy.clone(),
+        audit: auditor.clone(),
+    };
     tasks.push(tokio::spawn(admin::serve(
         Arc::new(admin::AdminState {
-            identity: identity.clone(),
-            policy: policy.clone(),
+            ready: readiness.clone(),
             metrics: metrics.clone(),
         }),
         admin,
@@ -179,28 +263,19 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             stop_rx.clone(),
         )));
     }
-    let mut inbound_addr = None;
-    if let Some((i, l)) = inbound {
-        inbound_addr = Some(local(&l, i.listen));
-        tasks.push(tokio::spawn(proxy::serve_inbound(
-            shared.clone(),
-            i,
-            l,
-            stop_rx.clone(),
-        )));
-    }
-    let mut outbound_addrs = Vec::new();
-    for (o, l) in outbound {
-        outbound_addrs.push((o.name.clone(), local(&l, o.listen)));
-        tasks.push(match o.protocol {
-            config::Protocol::Tcp => {
-                tokio::spawn(proxy::serve_outbound(shared.clone(), o, l, stop_rx.clone()))
-            }
-            config::Protocol::Http => {
-                tokio::spawn(http::outbound::serve(shared.clone(), o, l, stop_rx.clone()))
-            }
-        });
-    }
+    let inbound_addr = inbound.as_ref().map(|(_, r)| r.addr);
+    let outbound_addrs = outbound
+        .iter()
+        .map(|(o, r)| (o.name.clone(), r.addr))
+        .collect();
+    let (failed_tx, failed) = watch::channel(None);
+    tasks.push(tokio::spawn(open_when_ready(
+        readiness,
+        Held { inbound, outbound },
+        shared,
+        stop_rx.clone(),
+        failed_tx,
+    )));
     info!(spiffe_id = %cfg.spiffe_id, admin = %admin_addr, inbound = ?inbound_addr, outbound = ?outbound_addrs, "sidecar started");
     Ok(Running {
         admin_addr,
@@ -211,6 +286,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         audit: auditor,
         stop_accepting: stop_tx,
         hard_stop: hard_tx,
+        failed,
         slots,
         max_connections: cfg.limits.max_connections,
         drain: cfg.limits.drain_timeout,
@@ -219,6 +295,16 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 }
 
 impl Running {
+    /// Resolves with the reason if a listener could not be opened once the sidecar was ready
+    /// (its port was taken in between): the sidecar cannot serve and should exit.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failed.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Graceful shutdown: stop accepting, wait for open connections up to the drain timeout,
     /// then end the rest.
     pub async fn shutdown(self) {

@@ -63,6 +63,18 @@ impl ConfigSource {
             }),
         }
     }
+
+    /// The configuration and the files it names: `[policy] file` must exist and hold a valid
+    /// policy, for `check` as for `run` (both exit 64 otherwise).
+    fn load_checked(&self) -> Result<(Config, String), String> {
+        let (cfg, name) = self.load().map_err(|e| e.to_string())?;
+        cfg.check_policy_file(&name).map_err(|e| e.to_string())?;
+        let metrics = std::sync::Arc::new(mayfly_sidecar::metrics::Metrics::new());
+        mayfly_sidecar::policy::PolicyState::new(cfg.policy_file.clone(), metrics)
+            .load_file()
+            .map_err(|e| format!("{name}: `policy.file`: {e}"))?;
+        Ok((cfg, name))
+    }
 }
 
 /// Exit status for a bad configuration (EX_CONFIG-like, as `sysexits.h` EX_USAGE).
@@ -95,20 +107,24 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let failed = tokio::select! {
+        _ = term.recv() => None,
+        _ = tokio::signal::ctrl_c() => None,
+        why = running.failed() => Some(why),
+    };
     tracing::info!("shutting down: no new connections, draining open ones");
     running.shutdown().await;
-    Ok(())
+    match failed {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Inject(cmd) => inject_cmd::run(*cmd),
-        Cmd::Check { source } => match source.load() {
+        Cmd::Check { source } => match source.load_checked() {
             Ok((_, name)) => {
                 println!("{name}: ok");
                 ExitCode::SUCCESS
@@ -119,8 +135,8 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run { source, log_json } => {
-            // Parse all configuration before binding any port.
-            let cfg = match source.load() {
+            // Parse all configuration (and the policy file) before binding any port.
+            let cfg = match source.load_checked() {
                 Ok((c, _)) => c,
                 Err(e) => {
                     eprintln!("error: {e}");

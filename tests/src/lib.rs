@@ -637,3 +637,45 @@ pub async fn in_process_control_plane(
     })
     .await?)
 }
+
+/// A free 127.0.0.1 port, as `127.0.0.1:PORT` (for a control plane that must come back at the
+/// same address after a restart).
+pub fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+impl Sidecar {
+    /// Like [`Sidecar::start`], with extra environment variables (a `token_env` join token).
+    pub fn start_env(dir: &Path, name: &str, config: &str, env: &[(&str, &str)]) -> Self {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = Command::new(bin("mayfly-sidecar"));
+        cmd.args(["run", "--config", path.to_str().unwrap()]);
+        cmd.envs(env.iter().copied());
+        let mut proc = Proc::spawn(
+            cmd,
+            &[
+                "mayfly-sidecar admin",
+                "mayfly-sidecar inbound",
+                "mayfly-sidecar outbound ",
+            ],
+        );
+        let admin = proc.addr("mayfly-sidecar admin");
+        Self {
+            proc,
+            admin,
+            config: path,
+        }
+    }
+
+    /// The current SVID's (serial, NotAfter as Unix seconds), from `/svid`.
+    pub async fn svid(&self) -> Option<(String, i64)> {
+        let (status, body) = self.admin_get("/svid").await;
+        if status != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        Some((v["serial"].as_str()?.to_owned(), v["not_after"].as_i64()?))
+    }
+}
