@@ -1080,7 +1080,7 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
                 in_flight = false;
                 a.session = Some(session);
                 if let Ok(mut e) = a.delivery_error.lock() {
-                    *e = r.as_ref().err().cloned();
+                    *e = r.as_ref().err().map(ToString::to_string);
                 }
                 match r {
                     Ok(acked) => {
