@@ -59,7 +59,7 @@ enum AcceptError {
 }
 
 /// A random number in 0..=1.
-fn random_unit() -> f64 {
+pub(crate) fn random_unit() -> f64 {
     let mut b = [0u8; 2];
     fill_random(&mut b);
     f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)

@@ -208,8 +208,9 @@ impl PolicyState {
         client: mayfly_ca::client::CaClient,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut backoff = Duration::from_millis(250);
+        let mut failures = 0u32;
         loop {
+            let mut backoff = crate::retry::reconnect_delay(failures, crate::identity::random_unit());
             if identity.ready() {
                 let (tx, mut rx) = tokio::sync::mpsc::channel(4);
                 let fut = client.watch(identity.bundles.clone(), identity.creds.clone(), tx);
@@ -218,7 +219,8 @@ impl PolicyState {
                     tokio::select! {
                         r = &mut fut => break r.map_err(|e| e.to_string()),
                         Some(snap) = rx.recv() => {
-                            backoff = Duration::from_millis(250);
+                            failures = 0;
+                            backoff = crate::retry::reconnect_delay(0, crate::identity::random_unit());
                             let ok = match self.install_snapshot(&snap) {
                                 Ok(()) => true,
                                 Err(e) => {
@@ -242,7 +244,7 @@ impl PolicyState {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.changed() => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            failures = failures.saturating_add(1);
         }
     }
 

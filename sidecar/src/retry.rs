@@ -54,6 +54,14 @@ pub fn renew_delay(left: Duration, attempt: u32, jitter: f64) -> Option<Duration
     (left.saturating_sub(d) >= RENEW_LAST_CALL).then_some(d)
 }
 
+/// How long to wait before reconnecting the policy watch after failed attempt number
+/// `attempt` (0 for the first): the same schedule as bootstrap, so that a control plane that
+/// comes back is followed within [`BOOTSTRAP_CAP`] (grants and revocations it holds reach the
+/// sidecar within seconds, not after a backoff that grew while it was away).
+pub fn reconnect_delay(attempt: u32, jitter: f64) -> Duration {
+    bootstrap_delay(attempt, jitter)
+}
+
 /// How long to wait after failed bootstrap attempt number `attempt` (0 for the first):
 /// between [`BOOTSTRAP_BASE`]/2 and [`BOOTSTRAP_CAP`].
 pub fn bootstrap_delay(attempt: u32, jitter: f64) -> Duration {
