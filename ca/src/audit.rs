@@ -144,6 +144,57 @@ pub enum ChainError {
         /// Why.
         reason: String,
     },
+    /// A stored column (kept beside the line for lookups) does not say what the record's line
+    /// says: the index was edited, to hide a record from `audit query` or to move it.
+    #[error(
+        "{chain}: record seq {seq}: the stored {column} column is {stored:?} but the record says {recorded:?} (the stored index was edited)"
+    )]
+    Column {
+        /// Chain.
+        chain: String,
+        /// The record's seq (from its line).
+        seq: u64,
+        /// Column name.
+        column: &'static str,
+        /// What the column holds.
+        stored: String,
+        /// What the record's line says.
+        recorded: String,
+    },
+    /// The control plane anchored this chain at a seq the store no longer reaches: its tail
+    /// was deleted.
+    #[error(
+        "{chain}: the control plane anchored this chain at seq {anchored}, but it ends at seq {last}: records after seq {last} were deleted"
+    )]
+    Truncated {
+        /// Chain.
+        chain: String,
+        /// The anchored seq.
+        anchored: u64,
+        /// The last stored seq.
+        last: u64,
+    },
+    /// The control plane anchored this chain, and the store no longer holds any of it.
+    #[error(
+        "{chain}: the control plane anchored this chain at seq {anchored}, but the store holds none of it: the chain was deleted"
+    )]
+    Missing {
+        /// Chain.
+        chain: String,
+        /// The anchored seq.
+        anchored: u64,
+    },
+    /// The record at an anchored seq is not the one the control plane anchored: it, or a
+    /// record before it, was rewritten (hashes recomputed).
+    #[error(
+        "{chain}: record seq {seq} is not the record the control plane anchored: records up to seq {seq} were rewritten"
+    )]
+    AnchorMismatch {
+        /// Chain.
+        chain: String,
+        /// The anchored seq.
+        seq: u64,
+    },
     /// The chain is in the control plane's name (a reserved ID) but is not the chain the
     /// control plane writes itself: someone else's records posing as control-plane events.
     #[error(
@@ -164,7 +215,11 @@ impl ChainError {
             ChainError::Malformed { .. } | ChainError::Impostor { .. } => None,
             ChainError::Gap { expected, .. } => Some(*expected),
             ChainError::Broken { prev_seq, .. } => Some(*prev_seq),
-            ChainError::BadCheckpoint { seq, .. } => Some(*seq),
+            ChainError::BadCheckpoint { seq, .. }
+            | ChainError::Column { seq, .. }
+            | ChainError::AnchorMismatch { seq, .. } => Some(*seq),
+            ChainError::Truncated { last, .. } => Some(last + 1),
+            ChainError::Missing { .. } => Some(1),
         }
     }
 }

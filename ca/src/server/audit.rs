@@ -2,14 +2,17 @@
 //! chain checked), the control plane's own events are a chain of their own with signed
 //! checkpoints, and `audit verify` checks every chain.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::json;
 use time::OffsetDateTime;
+use tracing::{debug, warn};
 
 use super::ca::Ca;
 use crate::audit::{
-    Record, checkpoint_fields, checkpoint_message, line_hash, sign_with, verify_lines,
+    ChainError, ChainSummary, Record, checkpoint_fields, checkpoint_message, line_hash, sign_with,
+    verify_lines,
 };
 use crate::bundle::BundleSet;
 use crate::store::{AuditConflict, AuditRow, Store, StoreError};
@@ -145,8 +148,170 @@ pub fn ingest(ca: &Ca, peer: Option<&SvidInfo>, body: &[u8]) -> Result<u64, Inge
     for (chain, rows) in &by_chain {
         acked = ca.store().audit_append(chain, rows)??;
         ca.metrics.audit_records.inc_by(rows.len() as u64);
+        // The head this batch moved the chain to, for the next anchor (a batch of records
+        // all stored before moves nothing).
+        if let Some(head) = rows.iter().find(|r| r.seq == acked) {
+            ca.pending.advanced(chain, head.seq, &head.hash);
+        }
     }
     Ok(acked)
+}
+
+/// How often the control plane anchors the sidecar chains that advanced, writes a `gap` for
+/// events it could not store, and signs a checkpoint of its own chain, while there is
+/// anything to write.
+pub const ANCHOR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What the control plane still has to write on its own chain: the heads of sidecar chains
+/// acknowledged since the last anchor, and the events it could not store.
+#[derive(Debug, Default)]
+pub struct Pending {
+    heads: Mutex<BTreeMap<String, (u64, String)>>,
+    lost: Mutex<Lost>,
+}
+
+/// Control-plane events that could not be stored.
+#[derive(Debug, Default)]
+struct Lost {
+    count: u64,
+    kinds: BTreeMap<String, u64>,
+    first_ms: i64,
+    last_ms: i64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Pending {
+    /// Notes that `chain` was stored up to `seq`, whose line hashes to `hash`.
+    pub fn advanced(&self, chain: &str, seq: u64, hash: &str) {
+        let mut heads = lock(&self.heads);
+        match heads.get_mut(chain) {
+            Some(h) if h.0 >= seq => {}
+            Some(h) => *h = (seq, hash.to_owned()),
+            None => {
+                heads.insert(chain.to_owned(), (seq, hash.to_owned()));
+            }
+        }
+    }
+
+    /// Notes a control-plane event of `kind` at `at_ms` that could not be stored.
+    pub fn lost(&self, kind: &str, at_ms: i64) {
+        let mut l = lock(&self.lost);
+        if l.count == 0 {
+            l.first_ms = at_ms;
+        }
+        l.count += 1;
+        l.last_ms = at_ms;
+        *l.kinds.entry(kind.to_owned()).or_default() += 1;
+    }
+
+    /// How many events are lost and not yet recorded as such.
+    pub fn lost_count(&self) -> u64 {
+        lock(&self.lost).count
+    }
+}
+
+/// Appends a `gap` record to the control plane's own chain for the events it could not store
+/// (how many, of which kinds, between which times), once it can write again.
+pub fn record_lost(ca: &Ca) -> Result<(), StoreError> {
+    let lost = std::mem::take(&mut *lock(&ca.pending.lost));
+    if lost.count == 0 {
+        return Ok(());
+    }
+    let detail = json!({
+        "reason": "store_unwritable", "lost_events": lost.count, "lost_kinds": lost.kinds,
+        "first_lost_ms": lost.first_ms, "last_lost_ms": lost.last_ms,
+    });
+    match ca
+        .store()
+        .append_event(OffsetDateTime::now_utc(), "gap", &detail.to_string())
+    {
+        Ok(_) => {
+            warn!(
+                lost = lost.count,
+                kinds = ?lost.kinds,
+                "recorded a gap on the control plane's audit chain for events that could not be stored"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            // Put them back (with any lost since) for the next attempt.
+            let mut l = lock(&ca.pending.lost);
+            l.count += lost.count;
+            l.first_ms = if l.first_ms == 0 {
+                lost.first_ms
+            } else {
+                l.first_ms.min(lost.first_ms)
+            };
+            l.last_ms = l.last_ms.max(lost.last_ms);
+            for (k, n) in lost.kinds {
+                *l.kinds.entry(k).or_default() += n;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Appends one `audit.anchor` event to the control plane's own chain with the head of every
+/// sidecar chain that advanced since the last one (`{"chains": {chain: {seq, hash}}}`), so
+/// that `audit verify` detects a dropped tail or chain, and a rewrite, up to it.
+pub fn anchor(ca: &Ca) -> Result<(), StoreError> {
+    let heads = std::mem::take(&mut *lock(&ca.pending.heads));
+    if heads.is_empty() {
+        return Ok(());
+    }
+    let chains: serde_json::Map<String, serde_json::Value> = heads
+        .iter()
+        .map(|(c, (seq, hash))| (c.clone(), json!({ "seq": seq, "hash": hash })))
+        .collect();
+    let detail = json!({ "chains": chains }).to_string();
+    match ca
+        .store()
+        .append_event(OffsetDateTime::now_utc(), ANCHOR_KIND, &detail)
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            for (c, (seq, hash)) in heads {
+                ca.pending.advanced(&c, seq, &hash);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The kind of the control plane's anchor events.
+pub const ANCHOR_KIND: &str = "audit.anchor";
+
+/// Sets the `store_writable` gauge, probing a store that could not write so that it notices
+/// by itself when space returns (the store logs each change). Returns whether it can write.
+pub fn check_store(ca: &Ca) -> bool {
+    let store = ca.store();
+    if store.unwritable().is_some() {
+        let _ = store.probe_write();
+    }
+    let writable = store.unwritable().is_none();
+    ca.metrics.store_writable.set(i64::from(writable));
+    writable
+}
+
+/// One round of the control plane's own audit upkeep: notice the store's condition, record
+/// lost events, anchor advanced chains, sign a checkpoint. Cheap when there is nothing to do.
+pub fn settle(ca: &Arc<Ca>) {
+    if !check_store(ca) {
+        return;
+    }
+    let done = record_lost(ca)
+        .map_err(|e| ("record lost events", e))
+        .and_then(|()| anchor(ca).map_err(|e| ("anchor the sidecar chains", e)))
+        .and_then(|()| checkpoint_own(ca).map_err(|e| ("sign a checkpoint", e)));
+    match done {
+        Ok(()) => {}
+        // Said once by the store, at the transition.
+        Err((what, e @ StoreError::Unwritable(_))) => debug!(error = %e, "cannot {what}"),
+        Err((what, e)) => warn!(error = %e, "cannot {what} on the control plane's audit chain"),
+    }
 }
 
 /// Writes a signed checkpoint on the control plane's own chain if events were added since the
@@ -183,30 +348,159 @@ pub struct ChainReport {
     /// The chain key.
     pub chain: String,
     /// Ok with a summary, or the first broken record.
-    pub result: Result<crate::audit::ChainSummary, crate::audit::ChainError>,
+    pub result: Result<ChainSummary, ChainError>,
 }
 
-/// Verifies every chain in the store against the trust bundle.
+/// Verifies every chain in the store against the trust bundle: each chain complete from seq 1
+/// and unbroken, its checkpoints signed, every stored column equal to what the record's line
+/// says, and every chain the control plane anchored on its own chain still there, reaching at
+/// least the anchored seq with the anchored record.
 pub fn verify_all(store: &dyn Store, bundles: &BundleSet) -> Result<Vec<ChainReport>, StoreError> {
-    let mut out = Vec::new();
     let own = store.own_chain()?;
-    for chain in store.audit_chains()? {
+    let chains = store.audit_chains()?;
+    // The control plane's own chain first: it holds the anchors of the others.
+    let mut anchors = BTreeMap::new();
+    let mut own_report = None;
+    if let Some(own) = own.as_deref().filter(|o| chains.iter().any(|c| c == o)) {
+        let rows = store.audit_rows(own)?;
+        anchors = anchors_in(&rows);
+        own_report = Some(ChainReport {
+            chain: own.to_owned(),
+            result: verify_rows(own, &rows, bundles),
+        });
+    }
+    let mut out = Vec::new();
+    for chain in chains {
+        if own.as_deref() == Some(chain.as_str()) {
+            out.extend(own_report.take());
+            continue;
+        }
         let source = chain.split('#').next().unwrap_or_default();
         let reserved = crate::id::parse_id(source).is_ok_and(|id| crate::id::is_reserved(&id));
-        if reserved && own.as_deref() != Some(chain.as_str()) {
-            let own = own.clone().unwrap_or_default();
-            let result = Err(crate::audit::ChainError::Impostor {
+        if reserved {
+            let result = Err(ChainError::Impostor {
                 chain: chain.clone(),
-                own,
+                own: own.clone().unwrap_or_default(),
             });
             out.push(ChainReport { chain, result });
             continue;
         }
-        let lines = store.audit_lines(&chain)?;
-        let result = verify_lines(&chain, lines.iter().map(Vec::as_slice), Some(bundles));
+        let rows = store.audit_rows(&chain)?;
+        let anchor = anchors.remove(&chain);
+        let result = verify_rows(&chain, &rows, bundles).and_then(|summary| {
+            match anchor {
+                Some((seq, hash)) => check_anchor(&chain, &rows, seq, &hash),
+                None => Ok(()),
+            }
+            .map(|()| summary)
+        });
+        out.push(ChainReport { chain, result });
+    }
+    // Anchored chains of which nothing is left.
+    for (chain, (anchored, _)) in anchors {
+        let result = Err(ChainError::Missing {
+            chain: chain.clone(),
+            anchored,
+        });
         out.push(ChainReport { chain, result });
     }
     Ok(out)
+}
+
+/// One chain's stored rows: the chain of lines, then every column against its line, then that
+/// the chain starts at seq 1 (the store only ever starts one there).
+fn verify_rows(
+    chain: &str,
+    rows: &[AuditRow],
+    bundles: &BundleSet,
+) -> Result<ChainSummary, ChainError> {
+    let summary = verify_lines(chain, rows.iter().map(|r| r.line.as_slice()), Some(bundles))?;
+    check_columns(chain, rows)?;
+    if let Some(first) = rows.first().filter(|r| r.seq != 1) {
+        return Err(ChainError::Gap {
+            chain: chain.to_owned(),
+            expected: 1,
+            found: first.seq,
+        });
+    }
+    Ok(summary)
+}
+
+/// Checks that every column stored beside a record (its chain, seq, prev, hash, source, time
+/// and kind, which `audit query` and the chain check read) says what the record's line says.
+fn check_columns(chain: &str, rows: &[AuditRow]) -> Result<(), ChainError> {
+    for (i, row) in rows.iter().enumerate() {
+        let r: RecordHead =
+            serde_json::from_slice(&row.line).map_err(|e| ChainError::Malformed {
+                chain: chain.to_owned(),
+                position: i + 1,
+                reason: e.to_string(),
+            })?;
+        let recorded_chain = format!("{}#{}", r.source, r.epoch);
+        let columns: [(&'static str, String, String); 7] = [
+            ("chain", row.chain.clone(), recorded_chain),
+            ("seq", row.seq.to_string(), r.seq.to_string()),
+            ("prev", row.prev.clone(), r.prev.into_owned()),
+            ("hash", row.hash.clone(), line_hash(&row.line)),
+            ("source", row.source.clone(), r.source.into_owned()),
+            ("ts_ms", row.ts_ms.to_string(), r.ts_ms.to_string()),
+            ("kind", row.kind.clone(), r.kind.into_owned()),
+        ];
+        if let Some((column, stored, recorded)) = columns.into_iter().find(|(_, a, b)| a != b) {
+            return Err(ChainError::Column {
+                chain: chain.to_owned(),
+                seq: r.seq,
+                column,
+                stored,
+                recorded,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The latest anchor of every sidecar chain on the control plane's own chain: chain ->
+/// (seq, hash).
+fn anchors_in(rows: &[AuditRow]) -> BTreeMap<String, (u64, String)> {
+    let mut out: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for row in rows.iter().filter(|r| r.kind == ANCHOR_KIND) {
+        let Ok(r) = serde_json::from_slice::<Record>(&row.line) else {
+            continue;
+        };
+        let Some(chains) = r.fields.get("chains").and_then(|c| c.as_object()) else {
+            continue;
+        };
+        for (chain, head) in chains {
+            let seq = head.get("seq").and_then(|s| s.as_u64());
+            let hash = head.get("hash").and_then(|h| h.as_str());
+            if let (Some(seq), Some(hash)) = (seq, hash)
+                && out.get(chain).is_none_or(|(s, _)| *s < seq)
+            {
+                out.insert(chain.clone(), (seq, hash.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// Checks a verified chain against its latest anchor: it reaches the anchored seq, and the
+/// record there is the one anchored.
+fn check_anchor(chain: &str, rows: &[AuditRow], seq: u64, hash: &str) -> Result<(), ChainError> {
+    let last = rows.last().map_or(0, |r| r.seq);
+    if last < seq {
+        return Err(ChainError::Truncated {
+            chain: chain.to_owned(),
+            anchored: seq,
+            last,
+        });
+    }
+    match rows.iter().find(|r| r.seq == seq) {
+        Some(r) if line_hash(&r.line) == hash => Ok(()),
+        _ => Err(ChainError::AnchorMismatch {
+            chain: chain.to_owned(),
+            seq,
+        }),
+    }
 }
 
 /// A one-line human rendering of a record for `audit tail` / `audit query`.

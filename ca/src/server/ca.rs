@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use time::OffsetDateTime;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::metrics::{AuthorityLabel, KindLabel, Metrics};
 use crate::authority::{Authorities, Change, Role};
@@ -148,6 +148,8 @@ pub struct Ca {
     pub metrics: Metrics,
     /// Central policy and grants.
     pub dist: Arc<super::distribution::Distribution>,
+    /// What the control plane still has to write on its own audit chain (anchors, lost events).
+    pub pending: super::audit::Pending,
 }
 
 fn lock_err() -> StoreError {
@@ -179,6 +181,7 @@ impl Ca {
             settings,
             metrics: Metrics::new(),
             dist,
+            pending: super::audit::Pending::default(),
         });
         ca.rotate(now)?;
         ca.renew_own_svid(now)?;
@@ -234,11 +237,17 @@ impl Ca {
     /// Returns when the next change is due.
     pub fn rotate(&self, now: OffsetDateTime) -> Result<OffsetDateTime, Refusal> {
         let mut a = self.authorities.lock().map_err(|_| lock_err())?;
+        let before = a.clone();
         let changes = a
             .tick(now)
             .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))?;
         if !changes.is_empty() {
-            self.store.save_authorities(&a)?;
+            // A change that cannot be saved (a full disk) is not made: the next tick makes it
+            // again and saves it, instead of running on authorities the store never learns of.
+            if let Err(e) = self.store.save_authorities(&a) {
+                *a = before;
+                return Err(e.into());
+            }
             for c in &changes {
                 match c {
                     Change::EmergencyRoot(id) => warn!(
@@ -247,10 +256,10 @@ impl Ca {
                     ),
                     other => info!(change = ?other, "CA rotation"),
                 }
-                let _ = self.store.append_event(
+                self.event_at(
                     now,
                     "ca.rotation",
-                    &serde_json::json!({ "change": format!("{c:?}") }).to_string(),
+                    serde_json::json!({ "change": format!("{c:?}") }),
                 );
             }
         }
@@ -316,18 +325,33 @@ impl Ca {
             issued_at: now,
             requester: requester.to_owned(),
         };
-        if let Err(e) = self.store.log_issued(&rec) {
-            warn!(error = %e, "cannot log issued SVID");
+        match self.store.log_issued(&rec) {
+            Ok(()) => {}
+            // Said once, when the store's condition changes.
+            Err(e @ StoreError::Unwritable(_)) => debug!(error = %e, "cannot log issued SVID"),
+            Err(e) => warn!(error = %e, "cannot log issued SVID"),
         }
     }
 
     /// Records a control-plane event (audit trail).
     pub fn event(&self, kind: &str, detail: serde_json::Value) {
-        if let Err(e) =
-            self.store
-                .append_event(OffsetDateTime::now_utc(), kind, &detail.to_string())
-        {
-            warn!(error = %e, kind, "cannot record control-plane event");
+        self.event_at(OffsetDateTime::now_utc(), kind, detail);
+    }
+
+    /// Records a control-plane event that happened at `at`. One that cannot be stored is
+    /// counted, and recorded as lost (a `gap` on the chain) once the store can write again.
+    fn event_at(&self, at: OffsetDateTime, kind: &str, detail: serde_json::Value) {
+        if let Err(e) = self.store.append_event(at, kind, &detail.to_string()) {
+            self.pending
+                .lost(kind, (at.unix_timestamp_nanos() / 1_000_000) as i64);
+            self.metrics.audit_events_lost.inc();
+            match e {
+                // The log line for every event is the only copy of it.
+                StoreError::Unwritable(_) => {
+                    debug!(error = %e, kind, detail = %detail, "cannot record control-plane event")
+                }
+                e => warn!(error = %e, kind, detail = %detail, "cannot record control-plane event"),
+            }
         }
     }
 

@@ -60,6 +60,10 @@ pub struct Metrics {
     pub connections_refused: Counter,
     /// Failed reads of the grants for watch snapshots (the last good grants stayed).
     pub snapshot_errors: Counter,
+    /// 1 while the store can write, 0 while it cannot (disk full, I/O errors).
+    pub store_writable: Gauge,
+    /// Control-plane events that could not be stored (recorded as a `gap` once it can).
+    pub audit_events_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -85,6 +89,19 @@ impl Metrics {
         let open_connections = Gauge::default();
         let connections_refused = Counter::default();
         let snapshot_errors = Counter::default();
+        let store_writable = Gauge::default();
+        store_writable.set(1);
+        let audit_events_lost = Counter::default();
+        registry.register(
+            "store_writable",
+            "1 while the store can write, 0 while it cannot (disk full, I/O errors)",
+            store_writable.clone(),
+        );
+        registry.register(
+            "audit_events_lost",
+            "Control-plane events that could not be stored (each loss becomes a gap record once the store can write)",
+            audit_events_lost.clone(),
+        );
         registry.register(
             "svids_issued",
             "SVIDs issued, by how they were obtained",
@@ -131,6 +148,8 @@ impl Metrics {
             snapshot_errors.clone(),
         );
         Self {
+            store_writable,
+            audit_events_lost,
             open_connections,
             connections_refused,
             snapshot_errors,

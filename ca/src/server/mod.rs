@@ -176,12 +176,15 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, drains, and waits for every task.
+    /// Stops accepting, drains, and waits for every task; then anchors what was delivered
+    /// since the last anchor and signs a last checkpoint of the control plane's own chain.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
         }
+        let ca = self.ca.clone();
+        let _ = tokio::task::spawn_blocking(move || audit::settle(&ca)).await;
     }
 }
 
@@ -241,6 +244,7 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
         dist.clone(),
         rx.clone(),
     )));
+    tasks.push(tokio::spawn(keep_audit(ca.clone(), rx.clone())));
     tasks.push(tokio::spawn(maintain(ca.clone(), rx)));
     info!(api = %api_addr, trust_domain = %ca.bundle().trust_domain(), id = %ca.ca_id(), "control plane started");
     Ok(Running {
@@ -274,9 +278,6 @@ async fn maintain(ca: Arc<Ca>, mut shutdown: watch::Receiver<bool>) {
                 }
             }
         }
-        if let Err(e) = audit::checkpoint_own(&ca) {
-            warn!(error = %e, "cannot write the control plane's audit checkpoint");
-        }
         let wake = next_rotation.min(svid_renew_at);
         let wait = (wake - OffsetDateTime::now_utc())
             .clamp(time::Duration::seconds(1), time::Duration::seconds(60));
@@ -284,6 +285,30 @@ async fn maintain(ca: Arc<Ca>, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_secs_f64(wait.as_seconds_f64())) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// The control plane's own audit upkeep every [`audit::ANCHOR_INTERVAL`]: the store's
+/// condition, lost events, anchors of the sidecar chains that advanced, a signed checkpoint.
+async fn keep_audit(ca: Arc<Ca>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(audit::ANCHOR_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+        let ca = ca.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || audit::settle(&ca)).await {
+            error!(error = %e, "the audit upkeep task failed");
+        }
+    }
+}
+
+/// `/healthz`: 200 while the control plane can do its work, 503 with the reason while its
+/// store cannot write (it refuses SVIDs and audit records then).
+fn health(ca: &Ca) -> (u16, String) {
+    match ca.store().unwritable() {
+        None => (200, "ok\n".to_owned()),
+        Some(why) => (503, format!("store cannot write: {why}\n")),
     }
 }
 
@@ -303,8 +328,12 @@ async fn serve_metrics(ca: Arc<Ca>, listener: TcpListener, mut shutdown: watch::
                     let ca = ca.clone();
                     async move {
                         let (status, body) = match req.uri().path() {
-                            "/metrics" => (200, ca.metrics.encode()),
-                            "/healthz" => (200, "ok\n".to_owned()),
+                            "/metrics" => {
+                                let writable = ca.store().unwritable().is_none();
+                                ca.metrics.store_writable.set(i64::from(writable));
+                                (200, ca.metrics.encode())
+                            }
+                            "/healthz" => health(&ca),
                             _ => (404, "not found\n".to_owned()),
                         };
                         let mut r = ::http::Response::new(Full::new(Bytes::from(body)));

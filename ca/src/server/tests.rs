@@ -173,3 +173,75 @@ async fn a_watch_snapshot_is_withheld_until_the_grants_were_read_once() {
     store.fail_grant_reads.store(true, Ordering::SeqCst);
     assert!(ca.dist.snapshot(&ca).await.is_none());
 }
+
+#[test]
+fn a_rotation_that_cannot_be_saved_is_made_again_and_saved_once_the_store_can_write() {
+    let store = Arc::new(FaultyStore::in_memory());
+    let ca = ca_on(store.clone());
+    // Past the point where the first intermediate prepares its successor.
+    let due = OffsetDateTime::now_utc() + time::Duration::hours(13);
+    store.fail_authorities_save.store(true, Ordering::SeqCst);
+    assert!(ca.rotate(due).is_err(), "the change could not be saved");
+    store.fail_authorities_save.store(false, Ordering::SeqCst);
+    ca.rotate(due).unwrap();
+    // What the control plane runs on is what a restart would load.
+    let ids = |a: &Authorities| -> Vec<(String, String)> {
+        let mut v: Vec<_> = a
+            .all()
+            .iter()
+            .map(|x| (x.id.clone(), x.state.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let stored = store
+        .load_authorities(AuthorityConfig::default())
+        .unwrap()
+        .unwrap();
+    let running = ca.authorities().unwrap();
+    assert_ne!(ids(&running).len(), 2, "a rotation was due at {due}");
+    assert_eq!(ids(&stored), ids(&running));
+}
+
+#[test]
+fn events_that_cannot_be_stored_become_one_gap_record_once_the_store_can_write() {
+    let store = Arc::new(FaultyStore::in_memory());
+    let ca = ca_on(store.clone());
+    store.fail_events.store(true, Ordering::SeqCst);
+    ca.event("svid.refused", serde_json::json!({ "reason": "x" }));
+    ca.event("svid.refused", serde_json::json!({ "reason": "y" }));
+    ca.event("token.refused", serde_json::json!({ "reason": "z" }));
+    assert_eq!(ca.pending.lost_count(), 3);
+    // Still failing: nothing recorded, nothing forgotten.
+    super::audit::settle(&ca);
+    assert_eq!(ca.pending.lost_count(), 3);
+    store.fail_events.store(false, Ordering::SeqCst);
+    super::audit::settle(&ca);
+    assert_eq!(ca.pending.lost_count(), 0);
+    let gaps: Vec<serde_json::Value> = store
+        .events_after(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "gap")
+        .map(|e| serde_json::from_str(&e.detail).unwrap())
+        .collect();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0]["lost_events"], 3);
+    assert_eq!(gaps[0]["lost_kinds"]["svid.refused"], 2);
+    assert_eq!(gaps[0]["lost_kinds"]["token.refused"], 1);
+    assert_eq!(gaps[0]["reason"], "store_unwritable");
+    assert!(
+        ca.metrics
+            .encode()
+            .contains("mayfly_ca_audit_events_lost_total 3")
+    );
+    // Recorded once.
+    super::audit::settle(&ca);
+    let n = store
+        .events_after(0, 1000)
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == "gap")
+        .count();
+    assert_eq!(n, 1);
+}

@@ -19,6 +19,10 @@ pub(crate) struct FaultyStore {
     pub(crate) fail_issued_log: AtomicBool,
     /// Reading grants fails.
     pub(crate) fail_grant_reads: AtomicBool,
+    /// Appending to the control plane's own chain fails.
+    pub(crate) fail_events: AtomicBool,
+    /// Saving the authorities fails.
+    pub(crate) fail_authorities_save: AtomicBool,
 }
 
 fn injected(what: &str) -> StoreError {
@@ -32,6 +36,8 @@ impl FaultyStore {
             inner: SqliteStore::in_memory().expect("an in-memory SQLite store"),
             fail_issued_log: AtomicBool::new(false),
             fail_grant_reads: AtomicBool::new(false),
+            fail_events: AtomicBool::new(false),
+            fail_authorities_save: AtomicBool::new(false),
         }
     }
 
@@ -49,6 +55,7 @@ impl Store for FaultyStore {
         self.inner.load_authorities(config)
     }
     fn save_authorities(&self, authorities: &Authorities) -> Result<(), StoreError> {
+        self.check(&self.fail_authorities_save, "save authorities")?;
         self.inner.save_authorities(authorities)
     }
     fn trust_domain(&self) -> Result<Option<TrustDomain>, StoreError> {
@@ -94,6 +101,7 @@ impl Store for FaultyStore {
         kind: &str,
         detail: &str,
     ) -> Result<i64, StoreError> {
+        self.check(&self.fail_events, "append event")?;
         self.inner.append_event(at, kind, detail)
     }
     fn last_own_kind(&self) -> Result<Option<String>, StoreError> {
@@ -108,6 +116,7 @@ impl Store for FaultyStore {
         kind: &str,
         make: &dyn Fn(u64, &str) -> serde_json::Map<String, serde_json::Value>,
     ) -> Result<i64, StoreError> {
+        self.check(&self.fail_events, "append to the own chain")?;
         self.inner.append_own(at, kind, make)
     }
     fn own_chain(&self) -> Result<Option<String>, StoreError> {
@@ -162,10 +171,19 @@ impl Store for FaultyStore {
     fn audit_lines(&self, chain: &str) -> Result<Vec<Vec<u8>>, StoreError> {
         self.inner.audit_lines(chain)
     }
+    fn audit_rows(&self, chain: &str) -> Result<Vec<AuditRow>, StoreError> {
+        self.inner.audit_rows(chain)
+    }
     fn audit_after(&self, after_id: i64, limit: u32) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
         self.inner.audit_after(after_id, limit)
     }
     fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<Vec<u8>>, StoreError> {
         self.inner.audit_query(filter)
+    }
+    fn unwritable(&self) -> Option<String> {
+        self.inner.unwritable()
+    }
+    fn probe_write(&self) -> Result<(), StoreError> {
+        self.inner.probe_write()
     }
 }

@@ -38,6 +38,10 @@ pub enum StoreError {
     /// The store has not been initialised.
     #[error("store is not initialised: run `mayfly-ca init` first")]
     NotInitialised,
+    /// The store cannot write (disk full, I/O error, read-only file system): nothing was
+    /// written, and writing resumes by itself once the condition ends.
+    #[error("store cannot write: {0}")]
+    Unwritable(String),
 }
 
 /// A join token as stored: never the secret, only its hash.
@@ -378,8 +382,19 @@ pub trait Store: Send + Sync {
     fn audit_chains(&self) -> Result<Vec<String>, StoreError>;
     /// A chain's lines in seq order.
     fn audit_lines(&self, chain: &str) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// A chain's stored rows, every column, in the order they were stored (which is seq order
+    /// unless someone edited the `seq` column): for `audit verify` to check each column against
+    /// the record line it came from.
+    fn audit_rows(&self, chain: &str) -> Result<Vec<AuditRow>, StoreError>;
     /// Records stored after row `after_id` (insertion order), with their row ids.
     fn audit_after(&self, after_id: i64, limit: u32) -> Result<Vec<(i64, Vec<u8>)>, StoreError>;
     /// Records matching a filter, oldest first.
     fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<Vec<u8>>, StoreError>;
+
+    /// Why the store cannot write now (the last write failed for lack of space or an I/O
+    /// error, and none has succeeded since), or `None` while it can.
+    fn unwritable(&self) -> Option<String>;
+    /// Tries a small durable write, updating what [`Store::unwritable`] says: how a store that
+    /// could not write finds out that it can again when nothing else writes.
+    fn probe_write(&self) -> Result<(), StoreError>;
 }

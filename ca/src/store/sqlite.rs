@@ -63,6 +63,8 @@ pub struct SqliteStore {
     issued_queue: Mutex<Vec<PendingIssued>>,
     /// The control plane's own chain (trust domain, epoch), once known; never changes after.
     own: std::sync::OnceLock<(String, String)>,
+    /// Why the last write failed for want of a writable disk, until a write succeeds again.
+    unwritable: Mutex<Option<String>>,
 }
 
 /// What a caller of the group commit hears: its token refused (nothing written), or how the
@@ -215,8 +217,16 @@ fn append_own_in(
     Ok(seq as i64)
 }
 
+/// A database error, as a store error: one that says the store cannot write (no space, an I/O
+/// error, a read-only or vanished file) is [`StoreError::Unwritable`].
 fn db(e: rusqlite::Error) -> StoreError {
-    StoreError::Db(e.to_string())
+    use rusqlite::ErrorCode::{CannotOpen, DiskFull, ReadOnly, SystemIoFailure};
+    match e.sqlite_error_code() {
+        Some(DiskFull | SystemIoFailure | ReadOnly | CannotOpen) => {
+            StoreError::Unwritable(e.to_string())
+        }
+        _ => StoreError::Db(e.to_string()),
+    }
 }
 
 fn ts(t: OffsetDateTime) -> i64 {
@@ -270,6 +280,7 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             issued_queue: Mutex::new(Vec::new()),
             own: std::sync::OnceLock::new(),
+            unwritable: Mutex::new(None),
         })
     }
 
@@ -281,7 +292,35 @@ impl SqliteStore {
             .conn
             .lock()
             .map_err(|_| StoreError::Db("store lock poisoned by an earlier panic".into()))?;
-        f(&mut guard)
+        let changes = guard.total_changes();
+        let result = f(&mut guard);
+        // Whether the disk takes writes is learnt from the writes themselves: a failure for
+        // want of space or I/O marks the store unwritable, a committed change clears it.
+        match &result {
+            Err(StoreError::Unwritable(why)) => self.set_unwritable(Some(why.clone())),
+            Ok(_) if guard.is_autocommit() && guard.total_changes() > changes => {
+                self.set_unwritable(None)
+            }
+            _ => {}
+        }
+        result
+    }
+
+    /// Notes whether the store can write, with one log line per change (not per failure).
+    fn set_unwritable(&self, why: Option<String>) {
+        let mut now = self
+            .unwritable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (now.is_some(), &why) {
+            (false, Some(reason)) => tracing::warn!(
+                %reason,
+                "the store cannot write: SVIDs are refused and audit records are not acknowledged until it can; /healthz answers 503"
+            ),
+            (true, None) => tracing::info!("the store can write again"),
+            _ => {}
+        }
+        *now = why;
     }
 
     /// The control plane's own chain (trust domain, epoch), the epoch made on first use.
@@ -315,8 +354,13 @@ impl SqliteStore {
 
     /// Writes every queued issued certificate and event, and spends their tokens, in one
     /// transaction, and tells each waiting caller how it went. A refused token leaves its
-    /// caller's rows out; any error fails the whole batch. Called with the connection held.
-    fn commit_issued_queue(&self, c: &mut Connection, own: &(String, String)) {
+    /// caller's rows out; any error fails the whole batch and is returned too (so that the
+    /// store learns it cannot write). Called with the connection held.
+    fn commit_issued_queue(
+        &self,
+        c: &mut Connection,
+        own: &(String, String),
+    ) -> Result<(), StoreError> {
         // A poisoned queue still holds its callers' answer channels: take them all the same,
         // so nobody waits forever.
         let batch = std::mem::take(
@@ -326,7 +370,7 @@ impl SqliteStore {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
         if batch.is_empty() {
-            return;
+            return Ok(());
         }
         let result = (|| -> Result<Vec<Result<(), TokenRefusal>>, StoreError> {
             let tx = c.transaction().map_err(db)?;
@@ -352,11 +396,13 @@ impl SqliteStore {
                     // A caller that gave up waiting is gone; its rows are written all the same.
                     let _ = p.done.send(Ok(outcome));
                 }
+                Ok(())
             }
             Err(e) => {
                 for p in batch {
                     let _ = p.done.send(Err(e.to_string()));
                 }
+                Err(e)
             }
         }
     }
@@ -637,13 +683,17 @@ impl Store for SqliteStore {
             });
         // Whoever gets the connection first commits everything queued so far, ours included
         // (if an earlier holder has not already taken it).
-        self.with(|c| {
-            self.commit_issued_queue(c, own);
-            Ok(())
-        })?;
-        wait.recv()
-            .map_err(|_| StoreError::Db("group commit ended without an answer".into()))?
-            .map_err(StoreError::Db)
+        // A failed batch answers every caller in it, this one included (an error here is
+        // that batch's, already sent).
+        let batch = self.with(|c| self.commit_issued_queue(c, own));
+        let answer = wait
+            .recv()
+            .map_err(|_| StoreError::Db("group commit ended without an answer".into()))?;
+        match (answer, batch) {
+            (Ok(outcome), _) => Ok(outcome),
+            (Err(_), Err(e)) => Err(e),
+            (Err(e), Ok(())) => Err(StoreError::Db(e)),
+        }
     }
 
     fn list_issued(&self, limit: u32) -> Result<Vec<IssuedRecord>, StoreError> {
@@ -939,6 +989,34 @@ impl Store for SqliteStore {
         })
     }
 
+    fn audit_rows(&self, chain: &str) -> Result<Vec<AuditRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare(
+                    "SELECT chain, seq, prev, hash, source, ts_ms, kind, line FROM audit
+                     WHERE chain = ?1 ORDER BY id",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([chain], |r| {
+                    Ok(AuditRow {
+                        chain: r.get(0)?,
+                        seq: r.get::<_, i64>(1)? as u64,
+                        prev: r.get(2)?,
+                        hash: r.get(3)?,
+                        source: r.get(4)?,
+                        ts_ms: r.get(5)?,
+                        kind: r.get(6)?,
+                        line: r.get::<_, String>(7)?.into_bytes(),
+                    })
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+    }
+
     fn audit_after(&self, after_id: i64, limit: u32) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
         self.with(|c| {
             let mut st = c
@@ -991,6 +1069,25 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(db)?;
             Ok(rows)
+        })
+    }
+
+    fn unwritable(&self) -> Option<String> {
+        self.unwritable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn probe_write(&self) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO settings (key, value) VALUES ('write_probe', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [ts(OffsetDateTime::now_utc()).to_string()],
+            )
+            .map(|_| ())
+            .map_err(db)
         })
     }
 }
