@@ -6,9 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::{
-    Ca, Sidecar, Spec, bin, curl, echo_app, eventually, http_app, policy, round_trip,
-};
+use mayfly_tests::mesh::tcp_pair;
+use mayfly_tests::{Ca, Sidecar, Spec, bin, curl, eventually, http_app, policy, round_trip};
 
 fn free_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -332,54 +331,8 @@ async fn a_control_plane_restart_under_load_loses_and_duplicates_nothing() {
 async fn tcp_pair_with_audit(
     extra: &str,
 ) -> (Arc<tempfile::TempDir>, Ca, Sidecar, Sidecar, String, String) {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let mut ca = Ca::start(&tmp);
-    let port = free_port();
-    ca.proc.as_mut().unwrap().stop();
-    ca.run(&port);
-    let dir = tmp.path();
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
-    let app = echo_app("orders-app").await;
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("o.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &pol,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: None,
-            extra,
-        }
-        .toml()
-        .replace("spool_dir = \"x\"", "spool_dir = \"orders-audit\""),
-    );
-    let inbound = orders.inbound();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("w.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &pol,
-            inbound_app: None,
-            outbound: &[("orders", &inbound, "orders")],
-            svid_ttl: None,
-            extra,
-        }
-        .toml()
-        .replace("spool_dir = \"x\"", "spool_dir = \"web-audit\""),
-    );
-    let out = web.outbound("orders");
-    orders.wait_ready().await;
-    web.wait_ready().await;
-    (tmp, ca, web, orders, out, port)
+    let p = tcp_pair(None, extra).await;
+    (p.tmp, p.ca, p.web, p.orders, p.out, p.port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,64 +2,23 @@
 //! expiry, and recover when it returns (by renewal before expiry; with a new join token after).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::{Ca, Sidecar, Spec, echo_app, eventually, policy, round_trip};
-
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
+use mayfly_tests::mesh::{TcpPair, tcp_pair};
+use mayfly_tests::{eventually, round_trip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_ride_out_a_control_plane_outage_and_fail_closed_at_expiry() {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let dir = tmp.path();
-    let mut ca = Ca::start(&tmp);
-    // Move the CA to a fixed port so it can come back at the same address.
-    let port = free_port();
-    ca.proc.as_mut().unwrap().stop();
-    ca.run(&port);
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
-    let app = echo_app("orders-app").await;
-    let orders_tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &port,
-            token: &orders_tok,
-            policy: &pol,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: Some("6s"),
-            extra: "",
-        }
-        .toml(),
-    );
-    let orders_in = orders.inbound();
-    let web_tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &port,
-            token: &web_tok,
-            policy: &pol,
-            inbound_app: None,
-            outbound: &[("orders", &orders_in, "orders")],
-            svid_ttl: Some("6s"),
-            extra: "",
-        }
-        .toml(),
-    );
-    let out = web.outbound("orders");
-    orders.wait_ready().await;
-    web.wait_ready().await;
+    let TcpPair {
+        tmp: _tmp,
+        mut ca,
+        port,
+        web,
+        orders,
+        out,
+        orders_token: orders_tok,
+        web_token: web_tok,
+    } = tcp_pair(Some("6s"), "").await;
 
     // 1. A short outage (shorter than the SVID's life): renewal resumes by itself.
     ca.proc.as_mut().unwrap().kill();

@@ -5,9 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mayfly_tests::{
-    Ca, Sidecar, Spec, echo_app, eventually, free_port, http_get, policy, round_trip,
-};
+use mayfly_tests::mesh::{TcpPair, tcp_pair};
+use mayfly_tests::{Ca, Sidecar, Spec, echo_app, eventually, http_get, policy, round_trip};
 
 fn unix_now() -> f64 {
     SystemTime::now()
@@ -18,51 +17,15 @@ fn unix_now() -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_back_five_seconds_before_expiry_saves_the_svids_and_no_request_fails() {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let dir = tmp.path();
-    let mut ca = Ca::start(&tmp);
-    let port = free_port();
-    ca.proc.as_mut().unwrap().stop();
-    ca.run(&port);
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
-    let app = echo_app("orders-app").await;
-    let orders_tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &port,
-            token: &orders_tok,
-            policy: &pol,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: Some("30s"),
-            extra: "",
-        }
-        .toml(),
-    );
-    let orders_in = orders.inbound();
-    let web_tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &port,
-            token: &web_tok,
-            policy: &pol,
-            inbound_app: None,
-            outbound: &[("orders", &orders_in, "orders")],
-            svid_ttl: Some("30s"),
-            extra: "",
-        }
-        .toml(),
-    );
-    let out = web.outbound("orders");
-    orders.wait_ready().await;
-    web.wait_ready().await;
+    let TcpPair {
+        tmp: _tmp,
+        mut ca,
+        port,
+        web,
+        orders,
+        out,
+        ..
+    } = tcp_pair(Some("30s"), "").await;
     round_trip(&out, b"before").await.unwrap();
     let (orders_serial, orders_exp) = orders.svid().await.unwrap();
     let (web_serial, web_exp) = web.svid().await.unwrap();
