@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mayfly_tests::mesh::{TcpPair, tcp_pair};
 use mayfly_tests::{
     Ca, Sidecar, Spec, bin, echo_app, eventually, free_port, http_app, http_get, policy, round_trip,
 };
@@ -142,51 +143,16 @@ async fn no_request_is_answered_before_the_svid_and_the_policy_are_in_force() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_goes_false_with_the_reason_when_the_audit_spool_is_full_and_comes_back() {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let dir = tmp.path();
-    let mut ca = Ca::start(&tmp);
-    let port = free_port();
-    ca.proc.as_mut().unwrap().stop();
-    ca.run(&port);
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
-    let app = echo_app("orders-app").await;
-    let orders_tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &port,
-            token: &orders_tok,
-            policy: &pol,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml(),
-    );
-    let orders_in = orders.inbound();
-    let web_tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &port,
-            token: &web_tok,
-            policy: &pol,
-            inbound_app: None,
-            outbound: &[("orders", &orders_in, "orders")],
-            svid_ttl: None,
-            extra: "[audit]\nmax_spool_bytes = 4096\n",
-        }
-        .toml(),
-    );
-    let out = web.outbound("orders");
-    orders.wait_ready().await;
-    web.wait_ready().await;
+    // Both sidecars get a small spool; web's is the one watched.
+    let TcpPair {
+        tmp: _tmp,
+        mut ca,
+        port,
+        web,
+        orders: _orders,
+        out,
+        ..
+    } = tcp_pair(None, "[audit]\nmax_spool_bytes = 4096\n").await;
 
     // Delivery stops: the small spool fills and web refuses traffic (fail-closed).
     ca.proc.as_mut().unwrap().kill();
