@@ -212,7 +212,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(req.headers());
     let path = match super::admit(&ctx.shared, Direction::Inbound, &mut req) {
         Ok(p) => p,
-        Err(reply) => return *reply,
+        Err(reply) => return super::unforwarded_req(req, *reply).await,
     };
     // Borrowed from the request: no per-request copies of the header block.
     let headers = super::policy_headers(req.headers());
@@ -246,8 +246,9 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     if !verdict.permits() {
         record.finish(StatusCode::FORBIDDEN);
         info!(method = %req.method(), path = %path, decision = verdict.decision_id(), by = %verdict.by(), "request denied by policy");
-        return super::denied(grpc, &verdict);
+        return super::unforwarded_req(req, super::denied(grpc, &verdict)).await;
     }
+    let version = req.version();
     let (mut parts, body) = req.into_parts();
     let authority = super::request_authority(&parts);
     let pq = match parts.uri.query() {
@@ -256,7 +257,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     };
     parts.uri = match super::next_hop_uri(grpc, "http", &ctx.app.to_string(), pq) {
         Ok(u) => u,
-        Err(reply) => return *reply,
+        Err(reply) => return super::unforwarded(version, body, *reply).await,
     };
     strip_hop_by_hop(&mut parts.headers);
     // Only the sidecar speaks for the caller's identity.

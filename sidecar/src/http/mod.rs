@@ -222,6 +222,73 @@ pub fn local_reply(
     r
 }
 
+/// Most bytes of a request body the sidecar reads and discards when it answers the request
+/// itself (a denial, a refusal): enough for ordinary API bodies, so that the client's HTTP/1.1
+/// connection stays usable for its next request.
+pub const DRAIN_LIMIT: u64 = 64 * 1024;
+/// How long the sidecar waits for such a body before it answers anyway.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads and discards `body` up to `limit` bytes; true when it ended within the limit.
+async fn discard(body: &mut hyper::body::Incoming, limit: u64) -> bool {
+    use hyper::body::Body as _;
+    let mut seen = 0u64;
+    loop {
+        if body.is_end_stream() {
+            return true;
+        }
+        match body.frame().await {
+            None => return true,
+            Some(Err(_)) => return false,
+            Some(Ok(f)) => {
+                seen += f.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > limit {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// The sidecar's own answer to a request it does not forward. The request's body is read and
+/// discarded first (up to [`DRAIN_LIMIT`] within [`DRAIN_TIMEOUT`]): an HTTP/1.1 server that
+/// answers before the body is in must otherwise close the connection, and the client's next
+/// request on it fails. A larger or slower body gets `Connection: close` on the answer instead,
+/// and is discarded in the background for a little longer, so that the close is orderly (a
+/// socket closed with unread data resets the connection, and the answer with it).
+pub(crate) async fn unforwarded(
+    version: http::Version,
+    mut body: hyper::body::Incoming,
+    mut resp: Response<Body>,
+) -> Response<Body> {
+    use hyper::body::Body as _;
+    let small = body.size_hint().lower() <= DRAIN_LIMIT;
+    if small
+        && tokio::time::timeout(DRAIN_TIMEOUT, discard(&mut body, DRAIN_LIMIT))
+            .await
+            .unwrap_or(false)
+    {
+        return resp;
+    }
+    if version < http::Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, discard(&mut body, u64::MAX)).await;
+        });
+    }
+    resp
+}
+
+/// [`unforwarded`] for a whole request.
+pub(crate) async fn unforwarded_req(
+    req: http::Request<hyper::body::Incoming>,
+    resp: Response<Body>,
+) -> Response<Body> {
+    let version = req.version();
+    unforwarded(version, req.into_body(), resp).await
+}
+
 /// The audit record of one HTTP request, emitted once, with the status the caller got.
 pub(crate) struct RequestRecord<'a> {
     audit: &'a crate::audit::Auditor,

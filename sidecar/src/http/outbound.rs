@@ -196,7 +196,7 @@ impl Upstream {
         let grpc = is_grpc(req.headers());
         let path = match super::admit(&self.shared, Direction::Outbound, &mut req) {
             Ok(p) => p,
-            Err(reply) => return *reply,
+            Err(reply) => return super::unforwarded_req(req, *reply).await,
         };
         let me = self.shared.identity.id.to_string();
         let dest = self.up.spiffe_id.to_string();
@@ -232,8 +232,9 @@ impl Upstream {
         if !verdict.permits() {
             record.finish(StatusCode::FORBIDDEN);
             info!(method = %req.method(), path = %path, decision = verdict.decision_id(), "request denied by egress policy");
-            return super::denied(grpc, &verdict);
+            return super::unforwarded_req(req, super::denied(grpc, &verdict)).await;
         }
+        let version = req.version();
         let (mut parts, body) = req.into_parts();
         let authority = super::request_authority(&parts).unwrap_or_else(|| self.up.name.clone());
         let pq = parts
@@ -243,27 +244,28 @@ impl Upstream {
             .unwrap_or_else(|| "/".into());
         parts.uri = match super::next_hop_uri(grpc, "https", &authority, pq) {
             Ok(u) => u,
-            Err(reply) => return *reply,
+            Err(reply) => return super::unforwarded(version, body, *reply).await,
         };
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(http::header::HOST);
         parts.version = http::Version::HTTP_2;
-        let req = Request::from_parts(parts, body.boxed());
         let mut sender = match self.ready_sender().await {
             Ok(s) => s,
             Err(e) => {
                 m.request(Direction::Outbound, "upstream_unreachable");
                 warn!(error = %e, "upstream unavailable");
                 record.finish(StatusCode::BAD_GATEWAY);
-                return local_reply(
+                let reply = local_reply(
                     grpc,
                     StatusCode::BAD_GATEWAY,
                     GRPC_UNAVAILABLE,
                     &format!("mayfly: {e}"),
                     None,
                 );
+                return super::unforwarded(version, body, reply).await;
             }
         };
+        let req = Request::from_parts(parts, body.boxed());
         match sender.send_request(req).await {
             Ok(resp) => {
                 let (status, resp) = super::relay(resp);
