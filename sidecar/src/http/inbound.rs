@@ -228,7 +228,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
         },
     );
     m.request(Direction::Inbound, verdict.label());
-    let record = super::RequestRecord::new(
+    let mut record = super::RequestRecord::new(
         &ctx.shared.audit,
         crate::proxy::audit_base(
             Direction::Inbound,
@@ -244,9 +244,17 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
         started,
     );
     if !verdict.permits() {
-        record.finish(StatusCode::FORBIDDEN);
+        let reply = match record.finish_unforwarded(StatusCode::FORBIDDEN).await {
+            Ok(()) => super::denied(grpc, &verdict),
+            Err(e) => super::audit_unavailable(&ctx.shared, Direction::Inbound, grpc, &e),
+        };
         info!(method = %req.method(), path = %path, decision = verdict.decision_id(), by = %verdict.by(), "request denied by policy");
-        return super::unforwarded_req(req, super::denied(grpc, &verdict)).await;
+        return super::unforwarded_req(req, reply).await;
+    }
+    // Strict audit: nothing is forwarded before its decision is on disk.
+    if let Err(e) = record.before_forwarding().await {
+        let reply = super::audit_unavailable(&ctx.shared, Direction::Inbound, grpc, &e);
+        return super::unforwarded_req(req, reply).await;
     }
     let version = req.version();
     let (mut parts, body) = req.into_parts();

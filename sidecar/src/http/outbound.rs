@@ -214,7 +214,7 @@ impl Upstream {
             },
         );
         m.request(Direction::Outbound, verdict.label());
-        let record = super::RequestRecord::new(
+        let mut record = super::RequestRecord::new(
             &self.shared.audit,
             crate::proxy::audit_base(
                 Direction::Outbound,
@@ -230,9 +230,17 @@ impl Upstream {
             started,
         );
         if !verdict.permits() {
-            record.finish(StatusCode::FORBIDDEN);
+            let reply = match record.finish_unforwarded(StatusCode::FORBIDDEN).await {
+                Ok(()) => super::denied(grpc, &verdict),
+                Err(e) => super::audit_unavailable(&self.shared, Direction::Outbound, grpc, &e),
+            };
             info!(method = %req.method(), path = %path, decision = verdict.decision_id(), "request denied by egress policy");
-            return super::unforwarded_req(req, super::denied(grpc, &verdict)).await;
+            return super::unforwarded_req(req, reply).await;
+        }
+        // Strict audit: nothing is forwarded before its decision is on disk.
+        if let Err(e) = record.before_forwarding().await {
+            let reply = super::audit_unavailable(&self.shared, Direction::Outbound, grpc, &e);
+            return super::unforwarded_req(req, reply).await;
         }
         let version = req.version();
         let (mut parts, body) = req.into_parts();
