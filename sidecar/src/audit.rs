@@ -171,6 +171,7 @@ pub struct Auditor {
     when_full: WhenFull,
     durability: Durability,
     syncs: Arc<AtomicU64>,
+    synced_through: Arc<AtomicU64>,
 }
 
 fn now_ms() -> i64 {
@@ -247,6 +248,11 @@ impl Auditor {
         self.syncs.load(Ordering::Relaxed)
     }
 
+    /// Every record with a lower seq (in the live epoch) is written and synced.
+    pub fn synced_through(&self) -> u64 {
+        self.synced_through.load(Ordering::Relaxed)
+    }
+
     /// Events handed to the writer and not yet in the spool.
     pub fn queued(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
@@ -270,18 +276,20 @@ pub enum SpoolError {
 }
 
 /// A spool sync taken off the data path (it waits for the disk): the spool file's data, then
-/// the state file.
+/// (unless it is a data-only sync for strict decisions) the state file.
 struct SyncJob {
     file: std::fs::File,
     spool_path: PathBuf,
-    state_path: PathBuf,
-    state: Vec<u8>,
+    state: Option<(PathBuf, Vec<u8>)>,
 }
 
 impl SyncJob {
     fn run(self) -> Result<(), SpoolError> {
         self.file.sync_data().map_err(io(&self.spool_path))?;
-        write_atomic(&self.state_path, &self.state).map_err(io(&self.state_path))
+        match &self.state {
+            Some((path, state)) => write_atomic(path, state).map_err(io(path)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -616,23 +624,29 @@ impl Spool {
         Ok(line)
     }
 
-    /// Flushes the write buffer and returns the fsync of the file and the state save to run
-    /// off the data path (`None` when nothing changed since the last one).
-    fn begin_sync(&mut self) -> Result<Option<SyncJob>, SpoolError> {
+    /// Flushes the write buffer and returns the fsync of the file and (`with_state`) the state
+    /// save to run off the data path (`None` when nothing changed since the last one). A
+    /// data-only sync makes the records durable (the file is the truth on reopening; the state
+    /// only caches it) and leaves the state to the next full sync.
+    fn begin_sync(&mut self, with_state: bool) -> Result<Option<SyncJob>, SpoolError> {
         if !self.dirty {
             return Ok(None);
         }
         let p = self.path();
         self.file.flush().map_err(io(&p))?;
         let file = self.file.get_ref().try_clone().map_err(io(&p))?;
-        let state_path = self.dir.join("state.json");
-        let state = serde_json::to_vec(&self.state)
-            .map_err(|e| SpoolError::Corrupt(state_path.clone(), e.to_string()))?;
-        self.dirty = false;
+        let state = if with_state {
+            let state_path = self.dir.join("state.json");
+            let state = serde_json::to_vec(&self.state)
+                .map_err(|e| SpoolError::Corrupt(state_path.clone(), e.to_string()))?;
+            self.dirty = false;
+            Some((state_path, state))
+        } else {
+            None
+        };
         Ok(Some(SyncJob {
             file,
             spool_path: p,
-            state_path,
             state,
         }))
     }
@@ -654,7 +668,7 @@ impl Spool {
 
     /// Syncs in place (at shutdown, and in tests).
     fn sync(&mut self) -> Result<(), SpoolError> {
-        match self.begin_sync()? {
+        match self.begin_sync(true)? {
             Some(job) => job.run(),
             None => Ok(()),
         }
@@ -811,6 +825,13 @@ struct Actor {
     syncing: bool,
     /// `next_seq` when the sync in flight began.
     synced_seq: u64,
+    /// The sync in flight saves the state too.
+    state_sync: bool,
+    /// The tick asked for a full sync (data and state) while one was running: the next sync is
+    /// one, so that strict traffic keeping the disk busy does not starve the state.
+    state_due: bool,
+    /// Records below this seq are synced (shared with the [`Auditor`]).
+    synced_through: Arc<AtomicU64>,
     /// Completed syncs.
     syncs: Arc<AtomicU64>,
 }
@@ -903,13 +924,16 @@ impl Actor {
 
     /// Starts a sync of everything appended so far on the blocking pool, unless one is running;
     /// the strict decisions waiting so far wait for this one. Its result comes back on `done`.
+    /// Strict decisions get a data-only sync unless the tick asked for a full one.
     fn start_sync(&mut self, done: &mpsc::Sender<Result<(), SpoolError>>) {
         if self.syncing {
             return;
         }
-        match self.spool.begin_sync() {
+        match self.spool.begin_sync(self.state_due) {
             Ok(Some(job)) => {
                 self.syncing = true;
+                self.state_sync = job.state.is_some();
+                self.state_due = false;
                 self.synced_seq = self.spool.state.next_seq;
                 self.in_sync = std::mem::take(&mut self.waiting);
                 let tx = done.clone();
@@ -934,7 +958,13 @@ impl Actor {
         self.syncing = false;
         let r = r.and_then(|()| {
             self.syncs.fetch_add(1, Ordering::Relaxed);
-            self.spool.after_sync(self.synced_seq)
+            self.synced_through
+                .store(self.synced_seq, Ordering::Relaxed);
+            if self.state_sync {
+                self.spool.after_sync(self.synced_seq)
+            } else {
+                Ok(())
+            }
         });
         let outcome = match r {
             Ok(()) => Ok(()),
@@ -1172,6 +1202,7 @@ pub fn start(
     let full = Arc::new(AtomicBool::new(false));
     let dropped = Arc::new(AtomicU64::new(0));
     let syncs = Arc::new(AtomicU64::new(0));
+    let synced_through = Arc::new(AtomicU64::new(0));
     let auditor = Arc::new(Auditor {
         tx,
         full: full.clone(),
@@ -1179,6 +1210,7 @@ pub fn start(
         when_full: cfg.when_full,
         durability: cfg.durability,
         syncs: syncs.clone(),
+        synced_through: synced_through.clone(),
     });
     let mut actor = Actor {
         source: identity.id.to_string(),
@@ -1203,6 +1235,9 @@ pub fn start(
         in_sync: Vec::new(),
         syncing: false,
         synced_seq: 0,
+        state_sync: false,
+        state_due: false,
+        synced_through: synced_through.clone(),
         syncs,
     };
     actor.update_full();
@@ -1242,6 +1277,7 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
             },
             _ = tick.tick() => {
                 a.maybe_checkpoint();
+                a.state_due = true;
                 a.start_sync(&sync_tx);
                 a.update_full();
                 a.metrics.audit_spool_bytes.set(i64::try_from(a.unacked_total()).unwrap_or(i64::MAX));

@@ -19,6 +19,10 @@ struct Running {
 }
 
 fn strict(dir: &Path) -> Running {
+    strict_with(dir, 64 << 20, WhenFull::FailClosed)
+}
+
+fn strict_with(dir: &Path, max_spool_bytes: u64, when_full: WhenFull) -> Running {
     let metrics = Arc::new(Metrics::new());
     let identity = Identity::new(
         mayfly_ca::id::parse_id("spiffe://t/a").unwrap(),
@@ -34,8 +38,8 @@ fn strict(dir: &Path) -> Running {
     .unwrap();
     let cfg = AuditConfig {
         spool_dir: dir.to_path_buf(),
-        max_spool_bytes: 64 << 20,
-        when_full: WhenFull::FailClosed,
+        max_spool_bytes,
+        when_full,
         sink: Sink::None,
         ship: false,
         durability: Durability::Strict,
@@ -54,14 +58,6 @@ fn fields(task: usize, n: usize) -> Map<String, Value> {
     f.insert("task".into(), task.into());
     f.insert("n".into(), n.into());
     f
-}
-
-/// `next_seq` in the durable state file: a sync job writes it after the spool's data is
-/// synced, with the value it had when the sync began.
-fn synced_next_seq(dir: &Path) -> u64 {
-    let state: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
-    state["next_seq"].as_u64().unwrap()
 }
 
 /// The record with `seq` in the spool file, if it is there.
@@ -89,13 +85,14 @@ async fn strict_decisions_share_syncs_and_each_is_released_only_once_its_record_
             for n in 0..EACH {
                 let rx = auditor.durable("http.request", fields(t, n)).unwrap();
                 let seq = rx.await.unwrap().unwrap();
-                // Released: a sync that began after this record was appended has finished,
-                // and the record is in the file.
+                // Released: the record is in the file (out of the 64 KiB write buffer), and a
+                // sync that began after it was written has returned.
+                let rec = on_disk(&dir, seq)
+                    .unwrap_or_else(|| panic!("record {seq} released before it was written"));
                 assert!(
-                    synced_next_seq(&dir) > seq,
+                    auditor.synced_through() > seq,
                     "record {seq} released before a sync covered it"
                 );
-                let rec = on_disk(&dir, seq).unwrap();
                 assert_eq!(
                     (rec["task"].as_u64(), rec["n"].as_u64()),
                     (Some(t as u64), Some(n as u64))
@@ -122,28 +119,35 @@ async fn strict_decisions_share_syncs_and_each_is_released_only_once_its_record_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_strict_decision_whose_sync_fails_is_refused_and_the_next_one_passes_again() {
+async fn a_strict_decision_the_spool_cannot_keep_is_refused_not_dropped() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let r = strict(&dir);
-    r.auditor
-        .record("http.request", fields(0, 0))
-        .await
-        .unwrap();
-    // The state file cannot be replaced while a directory sits where its temporary copy is
-    // written: every sync fails (as on a full or failing disk).
-    std::fs::create_dir(dir.join("state.tmp")).unwrap();
-    let e = r
-        .auditor
-        .record("http.request", fields(0, 1))
-        .await
-        .unwrap_err();
-    assert!(matches!(e, NotDurable::Write(_)), "{e:?}");
-    std::fs::remove_dir(dir.join("state.tmp")).unwrap();
-    r.auditor
-        .record("http.request", fields(0, 2))
-        .await
-        .unwrap();
+    // Nothing is shipped, so a small spool fills up; `drop` would let batched traffic pass.
+    let r = strict_with(&dir, 4096, WhenFull::Drop);
+    let mut kept = 0;
+    let mut refused = None;
+    for n in 0..100 {
+        match r.auditor.record("http.request", fields(0, n)).await {
+            Ok(()) => kept += 1,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some(NotDurable::Full), "after {kept} records");
+    assert!(kept > 0);
+    assert_eq!(
+        r.auditor.dropped(),
+        0,
+        "a refused decision is not a dropped record: nothing it stood for happened"
+    );
     r.stop.send(true).unwrap();
     r.task.await.unwrap();
+    let lines = std::fs::read(dir.join("spool.jsonl")).unwrap();
+    let recs = lines
+        .split(|b| *b == b'\n')
+        .filter(|l| l.windows(14).any(|w| w == b"\"http.request\""))
+        .count();
+    assert_eq!(recs, kept, "every accepted decision is in the spool");
 }
