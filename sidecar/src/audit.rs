@@ -4,7 +4,11 @@
 //!
 //! Durability: records are appended as they come and the spool is `fsync`ed at least every
 //! [`SYNC_EVERY`] (and before any record is shipped), so a crash loses at most that window of
-//! records that no one has acknowledged yet. When the spool is full the configured behaviour
+//! records that no one has acknowledged yet ([`Durability::Batched`]). With
+//! [`Durability::Strict`] the data path waits for the decision records it hands over with
+//! [`Auditor::record`] to be synced before it lets the traffic through; syncs are
+//! group-committed (one sync covers every record that arrived while the previous one ran), so a
+//! decision waits at most about two syncs. When the spool is full the configured behaviour
 //! applies: `fail-closed` refuses new connections and requests (nothing unaudited happens) or
 //! `drop` counts what it drops and writes a `gap` record when space returns.
 
@@ -21,12 +25,14 @@ use mayfly_ca::audit::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::identity::Identity;
 
 mod recover;
+#[cfg(test)]
+mod strict_tests;
 
 /// How often the spool is synced to disk.
 pub const SYNC_EVERY: Duration = Duration::from_millis(200);
@@ -41,6 +47,8 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 pub const SHIP_EVERY: Duration = Duration::from_secs(1);
 /// Most records shipped in one request.
 pub const SHIP_BATCH: usize = 2000;
+/// Most queued events the writer takes in one turn before it looks at anything else.
+const EVENTS_PER_TURN: usize = 1024;
 
 /// What to do when the spool is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -51,6 +59,42 @@ pub enum WhenFull {
     /// Drop records, count them, and write a `gap` record when space returns.
     Drop,
 }
+
+/// When a decision's record must be on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Synced at least every [`SYNC_EVERY`] off the data path: a crash loses up to that window
+    /// of records of traffic that already happened (the loss itself is recorded as a `gap`).
+    #[default]
+    Batched,
+    /// A request is forwarded (a connection spliced, a denial answered) only once its decision
+    /// record is written and synced; a record that cannot be made durable refuses the traffic.
+    Strict,
+}
+
+/// Why a decision record could not be made durable (strict mode): the traffic is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotDurable {
+    /// The writer's queue is full.
+    #[error("the audit writer is behind")]
+    Behind,
+    /// The spool is full and its records are being dropped (`when_full = "drop"`).
+    #[error("the audit spool is full")]
+    Full,
+    /// The spool refused the record, or its sync failed.
+    #[error("the audit spool cannot be written: {0}")]
+    Write(String),
+    /// No sync covered the record within [`STRICT_WAIT`] (the disk hangs).
+    #[error("the audit spool did not sync within {STRICT_WAIT:?}")]
+    Timeout,
+    /// The writer has stopped (shutdown).
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
+/// The longest a strict decision waits for its sync before the traffic is refused.
+pub const STRICT_WAIT: Duration = Duration::from_secs(5);
 
 /// A copy of every record for people who ship logs with their own tools.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +120,8 @@ pub struct AuditConfig {
     pub sink: Sink,
     /// Stream records to the control plane.
     pub ship: bool,
+    /// When a decision's record must be on disk.
+    pub durability: Durability,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,7 +156,12 @@ pub struct Event {
     pub ts_ms: i64,
     /// Fields.
     pub fields: Map<String, Value>,
+    /// Told the record's seq once a sync covers it (strict decisions).
+    durable: Option<oneshot::Sender<Result<u64, NotDurable>>>,
 }
+
+/// A strict decision waiting for the sync that covers its record (its seq).
+type Waiter = (u64, oneshot::Sender<Result<u64, NotDurable>>);
 
 /// The handle the data path uses.
 pub struct Auditor {
@@ -119,6 +170,9 @@ pub struct Auditor {
     dropped: Arc<AtomicU64>,
     when_full: WhenFull,
     delivery_error: DeliveryError,
+    durability: Durability,
+    syncs: Arc<AtomicU64>,
+    synced_through: Arc<AtomicU64>,
 }
 
 /// Why the last delivery to the control plane failed (`None` after a success): for readiness.
@@ -140,12 +194,67 @@ impl Auditor {
             kind,
             ts_ms: now_ms(),
             fields,
+            durable: None,
         };
         if self.tx.try_send(ev).is_err() {
             // The writer is behind: same as a full spool.
             self.full.store(true, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records a decision before the traffic it admits (or refuses) goes on. Batched: the same
+    /// as [`Auditor::emit`]. Strict: resolves once the record is written and synced (shared
+    /// with every record that arrives meanwhile), or with the reason it cannot be, and then the
+    /// traffic must be refused.
+    pub async fn record(
+        &self,
+        kind: &'static str,
+        fields: Map<String, Value>,
+    ) -> Result<(), NotDurable> {
+        if self.durability == Durability::Batched {
+            self.emit(kind, fields);
+            return Ok(());
+        }
+        let rx = self.durable(kind, fields)?;
+        match tokio::time::timeout(STRICT_WAIT, rx).await {
+            Ok(Ok(r)) => r.map(|_| ()),
+            Ok(Err(_)) => Err(NotDurable::Stopped),
+            Err(_) => Err(NotDurable::Timeout),
+        }
+    }
+
+    /// Hands a record to the writer and returns where its seq arrives once it is synced.
+    fn durable(
+        &self,
+        kind: &'static str,
+        fields: Map<String, Value>,
+    ) -> Result<oneshot::Receiver<Result<u64, NotDurable>>, NotDurable> {
+        let (tx, rx) = oneshot::channel();
+        let ev = Event {
+            kind,
+            ts_ms: now_ms(),
+            fields,
+            durable: Some(tx),
+        };
+        // Refused, not dropped: the traffic it stood for does not happen.
+        self.tx.try_send(ev).map_err(|_| NotDurable::Behind)?;
+        Ok(rx)
+    }
+
+    /// The durability setting.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Spool syncs completed so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Every record with a lower seq (in the live epoch) is written and synced.
+    pub fn synced_through(&self) -> u64 {
+        self.synced_through.load(Ordering::Relaxed)
     }
 
     /// Events handed to the writer and not yet in the spool.
@@ -176,18 +285,20 @@ pub enum SpoolError {
 }
 
 /// A spool sync taken off the data path (it waits for the disk): the spool file's data, then
-/// the state file.
+/// (unless it is a data-only sync for strict decisions) the state file.
 struct SyncJob {
     file: std::fs::File,
     spool_path: PathBuf,
-    state_path: PathBuf,
-    state: Vec<u8>,
+    state: Option<(PathBuf, Vec<u8>)>,
 }
 
 impl SyncJob {
     fn run(self) -> Result<(), SpoolError> {
         self.file.sync_data().map_err(io(&self.spool_path))?;
-        write_atomic(&self.state_path, &self.state).map_err(io(&self.state_path))
+        match &self.state {
+            Some((path, state)) => write_atomic(path, state).map_err(io(path)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -522,23 +633,29 @@ impl Spool {
         Ok(line)
     }
 
-    /// Flushes the write buffer and returns the fsync of the file and the state save to run
-    /// off the data path (`None` when nothing changed since the last one).
-    fn begin_sync(&mut self) -> Result<Option<SyncJob>, SpoolError> {
+    /// Flushes the write buffer and returns the fsync of the file and (`with_state`) the state
+    /// save to run off the data path (`None` when nothing changed since the last one). A
+    /// data-only sync makes the records durable (the file is the truth on reopening; the state
+    /// only caches it) and leaves the state to the next full sync.
+    fn begin_sync(&mut self, with_state: bool) -> Result<Option<SyncJob>, SpoolError> {
         if !self.dirty {
             return Ok(None);
         }
         let p = self.path();
         self.file.flush().map_err(io(&p))?;
         let file = self.file.get_ref().try_clone().map_err(io(&p))?;
-        let state_path = self.dir.join("state.json");
-        let state = serde_json::to_vec(&self.state)
-            .map_err(|e| SpoolError::Corrupt(state_path.clone(), e.to_string()))?;
-        self.dirty = false;
+        let state = if with_state {
+            let state_path = self.dir.join("state.json");
+            let state = serde_json::to_vec(&self.state)
+                .map_err(|e| SpoolError::Corrupt(state_path.clone(), e.to_string()))?;
+            self.dirty = false;
+            Some((state_path, state))
+        } else {
+            None
+        };
         Ok(Some(SyncJob {
             file,
             spool_path: p,
-            state_path,
             state,
         }))
     }
@@ -560,7 +677,7 @@ impl Spool {
 
     /// Syncs in place (at shutdown, and in tests).
     fn sync(&mut self) -> Result<(), SpoolError> {
-        match self.begin_sync()? {
+        match self.begin_sync(true)? {
             Some(job) => job.run(),
             None => Ok(()),
         }
@@ -710,10 +827,29 @@ struct Actor {
     unsigned: u64,
     first_unsigned: Option<tokio::time::Instant>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Strict decisions whose records are appended but not yet covered by a sync.
+    waiting: Vec<Waiter>,
+    /// Strict decisions covered by the sync in flight.
+    in_sync: Vec<Waiter>,
+    /// A sync is running on the blocking pool (at most one at a time).
+    syncing: bool,
+    /// `next_seq` when the sync in flight began.
+    synced_seq: u64,
+    /// The sync in flight saves the state too.
+    state_sync: bool,
+    /// The tick asked for a full sync (data and state) while one was running: the next sync is
+    /// one, so that strict traffic keeping the disk busy does not starve the state.
+    state_due: bool,
+    /// Records below this seq are synced (shared with the [`Auditor`]).
+    synced_through: Arc<AtomicU64>,
+    /// Completed syncs.
+    syncs: Arc<AtomicU64>,
 }
 
 impl Actor {
-    fn write(&mut self, kind: &str, ts_ms: i64, fields: Map<String, Value>) {
+    /// Appends a record; its seq, or `None` when the spool refused it (logged, and the spool
+    /// counts as full).
+    fn write(&mut self, kind: &str, ts_ms: i64, fields: Map<String, Value>) -> Option<u64> {
         let r = Record {
             v: VERSION,
             source: self.source.clone(),
@@ -724,7 +860,8 @@ impl Actor {
             kind: kind.to_owned(),
             fields,
         };
-        match self.spool.append(&r) {
+        let seq = r.seq;
+        let written = match self.spool.append(&r) {
             Ok(line) => {
                 self.metrics.audit_records.inc();
                 if let Some(s) = self.sink.as_mut() {
@@ -735,13 +872,16 @@ impl Actor {
                     self.first_unsigned
                         .get_or_insert_with(tokio::time::Instant::now);
                 }
+                Some(seq)
             }
             Err(e) => {
                 error!(error = %e, "cannot write to the audit spool");
                 self.full.store(true, Ordering::Relaxed);
+                None
             }
-        }
+        };
         self.update_full();
+        written
     }
 
     /// Bytes not yet acknowledged, live spool and backlog together.
@@ -767,6 +907,11 @@ impl Actor {
 
     fn on_event(&mut self, ev: Event) {
         if self.cfg.when_full == WhenFull::Drop && self.full.load(Ordering::Relaxed) {
+            if let Some(tx) = ev.durable {
+                // A strict decision is refused instead: nothing it stood for happens.
+                let _ = tx.send(Err(NotDurable::Full));
+                return;
+            }
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             self.metrics
                 .audit_dropped
@@ -774,7 +919,71 @@ impl Actor {
             return;
         }
         self.write_gap_if_any(ev.ts_ms);
-        self.write(ev.kind, ev.ts_ms, ev.fields);
+        let seq = self.write(ev.kind, ev.ts_ms, ev.fields);
+        if let Some(tx) = ev.durable {
+            match seq {
+                Some(seq) => self.waiting.push((seq, tx)),
+                None => {
+                    let _ = tx.send(Err(NotDurable::Write(
+                        "the record could not be appended".into(),
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Starts a sync of everything appended so far on the blocking pool, unless one is running;
+    /// the strict decisions waiting so far wait for this one. Its result comes back on `done`.
+    /// Strict decisions get a data-only sync unless the tick asked for a full one.
+    fn start_sync(&mut self, done: &mpsc::Sender<Result<(), SpoolError>>) {
+        if self.syncing {
+            return;
+        }
+        match self.spool.begin_sync(self.state_due) {
+            Ok(Some(job)) => {
+                self.syncing = true;
+                self.state_sync = job.state.is_some();
+                self.state_due = false;
+                self.synced_seq = self.spool.state.next_seq;
+                self.in_sync = std::mem::take(&mut self.waiting);
+                let tx = done.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = tx.blocking_send(job.run());
+                });
+            }
+            // Nothing written since the last sync, which has completed: already durable.
+            Ok(None) => release(std::mem::take(&mut self.waiting), &Ok(())),
+            Err(e) => {
+                error!(error = %e, "cannot sync the audit spool");
+                release(
+                    std::mem::take(&mut self.waiting),
+                    &Err(NotDurable::Write(e.to_string())),
+                );
+            }
+        }
+    }
+
+    /// The sync in flight finished: its strict decisions learn the outcome.
+    fn sync_done(&mut self, r: Result<(), SpoolError>) {
+        self.syncing = false;
+        let r = r.and_then(|()| {
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            self.synced_through
+                .store(self.synced_seq, Ordering::Relaxed);
+            if self.state_sync {
+                self.spool.after_sync(self.synced_seq)
+            } else {
+                Ok(())
+            }
+        });
+        let outcome = match r {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                error!(error = %e, "cannot sync the audit spool");
+                Err(NotDurable::Write(e.to_string()))
+            }
+        };
+        release(std::mem::take(&mut self.in_sync), &outcome);
     }
 
     fn write_gap_if_any(&mut self, ts_ms: i64) {
@@ -786,7 +995,7 @@ impl Actor {
                 Value::from(dropped - self.reported_dropped),
             );
             self.reported_dropped = dropped;
-            self.write("gap", ts_ms, f);
+            let _ = self.write("gap", ts_ms, f);
         }
     }
 
@@ -819,7 +1028,14 @@ impl Actor {
         let fields = checkpoint_fields(&sig, &svid.certified.cert);
         self.unsigned = 0;
         self.first_unsigned = None;
-        self.write("checkpoint", now_ms(), fields);
+        let _ = self.write("checkpoint", now_ms(), fields);
+    }
+}
+
+/// Tells waiting strict decisions how their sync went.
+fn release(waiters: Vec<Waiter>, outcome: &Result<(), NotDurable>) {
+    for (seq, tx) in waiters {
+        let _ = tx.send(outcome.clone().map(|()| seq));
     }
 }
 
@@ -897,7 +1113,7 @@ impl Actor {
                 f.insert("previous_epoch".into(), Value::from(b.state.epoch.clone()));
                 f.insert("previous_last_seq".into(), Value::from(b.state.acked_seq));
                 f.insert("rechained".into(), Value::from(records.len()));
-                self.write("gap", now_ms(), f);
+                let _ = self.write("gap", now_ms(), f);
                 for r in records {
                     let mut f = r.fields;
                     f.insert(
@@ -909,7 +1125,7 @@ impl Actor {
                     } else {
                         r.kind.as_str()
                     };
-                    self.write(kind, r.ts_ms, f);
+                    let _ = self.write(kind, r.ts_ms, f);
                 }
                 b.remove();
             }
@@ -996,12 +1212,17 @@ pub fn start(
     let full = Arc::new(AtomicBool::new(false));
     let dropped = Arc::new(AtomicU64::new(0));
     let delivery_error = DeliveryError::default();
+    let syncs = Arc::new(AtomicU64::new(0));
+    let synced_through = Arc::new(AtomicU64::new(0));
     let auditor = Arc::new(Auditor {
         tx,
         full: full.clone(),
         dropped: dropped.clone(),
         when_full: cfg.when_full,
         delivery_error: delivery_error.clone(),
+        durability: cfg.durability,
+        syncs: syncs.clone(),
+        synced_through: synced_through.clone(),
     });
     let mut actor = Actor {
         source: identity.id.to_string(),
@@ -1023,6 +1244,14 @@ pub fn start(
         unsigned: 0,
         first_unsigned: None,
         metrics,
+        waiting: Vec::new(),
+        in_sync: Vec::new(),
+        syncing: false,
+        synced_seq: 0,
+        state_sync: false,
+        state_due: false,
+        synced_through: synced_through.clone(),
+        syncs,
     };
     actor.update_full();
     let task = tokio::spawn(run(actor, rx, shutdown));
@@ -1037,32 +1266,32 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
     let mut backoff = Duration::from_millis(250);
     let mut next_ship = tokio::time::Instant::now();
     // At most one sync runs at a time, on the blocking pool: the data path never waits for
-    // the disk.
+    // the disk (in strict mode, only the decisions whose records a sync must cover wait).
     let (sync_tx, mut sync_rx) = mpsc::channel::<Result<(), SpoolError>>(1);
-    let mut syncing = false;
-    let mut synced_seq = 0;
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
-                Some(ev) => a.on_event(ev),
+                Some(ev) => {
+                    a.on_event(ev);
+                    // Take what else is queued before syncing: one sync for the whole group.
+                    for _ in 0..EVENTS_PER_TURN {
+                        match rx.try_recv() {
+                            Ok(ev) => a.on_event(ev),
+                            Err(_) => break,
+                        }
+                    }
+                    // Strict decisions do not wait for the tick; those that arrive while a
+                    // sync runs wait for the next one, which starts as soon as it ends.
+                    if !a.waiting.is_empty() {
+                        a.start_sync(&sync_tx);
+                    }
+                }
                 None => break,
             },
             _ = tick.tick() => {
                 a.maybe_checkpoint();
-                if !syncing {
-                    match a.spool.begin_sync() {
-                        Ok(Some(job)) => {
-                            syncing = true;
-                            synced_seq = a.spool.state.next_seq;
-                            let tx = sync_tx.clone();
-                            tokio::task::spawn_blocking(move || {
-                                let _ = tx.blocking_send(job.run());
-                            });
-                        }
-                        Ok(None) => {}
-                        Err(e) => error!(error = %e, "cannot sync the audit spool"),
-                    }
-                }
+                a.state_due = true;
+                a.start_sync(&sync_tx);
                 a.update_full();
                 a.metrics.audit_spool_bytes.set(i64::try_from(a.unacked_total()).unwrap_or(i64::MAX));
                 a.metrics.audit_dropped.set(i64::try_from(a.dropped.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
@@ -1071,9 +1300,9 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
                 }
             }
             Some(r) = sync_rx.recv() => {
-                syncing = false;
-                if let Err(e) = r.and_then(|()| a.spool.after_sync(synced_seq)) {
-                    error!(error = %e, "cannot sync the audit spool");
+                a.sync_done(r);
+                if !a.waiting.is_empty() {
+                    a.start_sync(&sync_tx);
                 }
             }
             Some((session, target, r)) = ship_rx.recv() => {
@@ -1114,15 +1343,19 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
             }
         }
     }
-    if syncing {
-        let _ = sync_rx.recv().await;
+    if a.syncing
+        && let Some(r) = sync_rx.recv().await
+    {
+        a.sync_done(r);
     }
     // A clean shutdown: sign what is unsigned, and mark the spool closed so the next start
     // continues this epoch instead of rolling to a new one.
     a.checkpoint_now();
-    if let Err(e) = a.spool.close() {
+    let outcome = a.spool.close().map_err(|e| {
         error!(error = %e, "cannot sync the audit spool at shutdown");
-    }
+        NotDurable::Write(e.to_string())
+    });
+    release(std::mem::take(&mut a.waiting), &outcome);
 }
 
 #[cfg(test)]

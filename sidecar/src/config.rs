@@ -77,6 +77,7 @@ struct RawAudit {
     when_full: Option<crate::audit::WhenFull>,
     sink: Option<String>,
     ship: Option<bool>,
+    durability: Option<crate::audit::Durability>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -516,6 +517,7 @@ impl Config {
                 },
             },
             ship: raw.audit.ship.unwrap_or(true),
+            durability: raw.audit.durability.unwrap_or_default(),
         };
         Ok(Config {
             audit,
@@ -613,6 +615,21 @@ file = "policy.toml"
             e.contains("underscore_identity_headers") || e.contains("drop"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn audit_durability_is_batched_unless_strict_is_asked_for() {
+        let c = Config::parse(GOOD, "s.toml", Path::new(".")).unwrap();
+        assert_eq!(c.audit.durability, crate::audit::Durability::Batched);
+        let c = Config::parse(
+            &format!("{GOOD}\n[audit]\ndurability = \"strict\"\n"),
+            "s.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.audit.durability, crate::audit::Durability::Strict);
+        let e = err(&format!("{GOOD}\n[audit]\ndurability = \"fsync\"\n"));
+        assert!(e.contains("durability") || e.contains("strict"), "{e}");
     }
 
     fn err(text: &str) -> String {

@@ -305,7 +305,10 @@ async fn inbound_conn(
     verdict.audit_into(&mut fields);
     if !verdict.permits() {
         info!(decision = verdict.decision_id(), by = %verdict.by(), "inbound connection denied by policy");
-        shared.audit.emit("connection.denied", fields);
+        // Strict audit: the connection is closed once its denial is on disk.
+        if let Err(e) = shared.audit.record("connection.denied", fields).await {
+            warn!(error = %e, "strict audit: the denial's record is not durable");
+        }
         return;
     }
     if let Verdict::Decided(d) = &verdict
@@ -334,7 +337,12 @@ async fn inbound_conn(
         decision = verdict.decision_id(),
         "inbound connection admitted"
     );
-    shared.audit.emit("connection.open", fields.clone());
+    // Strict audit: no byte is forwarded before the decision is on disk.
+    if let Err(e) = shared.audit.record("connection.open", fields.clone()).await {
+        m.decision(Direction::Inbound, "audit_unavailable");
+        warn!(error = %e, "strict audit: the decision record is not durable; closing the connection");
+        return;
+    }
     let stop = stop_signal(shared.clone(), source, destination, port, ip);
     let out = splice(
         tls,
@@ -459,7 +467,10 @@ async fn outbound_conn(
     verdict.audit_into(&mut fields);
     if !verdict.permits() {
         info!(decision = verdict.decision_id(), by = %verdict.by(), "outbound connection denied by policy");
-        shared.audit.emit("connection.denied", fields);
+        // Strict audit: the connection is closed once its denial is on disk.
+        if let Err(e) = shared.audit.record("connection.denied", fields).await {
+            warn!(error = %e, "strict audit: the denial's record is not durable");
+        }
         return;
     }
     let tcp = match tokio::time::timeout(
@@ -509,7 +520,12 @@ async fn outbound_conn(
     let _open = OpenGuard::new(m.clone(), Direction::Outbound);
     fields.insert("peer_addr".into(), up.remote.clone().into());
     fields.insert("peer_serial".into(), server.serial.clone().into());
-    shared.audit.emit("connection.open", fields.clone());
+    // Strict audit: no byte is forwarded before the decision is on disk.
+    if let Err(e) = shared.audit.record("connection.open", fields.clone()).await {
+        m.decision(Direction::Outbound, "audit_unavailable");
+        warn!(error = %e, "strict audit: the decision record is not durable; closing the connection");
+        return;
+    }
     let stop = stop_signal(shared.clone(), source, destination, up.port, None);
     let out = splice(
         app,

@@ -212,7 +212,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(req.headers());
     let path = match super::admit(&ctx.shared, Direction::Inbound, &mut req) {
         Ok(p) => p,
-        Err(reply) => return *reply,
+        Err(reply) => return super::unforwarded_req(req, *reply).await,
     };
     // Borrowed from the request: no per-request copies of the header block.
     let headers = super::policy_headers(req.headers());
@@ -228,7 +228,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
         },
     );
     m.request(Direction::Inbound, verdict.label());
-    let record = super::RequestRecord::new(
+    let mut record = super::RequestRecord::new(
         &ctx.shared.audit,
         crate::proxy::audit_base(
             Direction::Inbound,
@@ -244,10 +244,19 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
         started,
     );
     if !verdict.permits() {
-        record.finish(StatusCode::FORBIDDEN);
+        let reply = match record.finish_unforwarded(StatusCode::FORBIDDEN).await {
+            Ok(()) => super::denied(grpc, &verdict),
+            Err(e) => super::audit_unavailable(&ctx.shared, Direction::Inbound, grpc, &e),
+        };
         info!(method = %req.method(), path = %path, decision = verdict.decision_id(), by = %verdict.by(), "request denied by policy");
-        return super::denied(grpc, &verdict);
+        return super::unforwarded_req(req, reply).await;
     }
+    // Strict audit: nothing is forwarded before its decision is on disk.
+    if let Err(e) = record.before_forwarding().await {
+        let reply = super::audit_unavailable(&ctx.shared, Direction::Inbound, grpc, &e);
+        return super::unforwarded_req(req, reply).await;
+    }
+    let version = req.version();
     let (mut parts, body) = req.into_parts();
     let authority = super::request_authority(&parts);
     let pq = match parts.uri.query() {
@@ -256,7 +265,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     };
     parts.uri = match super::next_hop_uri(grpc, "http", &ctx.app.to_string(), pq) {
         Ok(u) => u,
-        Err(reply) => return *reply,
+        Err(reply) => return super::unforwarded(version, body, *reply).await,
     };
     strip_hop_by_hop(&mut parts.headers);
     // Only the sidecar speaks for the caller's identity.

@@ -222,12 +222,96 @@ pub fn local_reply(
     r
 }
 
-/// The audit record of one HTTP request, emitted once, with the status the caller got.
+/// Most bytes of a request body the sidecar reads and discards when it answers the request
+/// itself (a denial, a refusal): enough for ordinary API bodies, so that the client's HTTP/1.1
+/// connection stays usable for its next request.
+pub const DRAIN_LIMIT: u64 = 64 * 1024;
+/// How long the sidecar waits for such a body before it answers anyway.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads and discards `body` up to `limit` bytes; true when it ended within the limit.
+async fn discard(body: &mut hyper::body::Incoming, limit: u64) -> bool {
+    use hyper::body::Body as _;
+    let mut seen = 0u64;
+    loop {
+        if body.is_end_stream() {
+            return true;
+        }
+        match body.frame().await {
+            None => return true,
+            Some(Err(_)) => return false,
+            Some(Ok(f)) => {
+                seen += f.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > limit {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// The sidecar's own answer to a request it does not forward. The request's body is read and
+/// discarded first (up to [`DRAIN_LIMIT`] within [`DRAIN_TIMEOUT`]): an HTTP/1.1 server that
+/// answers before the body is in must otherwise close the connection, and the client's next
+/// request on it fails. A larger or slower body gets `Connection: close` on the answer instead,
+/// and is discarded in the background for a little longer, so that the close is orderly (a
+/// socket closed with unread data resets the connection, and the answer with it).
+pub(crate) async fn unforwarded(
+    version: http::Version,
+    mut body: hyper::body::Incoming,
+    mut resp: Response<Body>,
+) -> Response<Body> {
+    use hyper::body::Body as _;
+    let small = body.size_hint().lower() <= DRAIN_LIMIT;
+    if small
+        && tokio::time::timeout(DRAIN_TIMEOUT, discard(&mut body, DRAIN_LIMIT))
+            .await
+            .unwrap_or(false)
+    {
+        return resp;
+    }
+    if version < http::Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, discard(&mut body, u64::MAX)).await;
+        });
+    }
+    resp
+}
+
+/// [`unforwarded`] for a whole request.
+pub(crate) async fn unforwarded_req(
+    req: http::Request<hyper::body::Incoming>,
+    resp: Response<Body>,
+) -> Response<Body> {
+    let version = req.version();
+    unforwarded(version, req.into_body(), resp).await
+}
+
+/// The audit record of one HTTP request. Batched durability: one `http.request` record, emitted
+/// once the caller's status is known. Strict: the `http.request` record (the decision, without
+/// a status) is made durable before the request is forwarded, and an `http.response` record
+/// (same request line and decision ID, with the status) follows when the answer is known; a
+/// denial is one `http.request` record with its 403, durable before the 403 is sent.
 pub(crate) struct RequestRecord<'a> {
     audit: &'a crate::audit::Auditor,
     fields: serde_json::Map<String, serde_json::Value>,
     started: std::time::Instant,
+    /// The decision is recorded already (strict): `finish` records only the outcome.
+    decided: bool,
 }
+
+/// The fields an `http.response` record repeats from its `http.request` record.
+const RESPONSE_FIELDS: [&str; 7] = [
+    "direction",
+    "local_id",
+    "peer_id",
+    "protocol",
+    "method",
+    "path",
+    "decision_id",
+];
 
 impl<'a> RequestRecord<'a> {
     /// `base` (from `proxy::audit_base`) plus the request line and the policy's verdict.
@@ -246,18 +330,71 @@ impl<'a> RequestRecord<'a> {
             audit,
             fields: base,
             started,
+            decided: false,
         }
     }
 
-    /// Records the outcome.
-    pub(crate) fn finish(mut self, status: StatusCode) {
+    /// Before the request is forwarded. Strict: records the decision and waits until it is
+    /// durable; an error means the request must be refused. Batched: nothing yet.
+    pub(crate) async fn before_forwarding(&mut self) -> Result<(), crate::audit::NotDurable> {
+        if self.audit.durability() != crate::audit::Durability::Strict {
+            return Ok(());
+        }
+        self.decided = true;
+        self.audit.record("http.request", self.fields.clone()).await
+    }
+
+    fn outcome(&mut self, status: StatusCode) {
+        if self.decided {
+            self.fields
+                .retain(|k, _| RESPONSE_FIELDS.contains(&k.as_str()));
+        }
         self.fields.insert("status".into(), status.as_u16().into());
         self.fields.insert(
             "duration_ms".into(),
             (self.started.elapsed().as_millis() as u64).into(),
         );
-        self.audit.emit("http.request", self.fields);
     }
+
+    /// Records the outcome of a forwarded request (never waits).
+    pub(crate) fn finish(mut self, status: StatusCode) {
+        self.outcome(status);
+        let kind = if self.decided {
+            "http.response"
+        } else {
+            "http.request"
+        };
+        self.audit.emit(kind, self.fields);
+    }
+
+    /// Records a request answered here without forwarding it (a denial). Strict: waits until
+    /// the record is durable; an error means the answer must be a refusal instead.
+    pub(crate) async fn finish_unforwarded(
+        mut self,
+        status: StatusCode,
+    ) -> Result<(), crate::audit::NotDurable> {
+        self.outcome(status);
+        self.audit.record("http.request", self.fields).await
+    }
+}
+
+/// The answer to a request whose decision record cannot be made durable (strict audit): 503 /
+/// UNAVAILABLE, nothing forwarded.
+pub(crate) fn audit_unavailable(
+    shared: &crate::proxy::Shared,
+    direction: crate::metrics::Direction,
+    grpc: bool,
+    why: &crate::audit::NotDurable,
+) -> Response<Body> {
+    shared.metrics.request(direction, "audit_unavailable");
+    tracing::warn!(error = %why, "strict audit: the decision record is not durable; refusing the request");
+    local_reply(
+        grpc,
+        StatusCode::SERVICE_UNAVAILABLE,
+        GRPC_UNAVAILABLE,
+        "mayfly: the audit record of this request cannot be made durable, refusing it",
+        None,
+    )
 }
 
 /// The answer to a request the policy refused: 403 / PERMISSION_DENIED with the decision ID.

@@ -196,7 +196,7 @@ impl Upstream {
         let grpc = is_grpc(req.headers());
         let path = match super::admit(&self.shared, Direction::Outbound, &mut req) {
             Ok(p) => p,
-            Err(reply) => return *reply,
+            Err(reply) => return super::unforwarded_req(req, *reply).await,
         };
         let me = self.shared.identity.id.to_string();
         let dest = self.up.spiffe_id.to_string();
@@ -214,7 +214,7 @@ impl Upstream {
             },
         );
         m.request(Direction::Outbound, verdict.label());
-        let record = super::RequestRecord::new(
+        let mut record = super::RequestRecord::new(
             &self.shared.audit,
             crate::proxy::audit_base(
                 Direction::Outbound,
@@ -230,10 +230,19 @@ impl Upstream {
             started,
         );
         if !verdict.permits() {
-            record.finish(StatusCode::FORBIDDEN);
+            let reply = match record.finish_unforwarded(StatusCode::FORBIDDEN).await {
+                Ok(()) => super::denied(grpc, &verdict),
+                Err(e) => super::audit_unavailable(&self.shared, Direction::Outbound, grpc, &e),
+            };
             info!(method = %req.method(), path = %path, decision = verdict.decision_id(), "request denied by egress policy");
-            return super::denied(grpc, &verdict);
+            return super::unforwarded_req(req, reply).await;
         }
+        // Strict audit: nothing is forwarded before its decision is on disk.
+        if let Err(e) = record.before_forwarding().await {
+            let reply = super::audit_unavailable(&self.shared, Direction::Outbound, grpc, &e);
+            return super::unforwarded_req(req, reply).await;
+        }
+        let version = req.version();
         let (mut parts, body) = req.into_parts();
         let authority = super::request_authority(&parts).unwrap_or_else(|| self.up.name.clone());
         let pq = parts
@@ -243,27 +252,28 @@ impl Upstream {
             .unwrap_or_else(|| "/".into());
         parts.uri = match super::next_hop_uri(grpc, "https", &authority, pq) {
             Ok(u) => u,
-            Err(reply) => return *reply,
+            Err(reply) => return super::unforwarded(version, body, *reply).await,
         };
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(http::header::HOST);
         parts.version = http::Version::HTTP_2;
-        let req = Request::from_parts(parts, body.boxed());
         let mut sender = match self.ready_sender().await {
             Ok(s) => s,
             Err(e) => {
                 m.request(Direction::Outbound, "upstream_unreachable");
                 warn!(error = %e, "upstream unavailable");
                 record.finish(StatusCode::BAD_GATEWAY);
-                return local_reply(
+                let reply = local_reply(
                     grpc,
                     StatusCode::BAD_GATEWAY,
                     GRPC_UNAVAILABLE,
                     &format!("mayfly: {e}"),
                     None,
                 );
+                return super::unforwarded(version, body, reply).await;
             }
         };
+        let req = Request::from_parts(parts, body.boxed());
         match sender.send_request(req).await {
             Ok(resp) => {
                 let (status, resp) = super::relay(resp);
