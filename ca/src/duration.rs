@@ -1,59 +1,23 @@
 //! Human durations on the command line and in configs: `90s`, `5m`, `24h`, `365d`, `1h30m`.
+//!
+//! One grammar for the whole workspace: the policy crate's ([`mayfly_policy::parse_duration`]),
+//! the lowest crate that needs it; this module only adapts it to [`std::time::Duration`]. A
+//! bare number is refused (units are never guessed), and so are zero, signs, fractions and
+//! spaces.
 
 use std::time::Duration;
 
-/// Why a duration did not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {0:?}: use a number with a unit, such as 90s, 5m, 24h or 365d")]
-pub struct DurationError(pub String);
+pub use mayfly_policy::DurationError;
 
-/// Parses `90s`, `5m`, `24h`, `365d`, and sums like `1h30m`. A bare number is refused
-/// (units are never guessed).
+/// Parses `90s`, `5m`, `24h`, `365d`, and sums like `1h30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
-    let err = || DurationError(s.to_owned());
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    let mut any = false;
-    for c in s.trim().chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return Err(err()),
-        };
-        let n: u64 = digits.parse().map_err(|_| err())?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(err)?;
-        digits.clear();
-        any = true;
-    }
-    if !digits.is_empty() || !any {
-        return Err(err());
-    }
-    Ok(Duration::from_secs(total))
+    mayfly_policy::parse_duration(s).map(Duration::from_secs)
 }
 
-/// Formats a duration the way [`parse_duration`] reads it (`1h30m`, `5m`, `45s`).
+/// Formats a duration the way [`parse_duration`] reads it (`1h30m`, `5m`, `45s`), in whole
+/// seconds.
 pub fn format_duration(d: Duration) -> String {
-    let mut s = d.as_secs();
-    if s == 0 {
-        return "0s".into();
-    }
-    let mut out = String::new();
-    for (unit, name) in [(86_400, 'd'), (3600, 'h'), (60, 'm'), (1, 's')] {
-        if s >= unit {
-            out.push_str(&format!("{}{name}", s / unit));
-            s %= unit;
-        }
-    }
-    out
+    mayfly_policy::format_duration(d.as_secs())
 }
 
 #[cfg(test)]
@@ -83,6 +47,9 @@ mod tests {
             "5 m",
             "99999999999999999999d",
             "1.5h",
+            "0s",
+            " 5m",
+            "5m ",
         ] {
             assert!(parse_duration(s).is_err(), "{s}");
         }
