@@ -146,10 +146,29 @@ fn record_end(m: &Metrics, direction: Direction, out: &Outcome, started: std::ti
         })
         .inc();
     let level_info = matches!(out.end, End::PeerSvidExpired | End::Revoked(_));
+    // The reason as the metric spells it, and the detail as text (no Rust Debug syntax).
+    let (end, detail) = match &out.end {
+        End::Revoked(s) | End::Error(s) => (out.end.reason(), s.as_str()),
+        e => (e.reason(), ""),
+    };
     if level_info {
-        info!(end = ?out.end, to_app, from_app, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
+        info!(
+            end,
+            detail,
+            to_app,
+            from_app,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "connection closed"
+        );
     } else {
-        debug!(end = ?out.end, to_app, from_app, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
+        debug!(
+            end,
+            detail,
+            to_app,
+            from_app,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "connection closed"
+        );
     }
 }
 
