@@ -263,7 +263,8 @@ pub(super) fn plan(
         "name": CONTAINER_NAME,
         "image": opts.image,
         "restartPolicy": "Always",
-        "args": ["run", "--config-env", CONFIG_ENV],
+        // JSON lines: what log collectors on Kubernetes parse.
+        "args": ["run", "--config-env", CONFIG_ENV, "--log-format", "json"],
         "env": [{ "name": CONFIG_ENV, "value": config }],
         "ports": container_ports,
         // Native sidecar: the next containers start once this probe passes, i.e. once an
