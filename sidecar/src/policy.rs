@@ -210,7 +210,8 @@ impl PolicyState {
     ) {
         let mut failures = 0u32;
         loop {
-            let mut backoff = crate::retry::reconnect_delay(failures, crate::identity::random_unit());
+            let mut backoff =
+                crate::retry::reconnect_delay(failures, crate::identity::random_unit());
             if identity.ready() {
                 let (tx, mut rx) = tokio::sync::mpsc::channel(4);
                 let fut = client.watch(identity.bundles.clone(), identity.creds.clone(), tx);
