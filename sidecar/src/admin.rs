@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Format, Metrics};
 use crate::ready::Readiness;
 
 /// What the admin endpoints read.
@@ -61,10 +61,15 @@ fn handle(s: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/metrics" => {
             s.metrics.svid_expiry.set(s.ready.identity.expires_in());
+            let accept = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let format = Format::negotiate(accept);
             reply(
                 StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                s.metrics.encode(),
+                format.content_type(),
+                s.metrics.encode_as(format),
             )
         }
         "/svid" => match s.ready.identity.creds.get() {
