@@ -243,6 +243,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            // The app probes the admin listener forwards (set by `inject`): refused up front.
+            let probes = std::env::var(mayfly_sidecar::admin::APP_PROBES_ENV).ok();
+            if let Err(e) = mayfly_sidecar::admin::parse_app_probes(probes.as_deref()) {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             init_logging(log.json());
             let rt = if cfg.worker_threads == 1 {
                 tokio::runtime::Builder::new_current_thread()

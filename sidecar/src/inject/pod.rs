@@ -23,6 +23,7 @@ pub(super) struct Plan {
     pub(super) volumes: Vec<Value>,
     pub(super) spiffe_id: String,
     pub(super) default_container: Option<String>,
+    pub(super) probe_rewrites: Vec<super::tuning::ProbeRewrite>,
 }
 
 struct Upstream {
@@ -291,6 +292,10 @@ pub(super) fn plan(
             { "name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": true },
         ],
     });
+    let mut container = container;
+    super::tuning::apply_annotations(&mut container, annotations)?;
+    let (probe_rewrites, probes) = super::tuning::plan_probes(spec)?;
+    super::tuning::probes_env(&mut container, probes);
     let volumes = vec![
         json!({
             "name": TOKEN_VOLUME,
@@ -315,5 +320,6 @@ pub(super) fn plan(
         volumes,
         spiffe_id,
         default_container,
+        probe_rewrites,
     })
 }
