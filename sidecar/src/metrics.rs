@@ -105,6 +105,15 @@ pub struct FailLabels {
     pub reason: String,
 }
 
+/// Labels of a completed handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KxLabels {
+    /// inbound or outbound.
+    pub direction: Direction,
+    /// The key exchange group, as IANA names it: X25519MLKEM768, X25519, secp256r1...
+    pub group: String,
+}
+
 /// Labels with a direction only.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirLabels {
@@ -139,6 +148,8 @@ pub struct Metrics {
     pub request_failures: Family<FailLabels, Counter>,
     /// Allowed connections that failed, by direction and reason.
     pub connection_failures: Family<FailLabels, Counter>,
+    /// Completed TLS handshakes by direction and key exchange group.
+    pub handshakes: Family<KxLabels, Counter>,
     /// TLS handshake failures by direction and reason.
     pub handshake_failures: Family<FailLabels, Counter>,
     /// Bytes from the peer side towards the app side, by direction.
@@ -182,6 +193,7 @@ impl Metrics {
             requests: Family::default(),
             request_failures: Family::default(),
             connection_failures: Family::default(),
+            handshakes: Family::default(),
             handshake_failures: Family::default(),
             bytes_in: Family::default(),
             bytes_out: Family::default(),
@@ -216,6 +228,11 @@ impl Metrics {
             "connection_failures",
             "Allowed connections that failed, by direction and reason",
             m.connection_failures.clone(),
+        );
+        r.register(
+            "handshakes",
+            "Completed TLS handshakes by direction and key exchange group",
+            m.handshakes.clone(),
         );
         r.register(
             "handshake_failures",
@@ -298,6 +315,16 @@ impl Metrics {
             .get_or_create(&ConnLabels {
                 direction,
                 decision: decision.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a completed handshake and its key exchange group.
+    pub fn handshake(&self, direction: Direction, group: &str) {
+        self.handshakes
+            .get_or_create(&KxLabels {
+                direction,
+                group: group.to_owned(),
             })
             .inc();
     }

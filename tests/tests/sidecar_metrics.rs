@@ -159,6 +159,83 @@ async fn a_failed_request_counts_one_decision_and_one_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_agree_on_the_hybrid_post_quantum_key_exchange_and_say_so() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let (_ca, mut web, orders) = mesh_to_a_missing_app(tmp.path(), &tmp).await;
+    let url = format!("http://{}/orders", web.outbound("orders"));
+    let (ok, _, err) = tokio::task::spawn_blocking(move || curl(&["-o", "/dev/null", &url]))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    let hybrid = orders
+        .metric("mayfly_sidecar_handshakes_total{direction=\"inbound\",group=\"X25519MLKEM768\"}")
+        .await;
+    let (_, body) = scrape(&orders.admin, None).await;
+    assert!(hybrid >= 1.0, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connections_span_names_the_key_exchange_group() {
+    // TCP mode, orders' policy admits nobody: its denial is logged inside the connection's span.
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let dir = tmp.path();
+    let ca = Ca::start(&tmp);
+    let closed = dir.join("closed.toml");
+    std::fs::write(&closed, mayfly_tests::policy(&[("nobody", "orders")])).unwrap();
+    let open = dir.join("open.toml");
+    std::fs::write(&open, mayfly_tests::policy(&[("web", "orders")])).unwrap();
+    let app = mayfly_tests::echo_app("orders").await;
+    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
+    let mut orders = Sidecar::start(
+        dir,
+        "orders",
+        &Spec {
+            me: "orders",
+            ca: &ca.addr,
+            token: &tok,
+            policy: &closed,
+            inbound_app: Some(&app),
+            outbound: &[],
+            svid_ttl: None,
+            extra: "",
+        }
+        .toml(),
+    );
+    let orders_in = orders.inbound();
+    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
+    let mut web = Sidecar::start(
+        dir,
+        "web",
+        &Spec {
+            me: "web",
+            ca: &ca.addr,
+            token: &tok,
+            policy: &open,
+            inbound_app: None,
+            outbound: &[("orders", &orders_in, "orders")],
+            svid_ttl: None,
+            extra: "",
+        }
+        .toml(),
+    );
+    orders.wait_ready().await;
+    web.wait_ready().await;
+    let out = web.outbound("orders");
+    assert!(mayfly_tests::round_trip(&out, b"hi").await.is_err());
+    let seen = mayfly_tests::eventually(std::time::Duration::from_secs(10), async || {
+        orders.proc.log().contains("inbound connection denied")
+    })
+    .await;
+    let log = orders.proc.log();
+    assert!(seen, "{log}");
+    let denied = log
+        .lines()
+        .find(|l| l.contains("inbound connection denied"))
+        .unwrap();
+    assert!(denied.contains("kx=X25519MLKEM768"), "{denied}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_come_in_the_negotiated_format_and_pass_promtool() {
     let tmp = Arc::new(tempfile::tempdir().unwrap());
     let (_ca, mut web, orders) = mesh_to_a_missing_app(tmp.path(), &tmp).await;
