@@ -160,7 +160,12 @@ pub(crate) async fn run(cmd: GrantCmd) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                for g in v.as_array().into_iter().flatten() {
+                let grants = v.as_array().map(Vec::as_slice).unwrap_or_default();
+                if grants.is_empty() {
+                    // On stderr, as `kubectl get` does: stdout stays a list (empty) for scripts.
+                    eprintln!("no grants");
+                }
+                for g in grants {
                     println!("{}", line(g));
                 }
             }

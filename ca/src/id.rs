@@ -53,6 +53,14 @@ pub enum IdError {
     /// The ID names a trust domain only where a workload ID (with a path) is needed.
     #[error("{0} names a trust domain, not a workload: a workload ID needs a path")]
     NoPath(String),
+    /// A bare trust domain name (`--trust-domain`) is not valid.
+    #[error("invalid trust domain {input:?}: {reason}")]
+    InvalidTrustDomain {
+        /// The input, truncated for display.
+        input: String,
+        /// The rule it broke.
+        reason: String,
+    },
     /// The ID is in the namespace the control plane keeps for itself.
     #[error(
         "{0} is reserved: IDs whose path starts with /{RESERVED_SEGMENT}/ belong to the control plane and are never issued to workloads"
@@ -138,15 +146,30 @@ pub fn parse_issuable_id(s: &str) -> Result<SpiffeId, IdError> {
 }
 
 /// Parses a trust domain name (`example.org`, not `spiffe://example.org`), lowercase only.
+/// Errors name the trust domain as given, never a SPIFFE ID the user did not write.
 pub fn parse_trust_domain(s: &str) -> Result<TrustDomain, IdError> {
+    let bad = |reason: String| IdError::InvalidTrustDomain {
+        input: shown(s),
+        reason,
+    };
     if s.contains(':') || s.contains('/') {
-        return Err(IdError::Invalid {
-            input: shown(s),
-            reason: "a trust domain is a bare name such as example.org".into(),
-        });
+        return Err(bad(
+            "a trust domain is a bare name such as example.org".into()
+        ));
     }
-    let id = parse_id(&format!("{SCHEME}{s}"))?;
-    Ok(id.trust_domain().clone())
+    match parse_id(&format!("{SCHEME}{s}")) {
+        Ok(id) => Ok(id.trust_domain().clone()),
+        Err(IdError::UppercaseTrustDomain { .. }) => Err(bad(format!(
+            "it must be lowercase (did you mean {:?}?)",
+            s.to_ascii_lowercase()
+        ))),
+        Err(IdError::Invalid { reason, .. }) => Err(bad(reason)),
+        Err(IdError::TooLong { .. }) => Err(bad(format!(
+            "{} bytes is longer than a trust domain may be",
+            s.len()
+        ))),
+        Err(e) => Err(bad(e.to_string())),
+    }
 }
 
 /// Displays a trust domain as its SPIFFE ID (`spiffe://example.org`).
@@ -240,6 +263,14 @@ mod tests {
             "mayfly.local"
         );
         assert!(parse_trust_domain("spiffe://mayfly.local").is_err());
+        let e = parse_trust_domain("Example.org").unwrap_err().to_string();
+        assert!(e.starts_with("invalid trust domain \"Example.org\""), "{e}");
+        assert!(
+            e.contains("\"example.org\"") && !e.contains("SPIFFE ID"),
+            "{e}"
+        );
+        let e = parse_trust_domain("").unwrap_err().to_string();
+        assert!(e.starts_with("invalid trust domain"), "{e}");
         assert!(parse_trust_domain("").is_err());
         assert!(parse_trust_domain(&"a".repeat(256)).is_err());
     }

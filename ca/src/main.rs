@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use mayfly_ca::authority::AuthorityConfig;
 use mayfly_ca::duration::{format_duration, parse_duration};
 use mayfly_ca::server::admin::{self, AdminRequest};
@@ -78,6 +78,13 @@ enum Cmd {
     /// Just-in-time grants: request, approve, deny, revoke, list.
     #[command(subcommand)]
     Grant(grant_cmd::GrantCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on standard output.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on standard output: `mayfly-ca man | man -l -`.
+    Man,
 }
 
 #[derive(Args)]
@@ -117,7 +124,7 @@ struct RunArgs {
     /// A policy file to validate, version, hot-reload and push to every sidecar.
     #[arg(long)]
     policy: Option<PathBuf>,
-    /// Log format.
+    /// Log format on standard error: text (coloured only on a terminal) or JSON lines.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
     /// Kubernetes attestation: the cluster's service-account issuer JWK Set, a file
@@ -151,6 +158,9 @@ enum SvidCmd {
         /// Output directory: svid.pem, svid.key (0600), bundle.pem, bundle.json.
         #[arg(long)]
         out: PathBuf,
+        /// Print JSON (spiffe_id, serial, not_after, files).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -221,10 +231,13 @@ enum TokenCmd {
 }
 
 fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never in files or log collectors.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
@@ -332,7 +345,7 @@ async fn admin_call(dir: &Path, req: AdminRequest) -> Result<Value> {
     admin::call(&socket, &req).await.map_err(anyhow::Error::msg)
 }
 
-fn mint(dir: &Path, id: &str, ttl: Duration, out: &Path) -> Result<()> {
+fn mint(dir: &Path, id: &str, ttl: Duration, out: &Path, json: bool) -> Result<()> {
     use mayfly_ca::keys::{SecretKey, pem_encode};
     let id = mayfly_ca::id::parse_issuable_id(id)?;
     let (_dd, store, authorities) = server::open(dir)?;
@@ -368,6 +381,22 @@ fn mint(dir: &Path, id: &str, ttl: Duration, out: &Path) -> Result<()> {
         &serde_json::json!({ "spiffe_id": id.to_string(), "serial": issued.serial, "by": who })
             .to_string(),
     )?;
+    if json {
+        let file = |name: &str| out.join(name).display().to_string();
+        let v = serde_json::json!({
+            "spiffe_id": id.to_string(),
+            "serial": issued.serial,
+            "not_after": issued.not_after.unix_timestamp(),
+            "files": {
+                "svid": file("svid.pem"),
+                "key": file("svid.key"),
+                "bundle_pem": file("bundle.pem"),
+                "bundle_jwks": file("bundle.json"),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     println!(
         "minted {id} (serial {}, expires {}) into {}",
         issued.serial,
@@ -447,7 +476,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
             spiffe_id,
             ttl,
             out,
-        }) => mint(&dir.data_dir, &spiffe_id, ttl, &out),
+            json,
+        }) => mint(&dir.data_dir, &spiffe_id, ttl, &out, json),
         Cmd::Bundle(BundleCmd::Show { dir, format }) => {
             let (_, _, a) = server::open(&dir.data_dir)?;
             let b = server::bundle_of(&a)?;
@@ -518,7 +548,52 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Policy(cmd) => policy_cmd::run(cmd),
         Cmd::Audit(cmd) => audit_cmd::run(cmd).await,
         Cmd::Grant(cmd) => grant_cmd::run(cmd).await,
+        Cmd::Completions { shell } => {
+            use std::io::Write;
+            // Into memory first: clap_complete panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mayfly-ca", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("cannot write the completion script")
+        }
+        Cmd::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .context("cannot write the manual page"),
     }
+}
+
+/// Returned by a command that already told the user what went wrong (on stderr, or as JSON on
+/// stdout): `main` exits 1 without a second message.
+#[derive(Debug)]
+pub(crate) struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reported")
+    }
+}
+
+impl std::error::Error for Reported {}
+
+/// An error and its causes, each said once. Several library errors show their source in their
+/// own message (`cannot listen on ADDR: Address already in use`) and also return it as
+/// `source()`: `{:#}` would print it twice.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if !last.is_empty() && last.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+        last = msg;
+    }
+    out
 }
 
 fn main() -> ExitCode {
@@ -535,8 +610,9 @@ fn main() -> ExitCode {
     };
     match rt.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
     }

@@ -3,9 +3,12 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Subcommand;
-use mayfly_policy::{HttpRequest, Policy, Request, normalize_path};
+use mayfly_policy::{DecidedBy, Diagnostic, HttpRequest, Loaded, Policy, Request, normalize_path};
+use serde_json::{Value, json};
+
+use crate::Reported;
 
 /// Policy subcommands.
 #[derive(Subcommand)]
@@ -14,6 +17,10 @@ pub(crate) enum PolicyCmd {
     Check {
         /// The policy file.
         file: PathBuf,
+        /// Print JSON on standard output: `ok`, `rules`, `version`, `errors`, `warnings`
+        /// (each with file, line, col, severity, message).
+        #[arg(long)]
+        json: bool,
     },
     /// Show how a policy decides one request, rule by rule.
     Explain {
@@ -44,29 +51,86 @@ pub(crate) enum PolicyCmd {
         /// Evaluate at this time (RFC 3339) instead of now.
         #[arg(long)]
         at: Option<String>,
+        /// Print JSON on standard output: the request, each rule or grant considered and the
+        /// decision.
+        #[arg(long)]
+        json: bool,
     },
 }
 
-fn load(file: &PathBuf, now: time::OffsetDateTime) -> Result<Policy> {
+fn diag_json(d: &Diagnostic) -> Value {
+    json!({
+        "file": d.file,
+        "line": d.line,
+        "col": d.col,
+        "severity": d.severity.to_string(),
+        "message": d.message,
+    })
+}
+
+/// Loads a policy. Each diagnostic is printed once, as `file:line:col: severity: message` on
+/// stderr (it already says "error"), or, with `json`, as the JSON report on stdout; warnings
+/// are left to the caller when the policy loads.
+fn load(file: &PathBuf, now: time::OffsetDateTime, json: bool) -> Result<Loaded> {
     let src =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let name = file.display().to_string();
     match Policy::from_toml_at(&src, &name, now) {
         Ok(loaded) => {
-            for w in &loaded.warnings {
-                eprintln!("{w}");
+            if !json {
+                for w in &loaded.warnings {
+                    eprintln!("{w}");
+                }
             }
-            Ok(loaded.policy)
+            Ok(loaded)
         }
-        Err(e) => bail!("{e}"),
+        Err(e) => {
+            if json {
+                let v = json!({
+                    "file": name,
+                    "ok": false,
+                    "errors": e.diagnostics.iter().map(diag_json).collect::<Vec<_>>(),
+                    "warnings": [],
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                eprintln!("{e}");
+            }
+            Err(Reported.into())
+        }
+    }
+}
+
+fn decided_by_json(d: &DecidedBy) -> Value {
+    match d {
+        DecidedBy::Rule(n) => json!({ "rule": n.as_ref() }),
+        DecidedBy::Grant(id) => json!({ "grant": id }),
+        DecidedBy::Default => json!("default_deny"),
+        DecidedBy::UnnormalizedPath => json!("unnormalised_path"),
+        other => json!(other.to_string()),
     }
 }
 
 pub(crate) fn run(cmd: PolicyCmd) -> Result<()> {
     let now = time::OffsetDateTime::now_utc();
     match cmd {
-        PolicyCmd::Check { file } => {
-            let p = load(&file, now)?;
+        PolicyCmd::Check { file, json } => {
+            let Loaded {
+                policy: p,
+                warnings,
+            } = load(&file, now, json)?;
+            if json {
+                let v = json!({
+                    "file": file.display().to_string(),
+                    "ok": true,
+                    "rules": p.rules().len(),
+                    "version": p.version().to_string(),
+                    "errors": [],
+                    "warnings": warnings.iter().map(diag_json).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             println!(
                 "{}: ok, {} rules, version {}",
                 file.display(),
@@ -85,6 +149,7 @@ pub(crate) fn run(cmd: PolicyCmd) -> Result<()> {
             headers,
             source_ip,
             at,
+            json,
         } => {
             let now = match at {
                 Some(s) => {
@@ -93,7 +158,7 @@ pub(crate) fn run(cmd: PolicyCmd) -> Result<()> {
                 }
                 None => now,
             };
-            let p = load(&policy, now)?;
+            let p = load(&policy, now, json)?.policy;
             let engine = p.compile();
             let pairs: Vec<(String, String)> = headers
                 .iter()
@@ -127,7 +192,30 @@ pub(crate) fn run(cmd: PolicyCmd) -> Result<()> {
                 http,
                 now,
             };
-            println!("{}", engine.explain(&req, &[]).to_string().trim_end());
+            let x = engine.explain(&req, &[]);
+            if json {
+                let d = &x.decision;
+                let v = json!({
+                    "request": x.request,
+                    "steps": x.steps.iter().map(|s| json!({
+                        "subject": s.subject,
+                        "matched": s.failed.is_none(),
+                        "failed": s.failed,
+                    })).collect::<Vec<_>>(),
+                    "decision": {
+                        "allow": d.allow,
+                        "enforced": d.enforced,
+                        "permits": d.permits(),
+                        "decided_by": decided_by_json(&d.decided_by),
+                        "dry_run": d.dry_run.as_ref().map(|r| json!({ "allow": r.allow, "rule": r.rule.as_ref() })),
+                        "policy_version": d.policy_version.as_ref(),
+                        "decision_id": d.decision_id,
+                    },
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", x.to_string().trim_end());
+            }
             Ok(())
         }
     }

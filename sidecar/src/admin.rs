@@ -1,7 +1,11 @@
-//! The admin listener (loopback by default): `/healthz`, `/readyz`, `/metrics`, `/svid`.
+//! The admin listener (loopback by default): `/healthz`, `/readyz`, `/metrics`, `/svid`, and
+//! `/app-health/<container>/<probe>`: the app's own HTTP probes, forwarded to its loopback
+//! port (set up by `mayfly-sidecar inject`, which rewrites the pod's probes to these paths).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +18,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Format, Metrics};
 use crate::ready::Readiness;
 
 /// What the admin endpoints read.
@@ -61,10 +65,15 @@ fn handle(s: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/metrics" => {
             s.metrics.svid_expiry.set(s.ready.identity.expires_in());
+            let accept = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let format = Format::negotiate(accept);
             reply(
                 StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                s.metrics.encode(),
+                format.content_type(),
+                s.metrics.encode_as(format),
             )
         }
         "/svid" => match s.ready.identity.creds.get() {
@@ -95,6 +104,102 @@ fn handle(s: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// The environment variable holding the app probes the admin listener forwards, as JSON:
+/// `{"/app-health/<container>/<probe>": {"port": 8080, "path": "/healthz", "headers": []}}`.
+pub const APP_PROBES_ENV: &str = "MAYFLY_APP_PROBES";
+/// The path prefix of the forwarded app probes.
+pub const APP_HEALTH_PREFIX: &str = "/app-health/";
+/// How long a forwarded probe may take (the kubelet's own timeout is usually shorter).
+const APP_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One app probe: always to `127.0.0.1:port`, never elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppProbe {
+    /// The app's port on loopback.
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+    /// Extra request headers (the probe's `httpHeaders`).
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+}
+
+/// Parses the [`APP_PROBES_ENV`] JSON; `None` is no probes.
+pub fn parse_app_probes(json: Option<&str>) -> Result<HashMap<String, AppProbe>, String> {
+    let Some(json) = json.filter(|s| !s.trim().is_empty()) else {
+        return Ok(HashMap::new());
+    };
+    let map: HashMap<String, AppProbe> =
+        serde_json::from_str(json).map_err(|e| format!("{APP_PROBES_ENV}: {e}"))?;
+    for (route, p) in &map {
+        if !route.starts_with(APP_HEALTH_PREFIX) || p.port == 0 || !p.path.starts_with('/') {
+            return Err(format!(
+                "{APP_PROBES_ENV}: {route:?}: a route under {APP_HEALTH_PREFIX}, a port and a path starting with / are needed"
+            ));
+        }
+    }
+    Ok(map)
+}
+
+/// The app probes from the environment (read once; `mayfly-sidecar run` refuses a bad value
+/// before starting, so an error here only means none).
+pub fn app_probes() -> &'static HashMap<String, AppProbe> {
+    static PROBES: OnceLock<HashMap<String, AppProbe>> = OnceLock::new();
+    PROBES.get_or_init(|| {
+        parse_app_probes(std::env::var(APP_PROBES_ENV).ok().as_deref()).unwrap_or_default()
+    })
+}
+
+/// Forwards one app probe to loopback: the app's status (the kubelet counts 200-399 as
+/// success), or 503 when the app does not answer.
+pub async fn forward_app_probe(
+    probes: &HashMap<String, AppProbe>,
+    route: &str,
+) -> Response<Full<Bytes>> {
+    let Some(p) = probes.get(route) else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such app probe\n".into(),
+        );
+    };
+    match tokio::time::timeout(APP_PROBE_TIMEOUT, probe_app(p)).await {
+        Ok(Ok(status)) => reply(status, "text/plain", format!("app answered {status}\n")),
+        Ok(Err(e)) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("app probe to 127.0.0.1:{}{} failed: {e}\n", p.port, p.path),
+        ),
+        Err(_) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("app probe to 127.0.0.1:{}{} timed out\n", p.port, p.path),
+        ),
+    }
+}
+
+async fn probe_app(p: &AppProbe) -> Result<StatusCode, String> {
+    let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, p.port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = Request::get(p.path.as_str())
+        .header(http::header::HOST, format!("127.0.0.1:{}", p.port))
+        .header(http::header::USER_AGENT, "mayfly-sidecar-app-probe");
+    for (k, v) in &p.headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(resp.status())
+}
+
 /// Serves the admin listener until `stop` flips.
 pub async fn serve(state: Arc<AdminState>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     loop {
@@ -105,8 +210,24 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener, mut stop: watc
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = handle(&state, &req);
-                async move { Ok::<_, Infallible>(r) }
+                let route = req
+                    .uri()
+                    .path()
+                    .starts_with(APP_HEALTH_PREFIX)
+                    .then(|| req.uri().path().to_owned());
+                let r = match route {
+                    Some(_) => None,
+                    None => Some(handle(&state, &req)),
+                };
+                async move {
+                    Ok::<_, Infallible>(match (r, route) {
+                        (Some(r), _) => r,
+                        (None, route) => {
+                            forward_app_probe(app_probes(), route.as_deref().unwrap_or_default())
+                                .await
+                        }
+                    })
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -913,9 +913,7 @@ impl Actor {
                 return;
             }
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            self.metrics
-                .audit_dropped
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            self.metrics.audit_dropped_reached(n);
             return;
         }
         self.write_gap_if_any(ev.ts_ms);
@@ -1294,7 +1292,7 @@ async fn run(mut a: Actor, mut rx: mpsc::Receiver<Event>, mut shutdown: watch::R
                 a.start_sync(&sync_tx);
                 a.update_full();
                 a.metrics.audit_spool_bytes.set(i64::try_from(a.unacked_total()).unwrap_or(i64::MAX));
-                a.metrics.audit_dropped.set(i64::try_from(a.dropped.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+                a.metrics.audit_dropped_reached(a.dropped.load(Ordering::Relaxed));
                 if !in_flight && tokio::time::Instant::now() >= next_ship {
                     in_flight = a.ship(&ship_tx);
                 }

@@ -10,8 +10,10 @@ use clap::{Args, Subcommand};
 use mayfly_sidecar::inject::webhook::Webhook;
 use mayfly_sidecar::inject::{self, InjectOptions};
 
+/// The injection options are global: `inject --ca-pin PIN serve ...` and `inject serve --ca-pin
+/// PIN ...` are the same, as `deploy/README.md` writes them.
 #[derive(Args)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(subcommand_negates_reqs = true)]
 pub(crate) struct InjectCmd {
     #[command(subcommand)]
     serve: Option<ServeCmd>,
@@ -36,39 +38,45 @@ enum ServeCmd {
         #[arg(long)]
         tls_key: PathBuf,
         #[command(flatten)]
-        opts: OptionArgs,
-        /// Log as JSON lines.
-        #[arg(long)]
-        log_json: bool,
+        log: crate::LogArgs,
     },
 }
 
 #[derive(Args)]
 struct OptionArgs {
-    /// The root pin of the control plane: `mayfly-ca bundle show --format pin`.
-    #[arg(long, env = "MAYFLY_CA_PIN")]
-    ca_pin: String,
+    /// The root pin of the control plane: `mayfly-ca bundle show --format pin` (required).
+    #[arg(long, env = "MAYFLY_CA_PIN", global = true)]
+    ca_pin: Option<String>,
     /// The sidecar image.
-    #[arg(long, default_value = inject::DEFAULT_IMAGE)]
+    #[arg(long, default_value = inject::DEFAULT_IMAGE, global = true)]
     image: String,
     /// The trust domain of the SPIFFE IDs (spiffe://TD/ns/NS/sa/SA).
-    #[arg(long, default_value = "mayfly.local")]
+    #[arg(long, default_value = "mayfly.local", global = true)]
     trust_domain: String,
     /// The control plane's host:port as pods reach it.
-    #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE)]
+    #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE, global = true)]
     control_plane: String,
     /// The ConfigMap, in each pod's namespace, whose `policy.toml` the sidecar loads.
-    #[arg(long, default_value = "mayfly-policy")]
+    #[arg(long, default_value = "mayfly-policy", global = true)]
     policy_configmap: String,
 }
 
 impl OptionArgs {
+    /// The options; a missing pin is a usage error (exit 2), as clap reports one. (A global
+    /// argument cannot be `required` in clap, hence the check here.)
     fn into_options(self) -> InjectOptions {
+        let Some(ca_pin) = self.ca_pin else {
+            clap::Error::raw(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--ca-pin PIN (or MAYFLY_CA_PIN) is required: `mayfly-ca bundle show --format pin`\n",
+            )
+            .exit()
+        };
         InjectOptions {
             image: self.image,
             trust_domain: self.trust_domain,
             control_plane: self.control_plane,
-            ca_pin: self.ca_pin,
+            ca_pin,
             policy_configmap: self.policy_configmap,
         }
     }
@@ -80,18 +88,25 @@ pub(crate) fn run(cmd: InjectCmd) -> ExitCode {
             listen,
             tls_cert,
             tls_key,
-            opts,
-            log_json,
+            log,
         }) => {
-            crate::init_logging(log_json);
-            serve(listen, tls_cert, tls_key, opts.into_options())
+            if let Some(file) = &cmd.file {
+                clap::Error::raw(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("`inject serve` reads no file (got {file:?}): inject FILE, or serve\n"),
+                )
+                .exit()
+            }
+            let opts = cmd.opts.into_options();
+            crate::init_logging(log.json());
+            serve(listen, tls_cert, tls_key, opts)
         }
         None => filter(cmd.file.as_deref().unwrap_or("-"), cmd.opts.into_options()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crate::report(&e));
             ExitCode::FAILURE
         }
     }

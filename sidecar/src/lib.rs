@@ -264,7 +264,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         )));
     }
     let inbound_addr = inbound.as_ref().map(|(_, r)| r.addr);
-    let outbound_addrs = outbound
+    let outbound_addrs: Vec<(String, SocketAddr)> = outbound
         .iter()
         .map(|(o, r)| (o.name.clone(), r.addr))
         .collect();
@@ -276,7 +276,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         stop_rx.clone(),
         failed_tx,
     )));
-    info!(spiffe_id = %cfg.spiffe_id, admin = %admin_addr, inbound = ?inbound_addr, outbound = ?outbound_addrs, "sidecar started");
+    // Display values only: no `Some(..)` or `[(..)]` Rust syntax in the logs.
+    let inbound_shown = inbound_addr.map_or_else(|| "none".to_owned(), |a| a.to_string());
+    let outbound_shown = outbound_addrs
+        .iter()
+        .map(|(n, a)| format!("{n}={a}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    info!(spiffe_id = %cfg.spiffe_id, admin = %admin_addr, inbound = %inbound_shown, outbound = %outbound_shown, "sidecar started");
     Ok(Running {
         admin_addr,
         inbound_addr,

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use mayfly_sidecar::config::{Config, ConfigError};
 
 mod inject_cmd;
@@ -25,18 +25,50 @@ enum Cmd {
     Run {
         #[command(flatten)]
         source: ConfigSource,
-        /// Log as JSON lines.
-        #[arg(long)]
-        log_json: bool,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Check a configuration and exit.
     Check {
         #[command(flatten)]
         source: ConfigSource,
+        /// Print JSON (`{"config", "ok", "error"}`) on standard output.
+        #[arg(long)]
+        json: bool,
     },
     /// Add the sidecar to Kubernetes workloads (YAML in, YAML out), or serve the same as a
     /// mutating admission webhook (`inject serve`).
     Inject(Box<inject_cmd::InjectCmd>),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on standard output.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on standard output: `mayfly-sidecar man | man -l -`.
+    Man,
+}
+
+/// The log format, spelled as `mayfly-ca run --log-format`.
+#[derive(Args)]
+pub(crate) struct LogArgs {
+    /// Log format on standard error: text (coloured only on a terminal) or JSON lines.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// The former spelling of `--log-format json`, kept for existing units and manifests.
+    #[arg(long, hide = true)]
+    log_json: bool,
+}
+
+impl LogArgs {
+    pub(crate) fn json(&self) -> bool {
+        self.log_json || matches!(self.log_format, LogFormat::Json)
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Where the configuration comes from: a file, or a variable holding the whole TOML.
@@ -64,6 +96,15 @@ impl ConfigSource {
         }
     }
 
+    /// How the configuration is named in messages, also when it does not load.
+    fn name(&self) -> String {
+        match (&self.config, &self.config_env) {
+            (_, Some(var)) => format!("${var}"),
+            (Some(path), None) => path.display().to_string(),
+            (None, None) => "MAYFLY_SIDECAR_CONFIG".into(),
+        }
+    }
+
     /// The configuration and the files it names: `[policy] file` must exist and hold a valid
     /// policy, for `check` as for `run` (both exit 64 otherwise).
     fn load_checked(&self) -> Result<(Config, String), String> {
@@ -81,16 +122,39 @@ impl ConfigSource {
 const EXIT_CONFIG: u8 = 64;
 
 fn init_logging(json: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never in files or log collectors.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
         b.init();
     }
+}
+
+/// An error and its causes, each said once. Several library errors show their source in their
+/// own message (`cannot listen on ADDR: Address already in use`) and also return it as
+/// `source()`: `{:#}` would print it twice.
+pub(crate) fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if !last.is_empty() && last.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+        last = msg;
+    }
+    out
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -124,17 +188,53 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Inject(cmd) => inject_cmd::run(*cmd),
-        Cmd::Check { source } => match source.load_checked() {
-            Ok((_, name)) => {
-                println!("{name}: ok");
-                ExitCode::SUCCESS
+        Cmd::Completions { shell } => {
+            use std::io::Write;
+            // Into memory first: clap_complete panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mayfly-sidecar", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write the completion script: {e}");
+                    ExitCode::FAILURE
+                }
             }
+        }
+        Cmd::Man => match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(EXIT_CONFIG)
+                eprintln!("error: cannot write the manual page: {e}");
+                ExitCode::FAILURE
             }
         },
-        Cmd::Run { source, log_json } => {
+        Cmd::Check { source, json } => {
+            let (name, result) = match source.load_checked() {
+                Ok((_, name)) => (name, Ok(())),
+                Err(e) => (source.name(), Err(e)),
+            };
+            if json {
+                let v = serde_json::json!({
+                    "config": name,
+                    "ok": result.is_ok(),
+                    "error": result.as_ref().err(),
+                });
+                println!("{v}");
+            }
+            match result {
+                Ok(()) => {
+                    if !json {
+                        println!("{name}: ok");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Cmd::Run { source, log } => {
             // Parse all configuration (and the policy file) before binding any port.
             let cfg = match source.load_checked() {
                 Ok((c, _)) => c,
@@ -143,7 +243,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_logging(log_json);
+            // The app probes the admin listener forwards (set by `inject`): refused up front.
+            let probes = std::env::var(mayfly_sidecar::admin::APP_PROBES_ENV).ok();
+            if let Err(e) = mayfly_sidecar::admin::parse_app_probes(probes.as_deref()) {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            init_logging(log.json());
             let rt = if cfg.worker_threads == 1 {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -164,7 +270,7 @@ fn main() -> ExitCode {
             match rt.block_on(run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    eprintln!("error: {}", report(&e));
                     ExitCode::FAILURE
                 }
             }

@@ -1,18 +1,90 @@
-//! Sidecar metrics (Prometheus text on the admin listener).
+//! Sidecar metrics on the admin listener: OpenMetrics 1.0 for a scraper that asks for it
+//! (Prometheus does), the Prometheus text format 0.0.4 otherwise (curl, promtool, older agents).
+//!
+//! Each request (HTTP mode) or connection (TCP mode) counts **one** policy decision in
+//! `requests_total` / `connections_total`; an allowed one that then fails (the app or the
+//! upstream unreachable) also counts one failure in `request_failures_total` /
+//! `connection_failures_total`, never a second decision.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Traffic direction.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     /// Peer sidecar -> this sidecar -> local app.
     Inbound,
     /// Local app -> this sidecar -> peer sidecar.
     Outbound,
+}
+
+impl Direction {
+    /// `inbound` or `outbound`, as label values are spelled (lowercase, like every other one).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// Outcomes that follow an allowed decision: counted as failures, not as a second decision.
+const FAILURES: [&str; 4] = [
+    "app_unreachable",
+    "upstream_unreachable",
+    "upstream_error",
+    "remote_unreachable",
+];
+
+/// The exposition formats `/metrics` serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4.
+    Text,
+}
+
+impl Format {
+    /// What the `Accept` header asks for: OpenMetrics when it names it (with a non-zero
+    /// quality), else the Prometheus text format.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let wants_om = accept.into_iter().flat_map(|a| a.split(',')).any(|part| {
+            let mut params = part.split(';').map(str::trim);
+            let media = params.next().unwrap_or_default();
+            let zero = params.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            media.eq_ignore_ascii_case("application/openmetrics-text") && !zero
+        });
+        if wants_om {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
+    }
+
+    /// The `Content-Type` of this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
 }
 
 /// Labels of a connection decision.
@@ -31,6 +103,15 @@ pub struct FailLabels {
     pub direction: Direction,
     /// Short reason.
     pub reason: String,
+}
+
+/// Labels of a completed handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KxLabels {
+    /// inbound or outbound.
+    pub direction: Direction,
+    /// The key exchange group, as IANA names it: X25519MLKEM768, X25519, secp256r1...
+    pub group: String,
 }
 
 /// Labels with a direction only.
@@ -63,6 +144,12 @@ pub struct Metrics {
     pub connections: Family<ConnLabels, Counter>,
     /// HTTP requests by direction and decision.
     pub requests: Family<ConnLabels, Counter>,
+    /// Allowed HTTP requests that failed, by direction and reason.
+    pub request_failures: Family<FailLabels, Counter>,
+    /// Allowed connections that failed, by direction and reason.
+    pub connection_failures: Family<FailLabels, Counter>,
+    /// Completed TLS handshakes by direction and key exchange group.
+    pub handshakes: Family<KxLabels, Counter>,
     /// TLS handshake failures by direction and reason.
     pub handshake_failures: Family<FailLabels, Counter>,
     /// Bytes from the peer side towards the app side, by direction.
@@ -85,8 +172,10 @@ pub struct Metrics {
     pub audit_records: Counter,
     /// Bytes of audit records not yet acknowledged by the control plane.
     pub audit_spool_bytes: Gauge,
-    /// Audit records dropped (drop mode, spool full).
-    pub audit_dropped: Gauge,
+    /// Audit records dropped (drop mode, spool full, or a writer that fell behind).
+    pub audit_dropped: Counter,
+    /// The dropped total already counted in `audit_dropped`.
+    audit_dropped_seen: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -102,6 +191,9 @@ impl Metrics {
         let m = Self {
             connections: Family::default(),
             requests: Family::default(),
+            request_failures: Family::default(),
+            connection_failures: Family::default(),
+            handshakes: Family::default(),
             handshake_failures: Family::default(),
             bytes_in: Family::default(),
             bytes_out: Family::default(),
@@ -113,7 +205,8 @@ impl Metrics {
             grants_rejected: Counter::default(),
             audit_records: Counter::default(),
             audit_spool_bytes: Gauge::default(),
-            audit_dropped: Gauge::default(),
+            audit_dropped: Counter::default(),
+            audit_dropped_seen: AtomicU64::new(0),
             registry: Registry::default(),
         };
         r.register(
@@ -125,6 +218,21 @@ impl Metrics {
             "requests",
             "HTTP requests by direction and policy decision",
             m.requests.clone(),
+        );
+        r.register(
+            "request_failures",
+            "Allowed HTTP requests that failed, by direction and reason",
+            m.request_failures.clone(),
+        );
+        r.register(
+            "connection_failures",
+            "Allowed connections that failed, by direction and reason",
+            m.connection_failures.clone(),
+        );
+        r.register(
+            "handshakes",
+            "Completed TLS handshakes by direction and key exchange group",
+            m.handshakes.clone(),
         );
         r.register(
             "handshake_failures",
@@ -185,8 +293,11 @@ impl Metrics {
         Self { registry: r, ..m }
     }
 
-    /// Counts a connection decision.
+    /// Counts a connection's decision, or the failure of an allowed one (see the module doc).
     pub fn decision(&self, direction: Direction, decision: &str) {
+        if FAILURES.contains(&decision) {
+            return self.fail(&self.connection_failures, direction, decision);
+        }
         self.connections
             .get_or_create(&ConnLabels {
                 direction,
@@ -195,12 +306,25 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts an HTTP request decision.
+    /// Counts a request's decision, or the failure of an allowed one (see the module doc).
     pub fn request(&self, direction: Direction, decision: &str) {
+        if FAILURES.contains(&decision) {
+            return self.fail(&self.request_failures, direction, decision);
+        }
         self.requests
             .get_or_create(&ConnLabels {
                 direction,
                 decision: decision.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a completed handshake and its key exchange group.
+    pub fn handshake(&self, direction: Direction, group: &str) {
+        self.handshakes
+            .get_or_create(&KxLabels {
+                direction,
+                group: group.to_owned(),
             })
             .inc();
     }
@@ -215,12 +339,169 @@ impl Metrics {
             .inc();
     }
 
-    /// Prometheus text exposition.
+    fn fail(&self, family: &Family<FailLabels, Counter>, direction: Direction, reason: &str) {
+        family
+            .get_or_create(&FailLabels {
+                direction,
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Brings `audit_dropped` up to `total`, the spool's running count of dropped records.
+    pub fn audit_dropped_reached(&self, total: u64) {
+        let before = self.audit_dropped_seen.fetch_max(total, Ordering::Relaxed);
+        if total > before {
+            self.audit_dropped.inc_by(total - before);
+        }
+    }
+
+    /// OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
+    }
+
+    /// The exposition in `format`.
+    pub fn encode_as(&self, format: Format) -> String {
+        match format {
+            Format::OpenMetrics => self.encode(),
+            Format::Text => openmetrics_to_text(&self.encode()),
+        }
+    }
+}
+
+/// Rewrites OpenMetrics text as the Prometheus text format 0.0.4: a counter's `# HELP` and
+/// `# TYPE` name its `_total` samples (OpenMetrics names the family without the suffix, and a
+/// 0.0.4 parser would see untyped samples with no help), `unknown` is `untyped`, and `# UNIT`,
+/// `_created` samples and `# EOF` have no 0.0.4 form.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let renamed = |name: &str| {
+        if counters.contains(name) {
+            format!("{name}_total")
+        } else {
+            name.to_owned()
+        }
+    };
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, kind)) = rest.split_once(' ')
+        {
+            let kind = match kind {
+                "unknown" => "untyped",
+                "info" | "stateset" => "gauge",
+                k => k,
+            };
+            out.push_str(&format!("# TYPE {} {kind}\n", renamed(name)));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ")
+            && let Some((name, help)) = rest.split_once(' ')
+        {
+            out.push_str(&format!("# HELP {} {help}\n", renamed(name)));
+            continue;
+        }
+        let sample = line.split(['{', ' ']).next().unwrap_or_default();
+        if sample
+            .strip_suffix("_created")
+            .is_some_and(|base| counters.contains(base))
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accept_header_picks_the_format() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(None), Format::Text);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(Format::negotiate(Some("text/plain")), Format::Text);
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text; q=0, text/plain")),
+            Format::Text
+        );
+    }
+
+    #[test]
+    fn label_values_are_lowercase_and_dropped_records_a_total() {
+        let m = Metrics::new();
+        m.decision(Direction::Inbound, "allow");
+        m.request(Direction::Outbound, "deny");
+        m.audit_dropped_reached(3);
+        m.audit_dropped_reached(2); // a stale total never lowers the counter
+        m.audit_dropped_reached(5);
+        let om = m.encode();
+        assert!(om.contains("direction=\"inbound\""), "{om}");
+        assert!(om.contains("direction=\"outbound\""), "{om}");
+        assert!(!om.contains("Inbound") && !om.contains("Outbound"), "{om}");
+        assert!(
+            om.contains("\nmayfly_sidecar_audit_dropped_total 5\n"),
+            "{om}"
+        );
+        assert!(
+            om.contains("# TYPE mayfly_sidecar_audit_dropped counter\n"),
+            "{om}"
+        );
+    }
+
+    #[test]
+    fn a_failure_after_an_allow_is_not_a_second_decision() {
+        let m = Metrics::new();
+        m.request(Direction::Outbound, "allow");
+        m.request(Direction::Outbound, "upstream_error");
+        m.decision(Direction::Inbound, "allow");
+        m.decision(Direction::Inbound, "app_unreachable");
+        let text = m.encode_as(Format::Text);
+        let sum = |prefix: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        assert_eq!(sum("mayfly_sidecar_requests_total{"), 1.0, "{text}");
+        assert_eq!(sum("mayfly_sidecar_connections_total{"), 1.0, "{text}");
+        assert_eq!(
+            sum(
+                "mayfly_sidecar_request_failures_total{direction=\"outbound\",reason=\"upstream_error\"}"
+            ),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            sum(
+                "mayfly_sidecar_connection_failures_total{direction=\"inbound\",reason=\"app_unreachable\"}"
+            ),
+            1.0,
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_text_format_names_counters_by_their_samples() {
+        let om = "# HELP x_requests Requests.\n# TYPE x_requests counter\nx_requests_total{a=\"b\"} 1\nx_requests_created{a=\"b\"} 1.7e9\n# HELP x_open Open.\n# TYPE x_open gauge\n# UNIT x_open connections\nx_open 2\n# TYPE x_u unknown\nx_u 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP x_requests_total Requests.\n# TYPE x_requests_total counter\nx_requests_total{a=\"b\"} 1\n# HELP x_open Open.\n# TYPE x_open gauge\nx_open 2\n# TYPE x_u untyped\nx_u 1\n"
+        );
     }
 }

@@ -146,10 +146,29 @@ fn record_end(m: &Metrics, direction: Direction, out: &Outcome, started: std::ti
         })
         .inc();
     let level_info = matches!(out.end, End::PeerSvidExpired | End::Revoked(_));
+    // The reason as the metric spells it, and the detail as text (no Rust Debug syntax).
+    let (end, detail) = match &out.end {
+        End::Revoked(s) | End::Error(s) => (out.end.reason(), s.as_str()),
+        e => (e.reason(), ""),
+    };
     if level_info {
-        info!(end = ?out.end, to_app, from_app, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
+        info!(
+            end,
+            detail,
+            to_app,
+            from_app,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "connection closed"
+        );
     } else {
-        debug!(end = ?out.end, to_app, from_app, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
+        debug!(
+            end,
+            detail,
+            to_app,
+            from_app,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "connection closed"
+        );
     }
 }
 
@@ -213,7 +232,12 @@ pub async fn serve_inbound(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let span = info_span!("inbound", peer = %addr, spiffe_id = tracing::field::Empty);
+        let span = info_span!(
+            "inbound",
+            peer = %addr,
+            spiffe_id = tracing::field::Empty,
+            kx = tracing::field::Empty
+        );
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         let cfg = cfg.clone();
@@ -266,7 +290,11 @@ async fn accept_peer(
             return None;
         }
     };
-    tracing::Span::current().record("spiffe_id", tracing::field::display(&peer.id));
+    let kx = mayfly_ca::tls::negotiated_group(tls.get_ref().1);
+    m.handshake(Direction::Inbound, kx);
+    tracing::Span::current()
+        .record("spiffe_id", tracing::field::display(&peer.id))
+        .record("kx", tracing::field::display(kx));
     if peer.not_after <= OffsetDateTime::now_utc() {
         m.handshake_failed(Direction::Inbound, "expired");
         return None;
@@ -421,8 +449,7 @@ pub async fn serve_outbound(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let span =
-            info_span!("outbound", upstream = %up.name, client = %addr, spiffe_id = %up.spiffe_id);
+        let span = info_span!("outbound", upstream = %up.name, client = %addr, spiffe_id = %up.spiffe_id, kx = tracing::field::Empty);
         let shared = shared.clone();
         let connector = connector.clone();
         let up = up.clone();
@@ -517,6 +544,9 @@ async fn outbound_conn(
             return;
         }
     };
+    let kx = mayfly_ca::tls::negotiated_group(tls.get_ref().1);
+    m.handshake(Direction::Outbound, kx);
+    tracing::Span::current().record("kx", tracing::field::display(kx));
     let _open = OpenGuard::new(m.clone(), Direction::Outbound);
     fields.insert("peer_addr".into(), up.remote.clone().into());
     fields.insert("peer_serial".into(), server.serial.clone().into());

@@ -352,8 +352,8 @@ async fn a_full_spool_fails_closed_by_default_and_recovers() {
         refused,
         "a full spool must refuse new connections (fail-closed)"
     );
-    assert!(orders.metric("mayfly_sidecar_connections_total{direction=\"Inbound\",decision=\"audit_full\"}").await
-        + _web.metric("mayfly_sidecar_connections_total{direction=\"Outbound\",decision=\"audit_full\"}").await >= 1.0);
+    assert!(orders.metric("mayfly_sidecar_connections_total{direction=\"inbound\",decision=\"audit_full\"}").await
+        + _web.metric("mayfly_sidecar_connections_total{direction=\"outbound\",decision=\"audit_full\"}").await >= 1.0);
     // The control plane returns, takes the records, and traffic flows again.
     ca.run(&port);
     let back = eventually(Duration::from_secs(30), async || {

@@ -208,3 +208,48 @@ fn policies_in_configmaps_pass_policy_check() {
         );
     }
 }
+
+/// Every PodDisruptionBudget lets `kubectl drain` evict at least one pod of what it guards:
+/// `minAvailable` equal to the replica count (one replica, `minAvailable: 1`) blocks a drain
+/// forever.
+#[test]
+fn disruption_budgets_let_a_drain_evict_a_pod() {
+    use serde_json::Value;
+    let mut docs = Vec::new();
+    for f in yaml_files(&root().join("deploy/kubernetes")) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        docs.extend(mayfly_sidecar::inject::parse_documents(&text).unwrap());
+    }
+    let budgets: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "PodDisruptionBudget")
+        .collect();
+    assert!(!budgets.is_empty());
+    for pdb in budgets {
+        let name = pdb["metadata"]["name"].as_str().unwrap();
+        let selector = &pdb["spec"]["selector"]["matchLabels"];
+        let workload = docs
+            .iter()
+            .find(|d| {
+                matches!(d["kind"].as_str(), Some("Deployment" | "StatefulSet"))
+                    && &d["spec"]["selector"]["matchLabels"] == selector
+            })
+            .unwrap_or_else(|| panic!("PDB {name} guards no workload"));
+        let replicas = workload["spec"]["replicas"].as_u64().unwrap_or(1);
+        let spec = &pdb["spec"];
+        let evictable = match (
+            spec["minAvailable"].as_u64(),
+            spec["maxUnavailable"].as_u64(),
+        ) {
+            (Some(min), None) => replicas.saturating_sub(min),
+            (None, Some(max)) => max.min(replicas),
+            other => panic!(
+                "PDB {name}: set one of minAvailable, maxUnavailable (as numbers): {other:?}"
+            ),
+        };
+        assert!(
+            evictable >= 1,
+            "PDB {name} with {replicas} replica(s) lets no pod be evicted: kubectl drain blocks"
+        );
+    }
+}

@@ -451,7 +451,7 @@ async fn an_http2_connection_that_sends_no_request_is_closed_like_an_idle_http1_
     let m = Arc::new(mesh(&app).await);
     // Limit 3 s (header-read) or 4 s (idle) plus a 1 s grace; the bug kept them 40 s and more.
     let within = Duration::from_secs(12);
-    let idle = "mayfly_sidecar_connections_ended_total{direction=\"Inbound\",reason=\"idle\"}";
+    let idle = "mayfly_sidecar_connections_ended_total{direction=\"inbound\",reason=\"idle\"}";
 
     // mTLS with a valid client SVID, then silence; and mTLS, the preface and SETTINGS, then
     // silence.

@@ -133,7 +133,7 @@ async fn curl_http1_and_http2_reach_the_app_with_the_callers_identity() {
     assert_eq!(json(&out)["path"], "/orders");
     assert!(
         m.orders
-            .metric("mayfly_sidecar_requests_total{direction=\"Inbound\",decision=\"allow\"}")
+            .metric("mayfly_sidecar_requests_total{direction=\"inbound\",decision=\"allow\"}")
             .await
             >= 2.0
     );
@@ -217,7 +217,7 @@ async fn method_and_path_rules_allow_and_deny_with_a_decision_id() {
     assert_eq!(code, "400");
     let denied = m
         .orders
-        .metric("mayfly_sidecar_requests_total{direction=\"Inbound\",decision=\"deny\"}")
+        .metric("mayfly_sidecar_requests_total{direction=\"inbound\",decision=\"deny\"}")
         .await;
     assert!(
         denied >= 5.0,
@@ -242,7 +242,7 @@ async fn a_policy_change_denies_the_next_request_on_an_open_connection() {
     assert_eq!(out, "200");
     let before = m
         .web
-        .metric("mayfly_sidecar_open_connections{direction=\"Outbound\"}")
+        .metric("mayfly_sidecar_open_connections{direction=\"outbound\"}")
         .await;
     std::fs::write(
         &m.orders_policy,
@@ -262,7 +262,7 @@ async fn a_policy_change_denies_the_next_request_on_an_open_connection() {
     assert!(denied, "GET must be denied after the policy change");
     let after = m
         .web
-        .metric("mayfly_sidecar_open_connections{direction=\"Outbound\"}")
+        .metric("mayfly_sidecar_open_connections{direction=\"outbound\"}")
         .await;
     assert_eq!(
         before, after,
@@ -389,7 +389,7 @@ async fn http_traffic_survives_rotations_and_connections_are_drained_at_expiry()
     // Many requests shared few upstream connections: one per rotation, not one per request.
     let conns = m
         .orders
-        .metric("mayfly_sidecar_connections_total{direction=\"Inbound\",decision=\"allow\"}")
+        .metric("mayfly_sidecar_connections_total{direction=\"inbound\",decision=\"allow\"}")
         .await;
     assert!(
         conns < f64::from(ok) / 4.0,
@@ -463,7 +463,7 @@ async fn an_http_connection_is_drained_when_the_clients_svid_expires() {
         "closed after {:?}",
         t0.elapsed()
     );
-    let drained = m.orders.metric("mayfly_sidecar_connections_ended_total{direction=\"Inbound\",reason=\"peer_svid_expired\"}").await;
+    let drained = m.orders.metric("mayfly_sidecar_connections_ended_total{direction=\"inbound\",reason=\"peer_svid_expired\"}").await;
     assert!(drained >= 1.0);
     drop(stdin);
 }

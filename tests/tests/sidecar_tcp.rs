@@ -103,7 +103,7 @@ async fn traffic_flows_through_a_sidecar_pair() {
     );
     assert!(
         p.orders
-            .metric("mayfly_sidecar_connections_total{direction=\"Inbound\",decision=\"allow\"}")
+            .metric("mayfly_sidecar_connections_total{direction=\"inbound\",decision=\"allow\"}")
             .await
             >= 2.0
     );
@@ -148,7 +148,7 @@ async fn a_peer_the_policy_does_not_allow_is_refused() {
     assert!(round_trip(&out, b"x").await.is_err());
     assert!(
         p.orders
-            .metric("mayfly_sidecar_connections_total{direction=\"Inbound\",decision=\"deny\"}")
+            .metric("mayfly_sidecar_connections_total{direction=\"inbound\",decision=\"deny\"}")
             .await
             >= 1.0
     );
@@ -208,7 +208,7 @@ async fn the_expected_server_id_check_refuses_an_impostor() {
         round_trip(&out, b"secret").await.is_err(),
         "must not talk to the impostor"
     );
-    assert!(web2.metric("mayfly_sidecar_handshake_failures_total{direction=\"Outbound\",reason=\"unexpected_server_id\"}").await >= 1.0);
+    assert!(web2.metric("mayfly_sidecar_handshake_failures_total{direction=\"outbound\",reason=\"unexpected_server_id\"}").await >= 1.0);
     assert!(
         web2.proc.log().contains("spiffe://mayfly.local/impostor"),
         "the log names who answered"
@@ -282,8 +282,8 @@ async fn openssl_without_a_client_cert_or_with_a_foreign_ca_is_refused() {
     .unwrap();
     assert!(!with_foreign.contains("orders-app"), "{with_foreign}");
     let ok = eventually(Duration::from_secs(5), async || {
-        p.orders.metric("mayfly_sidecar_handshake_failures_total{direction=\"Inbound\",reason=\"no_certificate\"}").await >= 1.0
-            && p.orders.metric("mayfly_sidecar_handshake_failures_total{direction=\"Inbound\",reason=\"unknown_issuer\"}").await >= 1.0
+        p.orders.metric("mayfly_sidecar_handshake_failures_total{direction=\"inbound\",reason=\"no_certificate\"}").await >= 1.0
+            && p.orders.metric("mayfly_sidecar_handshake_failures_total{direction=\"inbound\",reason=\"unknown_issuer\"}").await >= 1.0
     })
     .await;
     assert!(ok, "{}", p.orders.admin_get("/metrics").await.1);
@@ -345,8 +345,8 @@ async fn a_connection_is_closed_when_the_peers_svid_expires() {
         "closed after {:?}",
         t0.elapsed()
     );
-    let ended = p.orders.metric("mayfly_sidecar_connections_ended_total{direction=\"Inbound\",reason=\"peer_svid_expired\"}").await
-        + p.web.metric("mayfly_sidecar_connections_ended_total{direction=\"Outbound\",reason=\"peer_svid_expired\"}").await;
+    let ended = p.orders.metric("mayfly_sidecar_connections_ended_total{direction=\"inbound\",reason=\"peer_svid_expired\"}").await
+        + p.web.metric("mayfly_sidecar_connections_ended_total{direction=\"outbound\",reason=\"peer_svid_expired\"}").await;
     assert!(ended >= 1.0);
     // New connections work (the peers rotated).
     round_trip(&p.web_out, b"again").await.unwrap();
@@ -389,7 +389,7 @@ async fn a_policy_change_closes_connections_it_no_longer_allows_and_a_bad_file_c
         round_trip(&p.web_out, b"x").await.is_err(),
         "new connections are refused"
     );
-    assert!(p.orders.metric("mayfly_sidecar_connections_ended_total{direction=\"Inbound\",reason=\"policy_revoked\"}").await >= 1.0);
+    assert!(p.orders.metric("mayfly_sidecar_connections_ended_total{direction=\"inbound\",reason=\"policy_revoked\"}").await >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,30 +55,41 @@ pub struct DataDir {
 }
 
 impl DataDir {
-    /// Creates the directory (0700) and an empty database file (0600) for `init`.
-    pub fn create(root: &Path) -> Result<Self, DataDirError> {
-        if !root.exists() {
+    /// Starts `init`: creates the directory (0700) if missing and an empty database file (0600)
+    /// under a temporary name. The CA exists only once [`PendingDataDir::commit`] gives that
+    /// file its name; until then a failed `init` leaves nothing behind.
+    pub fn create(root: &Path) -> Result<PendingDataDir, DataDirError> {
+        let created_root = !root.exists();
+        if created_root {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(root)
                 .map_err(io(root))?;
         }
-        let dir = Self {
-            root: root.to_path_buf(),
+        let mut pending = PendingDataDir {
+            dir: Self {
+                root: root.to_path_buf(),
+            },
+            tmp_db: root.join(format!("{DB_FILE}.init-{}", std::process::id())),
+            created_root,
+            committed: false,
         };
-        let db = dir.db_path();
-        if db.exists() {
+        if pending.dir.db_path().exists() {
+            // Not ours to remove: keep the directory as it was.
+            pending.created_root = false;
             return Err(DataDirError::AlreadyInitialised(root.to_path_buf()));
         }
         fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io(root))?;
+        let tmp = pending.tmp_db.clone();
+        let _ = fs::remove_file(&tmp);
         fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&db)
-            .map_err(io(&db))?;
-        Ok(dir)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        Ok(pending)
     }
 
     /// Opens an existing directory, refusing one whose secrets others could read.
@@ -112,6 +123,63 @@ impl DataDir {
     /// The admin socket.
     pub fn admin_socket(&self) -> PathBuf {
         self.root.join(ADMIN_SOCKET)
+    }
+}
+
+/// A data directory that `init` is filling: see [`DataDir::create`]. Dropped without
+/// [`commit`](Self::commit), it removes its temporary database, and the directory itself if
+/// `init` created it.
+#[derive(Debug)]
+pub struct PendingDataDir {
+    dir: DataDir,
+    tmp_db: PathBuf,
+    created_root: bool,
+    committed: bool,
+}
+
+impl PendingDataDir {
+    /// The database file to build (the temporary name). Close it before [`Self::commit`].
+    pub fn db_path(&self) -> &Path {
+        &self.tmp_db
+    }
+
+    /// Gives the database its name: from now on the directory holds a CA. A database that
+    /// appeared meanwhile (another `init`) is never overwritten.
+    pub fn commit(mut self) -> Result<DataDir, DataDirError> {
+        let db = self.dir.db_path();
+        match fs::hard_link(&self.tmp_db, &db) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(DataDirError::AlreadyInitialised(self.dir.root.clone()));
+            }
+            // A filesystem without hard links: the existence check above is the guard.
+            Err(_) if !db.exists() => fs::rename(&self.tmp_db, &db).map_err(io(&db))?,
+            Err(e) => return Err(io(&db)(e)),
+        }
+        self.committed = true;
+        let _ = fs::remove_file(&self.tmp_db);
+        // The new name must survive a crash.
+        if let Ok(d) = fs::File::open(&self.dir.root) {
+            let _ = d.sync_all();
+        }
+        Ok(self.dir.clone())
+    }
+}
+
+impl Drop for PendingDataDir {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut p = self.tmp_db.clone().into_os_string();
+            p.push(suffix);
+            let _ = fs::remove_file(p);
+        }
+        if self.created_root {
+            // Only if empty: never remove what someone else put there.
+            let _ = fs::remove_dir(&self.dir.root);
+        }
     }
 }
 

@@ -90,20 +90,24 @@ pub fn init(
 ) -> Result<Authorities, ServerError> {
     let td = crate::id::parse_trust_domain(trust_domain)
         .map_err(|e| ServerError::Other(e.to_string()))?;
-    let dd = DataDir::create(dir)?;
-    let store = SqliteStore::open(&dd.db_path())?;
+    // Built under a temporary name and named `ca.db` last: a failure anywhere leaves nothing.
+    let pending = DataDir::create(dir)?;
     let a = Authorities::init(td, config, OffsetDateTime::now_utc())?;
-    store.save_authorities(&a)?;
-    store.set_setting("root_ttl", &config.root_ttl.as_secs().to_string())?;
-    store.set_setting(
-        "intermediate_ttl",
-        &config.intermediate_ttl.as_secs().to_string(),
-    )?;
-    store.append_event(
-        OffsetDateTime::now_utc(),
-        "ca.init",
-        &json!({ "trust_domain": a.trust_domain().as_str() }).to_string(),
-    )?;
+    {
+        let store = SqliteStore::open(pending.db_path())?;
+        store.save_authorities(&a)?;
+        store.set_setting("root_ttl", &config.root_ttl.as_secs().to_string())?;
+        store.set_setting(
+            "intermediate_ttl",
+            &config.intermediate_ttl.as_secs().to_string(),
+        )?;
+        store.append_event(
+            OffsetDateTime::now_utc(),
+            "ca.init",
+            &json!({ "trust_domain": a.trust_domain().as_str() }).to_string(),
+        )?;
+    } // closed (its WAL checkpointed) before the file takes its name
+    pending.commit()?;
     Ok(a)
 }
 

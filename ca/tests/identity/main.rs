@@ -6,6 +6,7 @@ mod bundles;
 mod fixtures;
 mod handshake;
 mod issuance;
+mod key_exchange;
 mod rotation;
 mod verification;
 

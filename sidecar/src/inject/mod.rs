@@ -18,6 +18,7 @@
 
 pub mod patch;
 mod pod;
+pub mod tuning;
 pub mod webhook;
 mod yaml;
 
@@ -252,12 +253,26 @@ pub fn inject_object(
         anns.entry("kubectl.kubernetes.io/default-container")
             .or_insert_with(|| app.clone().into());
     }
+    for (k, v) in tuning::prometheus_annotations(&annotations) {
+        anns.insert(k.into(), v.into());
+    }
     let spec = ensure_object(obj, spec_path).ok_or_else(|| fail("spec is not a map".into()))?;
     let Some(Value::Array(inits)) = field(spec, "initContainers", || Value::Array(Vec::new()))
     else {
         return Err(fail("spec.initContainers is not a list".into()));
     };
     inits.insert(0, plan.container);
+    let containers = spec.get_mut("containers").and_then(Value::as_array_mut);
+    let containers = containers.ok_or_else(|| fail("spec.containers is not a list".into()))?;
+    for rw in plan.probe_rewrites {
+        if let Some(probe) = containers
+            .get_mut(rw.container)
+            .and_then(|c| c.get_mut(rw.field))
+            .and_then(Value::as_object_mut)
+        {
+            probe.insert("httpGet".into(), rw.http_get);
+        }
+    }
     let Some(Value::Array(volumes)) = field(spec, "volumes", || Value::Array(Vec::new())) else {
         return Err(fail("spec.volumes is not a list".into()));
     };

@@ -23,6 +23,7 @@ pub(super) struct Plan {
     pub(super) volumes: Vec<Value>,
     pub(super) spiffe_id: String,
     pub(super) default_container: Option<String>,
+    pub(super) probe_rewrites: Vec<super::tuning::ProbeRewrite>,
 }
 
 struct Upstream {
@@ -263,7 +264,8 @@ pub(super) fn plan(
         "name": CONTAINER_NAME,
         "image": opts.image,
         "restartPolicy": "Always",
-        "args": ["run", "--config-env", CONFIG_ENV],
+        // JSON lines: what log collectors on Kubernetes parse.
+        "args": ["run", "--config-env", CONFIG_ENV, "--log-format", "json"],
         "env": [{ "name": CONFIG_ENV, "value": config }],
         "ports": container_ports,
         // Native sidecar: the next containers start once this probe passes, i.e. once an
@@ -290,6 +292,10 @@ pub(super) fn plan(
             { "name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": true },
         ],
     });
+    let mut container = container;
+    super::tuning::apply_annotations(&mut container, annotations)?;
+    let (probe_rewrites, probes) = super::tuning::plan_probes(spec)?;
+    super::tuning::probes_env(&mut container, probes);
     let volumes = vec![
         json!({
             "name": TOKEN_VOLUME,
@@ -314,5 +320,6 @@ pub(super) fn plan(
         volumes,
         spiffe_id,
         default_container,
+        probe_rewrites,
     })
 }

@@ -76,7 +76,10 @@ fn a_deployment_gets_a_native_sidecar_that_attests_with_its_service_account() {
     assert_eq!(c["name"], CONTAINER_NAME);
     assert_eq!(c["restartPolicy"], "Always");
     assert_eq!(c["image"], DEFAULT_IMAGE);
-    assert_eq!(c["args"], json!(["run", "--config-env", CONFIG_ENV]));
+    assert_eq!(
+        c["args"],
+        json!(["run", "--config-env", CONFIG_ENV, "--log-format", "json"])
+    );
     assert_eq!(
         c["startupProbe"]["httpGet"],
         json!({"path": "/readyz", "port": 15000})

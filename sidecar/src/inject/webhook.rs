@@ -149,7 +149,11 @@ async fn handle(opts: Arc<InjectOptions>, req: Request<Incoming>) -> Response<Fu
             match review(&parsed, &opts) {
                 Ok(v) => {
                     if v.pointer("/response/allowed") == Some(&Value::Bool(false)) {
-                        warn!(message = ?v.pointer("/response/status/message"), "pod refused");
+                        let why = v
+                            .pointer("/response/status/message")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        warn!(reason = why, "pod refused");
                     }
                     reply(StatusCode::OK, v.to_string())
                 }

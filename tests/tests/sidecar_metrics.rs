@@ -1,0 +1,282 @@
+//! The sidecar's `/metrics` as a scraper and an operator see it: the format the client asks
+//! for, accepted by `promtool check metrics`, lowercase label values, and one decision per
+//! request even when the request then fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use mayfly_tests::{Ca, Sidecar, Spec, curl, free_port};
+
+const POLICY: &str = r#"version = 1
+[[service]]
+id = "spiffe://mayfly.local/orders"
+protocol = "http"
+
+[[rule]]
+name = "web-reads-orders"
+from = ["spiffe://mayfly.local/web"]
+to = ["spiffe://mayfly.local/orders"]
+"#;
+
+/// web -> orders in HTTP mode, where orders' app is not listening: every request is allowed
+/// by both sidecars, then fails at orders (502, `app_unreachable`).
+async fn mesh_to_a_missing_app(
+    dir: &std::path::Path,
+    tmp: &Arc<tempfile::TempDir>,
+) -> (Ca, Sidecar, Sidecar) {
+    let ca = Ca::start(tmp);
+    let policy = dir.join("policy.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let nowhere = free_port();
+    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
+    let mut orders = Sidecar::start(
+        dir,
+        "orders",
+        &Spec {
+            me: "orders",
+            ca: &ca.addr,
+            token: &tok,
+            policy: &policy,
+            inbound_app: Some(&nowhere),
+            outbound: &[],
+            svid_ttl: None,
+            extra: "",
+        }
+        .toml()
+        .replace("app = ", "protocol = \"http\"\napp = "),
+    );
+    let orders_in = orders.inbound();
+    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
+    let web = Sidecar::start(
+        dir,
+        "web",
+        &Spec {
+            me: "web",
+            ca: &ca.addr,
+            token: &tok,
+            policy: &policy,
+            inbound_app: None,
+            outbound: &[("orders", &orders_in, "orders")],
+            svid_ttl: None,
+            extra: "",
+        }
+        .toml()
+        .replace(
+            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
+            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
+        ),
+    );
+    orders.wait_ready().await;
+    web.wait_ready().await;
+    (ca, web, orders)
+}
+
+/// `GET /metrics` with `accept` (if any): (content type, body).
+async fn scrape(admin: &str, accept: Option<&str>) -> (String, String) {
+    let url = format!("http://{admin}/metrics");
+    let accept = accept.map(|a| format!("accept: {a}"));
+    tokio::task::spawn_blocking(move || {
+        let mut args = vec!["-w", "\n%{content_type}", url.as_str()];
+        if let Some(h) = &accept {
+            args.extend(["-H", h.as_str()]);
+        }
+        let (ok, out, err) = curl(&args);
+        assert!(ok, "{err}");
+        let (body, ctype) = out.rsplit_once('\n').unwrap();
+        (ctype.to_owned(), body.to_owned())
+    })
+    .await
+    .unwrap()
+}
+
+/// `promtool check metrics` on `body`: None when promtool is not installed (outside CI).
+fn promtool(body: &str) -> Option<(bool, String)> {
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is required in CI (Debian package prometheus): {e}"
+            );
+            eprintln!("SKIPPED: promtool is not installed (apt-get install prometheus)");
+            return None;
+        }
+    };
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success() && text.trim().is_empty(), text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_request_counts_one_decision_and_one_failure() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let (_ca, mut web, orders) = mesh_to_a_missing_app(tmp.path(), &tmp).await;
+    let url = format!("http://{}/orders", web.outbound("orders"));
+    for _ in 0..8 {
+        let u = url.clone();
+        let (_, _, err) = tokio::task::spawn_blocking(move || {
+            curl(&["-o", "/dev/null", "-w", "%{http_code}", &u])
+        })
+        .await
+        .unwrap();
+        assert!(err.is_empty(), "{err}");
+    }
+    let decisions = orders
+        .metric("mayfly_sidecar_requests_total{direction=\"inbound\"")
+        .await;
+    let allowed = orders
+        .metric("mayfly_sidecar_requests_total{direction=\"inbound\",decision=\"allow\"}")
+        .await;
+    let failed = orders
+        .metric(
+            "mayfly_sidecar_request_failures_total{direction=\"inbound\",reason=\"app_unreachable\"}",
+        )
+        .await;
+    let (_, body) = scrape(&orders.admin, None).await;
+    assert_eq!((decisions, allowed, failed), (8.0, 8.0, 8.0), "{body}");
+    let web_decisions = web
+        .metric("mayfly_sidecar_requests_total{direction=\"outbound\"")
+        .await;
+    assert_eq!(web_decisions, 8.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_agree_on_the_hybrid_post_quantum_key_exchange_and_say_so() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let (_ca, mut web, orders) = mesh_to_a_missing_app(tmp.path(), &tmp).await;
+    let url = format!("http://{}/orders", web.outbound("orders"));
+    let (ok, _, err) = tokio::task::spawn_blocking(move || curl(&["-o", "/dev/null", &url]))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    let hybrid = orders
+        .metric("mayfly_sidecar_handshakes_total{direction=\"inbound\",group=\"X25519MLKEM768\"}")
+        .await;
+    let (_, body) = scrape(&orders.admin, None).await;
+    assert!(hybrid >= 1.0, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connections_span_names_the_key_exchange_group() {
+    // TCP mode, orders' policy admits nobody: its denial is logged inside the connection's span.
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let dir = tmp.path();
+    let ca = Ca::start(&tmp);
+    let closed = dir.join("closed.toml");
+    std::fs::write(&closed, mayfly_tests::policy(&[("nobody", "orders")])).unwrap();
+    let open = dir.join("open.toml");
+    std::fs::write(&open, mayfly_tests::policy(&[("web", "orders")])).unwrap();
+    let app = mayfly_tests::echo_app("orders").await;
+    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
+    let mut orders = Sidecar::start(
+        dir,
+        "orders",
+        &Spec {
+            me: "orders",
+            ca: &ca.addr,
+            token: &tok,
+            policy: &closed,
+            inbound_app: Some(&app),
+            outbound: &[],
+            svid_ttl: None,
+            extra: "",
+        }
+        .toml(),
+    );
+    let orders_in = orders.inbound();
+    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
+    let mut web = Sidecar::start(
+        dir,
+        "web",
+        &Spec {
+            me: "web",
+            ca: &ca.addr,
+            token: &tok,
+            policy: &open,
+            inbound_app: None,
+            outbound: &[("orders", &orders_in, "orders")],
+            svid_ttl: None,
+            extra: "",
+        }
+        .toml(),
+    );
+    orders.wait_ready().await;
+    web.wait_ready().await;
+    let out = web.outbound("orders");
+    assert!(mayfly_tests::round_trip(&out, b"hi").await.is_err());
+    let seen = mayfly_tests::eventually(std::time::Duration::from_secs(10), async || {
+        orders.proc.log().contains("inbound connection denied")
+    })
+    .await;
+    let log = orders.proc.log();
+    assert!(seen, "{log}");
+    let denied = log
+        .lines()
+        .find(|l| l.contains("inbound connection denied"))
+        .unwrap();
+    assert!(denied.contains("kx=X25519MLKEM768"), "{denied}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_come_in_the_negotiated_format_and_pass_promtool() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let (_ca, mut web, orders) = mesh_to_a_missing_app(tmp.path(), &tmp).await;
+    let url = format!("http://{}/orders", web.outbound("orders"));
+    let (ok, _, err) = tokio::task::spawn_blocking(move || curl(&["-o", "/dev/null", &url]))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+
+    for s in [&web, &orders] {
+        // No Accept header (curl, promtool, older agents): the Prometheus text format.
+        let (ctype, text) = scrape(&s.admin, None).await;
+        assert_eq!(ctype, "text/plain; version=0.0.4; charset=utf-8");
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.contains("# TYPE mayfly_sidecar_audit_dropped_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP mayfly_sidecar_requests_total "),
+            "{text}"
+        );
+        assert!(!text.contains("direction=\"Inbound\""), "{text}");
+        assert!(!text.contains("direction=\"Outbound\""), "{text}");
+        if let Some((ok, out)) = promtool(&text) {
+            assert!(ok, "promtool check metrics:\n{out}\n--- input\n{text}");
+        }
+        // What Prometheus sends: OpenMetrics first.
+        let (ctype, om) = scrape(
+            &s.admin,
+            Some("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"),
+        )
+        .await;
+        assert_eq!(
+            ctype,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert!(
+            om.contains("# TYPE mayfly_sidecar_audit_dropped counter\n"),
+            "{om}"
+        );
+    }
+}
