@@ -221,7 +221,7 @@ async fn a_strict_sidecar_refuses_http_requests_and_tcp_connections_whose_record
     );
     assert_eq!(
         m.web
-            .metric("mayfly_sidecar_requests_total{direction=\"Outbound\",decision=\"audit_unavailable\"}")
+            .metric("mayfly_sidecar_requests_total{direction=\"outbound\",decision=\"audit_unavailable\"}")
             .await,
         (30 - ok) as f64
     );
