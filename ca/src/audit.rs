@@ -24,6 +24,45 @@ pub const VERSION: u8 = 1;
 /// Signature algorithm of checkpoints.
 pub const CHECKPOINT_ALG: &str = "ecdsa-p256-sha256";
 
+/// Every record kind a sidecar or the control plane writes: what `audit query --kind` accepts.
+/// A kind written anywhere must be listed here (README, "Audit records", lists them too).
+pub const KINDS: &[&str] = &[
+    // Sidecars.
+    "connection.open",
+    "connection.close",
+    "connection.denied",
+    "http.request",
+    "http.response",
+    "checkpoint",
+    "checkpoint.rechained",
+    "gap",
+    // The control plane.
+    "ca.init",
+    "ca.rotation",
+    "svid.issued",
+    "svid.refused",
+    "svid.minted",
+    "token.created",
+    "token.used",
+    "token.refused",
+    "token.revoked",
+    "attestation.refused",
+    "admin.refused",
+    "policy.loaded",
+    "policy.refused",
+    "grant.requested",
+    "grant.activated",
+    "grant.approved",
+    "grant.denied",
+    "grant.revoked",
+    "grant.expired",
+    "grant.self_approval_refused",
+    "audit.anchor",
+];
+
+/// The values of a record's `decision` field: what `audit query --decision` accepts.
+pub const DECISIONS: &[&str] = &["allow", "deny"];
+
 /// One audit record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {

@@ -46,7 +46,7 @@ pub(crate) enum AuditCmd {
         #[arg(long)]
         destination: Option<String>,
         /// allow or deny.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(mayfly_ca::audit::DECISIONS))]
         decision: Option<String>,
         /// The deciding rule.
         #[arg(long)]
@@ -54,8 +54,8 @@ pub(crate) enum AuditCmd {
         /// The deciding grant.
         #[arg(long)]
         grant: Option<String>,
-        /// Record kind (http.request, connection.open, svid.issued, ...).
-        #[arg(long)]
+        /// Record kind (http.request, connection.open, svid.issued, gap, ...).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(mayfly_ca::audit::KINDS))]
         kind: Option<String>,
         /// Most records.
         #[arg(long, default_value_t = 1000)]
@@ -69,6 +69,9 @@ pub(crate) enum AuditCmd {
         /// The control plane's data directory.
         #[arg(long, env = "MAYFLY_DATA_DIR")]
         data_dir: PathBuf,
+        /// Print the result as one JSON object (`chains`, `verified`, `broken`).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -147,11 +150,39 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
             }
             Ok(())
         }
-        AuditCmd::Verify { data_dir } => {
+        AuditCmd::Verify { data_dir, json } => {
             let (_, store, authorities) = server::open(&data_dir)?;
             let bundle = server::bundle_of(&authorities)?;
             let set = mayfly_ca::bundle::BundleSet::single(bundle);
             let reports = verify_all(store.as_ref() as &dyn Store, &set)?;
+            if json {
+                let chains: Vec<serde_json::Value> = reports
+                    .iter()
+                    .map(|r| match &r.result {
+                        Ok(s) => serde_json::json!({
+                            "chain": r.chain, "ok": true, "records": s.records,
+                            "checkpoints": s.checkpoints, "last_seq": s.last_seq,
+                        }),
+                        Err(e) => serde_json::json!({
+                            "chain": r.chain, "ok": false, "error": e.to_string(), "seq": e.seq(),
+                        }),
+                    })
+                    .collect();
+                let broken = reports.iter().filter(|r| r.result.is_err()).count();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "chains": chains, "verified": reports.len() - broken, "broken": broken,
+                    })
+                );
+                if broken > 0 {
+                    bail!(
+                        "{broken} of {} audit chains failed verification",
+                        reports.len()
+                    );
+                }
+                return Ok(());
+            }
             let mut broken = 0;
             for r in &reports {
                 match &r.result {

@@ -13,6 +13,7 @@ pub mod authority;
 pub mod bundle;
 pub mod client;
 pub mod duration;
+pub mod exposition;
 pub mod id;
 pub mod issue;
 pub mod keys;

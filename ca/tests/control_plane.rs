@@ -330,9 +330,45 @@ async fn garbage_tls_and_slow_clients_are_dropped_and_the_server_goes_on() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("mayfly_ca_authority_expiry_seconds"),
+        metrics.contains("mayfly_ca_authority_expiry_timestamp_seconds"),
         "{metrics}"
     );
+    // A scrape gets a Content-Type (Prometheus 3 refuses a scrape without one) in the format
+    // it asked for, and the text format passes promtool.
+    let (head, body) = metrics.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(body.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics:\n{}{}\n--- input\n{body}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) => assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is required in CI (Debian package prometheus): {e}"
+        ),
+    }
 }
 
 /// Plain HTTP/1.0 GET over TCP (the metrics listener).

@@ -539,3 +539,32 @@ async fn a_damaged_line_mid_spool_is_quarantined_and_every_other_record_is_deliv
     let (ok, out, err) = ca_cli(&ca.dir, &["audit", "verify"]);
     assert!(ok, "{out}{err}");
 }
+
+#[test]
+fn audit_query_refuses_unknown_filter_values_and_verify_speaks_json() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let ca = Ca::start(&tmp);
+    for (flag, bad, valid) in [
+        ("--decision", "denied", "deny"),
+        ("--kind", "http.requst", "http.request"),
+    ] {
+        let (ok, out, err) = ca_cli(&ca.dir, &["audit", "query", flag, bad]);
+        assert!(!ok, "{flag} {bad} must fail: {out}");
+        assert!(err.contains(bad) && err.contains(valid), "{err}");
+    }
+    let (ok, _, err) = ca_cli(&ca.dir, &["audit", "query", "--kind", "gap"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = ca_cli(&ca.dir, &["audit", "verify", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["broken"], 0, "{v}");
+    assert!(v["verified"].as_u64().unwrap() >= 1, "{v}");
+    assert!(
+        v["chains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["ok"] == true && c["chain"].as_str().is_some()),
+        "{v}"
+    );
+}

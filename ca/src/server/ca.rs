@@ -282,7 +282,7 @@ impl Ca {
                     id: x.id.clone(),
                     state: x.state.to_string(),
                 })
-                .set((x.not_after - now).whole_seconds());
+                .set(x.not_after.unix_timestamp());
         }
         Ok(a.next_change_at(now))
     }

@@ -113,8 +113,8 @@ impl Metrics {
             refused.clone(),
         );
         registry.register(
-            "authority_expiry_seconds",
-            "Seconds until each CA authority expires",
+            "authority_expiry_timestamp_seconds",
+            "When each CA authority expires (Unix seconds): alert on it minus time()",
             authority_expiry.clone(),
         );
         registry.register(

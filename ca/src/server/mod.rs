@@ -331,17 +331,35 @@ async fn serve_metrics(ca: Arc<Ca>, listener: TcpListener, mut shutdown: watch::
                 hyper::service::service_fn(move |req: ::http::Request<hyper::body::Incoming>| {
                     let ca = ca.clone();
                     async move {
+                        let mut content_type = "text/plain; charset=utf-8";
                         let (status, body) = match req.uri().path() {
                             "/metrics" => {
                                 let writable = ca.store().unwritable().is_none();
                                 ca.metrics.store_writable.set(i64::from(writable));
-                                (200, ca.metrics.encode())
+                                let accept = req
+                                    .headers()
+                                    .get(::http::header::ACCEPT)
+                                    .and_then(|v| v.to_str().ok());
+                                let format = crate::exposition::Format::negotiate(accept);
+                                content_type = format.content_type();
+                                let om = ca.metrics.encode();
+                                let body = match format {
+                                    crate::exposition::Format::OpenMetrics => om,
+                                    crate::exposition::Format::Text => {
+                                        crate::exposition::openmetrics_to_text(&om)
+                                    }
+                                };
+                                (200, body)
                             }
                             "/healthz" => health(&ca),
                             _ => (404, "not found\n".to_owned()),
                         };
                         let mut r = ::http::Response::new(Full::new(Bytes::from(body)));
                         *r.status_mut() = ::http::StatusCode::from_u16(status).unwrap_or_default();
+                        r.headers_mut().insert(
+                            ::http::header::CONTENT_TYPE,
+                            ::http::HeaderValue::from_static(content_type),
+                        );
                         Ok::<_, std::convert::Infallible>(r)
                     }
                 });
