@@ -1,6 +1,7 @@
 //! Inbound HTTP: per-request authorization of the verified peer, identity to the app in
 //! `x-forwarded-client-cert`, and connections drained with GOAWAY when the peer's SVID expires
-//! or the policy no longer lets the peer in at all.
+//! or the policy no longer lets the peer in at all. A peer the policy lets in nowhere is denied
+//! per connection and answered 403 on every request (`refuse_conn`).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
