@@ -100,10 +100,20 @@ async fn mesh(app_protocol: &str) -> Mesh {
 /// The `connection.denied` records in the control plane's trail, once `s` has shipped its
 /// spool.
 async fn connection_denials(ca_dir: &Path, s: &Sidecar) -> Vec<serde_json::Value> {
+    records(ca_dir, s, "connection.denied", |r| !r.is_empty()).await
+}
+
+/// The records of `kind` in the control plane's trail, once `done` accepts them.
+async fn records(
+    ca_dir: &Path,
+    s: &Sidecar,
+    kind: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
     let mut found = Vec::new();
     let ok = eventually(Duration::from_secs(30), async || {
         let o = std::process::Command::new(bin("mayfly-ca"))
-            .args(["audit", "query", "--json", "--kind", "connection.denied"])
+            .args(["audit", "query", "--json", "--kind", kind])
             .arg("--data-dir")
             .arg(ca_dir)
             .output()
@@ -113,12 +123,12 @@ async fn connection_denials(ca_dir: &Path, s: &Sidecar) -> Vec<serde_json::Value
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        !found.is_empty()
+        done(&found)
     })
     .await;
     assert!(
         ok,
-        "no connection.denied record reached the control plane:\n{}",
+        "the {kind} records did not reach the control plane: {found:?}\n{}",
         s.admin_get("/metrics").await.1
     );
     found
@@ -156,6 +166,23 @@ async fn a_caller_allowed_nothing_gets_403_with_a_decision_id_that_is_audited() 
     assert_eq!(d["protocol"], "http");
     assert_eq!(d["peer_id"], "spiffe://mayfly.local/web");
     assert_eq!(d["decision"], "deny");
+    // Each request is in the trail too, with the connection's decision ID and its 403.
+    let mine = |r: &serde_json::Value| r["decision_id"] == id.as_str();
+    let requests = records(&m.ca.dir, &m.orders, "http.request", |r| {
+        r.iter().filter(|r| mine(r)).count() >= 2
+    })
+    .await;
+    for r in requests.iter().filter(|r| mine(r)) {
+        assert_eq!(
+            (
+                r["direction"].as_str(),
+                r["method"].as_str(),
+                r["status"].as_u64()
+            ),
+            (Some("inbound"), Some("POST"), Some(403)),
+            "{r}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
