@@ -54,7 +54,8 @@ pub enum ConfigError {
 struct Raw {
     spiffe_id: String,
     control_plane: RawControlPlane,
-    inbound: Option<RawInbound>,
+    /// `[inbound]` (one listener) or `[[inbound]]` (several), read by [`Ctx::inbound`].
+    inbound: Option<toml::Value>,
     #[serde(default)]
     outbound: Vec<RawOutbound>,
     #[serde(default)]
@@ -272,8 +273,8 @@ pub struct Config {
     pub spiffe_id: SpiffeId,
     /// The control plane.
     pub control_plane: ControlPlane,
-    /// Inbound listener, if any.
-    pub inbound: Option<Inbound>,
+    /// Inbound listeners (`[inbound]` or `[[inbound]]`), one per app port; may be empty.
+    pub inbound: Vec<Inbound>,
     /// Outbound upstreams.
     pub outbound: Vec<Outbound>,
     /// Local policy file (standalone mode).
@@ -319,6 +320,48 @@ impl Ctx<'_> {
 
     fn id(&self, key: &str, v: &str) -> Result<SpiffeId, ConfigError> {
         parse_workload_id(v).map_err(|e| self.bad(key, e))
+    }
+
+    /// The inbound listeners: one `[inbound]` table (keys named `inbound.listen`), or an
+    /// `[[inbound]]` array of them (keys named `inbound[1].listen`), each on its own address.
+    fn inbound(&self, raw: Option<toml::Value>) -> Result<Vec<Inbound>, ConfigError> {
+        let (tables, single) = match raw {
+            None => (Vec::new(), false),
+            Some(t @ toml::Value::Table(_)) => (vec![t], true),
+            Some(toml::Value::Array(a)) => (a, false),
+            Some(_) => {
+                return Err(self.bad(
+                    "inbound",
+                    "must be an [inbound] table or [[inbound]] tables",
+                ));
+            }
+        };
+        let mut out: Vec<Inbound> = Vec::with_capacity(tables.len());
+        for (n, t) in tables.into_iter().enumerate() {
+            let name = if single {
+                "inbound".to_owned()
+            } else {
+                format!("inbound[{n}]")
+            };
+            let key = |k: &str| format!("{name}.{k}");
+            let i: RawInbound = t
+                .try_into()
+                .map_err(|e: toml::de::Error| self.bad(&name, e.message().trim_end()))?;
+            let listen = self.addr(&key("listen"), &i.listen)?;
+            if listen.port() != 0 && out.iter().any(|o| o.listen == listen) {
+                return Err(self.bad(
+                    key("listen"),
+                    format!("{listen} is used by another [[inbound]] listener"),
+                ));
+            }
+            out.push(Inbound {
+                listen,
+                app: self.addr(&key("app"), &i.app)?,
+                protocol: i.protocol,
+                app_protocol: i.app_protocol,
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -415,15 +458,7 @@ impl Config {
                 Some(d)
             }
         };
-        let inbound = match raw.inbound {
-            None => None,
-            Some(i) => Some(Inbound {
-                listen: c.addr("inbound.listen", &i.listen)?,
-                app: c.addr("inbound.app", &i.app)?,
-                protocol: i.protocol,
-                app_protocol: i.app_protocol,
-            }),
-        };
+        let inbound = c.inbound(raw.inbound)?;
         let mut outbound = Vec::new();
         let mut names = std::collections::HashSet::new();
         for (n, o) in raw.outbound.into_iter().enumerate() {
@@ -450,7 +485,7 @@ impl Config {
                 port: o.port,
             });
         }
-        if inbound.is_none() && outbound.is_empty() {
+        if inbound.is_empty() && outbound.is_empty() {
             return Err(c.bad(
                 "inbound",
                 "configure an [inbound] listener, an [[outbound]] upstream, or both",
@@ -594,6 +629,53 @@ file = "policy.toml"
             c.limits.underscore_identity_headers,
             UnderscoreHeaders::Drop
         );
+    }
+
+    #[test]
+    fn several_inbound_listeners_parse_and_one_inbound_table_still_does() {
+        let one = Config::parse(GOOD, "s.toml", Path::new(".")).unwrap();
+        assert_eq!(one.inbound.len(), 1);
+        assert_eq!(one.inbound[0].app.to_string(), "127.0.0.1:8080");
+        let head = "spiffe_id = \"spiffe://mayfly.local/orders\"\n[control_plane]\naddress = \"127.0.0.1:8443\"\ntoken_file = \"token\"\n";
+        let two = format!(
+            "{head}[[inbound]]\nlisten = \"0.0.0.0:15443\"\napp = \"127.0.0.1:8080\"\n[[inbound]]\nlisten = \"0.0.0.0:15444\"\napp = \"127.0.0.1:9090\"\nprotocol = \"http\"\n"
+        );
+        let c = Config::parse(&two, "s.toml", Path::new(".")).unwrap();
+        let got: Vec<(String, String, Protocol)> = c
+            .inbound
+            .iter()
+            .map(|i| (i.listen.to_string(), i.app.to_string(), i.protocol))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "0.0.0.0:15443".into(),
+                    "127.0.0.1:8080".into(),
+                    Protocol::Tcp
+                ),
+                (
+                    "0.0.0.0:15444".into(),
+                    "127.0.0.1:9090".into(),
+                    Protocol::Http
+                ),
+            ]
+        );
+        // Errors name the listener.
+        let e = err(&two.replace("15444", "15443"));
+        assert!(
+            e.contains("`inbound[1].listen`") && e.contains("another"),
+            "{e}"
+        );
+        let e = err(&two.replace("app = \"127.0.0.1:9090\"", "ap = \"127.0.0.1:9090\""));
+        assert!(e.contains("`inbound[1]`") && e.contains("ap"), "{e}");
+        let e = err(&two.replace("127.0.0.1:9090", "nowhere"));
+        assert!(
+            e.contains("`inbound[1].app`") && e.contains("nowhere"),
+            "{e}"
+        );
+        let e = err(&format!("inbound = 3\n{head}"));
+        assert!(e.contains("`inbound`") && e.contains("[[inbound]]"), "{e}");
     }
 
     #[test]

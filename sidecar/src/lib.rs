@@ -60,8 +60,10 @@ pub enum StartError {
 pub struct Running {
     /// The admin listener's address.
     pub admin_addr: SocketAddr,
-    /// The inbound listener's address.
+    /// The first inbound listener's address.
     pub inbound_addr: Option<SocketAddr>,
+    /// Every inbound listener's address, in configuration order.
+    pub inbound_addrs: Vec<SocketAddr>,
     /// Each outbound upstream's local address, by name.
     pub outbound_addrs: Vec<(String, SocketAddr)>,
     /// The identity.
@@ -124,7 +126,7 @@ impl Reserved {
 
 /// The traffic listeners, bound at start and listening only once the sidecar is ready.
 struct Held {
-    inbound: Option<(config::Inbound, Reserved)>,
+    inbound: Vec<(config::Inbound, Reserved)>,
     outbound: Vec<(config::Outbound, Reserved)>,
 }
 
@@ -148,7 +150,7 @@ async fn open_when_ready(
         error!(error = %e, "cannot open a listener");
         failed.send_replace(Some(e.to_string()));
     };
-    if let Some((i, r)) = held.inbound {
+    for (i, r) in held.inbound {
         match r.listen() {
             Ok(l) => tasks.push(tokio::spawn(proxy::serve_inbound(
                 shared.clone(),
@@ -197,10 +199,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics.clone(),
     )?;
     let admin = reserve("admin", cfg.admin)?.listen()?;
-    let inbound = match &cfg.inbound {
-        Some(i) => Some((i.clone(), reserve("inbound", i.listen)?)),
-        None => None,
-    };
+    let mut inbound = Vec::new();
+    for (n, i) in cfg.inbound.iter().enumerate() {
+        let what = match n {
+            0 => "inbound".to_owned(),
+            n => format!("inbound[{n}]"),
+        };
+        inbound.push((i.clone(), reserve(&what, i.listen)?));
+    }
     let mut outbound = Vec::new();
     for o in &cfg.outbound {
         outbound.push((
@@ -263,7 +269,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             stop_rx.clone(),
         )));
     }
-    let inbound_addr = inbound.as_ref().map(|(_, r)| r.addr);
+    let inbound_addrs: Vec<SocketAddr> = inbound.iter().map(|(_, r)| r.addr).collect();
+    let inbound_addr = inbound_addrs.first().copied();
     let outbound_addrs: Vec<(String, SocketAddr)> = outbound
         .iter()
         .map(|(o, r)| (o.name.clone(), r.addr))
@@ -277,7 +284,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         failed_tx,
     )));
     // Display values only: no `Some(..)` or `[(..)]` Rust syntax in the logs.
-    let inbound_shown = inbound_addr.map_or_else(|| "none".to_owned(), |a| a.to_string());
+    let inbound_shown = match inbound_addrs.as_slice() {
+        [] => "none".to_owned(),
+        a => a
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    };
     let outbound_shown = outbound_addrs
         .iter()
         .map(|(n, a)| format!("{n}={a}"))
@@ -287,6 +301,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     Ok(Running {
         admin_addr,
         inbound_addr,
+        inbound_addrs,
         outbound_addrs,
         identity,
         policy,

@@ -163,8 +163,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("cannot start the sidecar")?;
     eprintln!("mayfly-sidecar admin on {}", running.admin_addr);
-    if let Some(a) = running.inbound_addr {
-        eprintln!("mayfly-sidecar inbound on {a}");
+    for (n, a) in running.inbound_addrs.iter().enumerate() {
+        match n {
+            0 => eprintln!("mayfly-sidecar inbound on {a}"),
+            n => eprintln!("mayfly-sidecar inbound[{n}] on {a}"),
+        }
     }
     for (name, a) in &running.outbound_addrs {
         eprintln!("mayfly-sidecar outbound {name} on {a}");

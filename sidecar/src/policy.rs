@@ -349,7 +349,8 @@ impl PolicyState {
     }
 
     /// Whether some rule could allow some HTTP request from `source` to `destination`: a
-    /// connection nothing could ever allow is refused before any request is read.
+    /// connection nothing could ever allow is denied as a whole (one `connection.denied`
+    /// record) and every request on it is answered 403 without being decided or forwarded.
     pub fn may_allow_any(
         &self,
         source: &str,

@@ -1,6 +1,7 @@
 //! Inbound HTTP: per-request authorization of the verified peer, identity to the app in
 //! `x-forwarded-client-cert`, and connections drained with GOAWAY when the peer's SVID expires
-//! or the policy no longer lets the peer in at all.
+//! or the policy no longer lets the peer in at all. A peer the policy lets in nowhere is denied
+//! per connection and answered 403 on every request (`refuse_conn`).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -17,13 +18,14 @@ use hyper_util::server::graceful::GracefulConnection;
 use mayfly_ca::svid::SvidInfo;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::idle::{Activity, IDLE_GRACE, IdleTimer};
 use super::{Body, GRPC_UNAVAILABLE, XFCC, is_grpc, local_reply, strip_hop_by_hop, xfcc_value};
+use crate::audit::NotDurable;
 use crate::config::{AppProtocol, Inbound};
 use crate::metrics::Direction;
-use crate::policy::HttpFacts;
+use crate::policy::{HttpFacts, Verdict};
 use crate::proxy::Shared;
 
 /// The pooled client towards the local app.
@@ -55,6 +57,54 @@ struct Ctx {
     version: http::Version,
     peer_addr: String,
     peer_serial: String,
+    /// The connection-level denial every request on this connection is answered with.
+    refused: Option<Refusal>,
+}
+
+/// The connection-level denial of a peer the policy allows no request at all, and whether its
+/// `connection.denied` record is durable (strict audit: if not, requests get 503, not 403).
+#[derive(Clone)]
+struct Refusal {
+    verdict: Verdict,
+    recorded: Result<(), NotDurable>,
+}
+
+/// A verified peer the policy allows nothing: the connection is denied as the TCP path denies
+/// one (a `connection.denied` record with the decision ID, durable before any answer under
+/// strict audit), but kept open so that every request on it gets a 403 / PERMISSION_DENIED
+/// with that decision ID instead of a reset the caller's sidecar can only report as a 502.
+/// No request on it is ever forwarded. `None` if the L4 decision permits after all (then each
+/// request is decided on its own, as on any other connection).
+async fn refuse_conn(
+    shared: &Shared,
+    me: &str,
+    peer: &SvidInfo,
+    addr: SocketAddr,
+    port: Option<u16>,
+    ip: Option<IpAddr>,
+) -> Option<Refusal> {
+    let peer_id = peer.id.to_string();
+    let verdict = shared.policy.decide_l4(&peer_id, me, port, ip);
+    if verdict.permits() {
+        shared.metrics.decision(Direction::Inbound, "allow");
+        return None;
+    }
+    shared.metrics.decision(Direction::Inbound, verdict.label());
+    let mut fields = crate::proxy::audit_base(
+        Direction::Inbound,
+        me,
+        &peer_id,
+        Some(addr.to_string()),
+        Some(&peer.serial),
+        "http",
+    );
+    verdict.audit_into(&mut fields);
+    info!(decision = verdict.decision_id(), by = %verdict.by(), "inbound connection denied by policy: every request on it is answered 403");
+    let recorded = shared.audit.record("connection.denied", fields).await;
+    if let Err(e) = &recorded {
+        warn!(error = %e, "strict audit: the denial's record is not durable");
+    }
+    Some(Refusal { verdict, recorded })
 }
 
 /// Serves one verified peer connection.
@@ -71,12 +121,12 @@ pub async fn serve_conn(
     let port = Some(cfg.app.port());
     let ip = Some(addr.ip());
     let m = shared.metrics.clone();
-    if !shared.policy.may_allow_any(&peer_id, &me, port, ip) {
-        m.decision(Direction::Inbound, "deny");
-        info!("inbound connection refused: the policy allows no request from this peer");
-        return;
-    }
-    m.decision(Direction::Inbound, "allow");
+    let refused = if shared.policy.may_allow_any(&peer_id, &me, port, ip) {
+        m.decision(Direction::Inbound, "allow");
+        None
+    } else {
+        refuse_conn(&shared, &me, &peer, addr, port, ip).await
+    };
     let leaf = tls
         .get_ref()
         .1
@@ -95,6 +145,7 @@ pub async fn serve_conn(
         ip,
         peer_addr: addr.to_string(),
         peer_serial: peer.serial.clone(),
+        refused: refused.clone(),
         version: match cfg.app_protocol {
             AppProtocol::Http1 => http::Version::HTTP_11,
             AppProtocol::Http2 => http::Version::HTTP_2,
@@ -113,6 +164,7 @@ pub async fn serve_conn(
     let _open = crate::proxy::OpenGuard::new(m.clone(), Direction::Inbound);
     let watch = Watch {
         shared: shared.clone(),
+        refused: refused.is_some(),
         peer: peer_id,
         port,
         ip,
@@ -145,6 +197,9 @@ pub async fn serve_conn(
 /// What ends a peer connection besides its own traffic.
 struct Watch {
     shared: Arc<Shared>,
+    /// The connection is denied as a whole: it ends when the policy may allow the peer
+    /// something, so that its next requests are decided afresh on a new connection.
+    refused: bool,
     peer: String,
     port: Option<u16>,
     ip: Option<IpAddr>,
@@ -180,9 +235,14 @@ where
                 conn.as_mut().graceful_shutdown();
             }
             r = policy.changed(), if draining.is_none() => {
-                if r.is_ok() && !w.shared.policy.may_allow_any(&w.peer, &me, w.port, w.ip) {
+                let may = r.is_ok() && w.shared.policy.may_allow_any(&w.peer, &me, w.port, w.ip);
+                if r.is_ok() && !may && !w.refused {
                     info!("policy no longer allows this peer: draining the connection");
                     (draining, grace_until) = (Some("policy_revoked"), tokio::time::Instant::now() + DRAIN_GRACE);
+                    conn.as_mut().graceful_shutdown();
+                } else if may && w.refused {
+                    info!("policy may now allow this peer: closing its denied connection");
+                    (draining, grace_until) = (Some("policy_changed"), tokio::time::Instant::now() + DRAIN_GRACE);
                     conn.as_mut().graceful_shutdown();
                 }
             }
@@ -214,6 +274,9 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
         Ok(p) => p,
         Err(reply) => return super::unforwarded_req(req, *reply).await,
     };
+    if let Some(refusal) = &ctx.refused {
+        return refused(&ctx, refusal, req, path, grpc, started).await;
+    }
     // Borrowed from the request: no per-request copies of the header block.
     let headers = super::policy_headers(req.headers());
     let verdict = ctx.shared.policy.decide_http(
@@ -307,4 +370,45 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
             )
         }
     }
+}
+
+/// A request on a connection denied as a whole: recorded (an `http.request` record with the
+/// connection's decision ID), answered 403 / PERMISSION_DENIED, never forwarded.
+async fn refused(
+    ctx: &Ctx,
+    refusal: &Refusal,
+    req: Request<Incoming>,
+    path: String,
+    grpc: bool,
+    started: std::time::Instant,
+) -> Response<Body> {
+    let verdict = &refusal.verdict;
+    ctx.shared
+        .metrics
+        .request(Direction::Inbound, verdict.label());
+    let record = super::RequestRecord::new(
+        &ctx.shared.audit,
+        crate::proxy::audit_base(
+            Direction::Inbound,
+            &ctx.me,
+            &ctx.peer,
+            Some(ctx.peer_addr.clone()),
+            Some(&ctx.peer_serial),
+            "http",
+        ),
+        req.method(),
+        &path,
+        verdict,
+        started,
+    );
+    let recorded = match &refusal.recorded {
+        Ok(()) => record.finish_unforwarded(StatusCode::FORBIDDEN).await,
+        Err(e) => Err(e.clone()),
+    };
+    let reply = match recorded {
+        Ok(()) => super::denied(grpc, verdict),
+        Err(e) => super::audit_unavailable(&ctx.shared, Direction::Inbound, grpc, &e),
+    };
+    info!(method = %req.method(), path = %path, decision = verdict.decision_id(), "request denied: the policy allows this peer nothing");
+    super::unforwarded_req(req, reply).await
 }

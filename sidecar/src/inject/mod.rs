@@ -34,6 +34,11 @@ pub const ANNOTATION_INJECT: &str = "mayfly.io/inject";
 pub const ANNOTATION_INJECTED: &str = "mayfly.io/injected";
 /// Annotation: the app's port (the inbound listener forwards to `127.0.0.1:PORT`).
 pub const ANNOTATION_APP_PORT: &str = "mayfly.io/app-port";
+/// Annotation: the app's ports, `"8080, 9090"`: one inbound listener each, on 15443, 15444, ...
+/// in that order (default: every TCP `containerPort` of the app containers).
+pub const ANNOTATION_APP_PORTS: &str = "mayfly.io/app-ports";
+/// Most app ports one sidecar meshes (mTLS ports 15443 to 15458).
+pub const MAX_APP_PORTS: usize = 16;
 /// Annotation: `tcp` (default) or `http`, the inbound listener's protocol.
 pub const ANNOTATION_PROTOCOL: &str = "mayfly.io/protocol";
 /// Annotation: outbound upstreams, one per line: `NAME LOCAL_PORT REMOTE SPIFFE_ID`.
@@ -42,7 +47,7 @@ pub const ANNOTATION_OUTBOUND: &str = "mayfly.io/outbound";
 pub const ANNOTATION_SPIFFE_ID: &str = "mayfly.io/spiffe-id";
 /// The environment variable that carries the sidecar's configuration.
 pub const CONFIG_ENV: &str = "MAYFLY_SIDECAR_CONFIG_TOML";
-/// Inbound mTLS port.
+/// Inbound mTLS port (of the first app port; the next ones get the ports after it).
 pub const INBOUND_PORT: u16 = 15443;
 /// Admin port (`/healthz`, `/readyz`, `/metrics`; the kubelet probes it).
 pub const ADMIN_PORT: u16 = 15000;

@@ -5,8 +5,9 @@ use std::path::Path;
 use serde_json::{Map, Value, json};
 
 use super::{
-    ADMIN_PORT, ANNOTATION_APP_PORT, ANNOTATION_OUTBOUND, ANNOTATION_PROTOCOL, CONFIG_ENV,
-    CONTAINER_NAME, INBOUND_PORT, InjectOptions, POLICY_DIR, TOKEN_DIR,
+    ADMIN_PORT, ANNOTATION_APP_PORT, ANNOTATION_APP_PORTS, ANNOTATION_OUTBOUND,
+    ANNOTATION_PROTOCOL, CONFIG_ENV, CONTAINER_NAME, INBOUND_PORT, InjectOptions, MAX_APP_PORTS,
+    POLICY_DIR, TOKEN_DIR,
 };
 use crate::config::Config;
 
@@ -73,10 +74,10 @@ fn upstreams(annotation: &str) -> Result<Vec<Upstream>, String> {
     Ok(out)
 }
 
-/// Every `containerPort` of the pod, and the first TCP one of the app containers.
-fn ports(spec: &Value) -> (Vec<u16>, Option<u16>) {
+/// Every `containerPort` of the pod, and the TCP ones of the app containers (in order, once).
+fn ports(spec: &Value) -> (Vec<u16>, Vec<u16>) {
     let mut all = Vec::new();
-    let mut first_app = None;
+    let mut app = Vec::new();
     for list in ["containers", "initContainers"] {
         for c in spec
             .get(list)
@@ -102,18 +103,64 @@ fn ports(spec: &Value) -> (Vec<u16>, Option<u16>) {
                     .get("protocol")
                     .and_then(Value::as_str)
                     .is_none_or(|p| p == "TCP");
-                if list == "containers" && tcp && first_app.is_none() {
-                    first_app = Some(n);
+                if list == "containers" && tcp && !app.contains(&n) {
+                    app.push(n);
                 }
             }
         }
     }
-    (all, first_app)
+    (all, app)
+}
+
+/// The app ports from `mayfly.io/app-ports` (`"8080, 9090"`: commas or spaces), or the single
+/// `mayfly.io/app-port`; `None` when neither is set.
+fn annotated_ports(annotations: &Map<String, Value>) -> Result<Option<Vec<u16>>, String> {
+    let one = annotations.get(ANNOTATION_APP_PORT);
+    let many = annotations.get(ANNOTATION_APP_PORTS);
+    let (key, v) = match (one, many) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "set {ANNOTATION_APP_PORTS} or {ANNOTATION_APP_PORT}, not both"
+            ));
+        }
+        (Some(v), None) => (ANNOTATION_APP_PORT, v),
+        (None, Some(v)) => (ANNOTATION_APP_PORTS, v),
+        (None, None) => return Ok(None),
+    };
+    let s = text(v).ok_or(format!("{key} must be a port or a list of ports"))?;
+    let mut out = Vec::new();
+    for p in s.split([',', ' ', '\t']).filter(|p| !p.is_empty()) {
+        let p = port(key, p)?;
+        if out.contains(&p) {
+            return Err(format!("{key}: port {p} is listed twice"));
+        }
+        out.push(p);
+    }
+    if out.is_empty() || (key == ANNOTATION_APP_PORT && out.len() > 1) {
+        return Err(format!("{key}: {s:?} is not a port (1-65535)"));
+    }
+    Ok(Some(out))
+}
+
+/// The sidecar's mTLS port for the `n`-th app port: 15443, 15444, ...
+fn mtls_port(n: usize) -> Option<u16> {
+    u16::try_from(n)
+        .ok()
+        .filter(|n| usize::from(*n) < MAX_APP_PORTS)
+        .map(|n| INBOUND_PORT + n)
+}
+
+/// The name of the sidecar's container port for the `n`-th app port.
+fn mtls_port_name(n: usize) -> String {
+    match n {
+        0 => "mayfly-mtls".to_owned(),
+        n => format!("mayfly-mtls-{n}"),
+    }
 }
 
 fn config_toml(
     spiffe_id: &str,
-    app_port: Option<u16>,
+    app_ports: &[u16],
     protocol: Option<&str>,
     ups: &[Upstream],
     opts: &InjectOptions,
@@ -125,14 +172,26 @@ fn config_toml(
     cp.insert("k8s_token_file".into(), format!("{TOKEN_DIR}/token").into());
     cp.insert("ca_pin".into(), opts.ca_pin.to_ascii_lowercase().into());
     root.insert("control_plane".into(), cp.into());
-    if let Some(p) = app_port {
+    let mut inbound: Vec<toml::Value> = Vec::new();
+    for (n, p) in app_ports.iter().enumerate() {
+        let mtls = mtls_port(n).ok_or(format!("at most {MAX_APP_PORTS} app ports"))?;
         let mut t = toml::Table::new();
-        t.insert("listen".into(), format!("0.0.0.0:{INBOUND_PORT}").into());
+        t.insert("listen".into(), format!("0.0.0.0:{mtls}").into());
         t.insert("app".into(), format!("127.0.0.1:{p}").into());
         if let Some(proto) = protocol {
             t.insert("protocol".into(), proto.into());
         }
-        root.insert("inbound".into(), t.into());
+        inbound.push(t.into());
+    }
+    // One app port keeps the `[inbound]` table of earlier versions.
+    match inbound.len() {
+        0 => {}
+        1 => {
+            root.insert("inbound".into(), inbound.remove(0));
+        }
+        _ => {
+            root.insert("inbound".into(), inbound.into());
+        }
     }
     if !ups.is_empty() {
         let list: Vec<toml::Value> = ups
@@ -204,24 +263,26 @@ pub(super) fn plan(
     let spiffe_id = format!("spiffe://{}/ns/{ns}/sa/{sa}", opts.trust_domain);
     mayfly_ca::id::parse_workload_id(&spiffe_id).map_err(|e| e.to_string())?;
 
-    let (all_ports, first_app) = ports(spec);
-    for p in [INBOUND_PORT, ADMIN_PORT] {
-        if all_ports.contains(&p) {
-            return Err(format!(
-                "a container already uses port {p}, which the sidecar needs ({INBOUND_PORT} inbound, {ADMIN_PORT} admin)"
-            ));
-        }
-    }
-    let app_port = match annotations.get(ANNOTATION_APP_PORT) {
-        Some(v) => {
-            let s = text(v).ok_or(format!("{ANNOTATION_APP_PORT} must be a port"))?;
-            Some(port(ANNOTATION_APP_PORT, &s)?)
-        }
-        None => first_app,
-    };
-    if app_port.is_some_and(|p| p == INBOUND_PORT || p == ADMIN_PORT) {
+    let (all_ports, declared) = ports(spec);
+    let app_ports = annotated_ports(annotations)?.unwrap_or(declared);
+    if app_ports.len() > MAX_APP_PORTS {
         return Err(format!(
-            "{ANNOTATION_APP_PORT} may not be {INBOUND_PORT} or {ADMIN_PORT}: the sidecar listens there"
+            "{} app ports: the sidecar meshes at most {MAX_APP_PORTS}; list the ones to mesh in {ANNOTATION_APP_PORTS}",
+            app_ports.len()
+        ));
+    }
+    // The sidecar's ports: one mTLS port per app port (at least 15443) and the admin port.
+    let last_mtls = INBOUND_PORT + app_ports.len().saturating_sub(1) as u16;
+    let sidecar_ports = format!("{INBOUND_PORT}-{last_mtls} mTLS, {ADMIN_PORT} admin");
+    let sidecars = |p: u16| p == ADMIN_PORT || (INBOUND_PORT..=last_mtls).contains(&p);
+    if let Some(p) = all_ports.iter().find(|p| sidecars(**p)) {
+        return Err(format!(
+            "a container already uses port {p}, which the sidecar needs ({sidecar_ports})"
+        ));
+    }
+    if let Some(p) = app_ports.iter().find(|p| sidecars(**p)) {
+        return Err(format!(
+            "app port {p} is one the sidecar listens on ({sidecar_ports})"
         ));
     }
     let ups = match annotations.get(ANNOTATION_OUTBOUND) {
@@ -229,9 +290,9 @@ pub(super) fn plan(
         Some(_) => return Err(format!("{ANNOTATION_OUTBOUND} must be a string")),
         None => Vec::new(),
     };
-    if app_port.is_none() && ups.is_empty() {
+    if app_ports.is_empty() && ups.is_empty() {
         return Err(format!(
-            "nothing to proxy: no container declares a containerPort; set the {ANNOTATION_APP_PORT} or {ANNOTATION_OUTBOUND} annotation, or mayfly.io/inject: \"false\""
+            "nothing to proxy: no container declares a containerPort; set the {ANNOTATION_APP_PORTS} or {ANNOTATION_OUTBOUND} annotation, or mayfly.io/inject: \"false\""
         ));
     }
     let protocol = match annotations.get(ANNOTATION_PROTOCOL) {
@@ -251,12 +312,12 @@ pub(super) fn plan(
             return Err(format!("the pod already has a volume named {n}"));
         }
     }
-    let config = config_toml(&spiffe_id, app_port, protocol, &ups, opts)?;
+    let config = config_toml(&spiffe_id, &app_ports, protocol, &ups, opts)?;
     let mut container_ports = Vec::new();
-    if app_port.is_some() {
-        container_ports.push(
-            json!({ "name": "mayfly-mtls", "containerPort": INBOUND_PORT, "protocol": "TCP" }),
-        );
+    for n in 0..app_ports.len() {
+        let mtls = mtls_port(n).ok_or(format!("at most {MAX_APP_PORTS} app ports"))?;
+        container_ports
+            .push(json!({ "name": mtls_port_name(n), "containerPort": mtls, "protocol": "TCP" }));
     }
     container_ports
         .push(json!({ "name": "mayfly-admin", "containerPort": ADMIN_PORT, "protocol": "TCP" }));

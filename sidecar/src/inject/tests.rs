@@ -106,7 +106,9 @@ fn a_deployment_gets_a_native_sidecar_that_attests_with_its_service_account() {
         matches!(&cfg.control_plane.token, TokenSource::K8s(p) if p == Path::new("/var/run/secrets/mayfly/token"))
     );
     assert_eq!(cfg.control_plane.ca_pin.as_deref(), Some(PIN));
-    let inbound = cfg.inbound.unwrap();
+    let [inbound] = cfg.inbound.as_slice() else {
+        panic!("one inbound listener: {:?}", cfg.inbound)
+    };
     assert_eq!(inbound.listen.to_string(), "0.0.0.0:15443");
     assert_eq!(inbound.app.to_string(), "127.0.0.1:8080");
     assert_eq!(cfg.outbound.len(), 1);
@@ -204,7 +206,7 @@ fn every_workload_kind_is_injected_at_its_pod_template() {
             "spiffe://mayfly.local/ns/n1/sa/batch",
             "{spec_path}"
         );
-        assert_eq!(cfg.inbound.unwrap().app.to_string(), "127.0.0.1:9000");
+        assert_eq!(cfg.inbound[0].app.to_string(), "127.0.0.1:9000");
         assert_eq!(
             inject_object(&mut obj, &opts(), None).unwrap(),
             Outcome::AlreadyInjected
@@ -271,16 +273,18 @@ fn annotations_opt_out_set_the_app_port_and_the_options_apply() {
     );
     assert_eq!(cfg.control_plane.address, "ca.example:443");
     assert_eq!(cfg.control_plane.ca_pin.as_deref(), Some(PIN));
-    let inbound = cfg.inbound.unwrap();
+    let [inbound] = cfg.inbound.as_slice() else {
+        panic!("one inbound listener: {:?}", cfg.inbound)
+    };
     assert_eq!(inbound.app.to_string(), "127.0.0.1:9090");
     assert_eq!(inbound.protocol, crate::config::Protocol::Http);
     assert_eq!(p["spec"]["volumes"][1]["configMap"]["name"], "shop-policy");
-    // Without a port the first TCP containerPort is used.
+    // Without an annotation every TCP containerPort is meshed (here the one).
     let mut p = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
         "spec": {"containers": [{"name": "a", "ports": [{"containerPort": 53, "protocol": "UDP"}, {"containerPort": 80}]}]}});
     inject_object(&mut p, &opts(), None).unwrap();
     let cfg = sidecar_config(&p["spec"]["initContainers"][0]);
-    assert_eq!(cfg.inbound.unwrap().app.to_string(), "127.0.0.1:80");
+    assert_eq!(cfg.inbound[0].app.to_string(), "127.0.0.1:80");
 }
 
 #[test]
@@ -443,4 +447,116 @@ fn arb_json() -> impl Strategy<Value = Value> {
             .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
+}
+
+fn listeners(p: &Value) -> Vec<(String, String)> {
+    sidecar_config(&p["spec"]["initContainers"][0])
+        .inbound
+        .iter()
+        .map(|i| (i.listen.to_string(), i.app.to_string()))
+        .collect()
+}
+
+fn pair(listen: &str, app: &str) -> (String, String) {
+    (listen.to_owned(), app.to_owned())
+}
+
+#[test]
+fn every_declared_port_is_meshed_on_its_own_mtls_port() {
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+        "spec": {"containers": [
+            {"name": "a", "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}, {"containerPort": 9090}]},
+            {"name": "b", "ports": [{"containerPort": 8081}, {"containerPort": 8080}]}]}});
+    inject_object(&mut p, &opts(), None).unwrap();
+    assert_eq!(
+        listeners(&p),
+        [
+            pair("0.0.0.0:15443", "127.0.0.1:8080"),
+            pair("0.0.0.0:15444", "127.0.0.1:9090"),
+            pair("0.0.0.0:15445", "127.0.0.1:8081"),
+        ]
+    );
+    let ports: Vec<(String, u64)> = p["spec"]["initContainers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            ("mayfly-mtls".to_owned(), 15443),
+            ("mayfly-mtls-1".to_owned(), 15444),
+            ("mayfly-mtls-2".to_owned(), 15445),
+            ("mayfly-admin".to_owned(), 15000),
+        ]
+    );
+    // The annotation picks the ports and their order.
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "annotations": {"mayfly.io/app-ports": "9090, 8081 7000"}},
+        "spec": {"containers": [{"name": "a", "ports": [{"containerPort": 8080}]}]}});
+    inject_object(&mut p, &opts(), None).unwrap();
+    assert_eq!(
+        listeners(&p),
+        [
+            pair("0.0.0.0:15443", "127.0.0.1:9090"),
+            pair("0.0.0.0:15444", "127.0.0.1:8081"),
+            pair("0.0.0.0:15445", "127.0.0.1:7000"),
+        ]
+    );
+}
+
+#[test]
+fn app_ports_that_cannot_be_meshed_say_why() {
+    let base = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "n"},
+        "spec": {"containers": [{"name": "a", "ports": [{"containerPort": 80}, {"containerPort": 81}]}]}});
+    let many: Vec<Value> = (1..=17).map(|n| json!({"containerPort": n})).collect();
+    type Change<'a> = &'a dyn Fn(&mut Value);
+    let cases: [(Change, &str); 7] = [
+        (
+            &|p| p["metadata"]["annotations"] = json!({"mayfly.io/app-ports": "80, 80"}),
+            "listed twice",
+        ),
+        (
+            &|p| p["metadata"]["annotations"] = json!({"mayfly.io/app-ports": "80, http"}),
+            "not a port",
+        ),
+        (
+            &|p| p["metadata"]["annotations"] = json!({"mayfly.io/app-ports": " , "}),
+            "not a port",
+        ),
+        (
+            &|p| {
+                p["metadata"]["annotations"] =
+                    json!({"mayfly.io/app-ports": "80", "mayfly.io/app-port": "80"})
+            },
+            "not both",
+        ),
+        (
+            &|p| p["metadata"]["annotations"] = json!({"mayfly.io/app-port": "80 81"}),
+            "not a port",
+        ),
+        // Two app ports take 15443 and 15444: a container may not use either.
+        (
+            &|p| p["spec"]["containers"][0]["ports"][1]["containerPort"] = json!(15444),
+            "port 15444",
+        ),
+        (
+            &|p| p["spec"]["containers"][0]["ports"] = json!(many),
+            "at most 16",
+        ),
+    ];
+    for (change, want) in cases {
+        let mut p = base.clone();
+        change(&mut p);
+        let e = inject_object(&mut p, &opts(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{want}: {e}");
+    }
 }
