@@ -60,6 +60,16 @@ pub enum WhenFull {
     Drop,
 }
 
+impl WhenFull {
+    /// The name written in the config (`fail-closed`, `drop`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WhenFull::FailClosed => "fail-closed",
+            WhenFull::Drop => "drop",
+        }
+    }
+}
+
 /// When a decision's record must be on disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -558,7 +568,7 @@ impl Spool {
         recover::install(dir, &lines, &new_state)?;
         warn!(
             spool = %dir.display(),
-            reason = ?why,
+            reason = recover::why_str(why),
             previous_epoch = %state.epoch,
             previous_last_seq = last_seq,
             epoch = %new_state.epoch,
@@ -590,7 +600,7 @@ impl Spool {
         };
         let (lines, new_state) = recover::new_chain(&source, &loss, after);
         recover::install(&self.dir, &lines, &new_state)?;
-        warn!(reason = ?why, previous_epoch = %self.state.epoch, epoch = %new_state.epoch, "the control plane refuses to continue the audit chain: rolled to a new epoch, the loss is recorded as a gap record");
+        warn!(reason = recover::why_str(why), previous_epoch = %self.state.epoch, epoch = %new_state.epoch, "the control plane refuses to continue the audit chain: rolled to a new epoch, the loss is recorded as a gap record");
         let dir = self.dir.clone();
         *self = Self::open(&dir, Some(&source))?;
         Ok(())
@@ -896,7 +906,11 @@ impl Actor {
             .set(i64::try_from(used).unwrap_or(i64::MAX));
         if used >= self.cfg.max_spool_bytes {
             if !self.full.swap(true, Ordering::Relaxed) {
-                warn!(bytes = used, mode = ?self.cfg.when_full, "audit spool full");
+                warn!(
+                    bytes = used,
+                    mode = self.cfg.when_full.as_str(),
+                    "audit spool full"
+                );
             }
         } else if used < self.cfg.max_spool_bytes / 10 * 9
             && self.full.swap(false, Ordering::Relaxed)

@@ -163,7 +163,7 @@ impl PolicyState {
         let old: Vec<String> = self.grants.load().iter().map(|g| g.id.clone()).collect();
         let new: Vec<String> = grants.iter().map(|g| g.id.clone()).collect();
         if old != new {
-            info!(grants = ?new, "live grants updated");
+            info!(grants = %new.join(","), count = new.len(), "live grants updated");
             self.grants.store(Arc::new(grants));
             changed = true;
         }

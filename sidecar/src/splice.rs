@@ -120,11 +120,13 @@ where
     let ba = Arc::new(AtomicU64::new(0));
     let up = copy_half(ar, bw, ab.clone(), activity.clone(), epoch);
     let down = copy_half(br, aw, ba.clone(), activity.clone(), epoch);
+    // A half that fails ends both: the other may be waiting on a peer that waits for this one
+    // (a client waiting for the server's banner while the server's connection broke without a
+    // clean close), so only a clean end of one direction leaves the other open.
     let both = async {
-        let (x, y) = tokio::join!(up, down);
-        match (x, y) {
-            (Ok(()), Ok(())) => End::Done,
-            (Err(e), _) | (_, Err(e)) => End::Error(e.to_string()),
+        match tokio::try_join!(up, down) {
+            Ok(((), ())) => End::Done,
+            Err(e) => End::Error(e.to_string()),
         }
     };
     let watchdog = async {
@@ -153,6 +155,61 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream whose reads fail (a TLS peer gone without close_notify) and whose writes work.
+    struct Broken;
+
+    impl AsyncRead for Broken {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Err(std::io::ErrorKind::UnexpectedEof.into()))
+        }
+    }
+
+    impl AsyncWrite for Broken {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            b: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The far side breaks while the near side waits for it to speak first: the splice ends
+    /// at once (it waited for the near side, until the idle timeout, and the caller hung).
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_far_side_ends_the_splice_while_the_near_side_waits() {
+        let (client, a) = tokio::io::duplex(1024);
+        let out = splice(
+            a,
+            Broken,
+            Duration::from_secs(300),
+            Instant::now() + Duration::from_secs(3600),
+            std::future::pending(),
+        )
+        .await;
+        assert!(matches!(out.end, End::Error(_)), "{:?}", out.end);
+        // The client, which never wrote, now sees its connection end.
+        let (mut cr, _cw) = tokio::io::split(client);
+        let mut rest = Vec::new();
+        assert_eq!(cr.read_to_end(&mut rest).await.unwrap(), 0);
+    }
 
     #[tokio::test]
     async fn copies_both_ways_and_passes_half_close_on() {

@@ -338,11 +338,15 @@ async fn a_grant_opens_a_denied_call_then_expires_and_cuts_the_connection() {
         .unwrap()
         .to_owned();
     assert!(ca_as(Some("65534"), &dir, &["grant", "approve", &id2]).0);
+    let opened = eventually(Duration::from_secs(10), async || {
+        round_trip(&out, b"x").await.is_ok()
+    })
+    .await;
     assert!(
-        eventually(Duration::from_secs(10), async || round_trip(&out, b"x")
-            .await
-            .is_ok())
-        .await
+        opened,
+        "the approved grant {id2} must open the call:\n--- web\n{}\n--- db\n{}",
+        web.proc.log(),
+        db.proc.log()
     );
     let held = tokio::spawn({
         let out = out.clone();

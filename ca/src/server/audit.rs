@@ -231,7 +231,7 @@ pub fn record_lost(ca: &Ca) -> Result<(), StoreError> {
         Ok(_) => {
             warn!(
                 lost = lost.count,
-                kinds = ?lost.kinds,
+                kinds = %serde_json::to_string(&lost.kinds).unwrap_or_default(),
                 "recorded a gap on the control plane's audit chain for events that could not be stored"
             );
             Ok(())
