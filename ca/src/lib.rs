@@ -17,6 +17,7 @@ pub mod exposition;
 pub mod id;
 pub mod issue;
 pub mod keys;
+pub mod report;
 pub mod svid;
 pub mod tls;
 pub mod token;

@@ -576,24 +576,9 @@ impl std::fmt::Display for Reported {
 
 impl std::error::Error for Reported {}
 
-/// An error and its causes, each said once. Several library errors show their source in their
-/// own message (`cannot listen on ADDR: Address already in use`) and also return it as
-/// `source()`: `{:#}` would print it twice.
+/// An error and its causes, each said once (see [`mayfly_ca::report::report`]).
 fn report(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    let mut last = String::new();
-    for cause in e.chain() {
-        let msg = cause.to_string();
-        if !last.is_empty() && last.contains(&msg) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&msg);
-        last = msg;
-    }
-    out
+    mayfly_ca::report::report(e.as_ref())
 }
 
 fn main() -> ExitCode {
