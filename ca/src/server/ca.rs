@@ -254,12 +254,12 @@ impl Ca {
                         authority = %id,
                         "the active root had expired with no successor; a new root was made: sidecars must bootstrap again"
                     ),
-                    other => info!(change = ?other, "CA rotation"),
+                    other => info!(change = %other, "CA rotation"),
                 }
                 self.event_at(
                     now,
                     "ca.rotation",
-                    serde_json::json!({ "change": format!("{c:?}") }),
+                    serde_json::json!({ "change": c.to_string() }),
                 );
             }
         }

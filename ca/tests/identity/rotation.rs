@@ -159,3 +159,15 @@ fn nonsense_lifetimes_are_refused() {
     };
     assert!(Authorities::init(td, short, OffsetDateTime::now_utc()).is_err());
 }
+
+#[test]
+fn rotation_changes_read_as_words_in_logs_and_events() {
+    assert_eq!(
+        Change::Prepared(Role::Intermediate, "i-1".into()).to_string(),
+        "prepared intermediate i-1"
+    );
+    assert_eq!(
+        Change::EmergencyRoot("r-2".into()).to_string(),
+        "emergency root r-2"
+    );
+}
