@@ -568,7 +568,7 @@ impl Spool {
         recover::install(dir, &lines, &new_state)?;
         warn!(
             spool = %dir.display(),
-            reason = recover::why_str(why),
+            reason = why.as_str(),
             previous_epoch = %state.epoch,
             previous_last_seq = last_seq,
             epoch = %new_state.epoch,
@@ -586,11 +586,7 @@ impl Spool {
             return Ok(());
         };
         let body = self.unacked_bytes_upto(usize::MAX)?;
-        let after: Vec<Record> = body
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| serde_json::from_slice(l).ok())
-            .collect();
+        let after = recover::parse_lines(&body);
         let loss = recover::Loss {
             why,
             epoch: self.state.epoch.clone(),
@@ -600,7 +596,7 @@ impl Spool {
         };
         let (lines, new_state) = recover::new_chain(&source, &loss, after);
         recover::install(&self.dir, &lines, &new_state)?;
-        warn!(reason = recover::why_str(why), previous_epoch = %self.state.epoch, epoch = %new_state.epoch, "the control plane refuses to continue the audit chain: rolled to a new epoch, the loss is recorded as a gap record");
+        warn!(reason = why.as_str(), previous_epoch = %self.state.epoch, epoch = %new_state.epoch, "the control plane refuses to continue the audit chain: rolled to a new epoch, the loss is recorded as a gap record");
         let dir = self.dir.clone();
         *self = Self::open(&dir, Some(&source))?;
         Ok(())
@@ -1100,7 +1096,9 @@ impl Actor {
                     error!(error = %e, "cannot roll the audit spool to a new epoch");
                     return false;
                 }
-                self.session_epoch_changed();
+                // A new epoch: nothing of it is unsigned yet.
+                self.unsigned = 0;
+                self.first_unsigned = None;
             }
             Target::Backlog => {
                 // The closed epoch's records continue the live chain, after a gap record.
@@ -1115,41 +1113,23 @@ impl Actor {
                         return false;
                     }
                 };
-                let records: Vec<Record> = body
-                    .split(|c| *c == b'\n')
-                    .filter(|l| !l.is_empty())
-                    .filter_map(|l| serde_json::from_slice(l).ok())
-                    .collect();
-                let mut f = Map::new();
-                f.insert("reason".into(), Value::from(recover::why_str(why)));
-                f.insert("previous_epoch".into(), Value::from(b.state.epoch.clone()));
-                f.insert("previous_last_seq".into(), Value::from(b.state.acked_seq));
-                f.insert("rechained".into(), Value::from(records.len()));
-                let _ = self.write("gap", now_ms(), f);
+                let records = recover::parse_lines(&body);
+                let loss = recover::Loss {
+                    why,
+                    epoch: b.state.epoch.clone(),
+                    last_seq: b.state.acked_seq,
+                    lost: Vec::new(),
+                    quarantined: None,
+                };
+                let _ = self.write("gap", now_ms(), recover::gap_fields(&loss, records.len()));
                 for r in records {
-                    let mut f = r.fields;
-                    f.insert(
-                        "rechained_from".into(),
-                        Value::from(format!("{}:{}", r.epoch, r.seq)),
-                    );
-                    let kind = if r.kind == "checkpoint" {
-                        "checkpoint.rechained"
-                    } else {
-                        r.kind.as_str()
-                    };
-                    let _ = self.write(kind, r.ts_ms, f);
+                    let (kind, ts_ms, f) = recover::rechained(r);
+                    let _ = self.write(&kind, ts_ms, f);
                 }
                 b.remove();
             }
         }
         true
-    }
-
-    /// After the live epoch changed: nothing to reset today (the session is per identity, not
-    /// per chain); kept as the one place to do it.
-    fn session_epoch_changed(&mut self) {
-        self.unsigned = 0;
-        self.first_unsigned = None;
     }
 
     /// Starts delivering the oldest unacknowledged records (up to `SHIP_BATCH`) to the control

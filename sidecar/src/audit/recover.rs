@@ -133,13 +133,9 @@ pub(super) enum Why {
     ControlPlaneDiverged,
 }
 
-/// The reason code of a roll, as written in its `gap` record.
-pub(super) fn why_str(why: Why) -> &'static str {
-    why.as_str()
-}
-
 impl Why {
-    fn as_str(self) -> &'static str {
+    /// The reason code, as written in the `gap` record.
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Why::UncleanShutdown => "unclean_shutdown",
             Why::SpoolDamaged => "spool_damaged",
@@ -162,6 +158,55 @@ pub(super) struct Loss {
     pub(super) quarantined: Option<PathBuf>,
 }
 
+/// The fields of the `gap` record that says what `loss` lost and that `rechained` records
+/// follow it.
+pub(super) fn gap_fields(loss: &Loss, rechained: usize) -> Map<String, Value> {
+    let mut fields = Map::new();
+    fields.insert("reason".into(), Value::from(loss.why.as_str()));
+    fields.insert("previous_epoch".into(), Value::from(loss.epoch.clone()));
+    fields.insert("previous_last_seq".into(), Value::from(loss.last_seq));
+    if !loss.lost.is_empty() {
+        fields.insert("lost_seqs".into(), Value::from(loss.lost.clone()));
+    }
+    if let Some(q) = &loss.quarantined {
+        fields.insert("quarantined".into(), Value::from(q.display().to_string()));
+    }
+    fields.insert("rechained".into(), Value::from(rechained));
+    if matches!(loss.why, Why::UncleanShutdown) {
+        fields.insert(
+            "note".into(),
+            Value::from("records written after previous_last_seq and before the stop may be lost"),
+        );
+    }
+    fields
+}
+
+/// A record carried into a new chain: its kind, time and fields, with `rechained_from`
+/// naming its old place. A checkpoint's signature covers its old place in the old chain: it no
+/// longer vouches for anything, so it is carried as a plain `checkpoint.rechained` record.
+pub(super) fn rechained(r: Record) -> (String, i64, Map<String, Value>) {
+    let mut f = r.fields;
+    f.insert(
+        "rechained_from".into(),
+        Value::from(format!("{}:{}", r.epoch, r.seq)),
+    );
+    let kind = if r.kind == "checkpoint" {
+        "checkpoint.rechained".to_owned()
+    } else {
+        r.kind
+    };
+    (kind, r.ts_ms, f)
+}
+
+/// Records from newline-terminated spool lines; lines that do not parse are skipped (the
+/// spool's own scan has put damaged lines aside already).
+pub(super) fn parse_lines(body: &[u8]) -> Vec<Record> {
+    body.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| serde_json::from_slice(l).ok())
+        .collect()
+}
+
 /// A fresh random epoch.
 pub(super) fn new_epoch() -> String {
     let mut b = [0u8; 8];
@@ -173,23 +218,7 @@ pub(super) fn new_epoch() -> String {
 /// and goes on with `after`, re-chained. Returns the lines and the new state.
 pub(super) fn new_chain(source: &str, loss: &Loss, after: Vec<Record>) -> (Vec<Vec<u8>>, State) {
     let epoch = new_epoch();
-    let mut fields = Map::new();
-    fields.insert("reason".into(), Value::from(loss.why.as_str()));
-    fields.insert("previous_epoch".into(), Value::from(loss.epoch.clone()));
-    fields.insert("previous_last_seq".into(), Value::from(loss.last_seq));
-    if !loss.lost.is_empty() {
-        fields.insert("lost_seqs".into(), Value::from(loss.lost.clone()));
-    }
-    if let Some(q) = &loss.quarantined {
-        fields.insert("quarantined".into(), Value::from(q.display().to_string()));
-    }
-    fields.insert("rechained".into(), Value::from(after.len()));
-    if matches!(loss.why, Why::UncleanShutdown) {
-        fields.insert(
-            "note".into(),
-            Value::from("records written after previous_last_seq and before the stop may be lost"),
-        );
-    }
+    let fields = gap_fields(loss, after.len());
     let mut lines = Vec::with_capacity(after.len() + 1);
     let mut prev = GENESIS.to_owned();
     let mut seq = 1;
@@ -212,19 +241,8 @@ pub(super) fn new_chain(source: &str, loss: &Loss, after: Vec<Record>) -> (Vec<V
         };
     push("gap".into(), now_ms(), fields, &mut lines);
     for r in after {
-        let mut f = r.fields;
-        f.insert(
-            "rechained_from".into(),
-            Value::from(format!("{}:{}", r.epoch, r.seq)),
-        );
-        // A checkpoint's signature covers its old place in the old chain: it no longer
-        // vouches for anything here, so it is carried as a plain record.
-        let kind = if r.kind == "checkpoint" {
-            "checkpoint.rechained".to_owned()
-        } else {
-            r.kind
-        };
-        push(kind, r.ts_ms, f, &mut lines);
+        let (kind, ts_ms, f) = rechained(r);
+        push(kind, ts_ms, f, &mut lines);
     }
     let new = State {
         source: Some(source.to_owned()),
