@@ -20,10 +20,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use crate::config::{AuditConfig, Durability, Sink, WhenFull};
 use crate::identity::Identity;
 
 mod delivery;
@@ -54,39 +54,6 @@ pub const SHIP_BATCH: usize = 2000;
 /// Most queued events the writer takes in one turn before it looks at anything else.
 const EVENTS_PER_TURN: usize = 1024;
 
-/// What to do when the spool is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WhenFull {
-    /// Refuse new connections and requests until the spool drains.
-    FailClosed,
-    /// Drop records, count them, and write a `gap` record when space returns.
-    Drop,
-}
-
-impl WhenFull {
-    /// The name written in the config (`fail-closed`, `drop`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WhenFull::FailClosed => "fail-closed",
-            WhenFull::Drop => "drop",
-        }
-    }
-}
-
-/// When a decision's record must be on disk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Durability {
-    /// Synced at least every [`SYNC_EVERY`] off the data path: a crash loses up to that window
-    /// of records of traffic that already happened (the loss itself is recorded as a `gap`).
-    #[default]
-    Batched,
-    /// A request is forwarded (a connection spliced, a denial answered) only once its decision
-    /// record is written and synced; a record that cannot be made durable refuses the traffic.
-    Strict,
-}
-
 /// Why a decision record could not be made durable (strict mode): the traffic is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NotDurable {
@@ -109,34 +76,6 @@ pub enum NotDurable {
 
 /// The longest a strict decision waits for its sync before the traffic is refused.
 pub const STRICT_WAIT: Duration = Duration::from_secs(5);
-
-/// A copy of every record for people who ship logs with their own tools.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Sink {
-    /// None.
-    None,
-    /// JSON lines on standard output.
-    Stdout,
-    /// JSON lines appended to a file.
-    File(PathBuf),
-}
-
-/// Audit settings.
-#[derive(Debug, Clone)]
-pub struct AuditConfig {
-    /// Spool directory (0700).
-    pub spool_dir: PathBuf,
-    /// Spool size limit in bytes.
-    pub max_spool_bytes: u64,
-    /// Behaviour when full.
-    pub when_full: WhenFull,
-    /// Extra JSON-lines sink.
-    pub sink: Sink,
-    /// Stream records to the control plane.
-    pub ship: bool,
-    /// When a decision's record must be on disk.
-    pub durability: Durability,
-}
 
 /// One event, before it is numbered.
 #[derive(Debug)]
