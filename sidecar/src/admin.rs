@@ -18,6 +18,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use mayfly_inject::probes::{APP_HEALTH_PREFIX, APP_PROBES_ENV, AppProbe, parse_app_probes};
+
 use crate::metrics::{Format, Metrics};
 use crate::ready::Readiness;
 
@@ -104,43 +106,8 @@ fn handle(s: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// The environment variable holding the app probes the admin listener forwards, as JSON:
-/// `{"/app-health/<container>/<probe>": {"port": 8080, "path": "/healthz", "headers": []}}`.
-pub const APP_PROBES_ENV: &str = "MAYFLY_APP_PROBES";
-/// The path prefix of the forwarded app probes.
-pub const APP_HEALTH_PREFIX: &str = "/app-health/";
 /// How long a forwarded probe may take (the kubelet's own timeout is usually shorter).
 const APP_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One app probe: always to `127.0.0.1:port`, never elsewhere.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AppProbe {
-    /// The app's port on loopback.
-    pub port: u16,
-    /// Path and query, starting with `/`.
-    pub path: String,
-    /// Extra request headers (the probe's `httpHeaders`).
-    #[serde(default)]
-    pub headers: Vec<(String, String)>,
-}
-
-/// Parses the [`APP_PROBES_ENV`] JSON; `None` is no probes.
-pub fn parse_app_probes(json: Option<&str>) -> Result<HashMap<String, AppProbe>, String> {
-    let Some(json) = json.filter(|s| !s.trim().is_empty()) else {
-        return Ok(HashMap::new());
-    };
-    let map: HashMap<String, AppProbe> =
-        serde_json::from_str(json).map_err(|e| format!("{APP_PROBES_ENV}: {e}"))?;
-    for (route, p) in &map {
-        if !route.starts_with(APP_HEALTH_PREFIX) || p.port == 0 || !p.path.starts_with('/') {
-            return Err(format!(
-                "{APP_PROBES_ENV}: {route:?}: a route under {APP_HEALTH_PREFIX}, a port and a path starting with / are needed"
-            ));
-        }
-    }
-    Ok(map)
-}
 
 /// The app probes from the environment (read once; `mayfly-sidecar run` refuses a bad value
 /// before starting, so an error here only means none).

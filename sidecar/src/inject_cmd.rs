@@ -2,13 +2,14 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use mayfly_sidecar::inject::webhook::Webhook;
-use mayfly_sidecar::inject::{self, InjectOptions};
+use mayfly_inject::webhook::Webhook;
+use mayfly_inject::{self as inject, ConfigRejected, InjectOptions};
+use mayfly_sidecar::config::Config;
 
 /// The injection options are global: `inject --ca-pin PIN serve ...` and `inject serve --ca-pin
 /// PIN ...` are the same, as `deploy/README.md` writes them.
@@ -78,8 +79,17 @@ impl OptionArgs {
             control_plane: self.control_plane,
             ca_pin,
             policy_configmap: self.policy_configmap,
+            check_config,
         }
     }
+}
+
+/// The sidecar's own parser checks every configuration the injector generates: a pod is never
+/// given a sidecar that would refuse to start.
+fn check_config(text: &str) -> std::result::Result<(), ConfigRejected> {
+    Config::parse(text, inject::CONFIG_ENV, Path::new("/"))
+        .map(drop)
+        .map_err(|e| ConfigRejected(e.to_string()))
 }
 
 pub(crate) fn run(cmd: InjectCmd) -> ExitCode {

@@ -9,7 +9,6 @@ pub mod audit;
 pub mod config;
 pub mod http;
 pub mod identity;
-pub mod inject;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

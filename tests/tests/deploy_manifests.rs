@@ -218,7 +218,7 @@ fn disruption_budgets_let_a_drain_evict_a_pod() {
     let mut docs = Vec::new();
     for f in yaml_files(&root().join("deploy/kubernetes")) {
         let text = std::fs::read_to_string(&f).unwrap();
-        docs.extend(mayfly_sidecar::inject::parse_documents(&text).unwrap());
+        docs.extend(mayfly_inject::parse_documents(&text).unwrap());
     }
     let budgets: Vec<&Value> = docs
         .iter()

@@ -27,9 +27,7 @@ fn inject(yaml: &str) -> Value {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    mayfly_sidecar::inject::parse_documents(&text)
-        .unwrap()
-        .remove(0)
+    mayfly_inject::parse_documents(&text).unwrap().remove(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use super::{InjectError, InjectOptions, Outcome, inject_object};
+use crate::{InjectError, InjectOptions, Outcome, inject_object};
 
 fn is_marker(line: &str) -> bool {
     let l = line.trim_end_matches(['\n', '\r']);

@@ -32,8 +32,8 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use super::patch::diff;
-use super::{InjectOptions, Outcome, inject_object};
+use crate::patch::diff;
+use crate::{InjectOptions, Outcome, inject_object};
 
 /// The largest AdmissionReview read (the API server's own request limit is 3 MiB).
 pub const MAX_REVIEW: usize = 4 * 1024 * 1024;
@@ -65,18 +65,31 @@ pub enum WebhookError {
     },
     /// The injection options are invalid.
     #[error(transparent)]
-    Options(#[from] super::InjectError),
+    Options(#[from] crate::InjectError),
+}
+
+/// Why an AdmissionReview is malformed (HTTP 400).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReviewError {
+    /// No `request`.
+    #[error("no request in the AdmissionReview")]
+    NoRequest,
+    /// No `request.uid`.
+    #[error("no request.uid in the AdmissionReview")]
+    NoUid,
+    /// The patch could not be encoded.
+    #[error("cannot encode the patch: {0}")]
+    Patch(#[from] serde_json::Error),
 }
 
 /// Answers one AdmissionReview (already parsed as JSON). `Err` is a malformed review (HTTP 400).
-pub fn review(req: &Value, opts: &InjectOptions) -> Result<Value, String> {
-    let r = req
-        .get("request")
-        .ok_or("no request in the AdmissionReview")?;
+pub fn review(req: &Value, opts: &InjectOptions) -> Result<Value, ReviewError> {
+    let r = req.get("request").ok_or(ReviewError::NoRequest)?;
     let uid = r
         .get("uid")
         .and_then(Value::as_str)
-        .ok_or("no request.uid in the AdmissionReview")?;
+        .ok_or(ReviewError::NoUid)?;
     let api_version = req
         .get("apiVersion")
         .and_then(Value::as_str)
@@ -92,7 +105,7 @@ pub fn review(req: &Value, opts: &InjectOptions) -> Result<Value, String> {
         match inject_object(&mut injected, opts, ns) {
             Ok(Outcome::Injected) => {
                 let ops = diff(obj, &injected);
-                let patch = serde_json::to_vec(&ops).map_err(|e| e.to_string())?;
+                let patch = serde_json::to_vec(&ops)?;
                 response["patchType"] = "JSONPatch".into();
                 response["patch"] = STANDARD.encode(patch).into();
             }
@@ -157,7 +170,10 @@ async fn handle(opts: Arc<InjectOptions>, req: Request<Incoming>) -> Response<Fu
                     }
                     reply(StatusCode::OK, v.to_string())
                 }
-                Err(e) => reply(StatusCode::BAD_REQUEST, json!({ "error": e }).to_string()),
+                Err(e) => reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({ "error": e.to_string() }).to_string(),
+                ),
             }
         }
         _ => reply(
@@ -340,7 +356,7 @@ mod tests {
     use mayfly_ca::verify::IdMatcher;
 
     use super::*;
-    use crate::inject::patch::apply;
+    use crate::patch::apply;
 
     const PIN: &str = "3f9c2a10aa0b1c2d3e4f5a6b7c8d9e0f3f9c2a10aa0b1c2d3e4f5a6b7c8d9e0f";
 
@@ -378,7 +394,7 @@ mod tests {
 
     #[test]
     fn the_patch_turns_the_pod_into_what_the_cli_makes() {
-        let opts = InjectOptions::new(PIN);
+        let opts = InjectOptions::new(PIN, crate::tests::check_config);
         let resp = review(&admission(pod()), &opts).unwrap();
         assert_eq!(
             resp["response"]["uid"],
@@ -408,18 +424,34 @@ mod tests {
     fn pods_that_cannot_be_injected_are_refused_with_the_reason() {
         let mut p = pod();
         p["spec"]["containers"][0]["ports"] = json!([]);
-        let resp = review(&admission(p), &InjectOptions::new(PIN)).unwrap();
+        let resp = review(
+            &admission(p),
+            &InjectOptions::new(PIN, crate::tests::check_config),
+        )
+        .unwrap();
         assert_eq!(resp["response"]["allowed"], false);
         let msg = resp["response"]["status"]["message"].as_str().unwrap();
         assert!(msg.contains("nothing to proxy"), "{msg}");
         // Updates and other operations are let through unchanged.
         let mut r = admission(pod());
         r["request"]["operation"] = "UPDATE".into();
-        let resp = review(&r, &InjectOptions::new(PIN)).unwrap();
+        let resp = review(&r, &InjectOptions::new(PIN, crate::tests::check_config)).unwrap();
         assert!(resp["response"].get("patch").is_none());
         // Malformed reviews are errors (HTTP 400).
-        assert!(review(&json!({}), &InjectOptions::new(PIN)).is_err());
-        assert!(review(&json!({"request": {}}), &InjectOptions::new(PIN)).is_err());
+        assert!(
+            review(
+                &json!({}),
+                &InjectOptions::new(PIN, crate::tests::check_config)
+            )
+            .is_err()
+        );
+        assert!(
+            review(
+                &json!({"request": {}}),
+                &InjectOptions::new(PIN, crate::tests::check_config)
+            )
+            .is_err()
+        );
     }
 
     async fn post(
@@ -477,7 +509,7 @@ mod tests {
                 "127.0.0.1:0".parse().unwrap(),
                 &cert,
                 &keyf,
-                InjectOptions::new("ab")
+                InjectOptions::new("ab", crate::tests::check_config)
             )
             .await
             .is_err(),
@@ -487,7 +519,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             &cert,
             &keyf,
-            InjectOptions::new(PIN),
+            InjectOptions::new(PIN, crate::tests::check_config),
         )
         .await
         .unwrap();

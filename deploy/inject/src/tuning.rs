@@ -4,14 +4,14 @@
 //! Probes: the app is told to listen on loopback, so a kubelet probe of `<pod IP>:<port>`
 //! fails. Each `httpGet` liveness, readiness and startup probe of an app container becomes
 //! `GET <admin port>/app-health/<container>/<livez|readyz|startupz>`, and the sidecar's admin
-//! listener forwards that to `127.0.0.1:<port><path>` (see `crate::admin`), as Istio does. The
+//! listener forwards that to `127.0.0.1:<port><path>` (see `mayfly_sidecar::admin`), as Istio does. The
 //! mapping travels in the sidecar's [`APP_PROBES_ENV`] variable. Probes with a `host`, HTTPS
 //! probes and `tcpSocket`/`exec`/`grpc` probes are left as they are.
 
 use serde_json::{Map, Value, json};
 
-use super::ADMIN_PORT;
-use crate::admin::{APP_HEALTH_PREFIX, APP_PROBES_ENV, AppProbe};
+use crate::probes::{APP_HEALTH_PREFIX, APP_PROBES_ENV, AppProbe};
+use crate::{ADMIN_PORT, ProbeProblem, Reason};
 
 /// Annotation: the sidecar image for this pod (default: the injector's `--image`).
 pub const ANNOTATION_IMAGE: &str = "mayfly.io/sidecar-image";
@@ -47,12 +47,12 @@ fn is_quantity(s: &str) -> bool {
 
 fn string_annotation<'a>(
     ann: &'a Map<String, Value>,
-    key: &str,
-) -> Result<Option<&'a str>, String> {
+    key: &'static str,
+) -> Result<Option<&'a str>, Reason> {
     match ann.get(key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.trim())),
-        Some(_) => Err(format!("{key} must be a string")),
+        Some(_) => Err(Reason::NotAString { key }),
     }
 }
 
@@ -60,10 +60,12 @@ fn string_annotation<'a>(
 pub(super) fn apply_annotations(
     container: &mut Value,
     ann: &Map<String, Value>,
-) -> Result<(), String> {
+) -> Result<(), Reason> {
     if let Some(image) = string_annotation(ann, ANNOTATION_IMAGE)? {
         if image.is_empty() || image.chars().any(char::is_whitespace) {
-            return Err(format!("{ANNOTATION_IMAGE} must be an image reference"));
+            return Err(Reason::Image {
+                key: ANNOTATION_IMAGE,
+            });
         }
         container["image"] = image.into();
     }
@@ -75,9 +77,10 @@ pub(super) fn apply_annotations(
     ] {
         if let Some(q) = string_annotation(ann, key)? {
             if !is_quantity(q) {
-                return Err(format!(
-                    "{key}: {q:?} is not a Kubernetes quantity (such as 100m, 0.5, 64Mi)"
-                ));
+                return Err(Reason::NotAQuantity {
+                    key,
+                    value: q.to_owned(),
+                });
             }
             container["resources"][section][resource] = q.into();
         }
@@ -89,9 +92,9 @@ pub(super) fn apply_annotations(
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_=,:.-".contains(&b));
         if !ok {
-            return Err(format!(
-                "{ANNOTATION_LOG_LEVEL} must be a log filter such as `debug` or `info,mayfly_sidecar=debug`"
-            ));
+            return Err(Reason::LogFilter {
+                key: ANNOTATION_LOG_LEVEL,
+            });
         }
         push_env(container, "RUST_LOG", filter.into());
     }
@@ -133,7 +136,7 @@ const PROBES: [(&str, &str); 3] = [
 
 /// Plans the probe rewrites of the app containers: the rewrites, and the mapping the sidecar
 /// serves (`/app-health/...` -> loopback port and path).
-pub(super) fn plan_probes(spec: &Value) -> Result<(Vec<ProbeRewrite>, Map<String, Value>), String> {
+pub(super) fn plan_probes(spec: &Value) -> Result<(Vec<ProbeRewrite>, Map<String, Value>), Reason> {
     let mut rewrites = Vec::new();
     let mut mapping = Map::new();
     let containers = spec.get("containers").and_then(Value::as_array);
@@ -148,13 +151,15 @@ pub(super) fn plan_probes(spec: &Value) -> Result<(Vec<ProbeRewrite>, Map<String
             if !host.is_empty() || !scheme.eq_ignore_ascii_case("HTTP") {
                 continue;
             }
-            let port = probe_port(c, get.get("port"))
-                .map_err(|e| format!("container {name}: {field}: {e}"))?;
+            let problem = |problem| Reason::Probe {
+                container: name.to_owned(),
+                field,
+                problem,
+            };
+            let port = probe_port(c, get.get("port")).map_err(problem)?;
             let path = get.get("path").and_then(Value::as_str).unwrap_or("/");
             if !path.starts_with('/') {
-                return Err(format!(
-                    "container {name}: {field}: path {path:?} must start with /"
-                ));
+                return Err(problem(ProbeProblem::Path(path.to_owned())));
             }
             let headers: Vec<(String, String)> = get
                 .get("httpHeaders")
@@ -174,7 +179,8 @@ pub(super) fn plan_probes(spec: &Value) -> Result<(Vec<ProbeRewrite>, Map<String
                 path: path.to_owned(),
                 headers,
             };
-            let probe = serde_json::to_value(&probe).map_err(|e| e.to_string())?;
+            let probe =
+                serde_json::to_value(&probe).map_err(|e| Reason::EncodeProbes(e.to_string()))?;
             mapping.insert(route.clone(), probe);
             rewrites.push(ProbeRewrite {
                 container: i,
@@ -187,13 +193,13 @@ pub(super) fn plan_probes(spec: &Value) -> Result<(Vec<ProbeRewrite>, Map<String
 }
 
 /// A probe's port: a number, or the name of one of the container's ports.
-fn probe_port(container: &Value, port: Option<&Value>) -> Result<u16, String> {
+fn probe_port(container: &Value, port: Option<&Value>) -> Result<u16, ProbeProblem> {
     match port {
         Some(Value::Number(n)) => n
             .as_u64()
             .and_then(|n| u16::try_from(n).ok())
             .filter(|n| *n > 0)
-            .ok_or_else(|| format!("port {n} is not a port")),
+            .ok_or_else(|| ProbeProblem::NotAPort(n.to_string())),
         Some(Value::String(s)) => {
             if let Ok(n) = s.parse::<u16>() {
                 return Ok(n);
@@ -206,9 +212,9 @@ fn probe_port(container: &Value, port: Option<&Value>) -> Result<u16, String> {
                 .find(|p| p.get("name").and_then(Value::as_str) == Some(s.as_str()))
                 .and_then(|p| p.get("containerPort")?.as_u64())
                 .and_then(|n| u16::try_from(n).ok())
-                .ok_or_else(|| format!("port {s:?} names no port of the container"))
+                .ok_or_else(|| ProbeProblem::NoSuchPort(s.clone()))
         }
-        _ => Err("httpGet has no port".into()),
+        _ => Err(ProbeProblem::NoPort),
     }
 }
 
@@ -228,7 +234,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::inject::{InjectOptions, inject_object};
+    use crate::{InjectOptions, inject_object};
 
     const PIN: &str = "3f9c2a10aa0b1c2d3e4f5a6b7c8d9e0f3f9c2a10aa0b1c2d3e4f5a6b7c8d9e0f";
 
@@ -250,7 +256,12 @@ mod tests {
                    ANNOTATION_MEMORY_LIMIT: "0.5Gi", ANNOTATION_LOG_LEVEL: "info,mayfly_sidecar=debug"}),
             json!({"name": "a", "ports": [{"containerPort": 80}]}),
         );
-        inject_object(&mut p, &InjectOptions::new(PIN), None).unwrap();
+        inject_object(
+            &mut p,
+            &InjectOptions::new(PIN, crate::tests::check_config),
+            None,
+        )
+        .unwrap();
         let c = &p["spec"]["initContainers"][0];
         assert_eq!(c["image"], "registry.local/sidecar:1");
         assert_eq!(
@@ -278,14 +289,24 @@ mod tests {
                 json!({k: v}),
                 json!({"name": "a", "ports": [{"containerPort": 80}]}),
             );
-            let e = inject_object(&mut p, &InjectOptions::new(PIN), None).unwrap_err();
+            let e = inject_object(
+                &mut p,
+                &InjectOptions::new(PIN, crate::tests::check_config),
+                None,
+            )
+            .unwrap_err();
             assert!(e.to_string().contains(k), "{k}: {e}");
         }
         let mut p = pod(
             json!({"prometheus.io/port": "9090"}),
             json!({"name": "a", "ports": [{"containerPort": 80}]}),
         );
-        inject_object(&mut p, &InjectOptions::new(PIN), None).unwrap();
+        inject_object(
+            &mut p,
+            &InjectOptions::new(PIN, crate::tests::check_config),
+            None,
+        )
+        .unwrap();
         let ann = &p["metadata"]["annotations"];
         assert_eq!(ann["prometheus.io/port"], "9090");
         assert!(ann.get("prometheus.io/scrape").is_none());
@@ -301,7 +322,12 @@ mod tests {
                                    "httpHeaders": [{"name": "X-Probe", "value": "1"}]}},
                 "startupProbe": {"tcpSocket": {"port": 8080}}}),
         );
-        inject_object(&mut p, &InjectOptions::new(PIN), None).unwrap();
+        inject_object(
+            &mut p,
+            &InjectOptions::new(PIN, crate::tests::check_config),
+            None,
+        )
+        .unwrap();
         let app = &p["spec"]["containers"][0];
         assert_eq!(
             app["livenessProbe"],
@@ -313,7 +339,7 @@ mod tests {
         );
         assert_eq!(app["startupProbe"], json!({"tcpSocket": {"port": 8080}}));
         let sidecar = &p["spec"]["initContainers"][0];
-        let probes = crate::admin::parse_app_probes(env(sidecar, APP_PROBES_ENV)).unwrap();
+        let probes = crate::probes::parse_app_probes(env(sidecar, APP_PROBES_ENV)).unwrap();
         assert_eq!(probes.len(), 2);
         assert_eq!(
             probes["/app-health/web/livez"],
@@ -339,7 +365,12 @@ mod tests {
             "livenessProbe": {"httpGet": {"path": "/", "port": 80, "host": "10.0.0.1"}},
             "readinessProbe": {"httpGet": {"path": "/", "port": 443, "scheme": "HTTPS"}}});
         let mut p = pod(json!({}), c.clone());
-        inject_object(&mut p, &InjectOptions::new(PIN), None).unwrap();
+        inject_object(
+            &mut p,
+            &InjectOptions::new(PIN, crate::tests::check_config),
+            None,
+        )
+        .unwrap();
         assert_eq!(p["spec"]["containers"][0], c);
         assert!(env(&p["spec"]["initContainers"][0], APP_PROBES_ENV).is_none());
         let mut p = pod(
@@ -347,7 +378,12 @@ mod tests {
             json!({"name": "a", "ports": [{"containerPort": 80}],
                 "livenessProbe": {"httpGet": {"path": "/", "port": "metrics"}}}),
         );
-        let e = inject_object(&mut p, &InjectOptions::new(PIN), None).unwrap_err();
+        let e = inject_object(
+            &mut p,
+            &InjectOptions::new(PIN, crate::tests::check_config),
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("\"metrics\" names no port"), "{e}");
     }
 }

@@ -1,15 +1,12 @@
 //! What the sidecar adds to one pod spec: the container, its configuration, its volumes.
 
-use std::path::Path;
-
 use serde_json::{Map, Value, json};
 
-use super::{
+use crate::{
     ADMIN_PORT, ANNOTATION_APP_PORT, ANNOTATION_APP_PORTS, ANNOTATION_OUTBOUND,
     ANNOTATION_PROTOCOL, CONFIG_ENV, CONTAINER_NAME, INBOUND_PORT, InjectOptions, MAX_APP_PORTS,
-    POLICY_DIR, TOKEN_DIR,
+    POLICY_DIR, Reason, TOKEN_DIR,
 };
-use crate::config::Config;
 
 const TOKEN_VOLUME: &str = "mayfly-token";
 const POLICY_VOLUME: &str = "mayfly-policy";
@@ -24,7 +21,7 @@ pub(super) struct Plan {
     pub(super) volumes: Vec<Value>,
     pub(super) spiffe_id: String,
     pub(super) default_container: Option<String>,
-    pub(super) probe_rewrites: Vec<super::tuning::ProbeRewrite>,
+    pub(super) probe_rewrites: Vec<crate::tuning::ProbeRewrite>,
 }
 
 struct Upstream {
@@ -42,15 +39,18 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-fn port(what: &str, s: &str) -> Result<u16, String> {
+fn port(what: &str, s: &str) -> Result<u16, Reason> {
     match s.parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(format!("{what}: {s:?} is not a port (1-65535)")),
+        _ => Err(Reason::NotAPort {
+            what: what.to_owned(),
+            value: s.to_owned(),
+        }),
     }
 }
 
 /// `NAME LOCAL_PORT REMOTE SPIFFE_ID` per line; blank lines and `#` comments are skipped.
-fn upstreams(annotation: &str) -> Result<Vec<Upstream>, String> {
+fn upstreams(annotation: &str) -> Result<Vec<Upstream>, Reason> {
     let mut out = Vec::new();
     for (n, line) in annotation.lines().enumerate() {
         let line = line.trim();
@@ -59,10 +59,7 @@ fn upstreams(annotation: &str) -> Result<Vec<Upstream>, String> {
         }
         let f: Vec<&str> = line.split_whitespace().collect();
         let [name, local, remote, id] = f.as_slice() else {
-            return Err(format!(
-                "{ANNOTATION_OUTBOUND} line {}: expected `NAME LOCAL_PORT REMOTE_HOST:PORT SPIFFE_ID`",
-                n + 1
-            ));
+            return Err(Reason::OutboundLine { line: n + 1 });
         };
         out.push(Upstream {
             name: (*name).to_owned(),
@@ -114,30 +111,31 @@ fn ports(spec: &Value) -> (Vec<u16>, Vec<u16>) {
 
 /// The app ports from `mayfly.io/app-ports` (`"8080, 9090"`: commas or spaces), or the single
 /// `mayfly.io/app-port`; `None` when neither is set.
-fn annotated_ports(annotations: &Map<String, Value>) -> Result<Option<Vec<u16>>, String> {
+fn annotated_ports(annotations: &Map<String, Value>) -> Result<Option<Vec<u16>>, Reason> {
     let one = annotations.get(ANNOTATION_APP_PORT);
     let many = annotations.get(ANNOTATION_APP_PORTS);
     let (key, v) = match (one, many) {
         (Some(_), Some(_)) => {
-            return Err(format!(
-                "set {ANNOTATION_APP_PORTS} or {ANNOTATION_APP_PORT}, not both"
-            ));
+            return Err(Reason::BothPortAnnotations);
         }
         (Some(v), None) => (ANNOTATION_APP_PORT, v),
         (None, Some(v)) => (ANNOTATION_APP_PORTS, v),
         (None, None) => return Ok(None),
     };
-    let s = text(v).ok_or(format!("{key} must be a port or a list of ports"))?;
+    let s = text(v).ok_or(Reason::PortsNotText { key })?;
     let mut out = Vec::new();
     for p in s.split([',', ' ', '\t']).filter(|p| !p.is_empty()) {
         let p = port(key, p)?;
         if out.contains(&p) {
-            return Err(format!("{key}: port {p} is listed twice"));
+            return Err(Reason::PortTwice { key, port: p });
         }
         out.push(p);
     }
     if out.is_empty() || (key == ANNOTATION_APP_PORT && out.len() > 1) {
-        return Err(format!("{key}: {s:?} is not a port (1-65535)"));
+        return Err(Reason::NotAPort {
+            what: key.to_owned(),
+            value: s,
+        });
     }
     Ok(Some(out))
 }
@@ -164,7 +162,7 @@ fn config_toml(
     protocol: Option<&str>,
     ups: &[Upstream],
     opts: &InjectOptions,
-) -> Result<String, String> {
+) -> Result<String, Reason> {
     let mut root = toml::Table::new();
     root.insert("spiffe_id".into(), spiffe_id.into());
     let mut cp = toml::Table::new();
@@ -174,7 +172,7 @@ fn config_toml(
     root.insert("control_plane".into(), cp.into());
     let mut inbound: Vec<toml::Value> = Vec::new();
     for (n, p) in app_ports.iter().enumerate() {
-        let mtls = mtls_port(n).ok_or(format!("at most {MAX_APP_PORTS} app ports"))?;
+        let mtls = mtls_port(n).ok_or(Reason::NoMtlsPort)?;
         let mut t = toml::Table::new();
         t.insert("listen".into(), format!("0.0.0.0:{mtls}").into());
         t.insert("app".into(), format!("127.0.0.1:{p}").into());
@@ -213,10 +211,9 @@ fn config_toml(
     let mut admin = toml::Table::new();
     admin.insert("listen".into(), format!("0.0.0.0:{ADMIN_PORT}").into());
     root.insert("admin".into(), admin.into());
-    let text = toml::to_string(&root).map_err(|e| format!("cannot write the config: {e}"))?;
+    let text = toml::to_string(&root).map_err(|e| Reason::WriteConfig(e.to_string()))?;
     // The sidecar must accept what we generate: check it the same way it will.
-    Config::parse(&text, CONFIG_ENV, Path::new("/"))
-        .map_err(|e| format!("the sidecar configuration would be refused: {e}"))?;
+    (opts.check_config)(&text)?;
     Ok(text)
 }
 
@@ -235,15 +232,15 @@ pub(super) fn plan(
     ns: &str,
     annotations: &Map<String, Value>,
     opts: &InjectOptions,
-) -> Result<Plan, String> {
+) -> Result<Plan, Reason> {
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
-        return Err("hostNetwork pods share the node's ports: mayfly injects only pods with their own network namespace".into());
+        return Err(Reason::HostNetwork);
     }
     let containers = spec
         .get("containers")
         .and_then(Value::as_array)
         .filter(|c| !c.is_empty())
-        .ok_or("the pod has no containers")?;
+        .ok_or(Reason::NoContainers)?;
     let sa = ["serviceAccountName", "serviceAccount"]
         .iter()
         .find_map(|k| {
@@ -252,53 +249,54 @@ pub(super) fn plan(
                 .filter(|s| !s.is_empty())
         })
         .unwrap_or("default");
-    if !super::is_dns_subdomain(sa) {
-        return Err(format!(
-            "service account {sa:?} is not a Kubernetes object name"
-        ));
+    if !crate::is_dns_subdomain(sa) {
+        return Err(Reason::ServiceAccount(sa.to_owned()));
     }
-    if !super::is_dns_subdomain(ns) {
-        return Err(format!("namespace {ns:?} is not a Kubernetes object name"));
+    if !crate::is_dns_subdomain(ns) {
+        return Err(Reason::Namespace(ns.to_owned()));
     }
     let spiffe_id = format!("spiffe://{}/ns/{ns}/sa/{sa}", opts.trust_domain);
-    mayfly_ca::id::parse_workload_id(&spiffe_id).map_err(|e| e.to_string())?;
+    mayfly_ca::id::parse_workload_id(&spiffe_id)?;
 
     let (all_ports, declared) = ports(spec);
     let app_ports = annotated_ports(annotations)?.unwrap_or(declared);
     if app_ports.len() > MAX_APP_PORTS {
-        return Err(format!(
-            "{} app ports: the sidecar meshes at most {MAX_APP_PORTS}; list the ones to mesh in {ANNOTATION_APP_PORTS}",
-            app_ports.len()
-        ));
+        return Err(Reason::TooManyAppPorts {
+            count: app_ports.len(),
+        });
     }
     // The sidecar's ports: one mTLS port per app port (at least 15443) and the admin port.
     let last_mtls = INBOUND_PORT + app_ports.len().saturating_sub(1) as u16;
     let sidecar_ports = format!("{INBOUND_PORT}-{last_mtls} mTLS, {ADMIN_PORT} admin");
     let sidecars = |p: u16| p == ADMIN_PORT || (INBOUND_PORT..=last_mtls).contains(&p);
     if let Some(p) = all_ports.iter().find(|p| sidecars(**p)) {
-        return Err(format!(
-            "a container already uses port {p}, which the sidecar needs ({sidecar_ports})"
-        ));
+        return Err(Reason::PortTaken {
+            port: *p,
+            sidecar_ports,
+        });
     }
     if let Some(p) = app_ports.iter().find(|p| sidecars(**p)) {
-        return Err(format!(
-            "app port {p} is one the sidecar listens on ({sidecar_ports})"
-        ));
+        return Err(Reason::AppPortIsSidecars {
+            port: *p,
+            sidecar_ports,
+        });
     }
     let ups = match annotations.get(ANNOTATION_OUTBOUND) {
         Some(Value::String(s)) => upstreams(s)?,
-        Some(_) => return Err(format!("{ANNOTATION_OUTBOUND} must be a string")),
+        Some(_) => {
+            return Err(Reason::NotAString {
+                key: ANNOTATION_OUTBOUND,
+            });
+        }
         None => Vec::new(),
     };
     if app_ports.is_empty() && ups.is_empty() {
-        return Err(format!(
-            "nothing to proxy: no container declares a containerPort; set the {ANNOTATION_APP_PORTS} or {ANNOTATION_OUTBOUND} annotation, or mayfly.io/inject: \"false\""
-        ));
+        return Err(Reason::NothingToProxy);
     }
     let protocol = match annotations.get(ANNOTATION_PROTOCOL) {
         None => None,
         Some(Value::String(p)) if p == "tcp" || p == "http" => Some(p.as_str()),
-        Some(_) => return Err(format!("{ANNOTATION_PROTOCOL} must be \"tcp\" or \"http\"")),
+        Some(_) => return Err(Reason::Protocol),
     };
     for v in spec
         .get("volumes")
@@ -309,13 +307,13 @@ pub(super) fn plan(
         if let Some(n) = v.get("name").and_then(Value::as_str)
             && (n == TOKEN_VOLUME || n == POLICY_VOLUME)
         {
-            return Err(format!("the pod already has a volume named {n}"));
+            return Err(Reason::VolumeTaken(n.to_owned()));
         }
     }
     let config = config_toml(&spiffe_id, &app_ports, protocol, &ups, opts)?;
     let mut container_ports = Vec::new();
     for n in 0..app_ports.len() {
-        let mtls = mtls_port(n).ok_or(format!("at most {MAX_APP_PORTS} app ports"))?;
+        let mtls = mtls_port(n).ok_or(Reason::NoMtlsPort)?;
         container_ports
             .push(json!({ "name": mtls_port_name(n), "containerPort": mtls, "protocol": "TCP" }));
     }
@@ -354,9 +352,9 @@ pub(super) fn plan(
         ],
     });
     let mut container = container;
-    super::tuning::apply_annotations(&mut container, annotations)?;
-    let (probe_rewrites, probes) = super::tuning::plan_probes(spec)?;
-    super::tuning::probes_env(&mut container, probes);
+    crate::tuning::apply_annotations(&mut container, annotations)?;
+    let (probe_rewrites, probes) = crate::tuning::plan_probes(spec)?;
+    crate::tuning::probes_env(&mut container, probes);
     let volumes = vec![
         json!({
             "name": TOKEN_VOLUME,

@@ -1,6 +1,12 @@
-//! `mayfly-sidecar inject`: adds the sidecar to Kubernetes workloads, one object at a time, as a
-//! CLI filter over YAML ([`inject_yaml`]) and as a mutating admission webhook ([`webhook`]).
-//! Both run [`inject_object`] on a generic JSON tree, so fields this code does not know survive.
+//! Kubernetes injection for mayfly, behind `mayfly-sidecar inject`: adds the sidecar to
+//! Kubernetes workloads, one object at a time, as a CLI filter over YAML ([`inject_yaml`]) and
+//! as a mutating admission webhook ([`webhook`]). Both run [`inject_object`] on a generic JSON
+//! tree, so fields this code does not know survive.
+//!
+//! Deployment tooling, kept out of the data plane's library: this crate does not depend on
+//! `mayfly-sidecar`. The sidecar's admin listener imports the probe contract from [`probes`];
+//! the sidecar configuration the injector generates is checked by the function the caller
+//! passes in [`InjectOptions::check_config`] (the binary passes the sidecar's own parser).
 //!
 //! What a pod gets (see `deploy/README.md`):
 //! - the sidecar as a **native sidecar**: the first `initContainers` entry, `restartPolicy:
@@ -18,12 +24,15 @@
 
 pub mod patch;
 mod pod;
+pub mod probes;
+mod reason;
 pub mod tuning;
 pub mod webhook;
 mod yaml;
 
 use serde_json::{Map, Value};
 
+pub use reason::{ConfigRejected, ProbeProblem, Reason};
 pub use yaml::{inject_yaml, parse_documents};
 
 /// The sidecar container's name.
@@ -61,6 +70,9 @@ pub const DEFAULT_IMAGE: &str = "ghcr.io/mayfly-mesh/mayfly-sidecar:0.1.0";
 /// The default control-plane address (the in-cluster Service of `deploy/kubernetes`).
 pub const DEFAULT_CONTROL_PLANE: &str = "mayfly-ca.mayfly-system.svc:8443";
 
+/// Checks a sidecar configuration (TOML) the injector generated, as the sidecar will parse it.
+pub type CheckConfig = fn(&str) -> Result<(), ConfigRejected>;
+
 /// How to inject.
 #[derive(Debug, Clone)]
 pub struct InjectOptions {
@@ -74,17 +86,21 @@ pub struct InjectOptions {
     pub ca_pin: String,
     /// The ConfigMap (in the pod's namespace) holding `policy.toml`.
     pub policy_configmap: String,
+    /// Refuses a generated sidecar configuration the sidecar would refuse (the binary passes
+    /// `mayfly_sidecar::config::Config::parse`): a pod is never given a sidecar that cannot start.
+    pub check_config: CheckConfig,
 }
 
 impl InjectOptions {
-    /// Options with the defaults and `ca_pin`.
-    pub fn new(ca_pin: impl Into<String>) -> Self {
+    /// Options with the defaults, `ca_pin`, and the check of the generated configuration.
+    pub fn new(ca_pin: impl Into<String>, check_config: CheckConfig) -> Self {
         Self {
             image: DEFAULT_IMAGE.into(),
             trust_domain: "mayfly.local".into(),
             control_plane: DEFAULT_CONTROL_PLANE.into(),
             ca_pin: ca_pin.into(),
             policy_configmap: "mayfly-policy".into(),
+            check_config,
         }
     }
 
@@ -139,7 +155,7 @@ pub enum InjectError {
         /// `Kind/namespace/name`.
         object: String,
         /// Why.
-        reason: String,
+        reason: Reason,
     },
     /// The YAML writer failed.
     #[error("cannot write YAML: {0}")]
@@ -218,7 +234,7 @@ pub fn inject_object(
         .unwrap_or("default")
         .to_owned();
     let object = format!("{kind}/{ns}/{name}");
-    let fail = |reason: String| InjectError::Object {
+    let fail = |reason: Reason| InjectError::Object {
         object: object.clone(),
         reason,
     };
@@ -236,7 +252,7 @@ pub fn inject_object(
         return Ok(Outcome::OptedOut);
     }
     let Some(spec) = obj.pointer(spec_path).filter(|s| s.is_object()) else {
-        return Err(fail(format!("no pod spec at {spec_path}")));
+        return Err(fail(Reason::NoPodSpec { at: spec_path }));
     };
     let has_sidecar = ["containers", "initContainers"].iter().any(|list| {
         spec.get(list)
@@ -248,9 +264,17 @@ pub fn inject_object(
     }
     let plan = pod::plan(spec, &ns, &annotations, opts).map_err(fail)?;
     // Apply: metadata first (it may not exist), then the spec.
-    let meta = ensure_object(obj, meta_path).ok_or_else(|| fail("metadata is not a map".into()))?;
+    let meta = ensure_object(obj, meta_path).ok_or_else(|| {
+        fail(Reason::Shape {
+            field: "metadata",
+            shape: "map",
+        })
+    })?;
     let Some(Value::Object(anns)) = field(meta, "annotations", || Value::Object(Map::new())) else {
-        return Err(fail("annotations is not a map".into()));
+        return Err(fail(Reason::Shape {
+            field: "annotations",
+            shape: "map",
+        }));
     };
     anns.insert(ANNOTATION_INJECTED.into(), "true".into());
     anns.insert(ANNOTATION_SPIFFE_ID.into(), plan.spiffe_id.clone().into());
@@ -261,14 +285,27 @@ pub fn inject_object(
     for (k, v) in tuning::prometheus_annotations(&annotations) {
         anns.insert(k.into(), v.into());
     }
-    let spec = ensure_object(obj, spec_path).ok_or_else(|| fail("spec is not a map".into()))?;
+    let spec = ensure_object(obj, spec_path).ok_or_else(|| {
+        fail(Reason::Shape {
+            field: "spec",
+            shape: "map",
+        })
+    })?;
     let Some(Value::Array(inits)) = field(spec, "initContainers", || Value::Array(Vec::new()))
     else {
-        return Err(fail("spec.initContainers is not a list".into()));
+        return Err(fail(Reason::Shape {
+            field: "spec.initContainers",
+            shape: "list",
+        }));
     };
     inits.insert(0, plan.container);
     let containers = spec.get_mut("containers").and_then(Value::as_array_mut);
-    let containers = containers.ok_or_else(|| fail("spec.containers is not a list".into()))?;
+    let containers = containers.ok_or_else(|| {
+        fail(Reason::Shape {
+            field: "spec.containers",
+            shape: "list",
+        })
+    })?;
     for rw in plan.probe_rewrites {
         if let Some(probe) = containers
             .get_mut(rw.container)
@@ -279,7 +316,10 @@ pub fn inject_object(
         }
     }
     let Some(Value::Array(volumes)) = field(spec, "volumes", || Value::Array(Vec::new())) else {
-        return Err(fail("spec.volumes is not a list".into()));
+        return Err(fail(Reason::Shape {
+            field: "spec.volumes",
+            shape: "list",
+        }));
     };
     volumes.extend(plan.volumes);
     Ok(Outcome::Injected)

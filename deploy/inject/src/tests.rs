@@ -4,12 +4,19 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::config::{Config, TokenSource};
+use mayfly_sidecar::config::{Config, TokenSource};
 
 const PIN: &str = "3f9c2a10aa0b1c2d3e4f5a6b7c8d9e0f3f9c2a10aa0b1c2d3e4f5a6b7c8d9e0f";
 
+/// The sidecar's own configuration parser, as `mayfly-sidecar inject` passes it.
+pub(crate) fn check_config(text: &str) -> Result<(), ConfigRejected> {
+    Config::parse(text, CONFIG_ENV, Path::new("/"))
+        .map(drop)
+        .map_err(|e| ConfigRejected(e.to_string()))
+}
+
 fn opts() -> InjectOptions {
-    InjectOptions::new(PIN)
+    InjectOptions::new(PIN, check_config)
 }
 
 const EXAMPLES: [(&str, &str); 5] = [
@@ -260,6 +267,7 @@ fn annotations_opt_out_set_the_app_port_and_the_options_apply() {
         control_plane: "ca.example:443".into(),
         ca_pin: PIN.to_uppercase(),
         policy_configmap: "shop-policy".into(),
+        check_config,
     };
     assert_eq!(inject_object(&mut p, &o, None).unwrap(), Outcome::Injected);
     let inits = p["spec"]["initContainers"].as_array().unwrap();
@@ -277,7 +285,7 @@ fn annotations_opt_out_set_the_app_port_and_the_options_apply() {
         panic!("one inbound listener: {:?}", cfg.inbound)
     };
     assert_eq!(inbound.app.to_string(), "127.0.0.1:9090");
-    assert_eq!(inbound.protocol, crate::config::Protocol::Http);
+    assert_eq!(inbound.protocol, mayfly_sidecar::config::Protocol::Http);
     assert_eq!(p["spec"]["volumes"][1]["configMap"]["name"], "shop-policy");
     // Without an annotation every TCP containerPort is meshed (here the one).
     let mut p = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
@@ -341,7 +349,7 @@ fn pods_that_cannot_be_injected_say_why() {
     }
     // Bad options are refused before any object is read.
     for bad in [
-        InjectOptions::new("abc"),
+        InjectOptions::new("abc", check_config),
         InjectOptions {
             trust_domain: "Mayfly.local".into(),
             ..opts()
@@ -559,4 +567,28 @@ fn app_ports_that_cannot_be_meshed_say_why() {
             .to_string();
         assert!(e.contains(want), "{want}: {e}");
     }
+}
+
+#[test]
+fn a_generated_configuration_the_sidecar_would_refuse_refuses_the_pod_with_its_reason() {
+    fn refuse(text: &str) -> Result<(), ConfigRejected> {
+        assert!(text.contains("spiffe_id = \"spiffe://mayfly.local/ns/shop/sa/web\""));
+        Err(ConfigRejected("`admin.listen`: no".into()))
+    }
+    let mut p = workload(example("web"));
+    let before = p.clone();
+    let e = inject_object(&mut p, &InjectOptions::new(PIN, refuse), None).unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with(": the sidecar configuration would be refused: `admin.listen`: no"),
+        "{e}"
+    );
+    assert!(matches!(
+        e,
+        InjectError::Object {
+            reason: Reason::ConfigRefused(_),
+            ..
+        }
+    ));
+    assert_eq!(p, before, "a refused pod is left as it was");
 }

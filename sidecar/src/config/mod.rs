@@ -9,6 +9,11 @@ use mayfly_ca::duration::parse_duration;
 use mayfly_ca::id::{SpiffeId, parse_workload_id};
 use serde::Deserialize;
 
+mod audit;
+
+use audit::RawAudit;
+pub use audit::{AuditConfig, Durability, Sink, WhenFull};
+
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -68,17 +73,6 @@ struct Raw {
     runtime: RawRuntime,
     #[serde(default)]
     audit: RawAudit,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAudit {
-    spool_dir: Option<PathBuf>,
-    max_spool_bytes: Option<u64>,
-    when_full: Option<crate::audit::WhenFull>,
-    sink: Option<String>,
-    ship: Option<bool>,
-    durability: Option<crate::audit::Durability>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,7 +280,7 @@ pub struct Config {
     /// Tokio worker threads (1 = a current-thread runtime).
     pub worker_threads: usize,
     /// The audit trail.
-    pub audit: crate::audit::AuditConfig,
+    pub audit: AuditConfig,
 }
 
 struct Ctx<'a> {
@@ -522,38 +516,7 @@ impl Config {
         if !(1..=64).contains(&worker_threads) {
             return Err(c.bad("runtime.worker_threads", "must be between 1 and 64"));
         }
-        let audit = crate::audit::AuditConfig {
-            // One spool per identity by default: two sidecars must never share one.
-            spool_dir: rel(raw.audit.spool_dir.unwrap_or_else(|| {
-                PathBuf::from("mayfly-audit")
-                    .join(spiffe_id.path().trim_start_matches('/').replace('/', "_"))
-            })),
-            max_spool_bytes: match raw.audit.max_spool_bytes.unwrap_or(64 << 20) {
-                n if n < 4096 => {
-                    return Err(c.bad("audit.max_spool_bytes", "must be at least 4096"));
-                }
-                n => n,
-            },
-            when_full: raw
-                .audit
-                .when_full
-                .unwrap_or(crate::audit::WhenFull::FailClosed),
-            sink: match raw.audit.sink.as_deref() {
-                None | Some("none") => crate::audit::Sink::None,
-                Some("stdout") => crate::audit::Sink::Stdout,
-                Some(s) => match s.strip_prefix("file:") {
-                    Some(p) if !p.is_empty() => crate::audit::Sink::File(rel(PathBuf::from(p))),
-                    _ => {
-                        return Err(c.bad(
-                            "audit.sink",
-                            format!("{s:?}: use \"none\", \"stdout\" or \"file:/path\""),
-                        ));
-                    }
-                },
-            },
-            ship: raw.audit.ship.unwrap_or(true),
-            durability: raw.audit.durability.unwrap_or_default(),
-        };
+        let audit = raw.audit.check(&c, &spiffe_id, rel)?;
         Ok(Config {
             audit,
             spiffe_id,
@@ -594,217 +557,4 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = r#"
-spiffe_id = "spiffe://mayfly.local/orders"
-[control_plane]
-address = "127.0.0.1:8443"
-token_file = "token"
-[inbound]
-listen = "0.0.0.0:15443"
-app = "127.0.0.1:8080"
-[[outbound]]
-name = "db"
-listen = "127.0.0.1:15001"
-remote = "127.0.0.1:16443"
-spiffe_id = "spiffe://mayfly.local/db"
-[policy]
-file = "policy.toml"
-"#;
-
-    #[test]
-    fn a_good_config_parses_with_defaults() {
-        let c = Config::parse(GOOD, "s.toml", Path::new("/etc/mayfly")).unwrap();
-        assert_eq!(c.spiffe_id.to_string(), "spiffe://mayfly.local/orders");
-        assert_eq!(c.admin.to_string(), "127.0.0.1:15000");
-        assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
-        assert_eq!(c.policy_file.unwrap(), Path::new("/etc/mayfly/policy.toml"));
-        assert!(
-            matches!(c.control_plane.token, TokenSource::File(p) if p == Path::new("/etc/mayfly/token"))
-        );
-        assert_eq!(c.worker_threads, 1);
-        assert_eq!(
-            c.limits.underscore_identity_headers,
-            UnderscoreHeaders::Drop
-        );
-    }
-
-    #[test]
-    fn several_inbound_listeners_parse_and_one_inbound_table_still_does() {
-        let one = Config::parse(GOOD, "s.toml", Path::new(".")).unwrap();
-        assert_eq!(one.inbound.len(), 1);
-        assert_eq!(one.inbound[0].app.to_string(), "127.0.0.1:8080");
-        let head = "spiffe_id = \"spiffe://mayfly.local/orders\"\n[control_plane]\naddress = \"127.0.0.1:8443\"\ntoken_file = \"token\"\n";
-        let two = format!(
-            "{head}[[inbound]]\nlisten = \"0.0.0.0:15443\"\napp = \"127.0.0.1:8080\"\n[[inbound]]\nlisten = \"0.0.0.0:15444\"\napp = \"127.0.0.1:9090\"\nprotocol = \"http\"\n"
-        );
-        let c = Config::parse(&two, "s.toml", Path::new(".")).unwrap();
-        let got: Vec<(String, String, Protocol)> = c
-            .inbound
-            .iter()
-            .map(|i| (i.listen.to_string(), i.app.to_string(), i.protocol))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                (
-                    "0.0.0.0:15443".into(),
-                    "127.0.0.1:8080".into(),
-                    Protocol::Tcp
-                ),
-                (
-                    "0.0.0.0:15444".into(),
-                    "127.0.0.1:9090".into(),
-                    Protocol::Http
-                ),
-            ]
-        );
-        // Errors name the listener.
-        let e = err(&two.replace("15444", "15443"));
-        assert!(
-            e.contains("`inbound[1].listen`") && e.contains("another"),
-            "{e}"
-        );
-        let e = err(&two.replace("app = \"127.0.0.1:9090\"", "ap = \"127.0.0.1:9090\""));
-        assert!(e.contains("`inbound[1]`") && e.contains("ap"), "{e}");
-        let e = err(&two.replace("127.0.0.1:9090", "nowhere"));
-        assert!(
-            e.contains("`inbound[1].app`") && e.contains("nowhere"),
-            "{e}"
-        );
-        let e = err(&format!("inbound = 3\n{head}"));
-        assert!(e.contains("`inbound`") && e.contains("[[inbound]]"), "{e}");
-    }
-
-    #[test]
-    fn underscored_identity_headers_can_be_refused_instead_of_dropped() {
-        let c = Config::parse(
-            &format!("{GOOD}\n[limits]\nunderscore_identity_headers = \"reject\"\n"),
-            "s.toml",
-            Path::new("."),
-        )
-        .unwrap();
-        assert_eq!(
-            c.limits.underscore_identity_headers,
-            UnderscoreHeaders::Reject
-        );
-        let e = err(&format!(
-            "{GOOD}\n[limits]\nunderscore_identity_headers = \"allow\"\n"
-        ));
-        assert!(
-            e.contains("underscore_identity_headers") || e.contains("drop"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn audit_durability_is_batched_unless_strict_is_asked_for() {
-        let c = Config::parse(GOOD, "s.toml", Path::new(".")).unwrap();
-        assert_eq!(c.audit.durability, crate::audit::Durability::Batched);
-        let c = Config::parse(
-            &format!("{GOOD}\n[audit]\ndurability = \"strict\"\n"),
-            "s.toml",
-            Path::new("."),
-        )
-        .unwrap();
-        assert_eq!(c.audit.durability, crate::audit::Durability::Strict);
-        let e = err(&format!("{GOOD}\n[audit]\ndurability = \"fsync\"\n"));
-        assert!(e.contains("durability") || e.contains("strict"), "{e}");
-    }
-
-    fn err(text: &str) -> String {
-        Config::parse(text, "s.toml", Path::new("."))
-            .unwrap_err()
-            .to_string()
-    }
-
-    #[test]
-    fn errors_name_the_key_and_the_reason() {
-        assert!(
-            err(&GOOD.replace("orders\"\n[control", "Orders!\"\n[control")).contains("`spiffe_id`")
-        );
-        let e = err(&GOOD.replace("0.0.0.0:15443", "nowhere"));
-        assert!(
-            e.contains("`inbound.listen`") && e.contains("nowhere"),
-            "{e}"
-        );
-        let e = err(&GOOD.replace("127.0.0.1:15001", "0.0.0.0:15001"));
-        assert!(
-            e.contains("`outbound[0].listen`") && e.contains("loopback"),
-            "{e}"
-        );
-        let e = err(&GOOD.replace("token_file = \"token\"", ""));
-        assert!(e.contains("token_file"), "{e}");
-        let e = err(&GOOD.replace("[policy]", "typo = 1\n[policy]"));
-        assert!(e.contains("typo") && e.contains("line"), "{e}");
-        let e = err(&format!("{GOOD}\n[limits]\nidle_timeout = \"5\"\n"));
-        assert!(e.contains("`limits.idle_timeout`"), "{e}");
-        let e = err(&format!("{GOOD}\n[runtime]\nworker_threads = 0\n"));
-        assert!(e.contains("worker_threads"), "{e}");
-        let e = err(&GOOD.replace("spiffe://mayfly.local/db", "spiffe://Mayfly.local/db"));
-        assert!(
-            e.contains("outbound[0].spiffe_id") && e.contains("lowercase"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn a_k8s_token_file_needs_a_ca_pin_and_excludes_join_tokens() {
-        let k8s = GOOD.replace(
-            "token_file = \"token\"",
-            &format!(
-                "k8s_token_file = \"/var/run/secrets/mayfly/token\"\nca_pin = \"{}\"",
-                "AB".repeat(32)
-            ),
-        );
-        let c = Config::parse(&k8s, "s.toml", Path::new("/etc/mayfly")).unwrap();
-        assert!(
-            matches!(c.control_plane.token, TokenSource::K8s(p) if p == Path::new("/var/run/secrets/mayfly/token"))
-        );
-        assert_eq!(c.control_plane.ca_pin.unwrap(), "ab".repeat(32));
-        let e = err(&k8s.replace(&"AB".repeat(32), "abc"));
-        assert!(
-            e.contains("`control_plane.ca_pin`") && e.contains("64 hex"),
-            "{e}"
-        );
-        let e = err(&k8s.replace("ca_pin", "#ca_pin"));
-        assert!(
-            e.contains("`control_plane.ca_pin`") && e.contains("required"),
-            "{e}"
-        );
-        let e = err(&k8s.replace("k8s_token_file", "token_file"));
-        assert!(e.contains("only used with k8s_token_file"), "{e}");
-        let e = err(&k8s.replace("[control_plane]", "[control_plane]\ntoken_env = \"T\""));
-        assert!(e.contains("exactly one"), "{e}");
-    }
-
-    #[test]
-    fn a_missing_or_unreadable_policy_file_is_a_config_error_naming_the_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = Config::parse(GOOD, "s.toml", dir.path()).unwrap();
-        let e = c.check_policy_file("s.toml").unwrap_err().to_string();
-        assert!(
-            e.contains("`policy.file`") && e.contains("policy.toml") && e.contains("No such file"),
-            "{e}"
-        );
-        std::fs::create_dir(dir.path().join("policy.toml")).unwrap();
-        let e = c.check_policy_file("s.toml").unwrap_err().to_string();
-        assert!(e.contains("is not a file"), "{e}");
-        std::fs::remove_dir(dir.path().join("policy.toml")).unwrap();
-        std::fs::write(dir.path().join("policy.toml"), "version = 1\n").unwrap();
-        c.check_policy_file("s.toml").unwrap();
-        let no_policy = GOOD.replace("[policy]\nfile = \"policy.toml\"\n", "");
-        let c = Config::parse(&no_policy, "s.toml", dir.path()).unwrap();
-        assert!(c.policy_file.is_none());
-        c.check_policy_file("s.toml").unwrap();
-    }
-
-    #[test]
-    fn garbage_never_panics() {
-        for t in ["", "[", "spiffe_id = 5", "\u{0}", "[[outbound]]\nname=1"] {
-            assert!(Config::parse(t, "x", Path::new(".")).is_err());
-        }
-    }
-}
+mod tests;
