@@ -3,31 +3,18 @@
 //! delivered first, a refused chain rolled to a new epoch, and backoff while the control plane
 //! is unreachable.
 
-use std::collections::VecDeque;
-use std::io::Write;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use super::record::release;
-use super::spool::Spool;
+use super::{Actor, Target};
 use super::{
-    AuditConfig, DeliveryError, EVENTS_PER_TURN, Event, NotDurable, SHIP_BATCH, SHIP_EVERY,
-    SYNC_EVERY, SpoolError, Waiter, now_ms, recover,
+    EVENTS_PER_TURN, Event, NotDurable, SHIP_BATCH, SHIP_EVERY, SYNC_EVERY, SpoolError, now_ms,
+    recover,
 };
-use crate::identity::Identity;
-
-/// Which spool a delivery came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Target {
-    /// The oldest closed epoch still to deliver.
-    Backlog,
-    /// The live spool.
-    Live,
-}
 
 /// A delivery's outcome, with the session handed back for the next one.
 type ShipResult = (
@@ -35,44 +22,6 @@ type ShipResult = (
     Target,
     Result<u64, mayfly_ca::client::ClientError>,
 );
-
-pub(super) struct Actor {
-    /// This sidecar's SPIFFE ID as text (every record's `source`).
-    pub(super) source: String,
-    pub(super) spool: Spool,
-    /// Closed epochs left by a roll, oldest first: delivered before the live spool.
-    pub(super) backlog: VecDeque<Spool>,
-    pub(super) cfg: AuditConfig,
-    pub(super) identity: Arc<Identity>,
-    /// The delivery session (kept-open mTLS connection); `None` when shipping is off, or while
-    /// a delivery is in flight (the task holds it).
-    pub(super) session: Option<mayfly_ca::client::AuditSession>,
-    pub(super) full: Arc<AtomicBool>,
-    pub(super) dropped: Arc<AtomicU64>,
-    pub(super) delivery_error: DeliveryError,
-    pub(super) reported_dropped: u64,
-    pub(super) sink: Option<Box<dyn Write + Send>>,
-    pub(super) unsigned: u64,
-    pub(super) first_unsigned: Option<tokio::time::Instant>,
-    pub(super) metrics: Arc<crate::metrics::Metrics>,
-    /// Strict decisions whose records are appended but not yet covered by a sync.
-    pub(super) waiting: Vec<Waiter>,
-    /// Strict decisions covered by the sync in flight.
-    pub(super) in_sync: Vec<Waiter>,
-    /// A sync is running on the blocking pool (at most one at a time).
-    pub(super) syncing: bool,
-    /// `next_seq` when the sync in flight began.
-    pub(super) synced_seq: u64,
-    /// The sync in flight saves the state too.
-    pub(super) state_sync: bool,
-    /// The tick asked for a full sync (data and state) while one was running: the next sync is
-    /// one, so that strict traffic keeping the disk busy does not starve the state.
-    pub(super) state_due: bool,
-    /// Records below this seq are synced (shared with the [`Auditor`]).
-    pub(super) synced_through: Arc<AtomicU64>,
-    /// Completed syncs.
-    pub(super) syncs: Arc<AtomicU64>,
-}
 
 impl Actor {
     /// The control plane stored everything up to `acked` of `target`'s chain.

@@ -35,7 +35,7 @@ mod strict_tests;
 #[cfg(test)]
 mod tests;
 
-use delivery::{Actor, run};
+use delivery::run;
 use spool::{Spool, State, io, write_atomic};
 
 /// How often the spool is synced to disk.
@@ -292,4 +292,53 @@ pub fn start(
     actor.update_full();
     let task = tokio::spawn(run(actor, rx, shutdown));
     Ok((auditor, task))
+}
+
+/// Which spool a delivery came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The oldest closed epoch still to deliver.
+    Backlog,
+    /// The live spool.
+    Live,
+}
+
+/// The one task that numbers, chains, spools and ships the records (its methods: writing in
+/// [`record`], delivery in [`delivery`]).
+struct Actor {
+    /// This sidecar's SPIFFE ID as text (every record's `source`).
+    source: String,
+    spool: Spool,
+    /// Closed epochs left by a roll, oldest first: delivered before the live spool.
+    backlog: VecDeque<Spool>,
+    cfg: AuditConfig,
+    identity: Arc<Identity>,
+    /// The delivery session (kept-open mTLS connection); `None` when shipping is off, or while
+    /// a delivery is in flight (the task holds it).
+    session: Option<mayfly_ca::client::AuditSession>,
+    full: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+    delivery_error: DeliveryError,
+    reported_dropped: u64,
+    sink: Option<Box<dyn Write + Send>>,
+    unsigned: u64,
+    first_unsigned: Option<tokio::time::Instant>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Strict decisions whose records are appended but not yet covered by a sync.
+    waiting: Vec<Waiter>,
+    /// Strict decisions covered by the sync in flight.
+    in_sync: Vec<Waiter>,
+    /// A sync is running on the blocking pool (at most one at a time).
+    syncing: bool,
+    /// `next_seq` when the sync in flight began.
+    synced_seq: u64,
+    /// The sync in flight saves the state too.
+    state_sync: bool,
+    /// The tick asked for a full sync (data and state) while one was running: the next sync is
+    /// one, so that strict traffic keeping the disk busy does not starve the state.
+    state_due: bool,
+    /// Records below this seq are synced (shared with the [`Auditor`]).
+    synced_through: Arc<AtomicU64>,
+    /// Completed syncs.
+    syncs: Arc<AtomicU64>,
 }

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::delivery::Actor;
+use super::Actor;
 use super::spool::Spool;
 use super::{
     CHECKPOINT_INTERVAL, CHECKPOINT_RECORDS, Event, NotDurable, SpoolError, Waiter, WhenFull,
