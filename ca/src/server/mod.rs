@@ -8,6 +8,8 @@ pub mod datadir;
 pub mod distribution;
 pub mod http;
 pub mod metrics;
+pub mod policy;
+pub mod store;
 #[cfg(test)]
 mod tests;
 
@@ -22,10 +24,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::authority::{Authorities, AuthorityConfig, Role};
-use crate::bundle::{DEFAULT_REFRESH_HINT, TrustBundle};
-use crate::duration::format_duration;
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::identity::bundle::{DEFAULT_REFRESH_HINT, TrustBundle};
+use crate::identity::duration::format_duration;
+use crate::identity::signing::authority::{Authorities, AuthorityConfig, Role};
+use crate::server::store::{SqliteStore, Store, StoreError};
 pub use ca::{Ca, CaSettings};
 pub use datadir::DataDir;
 
@@ -41,7 +43,7 @@ pub enum ServerError {
     Store(#[from] StoreError),
     /// Authority problem.
     #[error(transparent)]
-    Authority(#[from] crate::authority::AuthorityError),
+    Authority(#[from] crate::identity::signing::authority::AuthorityError),
     /// Cannot bind a listener.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -50,9 +52,29 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The policy file cannot be loaded.
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyFileError),
     /// Anything else.
     #[error("{0}")]
     Other(String),
+}
+
+// Here rather than beside `CaSettings` in `ca/`: its connection limit is the API listener's
+// (`http`), and `http` is built on `ca`, so `ca` must not refer to `http`.
+impl Default for CaSettings {
+    fn default() -> Self {
+        Self {
+            svid_default_ttl: crate::identity::signing::issue::DEFAULT_SVID_TTL,
+            svid_max_ttl: crate::identity::signing::issue::MAX_SVID_TTL,
+            token_max_ttl: Duration::from_secs(15 * 60),
+            admin_uids: vec![0],
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            client_timeout: Duration::from_secs(10),
+            max_connections: http::DEFAULT_MAX_CONNECTIONS,
+            k8s: None,
+        }
+    }
 }
 
 /// Settings read from the store that `init` fixed.
@@ -88,7 +110,7 @@ pub fn init(
     trust_domain: &str,
     config: AuthorityConfig,
 ) -> Result<Authorities, ServerError> {
-    let td = crate::id::parse_trust_domain(trust_domain)
+    let td = crate::identity::id::parse_trust_domain(trust_domain)
         .map_err(|e| ServerError::Other(e.to_string()))?;
     // Built under a temporary name and named `ca.db` last: a failure anywhere leaves nothing.
     let pending = DataDir::create(dir)?;
@@ -134,7 +156,7 @@ pub fn status_json(a: &Authorities) -> serde_json::Value {
                 "id": x.id,
                 "role": match x.role { Role::Root => "root", Role::Intermediate => "intermediate" },
                 "state": x.state.to_string(),
-                "subject": crate::svid::subject(&x.cert).unwrap_or_default(),
+                "subject": crate::identity::svid::subject(&x.cert).unwrap_or_default(),
                 "not_before": x.not_before.unix_timestamp(),
                 "not_after": x.not_after.unix_timestamp(),
                 "expires_in": format_duration(Duration::from_secs(left.whole_seconds().max(0) as u64)),
@@ -197,8 +219,7 @@ impl Running {
 pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
     let (dd, store, authorities) = open(&opts.data_dir)?;
     let store: Arc<dyn Store> = store;
-    let dist =
-        distribution::Distribution::new(opts.policy_file.clone()).map_err(ServerError::Other)?;
+    let dist = distribution::Distribution::new(opts.policy_file.clone())?;
     let ca = Ca::start(store, authorities, opts.settings.clone(), dist.clone())
         .map_err(|e| ServerError::Other(e.to_string()))?;
     let listener = TcpListener::bind(opts.listen)
@@ -340,13 +361,13 @@ async fn serve_metrics(ca: Arc<Ca>, listener: TcpListener, mut shutdown: watch::
                                     .headers()
                                     .get(::http::header::ACCEPT)
                                     .and_then(|v| v.to_str().ok());
-                                let format = crate::exposition::Format::negotiate(accept);
+                                let format = crate::identity::exposition::Format::negotiate(accept);
                                 content_type = format.content_type();
                                 let om = ca.metrics.encode();
                                 let body = match format {
-                                    crate::exposition::Format::OpenMetrics => om,
-                                    crate::exposition::Format::Text => {
-                                        crate::exposition::openmetrics_to_text(&om)
+                                    crate::identity::exposition::Format::OpenMetrics => om,
+                                    crate::identity::exposition::Format::Text => {
+                                        crate::identity::exposition::openmetrics_to_text(&om)
                                     }
                                 };
                                 (200, body)

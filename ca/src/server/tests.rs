@@ -9,13 +9,14 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::ca::{Ca, CaSettings, Caller};
-use super::distribution::{self, Distribution, GrantRequest};
-use crate::authority::{Authorities, AuthorityConfig};
-use crate::id::{parse_trust_domain, parse_workload_id};
-use crate::issue::make_csr;
-use crate::keys::SecretKey;
-use crate::store::faulty::FaultyStore;
-use crate::store::{SqliteStore, Store};
+use super::distribution::Distribution;
+use super::distribution::{self, GrantRequest};
+use crate::identity::id::{parse_trust_domain, parse_workload_id};
+use crate::identity::keys::SecretKey;
+use crate::identity::signing::authority::{Authorities, AuthorityConfig};
+use crate::identity::signing::issue::make_csr;
+use crate::server::store::faulty::FaultyStore;
+use crate::server::store::{SqliteStore, Store};
 
 const WEB: &str = "spiffe://mayfly.local/web";
 
@@ -146,7 +147,7 @@ async fn a_store_error_keeps_the_last_good_grants_in_the_watch_snapshot() {
     let ca = ca_on(store.clone());
     let g = distribution::request(&ca, &ca.dist, "alice", request()).unwrap();
     distribution::decide(&ca, &ca.dist, "bob", &g.id, "approve").unwrap();
-    let ids = |s: Option<crate::api::Snapshot>| -> Vec<String> {
+    let ids = |s: Option<crate::identity::api::Snapshot>| -> Vec<String> {
         s.unwrap().grants.into_iter().map(|g| g.id).collect()
     };
     assert_eq!(ids(ca.dist.snapshot(&ca).await), vec![g.id.clone()]);

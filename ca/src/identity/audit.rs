@@ -13,9 +13,9 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::bundle::BundleSet;
-use crate::keys::sha256;
-use crate::verify::{Usage, algorithms, verify_chain};
+use crate::identity::bundle::BundleSet;
+use crate::identity::keys::sha256;
+use crate::identity::verify::{Usage, algorithms, verify_chain};
 
 /// The `prev` of the first record of a chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -295,15 +295,15 @@ fn verify_checkpoint(r: &Record, bundles: Option<&BundleSet>) -> Result<(), Stri
         .collect::<Option<_>>()
         .ok_or("undecodable certificate")?;
     let leaf = certs.first().ok_or("empty certificate chain")?;
-    let info = crate::svid::check_leaf(leaf).map_err(|e| e.to_string())?;
+    let info = crate::identity::svid::check_leaf(leaf).map_err(|e| e.to_string())?;
     if info.id.to_string() != r.source {
         return Err(format!(
             "signed by {}, not by the chain's writer {}",
             info.id, r.source
         ));
     }
-    if crate::id::is_reserved(&info.id)
-        && !crate::svid::has_control_plane_mark(leaf).map_err(|e| e.to_string())?
+    if crate::identity::id::is_reserved(&info.id)
+        && !crate::identity::svid::has_control_plane_mark(leaf).map_err(|e| e.to_string())?
     {
         return Err(format!(
             "signed with a certificate for {} that lacks the control-plane mark: not the control plane",

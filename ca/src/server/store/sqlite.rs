@@ -11,10 +11,10 @@ use super::{
     AuditConflict, AuditFilter, AuditRow, EventRecord, GrantState, IssuedRecord, Store, StoreError,
     TokenClaim, TokenRecord, TokenRefusal,
 };
-use crate::audit::Record;
-use crate::authority::{Authorities, Authority, AuthorityConfig, Role, State};
-use crate::id::{TrustDomain, parse_trust_domain};
-use crate::keys::SecretKey;
+use crate::identity::audit::Record;
+use crate::identity::id::{TrustDomain, parse_trust_domain};
+use crate::identity::keys::SecretKey;
+use crate::identity::signing::authority::{Authorities, Authority, AuthorityConfig, Role, State};
 
 /// Schema migrations, applied in order; index + 1 is the schema version. Never edit one that
 /// has shipped: add a new one.
@@ -172,7 +172,7 @@ fn append_own_in(
     kind: &str,
     make: &dyn Fn(u64, &str) -> serde_json::Map<String, serde_json::Value>,
 ) -> Result<i64, StoreError> {
-    let source = format!("spiffe://{td}{}", crate::api::CA_ID_PATH);
+    let source = format!("spiffe://{td}{}", crate::identity::api::CA_ID_PATH);
     let chain = format!("{source}#{epoch}");
     let head: Option<(i64, String)> = c
         .prepare_cached("SELECT seq, hash FROM audit WHERE chain = ?1 ORDER BY seq DESC LIMIT 1")
@@ -183,10 +183,10 @@ fn append_own_in(
         .map_err(db)?;
     let (seq, prev) = match head {
         Some((s, h)) => (s as u64 + 1, h),
-        None => (1, crate::audit::GENESIS.to_owned()),
+        None => (1, crate::identity::audit::GENESIS.to_owned()),
     };
     let rec = Record {
-        v: crate::audit::VERSION,
+        v: crate::identity::audit::VERSION,
         source: source.clone(),
         epoch: epoch.clone(),
         seq,
@@ -196,7 +196,7 @@ fn append_own_in(
         fields: make(seq, &prev),
     };
     let line = rec.line();
-    let hash = crate::audit::line_hash(&line);
+    let hash = crate::identity::audit::line_hash(&line);
     c.prepare_cached(
         "INSERT INTO audit (chain, seq, prev, hash, source, ts_ms, kind, line)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -335,7 +335,7 @@ impl SqliteStore {
         // get the one epoch stored (each used to store its own, the last one winning).
         let epoch = self.with(|c| {
             let mut b = [0u8; 8];
-            crate::keys::fill_random(&mut b);
+            crate::identity::keys::fill_random(&mut b);
             c.execute(
                 "INSERT INTO settings (key, value) VALUES ('audit_epoch', ?1)
                  ON CONFLICT (key) DO NOTHING",
@@ -794,7 +794,7 @@ impl Store for SqliteStore {
         };
         Ok(Some(format!(
             "spiffe://{td}{}#{epoch}",
-            crate::api::CA_ID_PATH
+            crate::identity::api::CA_ID_PATH
         )))
     }
 
@@ -830,7 +830,7 @@ impl Store for SqliteStore {
                 .map_err(db)?;
             let (mut last, mut last_hash) = match head {
                 Some((s, h)) => (s as u64, h),
-                None => (0, crate::audit::GENESIS.to_owned()),
+                None => (0, crate::identity::audit::GENESIS.to_owned()),
             };
             for r in rows {
                 if r.seq <= last {
@@ -1379,7 +1379,8 @@ mod tests {
         let lines = s.audit_lines(&chain).unwrap();
         assert_eq!(lines.len(), 400);
         let summary =
-            crate::audit::verify_lines(&chain, lines.iter().map(Vec::as_slice), None).unwrap();
+            crate::identity::audit::verify_lines(&chain, lines.iter().map(Vec::as_slice), None)
+                .unwrap();
         assert_eq!(summary.records, 400);
         // The events are the ones logged, each once.
         let mut serials: Vec<String> = s

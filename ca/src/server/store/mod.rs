@@ -14,8 +14,8 @@ pub use sqlite::SqliteStore;
 
 use time::OffsetDateTime;
 
-use crate::authority::{Authorities, AuthorityConfig};
-use crate::id::TrustDomain;
+use crate::identity::id::TrustDomain;
+use crate::identity::signing::authority::{Authorities, AuthorityConfig};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
