@@ -55,9 +55,15 @@ pub enum ServerError {
     /// The policy file cannot be loaded.
     #[error(transparent)]
     Policy(#[from] policy::PolicyFileError),
-    /// Anything else.
+    /// The trust domain given to `init` is not valid.
     #[error("{0}")]
-    Other(String),
+    TrustDomain(crate::identity::id::IdError),
+    /// The authorities make no valid trust bundle.
+    #[error("{0}")]
+    Bundle(crate::identity::bundle::BundleError),
+    /// The control plane's state could not be set up (rotation, its own SVID).
+    #[error("{0}")]
+    Start(ca::Refusal),
 }
 
 // Here rather than beside `CaSettings` in `ca/`: its connection limit is the API listener's
@@ -110,8 +116,8 @@ pub fn init(
     trust_domain: &str,
     config: AuthorityConfig,
 ) -> Result<Authorities, ServerError> {
-    let td = crate::identity::id::parse_trust_domain(trust_domain)
-        .map_err(|e| ServerError::Other(e.to_string()))?;
+    let td =
+        crate::identity::id::parse_trust_domain(trust_domain).map_err(ServerError::TrustDomain)?;
     // Built under a temporary name and named `ca.db` last: a failure anywhere leaves nothing.
     let pending = DataDir::create(dir)?;
     let a = Authorities::init(td, config, OffsetDateTime::now_utc())?;
@@ -141,7 +147,7 @@ pub fn bundle_of(a: &Authorities) -> Result<TrustBundle, ServerError> {
         a.bundle_sequence(),
         DEFAULT_REFRESH_HINT,
     )
-    .map_err(|e| ServerError::Other(e.to_string()))
+    .map_err(ServerError::Bundle)
 }
 
 /// Authorities as JSON for `ca status`.
@@ -221,7 +227,7 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
     let store: Arc<dyn Store> = store;
     let dist = distribution::Distribution::new(opts.policy_file.clone())?;
     let ca = Ca::start(store, authorities, opts.settings.clone(), dist.clone())
-        .map_err(|e| ServerError::Other(e.to_string()))?;
+        .map_err(ServerError::Start)?;
     let listener = TcpListener::bind(opts.listen)
         .await
         .map_err(|source| ServerError::Bind {

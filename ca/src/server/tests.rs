@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::ca::{Ca, CaSettings, Caller};
-use super::distribution::Distribution;
-use super::distribution::{self, GrantRequest};
+use super::ca::{Ca, CaSettings, Caller, TokenCreateError};
+use super::distribution::{self, Distribution, GrantError, GrantRequest};
 use crate::identity::id::{parse_trust_domain, parse_workload_id};
 use crate::identity::keys::SecretKey;
 use crate::identity::signing::authority::{Authorities, AuthorityConfig};
@@ -245,4 +244,81 @@ fn events_that_cannot_be_stored_become_one_gap_record_once_the_store_can_write()
         .filter(|e| e.kind == "gap")
         .count();
     assert_eq!(n, 1);
+}
+
+#[test]
+fn grant_refusals_are_typed_and_keep_the_text_the_admin_cli_shows() {
+    let ca = ca_on(Arc::new(SqliteStore::in_memory().unwrap()));
+    let g = distribution::request(&ca, &ca.dist, "alice", request()).unwrap();
+    let err = distribution::decide(&ca, &ca.dist, "alice", &g.id, "approve").unwrap_err();
+    assert!(matches!(err, GrantError::SelfApproval { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "alice requested grant {} and cannot approve it: another admin must",
+            g.id
+        )
+    );
+    distribution::decide(&ca, &ca.dist, "bob", &g.id, "deny").unwrap();
+    let err = distribution::decide(&ca, &ca.dist, "bob", &g.id, "approve").unwrap_err();
+    assert!(matches!(err, GrantError::NotAllowed { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("cannot approve grant {}: it is denied", g.id)
+    );
+    let err = distribution::decide(&ca, &ca.dist, "bob", "g-none", "approve").unwrap_err();
+    assert!(matches!(err, GrantError::NotFound(_)), "{err:?}");
+    assert_eq!(err.to_string(), "no grant with id g-none");
+    let no_reason = GrantRequest {
+        reason: " ".into(),
+        ..request()
+    };
+    let err = distribution::request(&ca, &ca.dist, "alice", no_reason).unwrap_err();
+    assert!(matches!(err, GrantError::NoReason), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "a reason is required (for example --reason \"INC-42\")"
+    );
+    let bad_ttl = GrantRequest {
+        ttl: "soon".into(),
+        ..request()
+    };
+    let err = distribution::request(&ca, &ca.dist, "alice", bad_ttl).unwrap_err();
+    assert!(matches!(err, GrantError::Ttl(_)), "{err:?}");
+}
+
+#[test]
+fn token_creation_refusals_are_typed_and_keep_their_text() {
+    let ca = ca_on(Arc::new(SqliteStore::in_memory().unwrap()));
+    let err = ca.create_token(WEB, Duration::ZERO, "root").unwrap_err();
+    assert!(matches!(err, TokenCreateError::Ttl { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "token TTL must be between 1s and 15m (the configured maximum)"
+    );
+    let err = ca
+        .create_token("spiffe://other.test/web", Duration::from_secs(60), "root")
+        .unwrap_err();
+    assert!(
+        matches!(err, TokenCreateError::OtherTrustDomain { .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "spiffe://other.test/web is not in this control plane's trust domain mayfly.local"
+    );
+    let err = ca
+        .create_token(
+            "spiffe://mayfly.local/mayfly/ca",
+            Duration::from_secs(60),
+            "root",
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TokenCreateError::Id(crate::identity::id::IdError::Reserved(_))
+        ),
+        "{err:?}"
+    );
 }
