@@ -8,8 +8,8 @@
 //!   of the control plane, and, in [`identity::signing`], the signing side (authorities and
 //!   their rotation, issuance from CSRs), which tests, benches and offline tools use without a
 //!   server.
-//! - [`server`] (feature `server`): the control plane (`mayfly-ca run` and the offline commands
-//!   on a data directory), with its store in [`server::store`].
+//! - `server` (feature `server`): the control plane (`mayfly-ca run` and the offline commands
+//!   on a data directory), with its store in `server::store`.
 //!
 //! The binary's command-line modules are in `src/cli/` (not part of the library).
 //!

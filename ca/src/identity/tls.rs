@@ -1,6 +1,6 @@
-//! rustls configuration from SVIDs: a hot-swappable certificate
-//! resolver (rotation swaps the SVID; every new handshake takes the new one at once), and
-//! TLS 1.3-only client and server configs.
+//! rustls configuration from SVIDs: a hot-swappable certificate resolver (rotation swaps the
+//! SVID; every new handshake takes the new one at once), and TLS 1.3-only client and server
+//! configs on the one crypto provider (defined in [`super::crypto`], re-exported here).
 
 use std::sync::Arc;
 

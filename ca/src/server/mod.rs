@@ -1,4 +1,20 @@
-//! The control plane: `mayfly-ca run` and the offline commands that work on a data directory.
+//! The control plane (feature `server`): `mayfly-ca run` and the offline commands that work on
+//! a data directory. This file starts and opens it; the pieces, lowest first:
+//!
+//! - [`store`]: the persistent state behind the `Store` trait, and its SQLite implementation.
+//!   It sits under `server/` (not beside it) because only the control plane has a store; the
+//!   old path `mayfly_ca::store` is re-exported from the crate root.
+//! - [`datadir`] (the data directory's files), [`metrics`], [`attest`] (Kubernetes
+//!   service-account tokens), [`policy`] (the policy in force and the change generation).
+//! - [`ca`]: the control plane's state (`Ca`: authorities, issuance, tokens, what it owes its
+//!   audit chain), built on the modules above.
+//! - On top of `ca`: [`distribution`] (grants, and the snapshots pushed on `GET /v1/watch`),
+//!   [`audit`] (ingest, the control plane's own chain, verification), [`http`] (the API) and
+//!   [`admin`] (the admin socket).
+//!
+//! No module refers to a sibling above it; where a piece was needed both ways it moved down
+//! (the `Distribution` type into `policy`, `Pending` into `ca`, `CaSettings`' default, which
+//! takes the API listener's connection limit, into this file).
 
 pub mod admin;
 pub mod attest;

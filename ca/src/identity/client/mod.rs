@@ -1,6 +1,6 @@
 //! The control-plane client a sidecar uses: first contact pinned by the join token, SVID
 //! bootstrap with the token, renewal over mTLS with the current SVID; audit deliveries over a
-//! kept-open connection in [`audit_session`].
+//! kept-open connection in [`AuditSession`] (its own file, `audit_session.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! Audit collection on the control plane: [`ingest`] stores a sidecar's records (`POST
+//! Audit collection on the control plane: [`ingest`](mod@ingest) stores a sidecar's records (`POST
 //! /v1/audit`: exactly once, in order, hash chain checked); [`anchors`] keeps the control
 //! plane's own events a chain of their own, with anchors of the sidecar chains and signed
 //! checkpoints; [`verify`] is `audit verify`, which checks every chain, and the rendering

@@ -1,4 +1,8 @@
 //! The control plane's core: authorities, issuance, tokens, and the state the API serves.
+//!
+//! Below `distribution`, `audit`, `http` and `admin`, which are built on [`Ca`]; what the `Ca`
+//! holds for them is defined below it too ([`Pending`] here, the
+//! [`Distribution`](super::policy::Distribution) in `policy`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

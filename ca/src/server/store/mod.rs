@@ -1,4 +1,5 @@
-//! The control plane's persistent state behind one trait.
+//! The control plane's persistent state behind one trait. Under `server/` since only the
+//! control plane has a store (`mayfly_ca::store` re-exports it).
 //!
 //! [`SqliteStore`] is the embedded default (one file in the data directory). The trait speaks
 //! in domain types and whole operations (a token is spent in the transaction that logs the
