@@ -69,8 +69,8 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// The policy file cannot be loaded.
-    #[error(transparent)]
-    Policy(#[from] policy::PolicyFileError),
+    #[error("{0}")]
+    Policy(policy::PolicyFileError),
     /// The trust domain given to `init` is not valid.
     #[error("{0}")]
     TrustDomain(crate::identity::id::IdError),
@@ -241,7 +241,8 @@ impl Running {
 pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
     let (dd, store, authorities) = open(&opts.data_dir)?;
     let store: Arc<dyn Store> = store;
-    let dist = distribution::Distribution::new(opts.policy_file.clone())?;
+    let dist =
+        distribution::Distribution::new(opts.policy_file.clone()).map_err(ServerError::Policy)?;
     let ca = Ca::start(store, authorities, opts.settings.clone(), dist.clone())
         .map_err(ServerError::Start)?;
     let listener = TcpListener::bind(opts.listen)

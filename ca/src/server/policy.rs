@@ -63,9 +63,9 @@ pub enum PolicyFileError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The file is not a valid policy.
-    #[error(transparent)]
-    Invalid(#[from] mayfly_policy::PolicyError),
+    /// The file is not a valid policy (its diagnostics, said in full).
+    #[error("{0}")]
+    Invalid(mayfly_policy::PolicyError),
 }
 
 /// Reads and validates the policy file.
@@ -74,8 +74,8 @@ pub(super) fn load(file: &PathBuf) -> Result<LoadedPolicy, PolicyFileError> {
         path: file.clone(),
         source,
     })?;
-    let loaded =
-        Policy::from_toml_at(&src, &file.display().to_string(), OffsetDateTime::now_utc())?;
+    let loaded = Policy::from_toml_at(&src, &file.display().to_string(), OffsetDateTime::now_utc())
+        .map_err(PolicyFileError::Invalid)?;
     Ok(LoadedPolicy {
         version: loaded.policy.version().to_owned(),
         settings: *loaded.policy.grants(),
