@@ -1,33 +1,35 @@
 //! mayfly's identity authority.
 //!
-//! The client side (always built, linked by the sidecar): SPIFFE IDs ([`id`]), the X.509-SVID
-//! profile ([`svid`]), trust bundles ([`bundle`]), peer verification ([`verify`]) and rustls
-//! configuration ([`tls`]). The CA side: authorities and their rotation ([`authority`]) and
-//! issuance from CSRs ([`issue`]). With the `server` feature: the control plane.
+//! Two folders, one per side of the split the `server` feature draws:
+//!
+//! - [`identity`] (always built; the sidecar links only this, with `default-features = false`):
+//!   SPIFFE IDs, the X.509-SVID profile, keys, trust bundles, peer verification, rustls
+//!   configuration, join tokens, the API's wire types, the audit record format, the client
+//!   of the control plane, and, in [`identity::signing`], the signing side (authorities and
+//!   their rotation, issuance from CSRs), which tests, benches and offline tools use without a
+//!   server.
+//! - `server` (feature `server`): the control plane (`mayfly-ca run` and the offline commands
+//!   on a data directory), with its store in `server::store`.
+//!
+//! The binary's command-line modules are in `src/cli/` (not part of the library).
+//!
+//! Every module keeps its old path too (`mayfly_ca::id`, `mayfly_ca::tls`, `mayfly_ca::store`,
+//! ...): the re-exports below are the crate's public paths.
 
 #![forbid(unsafe_code)]
 
-pub mod api;
-pub mod audit;
-pub mod authority;
-pub mod bundle;
-pub mod client;
-pub mod duration;
-pub mod exposition;
-pub mod id;
-pub mod issue;
-pub mod keys;
-pub mod report;
-pub mod svid;
-pub mod tls;
-pub mod token;
-pub mod verify;
+pub mod identity;
+
+#[cfg(feature = "server")]
+pub mod server;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-#[cfg(feature = "server")]
-pub mod store;
+pub use identity::signing::{authority, issue};
+pub use identity::{
+    api, audit, bundle, client, duration, exposition, id, keys, report, svid, tls, token, verify,
+};
 
 #[cfg(feature = "server")]
-pub mod server;
+pub use server::store;

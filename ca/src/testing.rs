@@ -13,13 +13,13 @@ use rcgen::{
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
-use crate::authority::{Authorities, AuthorityConfig, Role};
-use crate::bundle::{BundleSet, DEFAULT_REFRESH_HINT, TrustBundle};
-use crate::id::{parse_trust_domain, parse_workload_id};
-use crate::issue::issue_for_key;
-use crate::keys::{SecretKey, random_serial};
-use crate::tls::{Credentials, Svid};
-use crate::verify::SharedBundles;
+use crate::identity::bundle::{BundleSet, DEFAULT_REFRESH_HINT, TrustBundle};
+use crate::identity::id::{parse_trust_domain, parse_workload_id};
+use crate::identity::keys::{SecretKey, random_serial};
+use crate::identity::signing::authority::{Authorities, AuthorityConfig, Role};
+use crate::identity::signing::issue::issue_for_key;
+use crate::identity::tls::{Credentials, Svid};
+use crate::identity::verify::SharedBundles;
 
 /// An in-process CA for one trust domain.
 pub struct TestCa {
@@ -100,13 +100,13 @@ impl TestCa {
     /// (reserved ID, control-plane mark).
     pub fn control_plane_svid(&self) -> (Vec<CertificateDer<'static>>, SecretKey) {
         let key = SecretKey::generate().unwrap();
-        let id = crate::id::parse_id(&format!(
+        let id = crate::identity::id::parse_id(&format!(
             "spiffe://{}{}",
             self.authorities.trust_domain(),
-            crate::api::CA_ID_PATH
+            crate::identity::api::CA_ID_PATH
         ))
         .unwrap();
-        let issued = crate::issue::issue_control_plane_svid(
+        let issued = crate::identity::signing::issue::issue_control_plane_svid(
             self.authorities.signer().unwrap(),
             &key,
             &id,
@@ -163,7 +163,7 @@ impl TestCa {
     /// Credentials holding whatever `leaf` describes (rustls does not check the profile).
     pub fn credentials_for(&self, leaf: &Leaf) -> Arc<Credentials> {
         let (chain, key) = self.leaf(leaf);
-        let signing = crate::tls::provider()
+        let signing = crate::identity::crypto::provider()
             .key_provider
             .load_private_key(key.private_key_der())
             .unwrap();

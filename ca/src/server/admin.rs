@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::ca::Ca;
-use crate::duration::parse_duration;
-use crate::store::TokenRecord;
+use crate::identity::duration::parse_duration;
+use crate::server::store::TokenRecord;
 
 /// The longest request line accepted.
 const MAX_LINE: usize = 64 * 1024;
@@ -131,7 +131,7 @@ fn dispatch(ca: &Ca, who: &str, req: AdminRequest) -> AdminResponse {
                     v["token"] = Value::String(token.reveal().to_string());
                     ok(v)
                 }
-                Err(e) => err(e),
+                Err(e) => err(e.to_string()),
             }
         }
         AdminRequest::TokenList => match ca.store().list_tokens() {
@@ -154,18 +154,18 @@ fn dispatch(ca: &Ca, who: &str, req: AdminRequest) -> AdminResponse {
         AdminRequest::GrantRequest(req) => {
             match super::distribution::request(ca, &ca.dist, who, req) {
                 Ok(g) => ok(serde_json::to_value(g).unwrap_or_default()),
-                Err(e) => err(e),
+                Err(e) => err(e.to_string()),
             }
         }
         AdminRequest::GrantDecide { id, action } => {
             match super::distribution::decide(ca, &ca.dist, who, &id, &action) {
                 Ok(g) => ok(serde_json::to_value(g).unwrap_or_default()),
-                Err(e) => err(e),
+                Err(e) => err(e.to_string()),
             }
         }
         AdminRequest::GrantList => match super::distribution::list(ca) {
             Ok(l) => ok(serde_json::to_value(l).unwrap_or_default()),
-            Err(e) => err(e),
+            Err(e) => err(e.to_string()),
         },
         AdminRequest::Status => match ca.authorities() {
             Ok(a) => ok(super::status_json(&a)),
@@ -250,29 +250,60 @@ pub async fn serve(ca: Arc<Ca>, listener: UnixListener, mut shutdown: watch::Rec
     }
 }
 
+/// Why a request on the admin socket failed. Its text is what the CLI shows.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminCallError {
+    /// The socket cannot be reached.
+    #[error(
+        "cannot reach the control plane's admin socket {}: {source} (is `mayfly-ca run` running on this data directory?)",
+        socket.display()
+    )]
+    Connect {
+        /// The socket.
+        socket: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Reading or writing the connection failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The request or the answer is not the expected JSON.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// No answer in time.
+    #[error("the control plane did not answer within 30s")]
+    Timeout,
+    /// The connection closed before an answer.
+    #[error("the control plane closed the admin connection")]
+    Closed,
+    /// The control plane refused the request; its message.
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Sends one request to a running control plane's admin socket.
-pub async fn call(socket: &Path, req: &AdminRequest) -> Result<Value, String> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        format!(
-            "cannot reach the control plane's admin socket {}: {e} (is `mayfly-ca run` running on this data directory?)",
-            socket.display()
-        )
-    })?;
-    let (r, mut w) = stream.into_split();
-    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
-    w.write_all(format!("{line}\n").as_bytes())
+pub async fn call(socket: &Path, req: &AdminRequest) -> Result<Value, AdminCallError> {
+    let stream = UnixStream::connect(socket)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| AdminCallError::Connect {
+            socket: socket.to_owned(),
+            source,
+        })?;
+    let (r, mut w) = stream.into_split();
+    let line = serde_json::to_string(req)?;
+    w.write_all(format!("{line}\n").as_bytes()).await?;
     let mut lines = BufReader::new(r).lines();
     let answer = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
-        .map_err(|_| "the control plane did not answer within 30s".to_owned())?
-        .map_err(|e| e.to_string())?
-        .ok_or("the control plane closed the admin connection")?;
-    let resp: AdminResponse = serde_json::from_str(&answer).map_err(|e| e.to_string())?;
+        .map_err(|_| AdminCallError::Timeout)??
+        .ok_or(AdminCallError::Closed)?;
+    let resp: AdminResponse = serde_json::from_str(&answer)?;
     if resp.ok {
         Ok(resp.data.unwrap_or(Value::Null))
     } else {
-        Err(resp.error.unwrap_or_else(|| "unknown error".into()))
+        Err(AdminCallError::Refused(
+            resp.error.unwrap_or_else(|| "unknown error".into()),
+        ))
     }
 }

@@ -1,17 +1,19 @@
-//! Central policy and just-in-time grants: the control plane holds the policy file (validated,
-//! versioned, reloaded on change; a bad file is refused and the last good one stays) and the
-//! grants, and pushes snapshots to every sidecar on `GET /v1/watch`.
+//! Just-in-time grants (requests, decisions compare-and-set in the store so that racing admins
+//! cannot both win a conflicting transition, expiry), and what the control plane pushes to
+//! every sidecar on `GET /v1/watch`: snapshots of the policy, the grants in force and the
+//! bundle, and policy reloads.
 //!
 //! The grants in force are read from the store once per change, off the runtime's threads, and
-//! shared by every watcher; a failed read keeps the last good set. Grant decisions are
-//! compare-and-set in the store, so racing admins cannot both win a conflicting transition.
+//! shared by every watcher; a failed read keeps the last good set.
+//!
+//! Above [`super::ca`]: the [`Distribution`] the `Ca` holds (the policy in force and the change
+//! generation) is defined below it, in [`super::policy`], and re-exported here; its methods
+//! that need the `Ca` are here.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
-use mayfly_policy::{Grant, GrantSettings, PathPattern, Policy};
+use mayfly_policy::{Grant, PathPattern};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -19,176 +21,82 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::ca::Ca;
-use crate::api::{GrantWire, Snapshot};
-use crate::duration::format_duration;
-use crate::store::{GrantState, StoreError};
+pub use super::policy::{Distribution, LoadedPolicy, PolicyFileError};
+use super::policy::{RETRY_FAILED_READ, load};
+use crate::identity::api::{GrantWire, Snapshot};
+use crate::identity::duration::{DurationError, format_duration};
+use crate::server::store::{GrantState, StoreError};
 
-/// A loaded policy.
-pub struct LoadedPolicy {
-    /// Content hash.
-    pub version: String,
-    /// TOML source, as pushed to sidecars.
-    pub source: String,
-    /// Its `[grants]` limits.
-    pub settings: GrantSettings,
-}
-
-/// The policy and grants the control plane distributes.
-pub struct Distribution {
-    file: Option<PathBuf>,
-    policy: ArcSwapOption<LoadedPolicy>,
-    changes: watch::Sender<u64>,
-    live: tokio::sync::Mutex<LiveCache>,
-}
-
-/// The grants in force as last read from the store, shared by every watcher.
-#[derive(Default)]
-struct LiveCache {
-    /// The last good read and the change generation it reflects.
-    good: Option<(u64, Arc<Vec<GrantWire>>)>,
-    /// The generation and time of the last failed read (retried at most once a second).
-    failed: Option<(u64, Instant)>,
-}
-
-/// How soon a failed read of the grants is tried again for the same generation.
-const RETRY_FAILED_READ: Duration = Duration::from_secs(1);
-
-fn load(file: &PathBuf) -> Result<LoadedPolicy, String> {
-    let src = std::fs::read_to_string(file)
-        .map_err(|e| format!("cannot read policy file {}: {e}", file.display()))?;
-    let loaded = Policy::from_toml_at(&src, &file.display().to_string(), OffsetDateTime::now_utc())
-        .map_err(|e| e.to_string())?;
-    Ok(LoadedPolicy {
-        version: loaded.policy.version().to_owned(),
-        settings: *loaded.policy.grants(),
-        source: src,
-    })
-}
-
-impl Distribution {
-    /// Loads the policy file, if any. An invalid file is an error at start-up.
-    pub fn new(file: Option<PathBuf>) -> Result<Arc<Self>, String> {
-        let policy = match &file {
-            Some(f) => Some(Arc::new(load(f)?)),
-            None => None,
-        };
-        let (changes, _) = watch::channel(0);
-        Ok(Arc::new(Self {
-            file,
-            policy: ArcSwapOption::new(policy),
-            changes,
-            live: tokio::sync::Mutex::new(LiveCache::default()),
-        }))
-    }
-
-    /// Tells every watcher something changed.
-    pub fn bump(&self) {
-        self.changes.send_modify(|g| *g += 1);
-    }
-
-    /// A receiver of change notifications.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-
-    /// The policy's grant limits (defaults without a policy).
-    pub fn settings(&self) -> GrantSettings {
-        self.policy
-            .load()
-            .as_ref()
-            .map(|p| p.settings)
-            .unwrap_or_default()
-    }
-
-    /// The version in force.
-    pub fn version(&self) -> Option<String> {
-        self.policy.load().as_ref().map(|p| p.version.clone())
-    }
-
-    /// The snapshot to push now, or `None` while the grants have never been read: a sidecar
-    /// must not take "no grants known" for "no grants". The grants are read from the store at
-    /// most once per change, off the runtime's threads, and shared by every watcher; when a
-    /// read fails the last good grants stay (the error is logged and counted).
-    pub async fn snapshot(&self, ca: &Arc<Ca>) -> Option<Snapshot> {
-        let (generation, grants) = self.live_grants(ca).await?;
-        let p = self.policy.load();
-        let now = OffsetDateTime::now_utc().unix_timestamp();
-        Some(Snapshot {
-            generation,
-            policy_version: p.as_ref().map(|p| p.version.clone()),
-            policy: p.as_ref().map(|p| p.source.clone()),
-            // A grant read before it expired is not pushed after.
-            grants: grants.iter().filter(|g| g.expires > now).cloned().collect(),
-            bundle: serde_json::from_str(&ca.jwks()).unwrap_or(serde_json::Value::Null),
-        })
-    }
-
-    async fn live_grants(&self, ca: &Arc<Ca>) -> Option<(u64, Arc<Vec<GrantWire>>)> {
-        let generation = *self.changes.borrow();
-        let mut cache = self.live.lock().await;
-        let fresh = matches!(&cache.good, Some((g, _)) if *g == generation);
-        let failed_lately = matches!(cache.failed,
-            Some((g, at)) if g == generation && at.elapsed() < RETRY_FAILED_READ);
-        if !fresh && !failed_lately {
-            let ca2 = ca.clone();
-            let read = tokio::task::spawn_blocking(move || read_live(&ca2))
-                .await
-                .unwrap_or_else(|e| Err(format!("grant read task failed: {e}")));
-            match read {
-                Ok(grants) => {
-                    cache.good = Some((generation, Arc::new(grants)));
-                    cache.failed = None;
-                }
-                Err(e) => {
-                    ca.metrics.snapshot_errors.inc();
-                    error!(error = %e, "cannot read the grants in force; watchers keep the last good set");
-                    cache.failed = Some((generation, Instant::now()));
-                }
-            }
-        }
-        cache.good.clone()
-    }
-
-    /// Polls the policy file every second; reloads and pushes on change.
-    pub async fn watch_file(self: Arc<Self>, ca: Arc<Ca>, mut stop: watch::Receiver<bool>) {
-        let Some(file) = self.file.clone() else {
-            return;
-        };
-        let mut last = std::fs::read(&file).ok();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => return,
-            }
-            let now = std::fs::read(&file).ok();
-            if now == last {
-                continue;
-            }
-            last = now;
-            match load(&file) {
-                Ok(p) if Some(&p.version) == self.version().as_ref() => {}
-                Ok(p) => {
-                    info!(version = %p.version, "policy reloaded; pushing it to every sidecar");
-                    ca.event(
-                        "policy.loaded",
-                        json!({ "version": p.version, "file": file.display().to_string() }),
-                    );
-                    self.policy.store(Some(Arc::new(p)));
-                    self.bump();
-                }
-                Err(e) => {
-                    error!(
-                        in_force = self.version().as_deref().unwrap_or("none"),
-                        "policy file refused; the last good policy stays in force:\n{e}"
-                    );
-                    ca.event(
-                        "policy.refused",
-                        json!({ "error": e, "in_force": self.version() }),
-                    );
-                }
-            }
-        }
-    }
+/// Why a grant request or decision failed, or the grants could not be read. Its text is what
+/// the admin CLI shows.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrantError {
+    /// The request gives no reason.
+    #[error("a reason is required (for example --reason \"INC-42\")")]
+    NoReason,
+    /// The TTL is not a duration.
+    #[error(transparent)]
+    Ttl(#[from] DurationError),
+    /// A path pattern is not valid.
+    #[error("path {path:?}: {source}")]
+    Path {
+        /// The pattern as given.
+        path: String,
+        /// Why it is not valid.
+        source: mayfly_policy::PatternError,
+    },
+    /// The TTL is over the policy's `grants.max_ttl`.
+    #[error(
+        "TTL {} is over the policy's grants.max_ttl of {}",
+        format_duration(*ttl),
+        format_duration(*max)
+    )]
+    TooLong {
+        /// The TTL asked for.
+        ttl: Duration,
+        /// The policy's limit.
+        max: Duration,
+    },
+    /// The policy's `[grants]` limits refuse the grant.
+    #[error(transparent)]
+    Policy(mayfly_policy::GrantError),
+    /// No grant has this id.
+    #[error("no grant with id {0}")]
+    NotFound(String),
+    /// The requester tried to approve their own grant.
+    #[error("{by} requested grant {id} and cannot approve it: another admin must")]
+    SelfApproval {
+        /// The admin.
+        by: String,
+        /// The grant.
+        id: String,
+    },
+    /// The action does not apply to the grant's state.
+    #[error("cannot {action} grant {id}: it is {state}")]
+    NotAllowed {
+        /// `approve`, `deny`, `revoke` or what was asked.
+        action: String,
+        /// The grant.
+        id: String,
+        /// Its state.
+        state: GrantState,
+    },
+    /// Concurrent decisions kept changing the grant.
+    #[error("grant {0} kept changing under concurrent decisions; look at it and try again")]
+    Contended(String),
+    /// A stored grant does not parse.
+    #[error("stored grant is unreadable: {0}")]
+    Unreadable(serde_json::Error),
+    /// A grant cannot be encoded for the store.
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The blocking read task failed.
+    #[error("grant read task failed: {0}")]
+    Task(String),
 }
 
 /// A grant as the control plane keeps it.
@@ -242,8 +150,8 @@ pub struct GrantRequest {
     pub reason: String,
 }
 
-fn parse(body: &str) -> Result<GrantRecord, String> {
-    serde_json::from_str(body).map_err(|e| format!("stored grant is unreadable: {e}"))
+fn parse(body: &str) -> Result<GrantRecord, GrantError> {
+    serde_json::from_str(body).map_err(GrantError::Unreadable)
 }
 
 /// An active grant past its expiry shows as expired before the store records it.
@@ -255,9 +163,9 @@ fn with_expiry(mut g: GrantRecord, now: i64) -> GrantRecord {
 }
 
 /// The grants in force now, as pushed to sidecars (blocking: a store read).
-fn read_live(ca: &Ca) -> Result<Vec<GrantWire>, String> {
+fn read_live(ca: &Ca) -> Result<Vec<GrantWire>, GrantError> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    let bodies = ca.store().live_grants(now).map_err(|e| e.to_string())?;
+    let bodies = ca.store().live_grants(now)?;
     bodies
         .iter()
         .map(|b| {
@@ -275,27 +183,25 @@ fn read_live(ca: &Ca) -> Result<Vec<GrantWire>, String> {
         .collect()
 }
 
-fn body(g: &GrantRecord) -> Result<String, String> {
-    serde_json::to_string(g).map_err(|e| e.to_string())
+fn body(g: &GrantRecord) -> Result<String, GrantError> {
+    serde_json::to_string(g).map_err(GrantError::Encode)
 }
 
 /// Every grant, with `expired` computed.
-pub fn list(ca: &Ca) -> Result<Vec<GrantRecord>, String> {
+pub fn list(ca: &Ca) -> Result<Vec<GrantRecord>, GrantError> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
     ca.store()
-        .list_grants()
-        .map_err(|e| e.to_string())?
+        .list_grants()?
         .iter()
         .map(|b| parse(b).map(|g| with_expiry(g, now)))
         .collect()
 }
 
-fn get(ca: &Ca, id: &str) -> Result<GrantRecord, String> {
+fn get(ca: &Ca, id: &str) -> Result<GrantRecord, GrantError> {
     let body = ca
         .store()
-        .grant(id)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no grant with id {id}"))?;
+        .grant(id)?
+        .ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
     Ok(with_expiry(
         parse(&body)?,
         OffsetDateTime::now_utc().unix_timestamp(),
@@ -316,17 +222,22 @@ pub fn request(
     dist: &Distribution,
     by: &str,
     req: GrantRequest,
-) -> Result<GrantRecord, String> {
+) -> Result<GrantRecord, GrantError> {
     if req.reason.trim().is_empty() {
-        return Err("a reason is required (for example --reason \"INC-42\")".into());
+        return Err(GrantError::NoReason);
     }
-    let ttl = crate::duration::parse_duration(&req.ttl).map_err(|e| e.to_string())?;
+    let ttl = crate::identity::duration::parse_duration(&req.ttl)?;
     let settings = dist.settings();
     let now = OffsetDateTime::now_utc();
     let paths = req
         .paths
         .iter()
-        .map(|p| PathPattern::parse(p).map_err(|e| format!("path {p:?}: {e}")))
+        .map(|p| {
+            PathPattern::parse(p).map_err(|source| GrantError::Path {
+                path: p.clone(),
+                source,
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let candidate = Grant {
         id: String::new(),
@@ -338,17 +249,14 @@ pub fn request(
         expires: now + time::Duration::seconds(ttl.as_secs() as i64),
     };
     candidate.check(&settings).map_err(|e| match e {
-        mayfly_policy::GrantError::TooLong { .. } => format!(
-            "TTL {} is over the policy's grants.max_ttl of {}",
-            format_duration(ttl),
-            format_duration(Duration::from_secs(
-                settings.max_ttl.whole_seconds().max(0) as u64
-            ))
-        ),
-        other => other.to_string(),
+        mayfly_policy::GrantError::TooLong { .. } => GrantError::TooLong {
+            ttl,
+            max: Duration::from_secs(settings.max_ttl.whole_seconds().max(0) as u64),
+        },
+        other => GrantError::Policy(other),
     })?;
     let mut id = [0u8; 4];
-    crate::keys::fill_random(&mut id);
+    crate::identity::keys::fill_random(&mut id);
     let mut g = GrantRecord {
         id: format!("g-{}", hex::encode(id)),
         from: req.from,
@@ -368,8 +276,7 @@ pub fn request(
         activate(&mut g);
     }
     ca.store()
-        .insert_grant(&g.id, g.state, g.expires.unwrap_or(0), &body(&g)?)
-        .map_err(|e| e.to_string())?;
+        .insert_grant(&g.id, g.state, g.expires.unwrap_or(0), &body(&g)?)?;
     ca.event(
         "grant.requested",
         serde_json::to_value(&g).unwrap_or_default(),
@@ -396,7 +303,7 @@ pub fn decide(
     by: &str,
     id: &str,
     action: &str,
-) -> Result<GrantRecord, String> {
+) -> Result<GrantRecord, GrantError> {
     for _ in 0..DECIDE_ATTEMPTS {
         let mut g = get(ca, id)?;
         let from = g.state;
@@ -407,21 +314,27 @@ pub fn decide(
                         "grant.self_approval_refused",
                         json!({ "grant": g.id, "user": by }),
                     );
-                    return Err(format!(
-                        "{by} requested grant {id} and cannot approve it: another admin must"
-                    ));
+                    return Err(GrantError::SelfApproval {
+                        by: by.to_owned(),
+                        id: id.to_owned(),
+                    });
                 }
                 activate(&mut g);
             }
             ("deny", GrantState::Pending) => g.state = GrantState::Denied,
             ("revoke", GrantState::Active | GrantState::Pending) => g.state = GrantState::Revoked,
-            (a, s) => return Err(format!("cannot {a} grant {id}: it is {s}")),
+            (a, s) => {
+                return Err(GrantError::NotAllowed {
+                    action: a.to_owned(),
+                    id: id.to_owned(),
+                    state: s,
+                });
+            }
         }
         g.decided_by = Some(by.to_owned());
-        let applied = ca
-            .store()
-            .update_grant(id, from, g.state, g.expires.unwrap_or(0), &body(&g)?)
-            .map_err(|e| e.to_string())?;
+        let applied =
+            ca.store()
+                .update_grant(id, from, g.state, g.expires.unwrap_or(0), &body(&g)?)?;
         if !applied {
             // Another decision came first: decide again on what it left.
             continue;
@@ -440,9 +353,7 @@ pub fn decide(
         dist.bump();
         return Ok(g);
     }
-    Err(format!(
-        "grant {id} kept changing under concurrent decisions; look at it and try again"
-    ))
+    Err(GrantError::Contended(id.to_owned()))
 }
 
 /// Records each grant expiry once (`grant.expired`) and wakes the watchers, waking at the next
@@ -494,4 +405,91 @@ fn expire_due(ca: &Ca) -> Result<(usize, Option<i64>), StoreError> {
         }
     }
     Ok((expired.len(), ca.store().next_grant_expiry(now)?))
+}
+
+impl Distribution {
+    /// The snapshot to push now, or `None` while the grants have never been read: a sidecar
+    /// must not take "no grants known" for "no grants". The grants are read from the store at
+    /// most once per change, off the runtime's threads, and shared by every watcher; when a
+    /// read fails the last good grants stay (the error is logged and counted).
+    pub async fn snapshot(&self, ca: &Arc<Ca>) -> Option<Snapshot> {
+        let (generation, grants) = self.live_grants(ca).await?;
+        let p = self.policy.load();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        Some(Snapshot {
+            generation,
+            policy_version: p.as_ref().map(|p| p.version.clone()),
+            policy: p.as_ref().map(|p| p.source.clone()),
+            // A grant read before it expired is not pushed after.
+            grants: grants.iter().filter(|g| g.expires > now).cloned().collect(),
+            bundle: serde_json::from_str(&ca.jwks()).unwrap_or(serde_json::Value::Null),
+        })
+    }
+
+    async fn live_grants(&self, ca: &Arc<Ca>) -> Option<(u64, Arc<Vec<GrantWire>>)> {
+        let generation = *self.changes.borrow();
+        let mut cache = self.live.lock().await;
+        let fresh = matches!(&cache.good, Some((g, _)) if *g == generation);
+        let failed_lately = matches!(cache.failed,
+            Some((g, at)) if g == generation && at.elapsed() < RETRY_FAILED_READ);
+        if !fresh && !failed_lately {
+            let ca2 = ca.clone();
+            let read = tokio::task::spawn_blocking(move || read_live(&ca2))
+                .await
+                .unwrap_or_else(|e| Err(GrantError::Task(e.to_string())));
+            match read {
+                Ok(grants) => {
+                    cache.good = Some((generation, Arc::new(grants)));
+                    cache.failed = None;
+                }
+                Err(e) => {
+                    ca.metrics.snapshot_errors.inc();
+                    error!(error = %e, "cannot read the grants in force; watchers keep the last good set");
+                    cache.failed = Some((generation, Instant::now()));
+                }
+            }
+        }
+        cache.good.clone()
+    }
+
+    /// Polls the policy file every second; reloads and pushes on change.
+    pub async fn watch_file(self: Arc<Self>, ca: Arc<Ca>, mut stop: watch::Receiver<bool>) {
+        let Some(file) = self.file.clone() else {
+            return;
+        };
+        let mut last = std::fs::read(&file).ok();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+            let now = std::fs::read(&file).ok();
+            if now == last {
+                continue;
+            }
+            last = now;
+            match load(&file) {
+                Ok(p) if Some(&p.version) == self.version().as_ref() => {}
+                Ok(p) => {
+                    info!(version = %p.version, "policy reloaded; pushing it to every sidecar");
+                    ca.event(
+                        "policy.loaded",
+                        json!({ "version": p.version, "file": file.display().to_string() }),
+                    );
+                    self.policy.store(Some(Arc::new(p)));
+                    self.bump();
+                }
+                Err(e) => {
+                    error!(
+                        in_force = self.version().as_deref().unwrap_or("none"),
+                        "policy file refused; the last good policy stays in force:\n{e}"
+                    );
+                    ca.event(
+                        "policy.refused",
+                        json!({ "error": e.to_string(), "in_force": self.version() }),
+                    );
+                }
+            }
+        }
+    }
 }

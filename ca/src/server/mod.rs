@@ -1,4 +1,20 @@
-//! The control plane: `mayfly-ca run` and the offline commands that work on a data directory.
+//! The control plane (feature `server`): `mayfly-ca run` and the offline commands that work on
+//! a data directory. This file starts and opens it; the pieces, lowest first:
+//!
+//! - [`store`]: the persistent state behind the `Store` trait, and its SQLite implementation.
+//!   It sits under `server/` (not beside it) because only the control plane has a store; the
+//!   old path `mayfly_ca::store` is re-exported from the crate root.
+//! - [`datadir`] (the data directory's files), [`metrics`], [`attest`] (Kubernetes
+//!   service-account tokens), [`policy`] (the policy in force and the change generation).
+//! - [`ca`]: the control plane's state (`Ca`: authorities, issuance, tokens, what it owes its
+//!   audit chain), built on the modules above.
+//! - On top of `ca`: [`distribution`] (grants, and the snapshots pushed on `GET /v1/watch`),
+//!   [`audit`] (ingest, the control plane's own chain, verification), [`http`] (the API) and
+//!   [`admin`] (the admin socket).
+//!
+//! No module refers to a sibling above it; where a piece was needed both ways it moved down
+//! (the `Distribution` type into `policy`, `Pending` into `ca`, `CaSettings`' default, which
+//! takes the API listener's connection limit, into this file).
 
 pub mod admin;
 pub mod attest;
@@ -8,6 +24,8 @@ pub mod datadir;
 pub mod distribution;
 pub mod http;
 pub mod metrics;
+pub mod policy;
+pub mod store;
 #[cfg(test)]
 mod tests;
 
@@ -22,10 +40,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::authority::{Authorities, AuthorityConfig, Role};
-use crate::bundle::{DEFAULT_REFRESH_HINT, TrustBundle};
-use crate::duration::format_duration;
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::identity::bundle::{DEFAULT_REFRESH_HINT, TrustBundle};
+use crate::identity::duration::format_duration;
+use crate::identity::signing::authority::{Authorities, AuthorityConfig, Role};
+use crate::server::store::{SqliteStore, Store, StoreError};
 pub use ca::{Ca, CaSettings};
 pub use datadir::DataDir;
 
@@ -41,7 +59,7 @@ pub enum ServerError {
     Store(#[from] StoreError),
     /// Authority problem.
     #[error(transparent)]
-    Authority(#[from] crate::authority::AuthorityError),
+    Authority(#[from] crate::identity::signing::authority::AuthorityError),
     /// Cannot bind a listener.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -50,9 +68,35 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// Anything else.
+    /// The policy file cannot be loaded.
     #[error("{0}")]
-    Other(String),
+    Policy(policy::PolicyFileError),
+    /// The trust domain given to `init` is not valid.
+    #[error("{0}")]
+    TrustDomain(crate::identity::id::IdError),
+    /// The authorities make no valid trust bundle.
+    #[error("{0}")]
+    Bundle(crate::identity::bundle::BundleError),
+    /// The control plane's state could not be set up (rotation, its own SVID).
+    #[error("{0}")]
+    Start(ca::Refusal),
+}
+
+// Here rather than beside `CaSettings` in `ca/`: its connection limit is the API listener's
+// (`http`), and `http` is built on `ca`, so `ca` must not refer to `http`.
+impl Default for CaSettings {
+    fn default() -> Self {
+        Self {
+            svid_default_ttl: crate::identity::signing::issue::DEFAULT_SVID_TTL,
+            svid_max_ttl: crate::identity::signing::issue::MAX_SVID_TTL,
+            token_max_ttl: Duration::from_secs(15 * 60),
+            admin_uids: vec![0],
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            client_timeout: Duration::from_secs(10),
+            max_connections: http::DEFAULT_MAX_CONNECTIONS,
+            k8s: None,
+        }
+    }
 }
 
 /// Settings read from the store that `init` fixed.
@@ -88,8 +132,8 @@ pub fn init(
     trust_domain: &str,
     config: AuthorityConfig,
 ) -> Result<Authorities, ServerError> {
-    let td = crate::id::parse_trust_domain(trust_domain)
-        .map_err(|e| ServerError::Other(e.to_string()))?;
+    let td =
+        crate::identity::id::parse_trust_domain(trust_domain).map_err(ServerError::TrustDomain)?;
     // Built under a temporary name and named `ca.db` last: a failure anywhere leaves nothing.
     let pending = DataDir::create(dir)?;
     let a = Authorities::init(td, config, OffsetDateTime::now_utc())?;
@@ -119,7 +163,7 @@ pub fn bundle_of(a: &Authorities) -> Result<TrustBundle, ServerError> {
         a.bundle_sequence(),
         DEFAULT_REFRESH_HINT,
     )
-    .map_err(|e| ServerError::Other(e.to_string()))
+    .map_err(ServerError::Bundle)
 }
 
 /// Authorities as JSON for `ca status`.
@@ -134,7 +178,7 @@ pub fn status_json(a: &Authorities) -> serde_json::Value {
                 "id": x.id,
                 "role": match x.role { Role::Root => "root", Role::Intermediate => "intermediate" },
                 "state": x.state.to_string(),
-                "subject": crate::svid::subject(&x.cert).unwrap_or_default(),
+                "subject": crate::identity::svid::subject(&x.cert).unwrap_or_default(),
                 "not_before": x.not_before.unix_timestamp(),
                 "not_after": x.not_after.unix_timestamp(),
                 "expires_in": format_duration(Duration::from_secs(left.whole_seconds().max(0) as u64)),
@@ -198,9 +242,9 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
     let (dd, store, authorities) = open(&opts.data_dir)?;
     let store: Arc<dyn Store> = store;
     let dist =
-        distribution::Distribution::new(opts.policy_file.clone()).map_err(ServerError::Other)?;
+        distribution::Distribution::new(opts.policy_file.clone()).map_err(ServerError::Policy)?;
     let ca = Ca::start(store, authorities, opts.settings.clone(), dist.clone())
-        .map_err(|e| ServerError::Other(e.to_string()))?;
+        .map_err(ServerError::Start)?;
     let listener = TcpListener::bind(opts.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -340,13 +384,13 @@ async fn serve_metrics(ca: Arc<Ca>, listener: TcpListener, mut shutdown: watch::
                                     .headers()
                                     .get(::http::header::ACCEPT)
                                     .and_then(|v| v.to_str().ok());
-                                let format = crate::exposition::Format::negotiate(accept);
+                                let format = crate::identity::exposition::Format::negotiate(accept);
                                 content_type = format.content_type();
                                 let om = ca.metrics.encode();
                                 let body = match format {
-                                    crate::exposition::Format::OpenMetrics => om,
-                                    crate::exposition::Format::Text => {
-                                        crate::exposition::openmetrics_to_text(&om)
+                                    crate::identity::exposition::Format::OpenMetrics => om,
+                                    crate::identity::exposition::Format::Text => {
+                                        crate::identity::exposition::openmetrics_to_text(&om)
                                     }
                                 };
                                 (200, body)

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::ca::{Ca, CaSettings, Caller};
-use super::distribution::{self, Distribution, GrantRequest};
-use crate::authority::{Authorities, AuthorityConfig};
-use crate::id::{parse_trust_domain, parse_workload_id};
-use crate::issue::make_csr;
-use crate::keys::SecretKey;
-use crate::store::faulty::FaultyStore;
-use crate::store::{SqliteStore, Store};
+use super::ca::{Ca, CaSettings, Caller, TokenCreateError};
+use super::distribution::{self, Distribution, GrantError, GrantRequest};
+use crate::identity::id::{parse_trust_domain, parse_workload_id};
+use crate::identity::keys::SecretKey;
+use crate::identity::signing::authority::{Authorities, AuthorityConfig};
+use crate::identity::signing::issue::make_csr;
+use crate::server::store::faulty::FaultyStore;
+use crate::server::store::{SqliteStore, Store};
 
 const WEB: &str = "spiffe://mayfly.local/web";
 
@@ -146,7 +146,7 @@ async fn a_store_error_keeps_the_last_good_grants_in_the_watch_snapshot() {
     let ca = ca_on(store.clone());
     let g = distribution::request(&ca, &ca.dist, "alice", request()).unwrap();
     distribution::decide(&ca, &ca.dist, "bob", &g.id, "approve").unwrap();
-    let ids = |s: Option<crate::api::Snapshot>| -> Vec<String> {
+    let ids = |s: Option<crate::identity::api::Snapshot>| -> Vec<String> {
         s.unwrap().grants.into_iter().map(|g| g.id).collect()
     };
     assert_eq!(ids(ca.dist.snapshot(&ca).await), vec![g.id.clone()]);
@@ -244,4 +244,81 @@ fn events_that_cannot_be_stored_become_one_gap_record_once_the_store_can_write()
         .filter(|e| e.kind == "gap")
         .count();
     assert_eq!(n, 1);
+}
+
+#[test]
+fn grant_refusals_are_typed_and_keep_the_text_the_admin_cli_shows() {
+    let ca = ca_on(Arc::new(SqliteStore::in_memory().unwrap()));
+    let g = distribution::request(&ca, &ca.dist, "alice", request()).unwrap();
+    let err = distribution::decide(&ca, &ca.dist, "alice", &g.id, "approve").unwrap_err();
+    assert!(matches!(err, GrantError::SelfApproval { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "alice requested grant {} and cannot approve it: another admin must",
+            g.id
+        )
+    );
+    distribution::decide(&ca, &ca.dist, "bob", &g.id, "deny").unwrap();
+    let err = distribution::decide(&ca, &ca.dist, "bob", &g.id, "approve").unwrap_err();
+    assert!(matches!(err, GrantError::NotAllowed { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("cannot approve grant {}: it is denied", g.id)
+    );
+    let err = distribution::decide(&ca, &ca.dist, "bob", "g-none", "approve").unwrap_err();
+    assert!(matches!(err, GrantError::NotFound(_)), "{err:?}");
+    assert_eq!(err.to_string(), "no grant with id g-none");
+    let no_reason = GrantRequest {
+        reason: " ".into(),
+        ..request()
+    };
+    let err = distribution::request(&ca, &ca.dist, "alice", no_reason).unwrap_err();
+    assert!(matches!(err, GrantError::NoReason), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "a reason is required (for example --reason \"INC-42\")"
+    );
+    let bad_ttl = GrantRequest {
+        ttl: "soon".into(),
+        ..request()
+    };
+    let err = distribution::request(&ca, &ca.dist, "alice", bad_ttl).unwrap_err();
+    assert!(matches!(err, GrantError::Ttl(_)), "{err:?}");
+}
+
+#[test]
+fn token_creation_refusals_are_typed_and_keep_their_text() {
+    let ca = ca_on(Arc::new(SqliteStore::in_memory().unwrap()));
+    let err = ca.create_token(WEB, Duration::ZERO, "root").unwrap_err();
+    assert!(matches!(err, TokenCreateError::Ttl { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "token TTL must be between 1s and 15m (the configured maximum)"
+    );
+    let err = ca
+        .create_token("spiffe://other.test/web", Duration::from_secs(60), "root")
+        .unwrap_err();
+    assert!(
+        matches!(err, TokenCreateError::OtherTrustDomain { .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "spiffe://other.test/web is not in this control plane's trust domain mayfly.local"
+    );
+    let err = ca
+        .create_token(
+            "spiffe://mayfly.local/mayfly/ca",
+            Duration::from_secs(60),
+            "root",
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TokenCreateError::Id(crate::identity::id::IdError::Reserved(_))
+        ),
+        "{err:?}"
+    );
 }

@@ -13,9 +13,9 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::bundle::BundleSet;
-use crate::keys::sha256;
-use crate::verify::{Usage, algorithms, verify_chain};
+use crate::identity::bundle::BundleSet;
+use crate::identity::keys::sha256;
+use crate::identity::verify::{Usage, algorithms, verify_chain};
 
 /// The `prev` of the first record of a chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -274,18 +274,62 @@ pub struct ChainSummary {
     pub last_seq: u64,
 }
 
-fn verify_checkpoint(r: &Record, bundles: Option<&BundleSet>) -> Result<(), String> {
+/// Why a checkpoint's signature does not hold (the `reason` of
+/// [`ChainError::BadCheckpoint`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// No signature, or not base64.
+    #[error("missing or undecodable signature")]
+    Signature,
+    /// No certificate chain.
+    #[error("missing certificate chain")]
+    NoChain,
+    /// A certificate is not base64.
+    #[error("undecodable certificate")]
+    Certificate,
+    /// The chain is empty.
+    #[error("empty certificate chain")]
+    EmptyChain,
+    /// The signing certificate is not an X.509-SVID.
+    #[error("{0}")]
+    Profile(#[from] crate::identity::svid::ProfileError),
+    /// Signed by someone other than the chain's writer.
+    #[error("signed by {signer}, not by the chain's writer {writer}")]
+    WrongSigner {
+        /// The SVID's ID.
+        signer: String,
+        /// The chain's writer.
+        writer: String,
+    },
+    /// A reserved ID without the control-plane mark.
+    #[error(
+        "signed with a certificate for {0} that lacks the control-plane mark: not the control plane"
+    )]
+    NotControlPlane(String),
+    /// The certificate does not chain to the bundle at the checkpoint's time.
+    #[error("{0}")]
+    Untrusted(#[from] crate::identity::verify::VerifyError),
+    /// webpki cannot parse the certificate.
+    #[error("{0}")]
+    EndEntity(String),
+    /// The signature does not verify.
+    #[error("signature does not verify ({0})")]
+    BadSignature(String),
+}
+
+fn verify_checkpoint(r: &Record, bundles: Option<&BundleSet>) -> Result<(), CheckpointError> {
     let sig = r
         .fields
         .get("sig")
         .and_then(Value::as_str)
         .and_then(|s| STANDARD.decode(s).ok())
-        .ok_or("missing or undecodable signature")?;
+        .ok_or(CheckpointError::Signature)?;
     let certs: Vec<CertificateDer<'static>> = r
         .fields
         .get("cert")
         .and_then(Value::as_array)
-        .ok_or("missing certificate chain")?
+        .ok_or(CheckpointError::NoChain)?
         .iter()
         .map(|c| {
             c.as_str()
@@ -293,33 +337,31 @@ fn verify_checkpoint(r: &Record, bundles: Option<&BundleSet>) -> Result<(), Stri
                 .map(CertificateDer::from)
         })
         .collect::<Option<_>>()
-        .ok_or("undecodable certificate")?;
-    let leaf = certs.first().ok_or("empty certificate chain")?;
-    let info = crate::svid::check_leaf(leaf).map_err(|e| e.to_string())?;
+        .ok_or(CheckpointError::Certificate)?;
+    let leaf = certs.first().ok_or(CheckpointError::EmptyChain)?;
+    let info = crate::identity::svid::check_leaf(leaf)?;
     if info.id.to_string() != r.source {
-        return Err(format!(
-            "signed by {}, not by the chain's writer {}",
-            info.id, r.source
-        ));
+        return Err(CheckpointError::WrongSigner {
+            signer: info.id.to_string(),
+            writer: r.source.clone(),
+        });
     }
-    if crate::id::is_reserved(&info.id)
-        && !crate::svid::has_control_plane_mark(leaf).map_err(|e| e.to_string())?
+    if crate::identity::id::is_reserved(&info.id)
+        && !crate::identity::svid::has_control_plane_mark(leaf)?
     {
-        return Err(format!(
-            "signed with a certificate for {} that lacks the control-plane mark: not the control plane",
-            info.id
-        ));
+        return Err(CheckpointError::NotControlPlane(info.id.to_string()));
     }
     if let Some(b) = bundles {
         let at = UnixTime::since_unix_epoch(std::time::Duration::from_millis(
             u64::try_from(r.ts_ms).unwrap_or(0),
         ));
-        verify_chain(&certs, b, at, Usage::Client, &algorithms()).map_err(|e| e.to_string())?;
+        verify_chain(&certs, b, at, Usage::Client, &algorithms())?;
     }
-    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("{e:?}"))?;
+    let ee = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| CheckpointError::EndEntity(format!("{e:?}")))?;
     let msg = checkpoint_message(&r.source, &r.epoch, r.seq, &r.prev);
     ee.verify_signature(webpki::aws_lc_rs::ECDSA_P256_SHA256, &msg, &sig)
-        .map_err(|e| format!("signature does not verify ({e:?})"))
+        .map_err(|e| CheckpointError::BadSignature(format!("{e:?}")))
 }
 
 /// Verifies one chain given its stored lines in seq order: contiguous seqs from the first
@@ -366,10 +408,10 @@ pub fn verify_lines<'a>(
             }
         }
         if r.kind == "checkpoint" {
-            verify_checkpoint(&r, bundles).map_err(|reason| ChainError::BadCheckpoint {
+            verify_checkpoint(&r, bundles).map_err(|e| ChainError::BadCheckpoint {
                 chain: chain.to_owned(),
                 seq: r.seq,
-                reason,
+                reason: e.to_string(),
             })?;
             s.checkpoints += 1;
         }

@@ -1,4 +1,8 @@
 //! The control plane's core: authorities, issuance, tokens, and the state the API serves.
+//!
+//! Below `distribution`, `audit`, `http` and `admin`, which are built on [`Ca`]; what the `Ca`
+//! holds for them is defined below it too ([`Pending`] here, the
+//! [`Distribution`](super::policy::Distribution) in `policy`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -7,20 +11,25 @@ use arc_swap::ArcSwap;
 use time::OffsetDateTime;
 use tracing::{debug, info, warn};
 
+mod pending;
+
+pub use pending::Pending;
+
 use super::metrics::{AuthorityLabel, KindLabel, Metrics};
-use crate::authority::{Authorities, Change, Role};
-use crate::bundle::{BundleSet, DEFAULT_REFRESH_HINT, TrustBundle};
-use crate::id::{SpiffeId, parse_id, parse_workload_id};
-use crate::issue::{
-    DEFAULT_SVID_TTL, IssueError, IssuedSvid, MAX_SVID_TTL, issue, issue_control_plane_svid,
-    verify_csr,
+use crate::identity::bundle::{BundleSet, DEFAULT_REFRESH_HINT, TrustBundle};
+use crate::identity::id::{SpiffeId, parse_id, parse_workload_id};
+use crate::identity::keys::SecretKey;
+use crate::identity::signing::authority::{Authorities, Change, Role};
+use crate::identity::signing::issue::{
+    IssueError, IssuedSvid, issue, issue_control_plane_svid, verify_csr,
 };
-use crate::keys::SecretKey;
-use crate::store::{IssuedRecord, Store, StoreError, TokenClaim, TokenRecord, TokenRefusal};
-use crate::svid::SvidInfo;
-use crate::tls::{Credentials, Svid};
-use crate::token::JoinToken;
-use crate::verify::SharedBundles;
+use crate::identity::svid::SvidInfo;
+use crate::identity::tls::{Credentials, Svid};
+use crate::identity::token::JoinToken;
+use crate::identity::verify::SharedBundles;
+use crate::server::store::{
+    IssuedRecord, Store, StoreError, TokenClaim, TokenRecord, TokenRefusal,
+};
 
 /// Settings of a running control plane.
 #[derive(Debug, Clone)]
@@ -43,19 +52,36 @@ pub struct CaSettings {
     pub k8s: Option<Arc<super::attest::K8sAttestor>>,
 }
 
-impl Default for CaSettings {
-    fn default() -> Self {
-        Self {
-            svid_default_ttl: DEFAULT_SVID_TTL,
-            svid_max_ttl: MAX_SVID_TTL,
-            token_max_ttl: Duration::from_secs(15 * 60),
-            admin_uids: vec![0],
-            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-            client_timeout: Duration::from_secs(10),
-            max_connections: super::http::DEFAULT_MAX_CONNECTIONS,
-            k8s: None,
-        }
-    }
+/// Why a join token could not be created. Its text is what `mayfly-ca token create` shows.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenCreateError {
+    /// The SPIFFE ID is not one a token may be created for.
+    #[error(transparent)]
+    Id(#[from] crate::identity::id::IdError),
+    /// The TTL is zero or over the configured maximum.
+    #[error(
+        "token TTL must be between 1s and {} (the configured maximum)",
+        crate::identity::duration::format_duration(*max)
+    )]
+    Ttl {
+        /// The configured maximum (`--token-max-ttl`).
+        max: Duration,
+    },
+    /// The SPIFFE ID is in another trust domain.
+    #[error("{id} is not in this control plane's trust domain {trust_domain}")]
+    OtherTrustDomain {
+        /// The SPIFFE ID.
+        id: String,
+        /// This control plane's trust domain.
+        trust_domain: String,
+    },
+    /// There is no active root CA to pin.
+    #[error("no active root")]
+    NoActiveRoot,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Who is asking for an SVID.
@@ -109,7 +135,7 @@ impl Refusal {
             Refusal::Issue(
                 IssueError::WrongId { .. }
                 | IssueError::Reserved(_)
-                | IssueError::BadId(crate::id::IdError::Reserved(_)),
+                | IssueError::BadId(crate::identity::id::IdError::Reserved(_)),
             ) => 403,
             Refusal::Issue(IssueError::CsrTooLarge(_)) => 413,
             Refusal::Issue(
@@ -147,9 +173,9 @@ pub struct Ca {
     /// Metrics.
     pub metrics: Metrics,
     /// Central policy and grants.
-    pub dist: Arc<super::distribution::Distribution>,
+    pub dist: Arc<super::policy::Distribution>,
     /// What the control plane still has to write on its own audit chain (anchors, lost events).
-    pub pending: super::audit::Pending,
+    pub pending: Pending,
 }
 
 fn lock_err() -> StoreError {
@@ -163,11 +189,14 @@ impl Ca {
         store: Arc<dyn Store>,
         authorities: Authorities,
         settings: CaSettings,
-        dist: Arc<super::distribution::Distribution>,
+        dist: Arc<super::policy::Distribution>,
     ) -> Result<Arc<Self>, Refusal> {
         let td = authorities.trust_domain().clone();
-        let ca_id = parse_id(&format!("spiffe://{td}{}", crate::api::CA_ID_PATH))
-            .map_err(|e| Refusal::Issue(IssueError::BadId(e)))?;
+        let ca_id = parse_id(&format!(
+            "spiffe://{td}{}",
+            crate::identity::api::CA_ID_PATH
+        ))
+        .map_err(|e| Refusal::Issue(IssueError::BadId(e)))?;
         let now = OffsetDateTime::now_utc();
         let bundle = Self::make_bundle(&authorities, now)?;
         let ca = Arc::new(Self {
@@ -181,7 +210,7 @@ impl Ca {
             settings,
             metrics: Metrics::new(),
             dist,
-            pending: super::audit::Pending::default(),
+            pending: Pending::default(),
         });
         ca.rotate(now)?;
         ca.renew_own_svid(now)?;
@@ -290,7 +319,9 @@ impl Ca {
     /// Issues a new SVID for the control plane itself. Returns its expiry.
     pub fn renew_own_svid(&self, now: OffsetDateTime) -> Result<OffsetDateTime, Refusal> {
         let key = SecretKey::generate().map_err(|e| {
-            Refusal::Issue(IssueError::Sign(crate::authority::AuthorityError::Key(e)))
+            Refusal::Issue(IssueError::Sign(
+                crate::identity::signing::authority::AuthorityError::Key(e),
+            ))
         })?;
         let issued = {
             let a = self.authorities.lock().map_err(|_| lock_err())?;
@@ -505,26 +536,24 @@ impl Ca {
         id: &str,
         ttl: Duration,
         by: &str,
-    ) -> Result<(JoinToken, TokenRecord), String> {
+    ) -> Result<(JoinToken, TokenRecord), TokenCreateError> {
         // The control plane's namespace is never handed out: a token for it would let its
         // holder serve sidecars as their control plane.
-        let id = crate::id::parse_issuable_id(id).map_err(|e| e.to_string())?;
+        let id = crate::identity::id::parse_issuable_id(id)?;
         if ttl > self.settings.token_max_ttl || ttl.is_zero() {
-            return Err(format!(
-                "token TTL must be between 1s and {} (the configured maximum)",
-                crate::duration::format_duration(self.settings.token_max_ttl)
-            ));
+            return Err(TokenCreateError::Ttl {
+                max: self.settings.token_max_ttl,
+            });
         }
         if id.trust_domain() != self.bundle.load().trust_domain() {
-            return Err(format!(
-                "{id} is not in this control plane's trust domain {}",
-                self.bundle.load().trust_domain()
-            ));
+            return Err(TokenCreateError::OtherTrustDomain {
+                id: id.to_string(),
+                trust_domain: self.bundle.load().trust_domain().to_string(),
+            });
         }
         let pin = self
             .active_root_pin()
-            .ok_or("no active root")
-            .map_err(str::to_owned)?;
+            .ok_or(TokenCreateError::NoActiveRoot)?;
         let token = JoinToken::generate(&pin);
         let now = OffsetDateTime::now_utc();
         let rec = TokenRecord {
@@ -537,7 +566,7 @@ impl Ca {
             used_at: None,
             revoked_at: None,
         };
-        self.store.insert_token(&rec).map_err(|e| e.to_string())?;
+        self.store.insert_token(&rec)?;
         self.event(
             "token.created",
             serde_json::json!({ "token": rec.id, "spiffe_id": rec.spiffe_id, "by": by,
@@ -549,8 +578,8 @@ impl Ca {
     fn active_root_pin(&self) -> Option<String> {
         let a = self.authorities.lock().ok()?;
         let root = a.active(Role::Root)?;
-        let spki = crate::svid::spki_der(&root.cert).ok()?;
-        Some(hex::encode(crate::keys::sha256(&spki)))
+        let spki = crate::identity::svid::spki_der(&root.cert).ok()?;
+        Some(hex::encode(crate::identity::keys::sha256(&spki)))
     }
 
     /// A snapshot of the authorities for status output.

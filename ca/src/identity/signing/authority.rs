@@ -25,8 +25,8 @@ use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::id::{TrustDomain, TrustDomainId};
-use crate::keys::{KeyError, SecretKey, random_serial};
+use crate::identity::id::{TrustDomain, TrustDomainId};
+use crate::identity::keys::{KeyError, SecretKey, random_serial};
 
 /// How far NotBefore is backdated on every certificate mayfly signs, for clock skew.
 pub const BACKDATE: Duration = Duration::from_secs(30);
@@ -300,7 +300,7 @@ fn make_intermediate(
 }
 
 fn authority_id(role: Role, cert: &[u8]) -> String {
-    let serial = crate::svid::validity(cert)
+    let serial = crate::identity::svid::validity(cert)
         .ok()
         .and(x509_serial(cert))
         .unwrap_or_default();
@@ -314,7 +314,7 @@ fn authority_id(role: Role, cert: &[u8]) -> String {
 fn x509_serial(cert: &[u8]) -> Option<String> {
     use x509_parser::prelude::FromDer;
     let (_, c) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
-    Some(crate::svid::serial_hex(c.raw_serial()))
+    Some(crate::identity::svid::serial_hex(c.raw_serial()))
 }
 
 impl Authorities {

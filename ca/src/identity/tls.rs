@@ -1,20 +1,22 @@
-//! rustls configuration from SVIDs: the one crypto provider, a hot-swappable certificate
-//! resolver (rotation swaps the SVID; every new handshake takes the new one at once), and
-//! TLS 1.3-only client and server configs.
+//! rustls configuration from SVIDs: a hot-swappable certificate resolver (rotation swaps the
+//! SVID; every new handshake takes the new one at once), and TLS 1.3-only client and server
+//! configs on the one crypto provider (defined in [`super::crypto`], re-exported here).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use rustls::client::ResolvesClientCert;
-use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 use rustls_pki_types::CertificateDer;
 
-use crate::keys::SecretKey;
-use crate::svid::{SvidInfo, check_leaf};
-use crate::verify::{IdMatcher, SharedBundles, SpiffeClientVerifier, SpiffeServerVerifier};
+pub use crate::identity::crypto::{kx_groups, negotiated_group, provider};
+use crate::identity::keys::SecretKey;
+use crate::identity::svid::{SvidInfo, check_leaf};
+use crate::identity::verify::{
+    IdMatcher, SharedBundles, SpiffeClientVerifier, SpiffeServerVerifier,
+};
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -25,48 +27,10 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
     /// The SVID handed in is not one.
     #[error("SVID is not valid: {0}")]
-    Svid(#[from] crate::svid::ProfileError),
+    Svid(#[from] crate::identity::svid::ProfileError),
     /// The chain is empty.
     #[error("SVID chain is empty")]
     EmptyChain,
-}
-
-/// The key exchange groups, most preferred first: the hybrid post-quantum X25519MLKEM768
-/// (what two mayfly peers agree on: a recording of today's traffic stays safe from a future
-/// quantum computer), then X25519, P-256 and P-384 for clients without it. rustls' own
-/// default (without its `prefer-post-quantum` feature) lists the hybrid last, so two rustls
-/// peers settled on plain X25519.
-pub fn kx_groups() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
-    use rustls::crypto::aws_lc_rs::kx_group;
-    vec![
-        kx_group::X25519MLKEM768,
-        kx_group::X25519,
-        kx_group::SECP256R1,
-        kx_group::SECP384R1,
-    ]
-}
-
-/// The process-wide crypto provider: aws-lc-rs, the only one in the tree.
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| {
-            let mut p = rustls::crypto::aws_lc_rs::default_provider();
-            // TLS 1.3 with AES-128-GCM first: as strong as 256-bit AES here and cheaper.
-            p.cipher_suites
-                .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-            p.kx_groups = kx_groups();
-            Arc::new(p)
-        })
-        .clone()
-}
-
-/// The key exchange group a finished handshake agreed on, as IANA names it
-/// (`X25519MLKEM768`, `X25519`, `secp256r1`), for logs and metric labels.
-pub fn negotiated_group(conn: &rustls::CommonState) -> &'static str {
-    conn.negotiated_key_exchange_group()
-        .and_then(|g| g.name().as_str())
-        .unwrap_or("unknown")
 }
 
 /// An SVID ready for rustls: chain, signing key, and what the leaf says.
@@ -114,7 +78,7 @@ impl Credentials {
     #[cfg(any(test, feature = "testing"))]
     pub fn set_raw(&self, certified: Arc<CertifiedKey>) {
         let info = SvidInfo {
-            id: crate::id::parse_id("spiffe://invalid.test/raw").expect("constant ID"),
+            id: crate::identity::id::parse_id("spiffe://invalid.test/raw").expect("constant ID"),
             serial: String::new(),
             not_before: time::OffsetDateTime::UNIX_EPOCH,
             not_after: time::OffsetDateTime::UNIX_EPOCH,

@@ -1,4 +1,5 @@
-//! The control plane's persistent state behind one trait.
+//! The control plane's persistent state behind one trait. Under `server/` since only the
+//! control plane has a store (`mayfly_ca::store` re-exports it).
 //!
 //! [`SqliteStore`] is the embedded default (one file in the data directory). The trait speaks
 //! in domain types and whole operations (a token is spent in the transaction that logs the
@@ -14,8 +15,8 @@ pub use sqlite::SqliteStore;
 
 use time::OffsetDateTime;
 
-use crate::authority::{Authorities, AuthorityConfig};
-use crate::id::TrustDomain;
+use crate::identity::id::TrustDomain;
+use crate::identity::signing::authority::{Authorities, AuthorityConfig};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

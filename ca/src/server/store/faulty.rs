@@ -9,8 +9,8 @@ use super::{
     AuditConflict, AuditFilter, AuditRow, EventRecord, GrantState, IssuedRecord, SqliteStore,
     Store, StoreError, TokenClaim, TokenRecord, TokenRefusal,
 };
-use crate::authority::{Authorities, AuthorityConfig};
-use crate::id::TrustDomain;
+use crate::identity::id::TrustDomain;
+use crate::identity::signing::authority::{Authorities, AuthorityConfig};
 
 /// The real store, with switches that make some operations fail.
 pub(crate) struct FaultyStore {

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use mayfly_policy::{DecidedBy, Diagnostic, HttpRequest, Loaded, Policy, Request, normalize_path};
 use serde_json::{Value, json};
 
-use crate::Reported;
+use super::Reported;
 
 /// Policy subcommands.
 #[derive(Subcommand)]

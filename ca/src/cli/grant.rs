@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Subcommand;
-use mayfly_ca::server::admin::{self, AdminRequest};
+use mayfly_ca::server::admin::AdminRequest;
 use mayfly_ca::server::distribution::GrantRequest;
 use serde_json::Value;
+
+use super::admin_call as call;
 
 /// Grant subcommands.
 #[derive(Subcommand)]
@@ -73,11 +75,6 @@ pub(crate) enum GrantCmd {
         #[arg(long)]
         json: bool,
     },
-}
-
-async fn call(dir: &Path, req: AdminRequest) -> Result<Value> {
-    let socket = dir.join(mayfly_ca::server::datadir::ADMIN_SOCKET);
-    admin::call(&socket, &req).await.map_err(anyhow::Error::msg)
 }
 
 fn line(g: &Value) -> String {

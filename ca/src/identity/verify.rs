@@ -14,9 +14,9 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::bundle::BundleSet;
-use crate::id::{SpiffeId, TrustDomain};
-use crate::svid::{ProfileError, SvidInfo, check_leaf};
+use crate::identity::bundle::BundleSet;
+use crate::identity::id::{SpiffeId, TrustDomain};
+use crate::identity::svid::{ProfileError, SvidInfo, check_leaf};
 
 /// Why a presented SVID chain was refused.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -112,7 +112,7 @@ pub enum Usage {
 
 /// The signature algorithms of the one crypto provider.
 pub fn algorithms() -> WebPkiSupportedAlgorithms {
-    crate::tls::provider().signature_verification_algorithms
+    crate::identity::crypto::provider().signature_verification_algorithms
 }
 
 /// Verifies a presented chain (leaf first) and returns the peer's identity.
@@ -171,7 +171,7 @@ pub enum IdMatcher {
     /// Any ID of this trust domain.
     TrustDomain(TrustDomain),
     /// The control plane: exactly this (reserved) ID, and the control-plane mark
-    /// ([`crate::svid::CONTROL_PLANE_OU`]) in the certificate.
+    /// ([`crate::identity::svid::CONTROL_PLANE_OU`]) in the certificate.
     ControlPlane(SpiffeId),
 }
 
@@ -321,7 +321,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             .into_rustls());
         }
         if let IdMatcher::ControlPlane(_) = &self.expected {
-            let marked = crate::svid::has_control_plane_mark(end_entity)
+            let marked = crate::identity::svid::has_control_plane_mark(end_entity)
                 .map_err(|e| VerifyError::Profile(e).into_rustls())?;
             if !marked {
                 return Err(VerifyError::NotControlPlane(info.id.to_string()).into_rustls());

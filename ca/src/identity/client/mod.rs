@@ -1,5 +1,6 @@
 //! The control-plane client a sidecar uses: first contact pinned by the join token, SVID
-//! bootstrap with the token, renewal over mTLS with the current SVID.
+//! bootstrap with the token, renewal over mTLS with the current SVID; audit deliveries over a
+//! kept-open connection in [`AuditSession`] (its own file, `audit_session.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,14 +18,19 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::api::{self, ErrorBody, SvidRequest, SvidResponse};
-use crate::bundle::{BundleError, BundleSet, TrustBundle};
-use crate::id::{SpiffeId, TrustDomain, parse_id};
-use crate::issue::make_csr;
-use crate::keys::SecretKey;
-use crate::tls::{Credentials, TlsError, client_config, dial_name, provider};
-use crate::token::JoinToken;
-use crate::verify::{IdMatcher, SharedBundles, describe_tls_error};
+mod audit_session;
+
+pub use audit_session::AuditSession;
+
+use crate::identity::api::{self, ErrorBody, SvidRequest, SvidResponse};
+use crate::identity::bundle::{BundleError, BundleSet, TrustBundle};
+use crate::identity::crypto::provider;
+use crate::identity::id::{SpiffeId, TrustDomain, parse_id};
+use crate::identity::keys::SecretKey;
+use crate::identity::signing::issue::make_csr;
+use crate::identity::tls::{Credentials, TlsError, client_config, dial_name};
+use crate::identity::token::JoinToken;
+use crate::identity::verify::{IdMatcher, SharedBundles, describe_tls_error};
 
 /// How long one control-plane call may take, connect to last byte.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -340,8 +346,10 @@ impl CaClient {
             .roots()
             .iter()
             .filter(|r| {
-                crate::svid::spki_der(r)
-                    .map(|spki| hex::encode(crate::keys::sha256(&spki)).eq_ignore_ascii_case(pin))
+                crate::identity::svid::spki_der(r)
+                    .map(|spki| {
+                        hex::encode(crate::identity::keys::sha256(&spki)).eq_ignore_ascii_case(pin)
+                    })
                     .unwrap_or(false)
             })
             .cloned()
@@ -479,12 +487,7 @@ impl CaClient {
     /// A session for audit deliveries over one kept-open mTLS connection (see
     /// [`AuditSession`]).
     pub fn audit_session(&self, bundles: SharedBundles, current: Arc<Credentials>) -> AuditSession {
-        AuditSession {
-            client: self.clone(),
-            bundles,
-            creds: current,
-            conn: None,
-        }
+        AuditSession::new(self.clone(), bundles, current)
     }
 
     async fn request_svid(
@@ -529,123 +532,5 @@ impl CaClient {
             ttl: Duration::from_secs(resp.ttl),
             serial: resp.serial,
         })
-    }
-}
-
-/// Audit deliveries over one kept-open mTLS connection (HTTP/1.1 keep-alive): one TLS
-/// handshake per SVID rather than per batch, so a delivery does not stall the sidecar's data
-/// path for a handshake. The connection is replaced when our SVID rotates, when the control
-/// plane closes it, and after any error.
-pub struct AuditSession {
-    client: CaClient,
-    bundles: SharedBundles,
-    creds: Arc<Credentials>,
-    conn: Option<KeptConn>,
-}
-
-struct KeptConn {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    driver: tokio::task::JoinHandle<()>,
-    /// The SVID current when the connection was made.
-    svid: Arc<crate::tls::Svid>,
-}
-
-impl Drop for KeptConn {
-    fn drop(&mut self) {
-        self.driver.abort();
-    }
-}
-
-impl std::fmt::Debug for AuditSession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditSession")
-            .field("addr", &self.client.addr)
-            .field("connected", &self.conn.is_some())
-            .finish()
-    }
-}
-
-impl AuditSession {
-    /// Delivers audit records (JSON lines); returns the highest seq the control plane has
-    /// stored for that chain. A kept connection that fails (the server may close an idle one
-    /// at any moment) is replaced and the batch sent once more; redelivery is safe, the control
-    /// plane skips records it has.
-    pub async fn post(&mut self, lines: Bytes) -> Result<u64, ClientError> {
-        let reused = self.keep_if_current();
-        match self.post_once(lines.clone()).await {
-            Err(_) if reused => self.post_once(lines).await,
-            r => r,
-        }
-    }
-
-    /// Whether there is a kept connection still worth using: open, made with the current SVID.
-    fn keep_if_current(&mut self) -> bool {
-        let current = self.creds.get();
-        let ok = match (&self.conn, &current) {
-            (Some(c), Some(cur)) => Arc::ptr_eq(&c.svid, cur) && !c.sender.is_closed(),
-            _ => false,
-        };
-        if !ok {
-            self.conn = None;
-        }
-        ok
-    }
-
-    async fn connect(&self) -> Result<KeptConn, ClientError> {
-        let svid = self
-            .creds
-            .get()
-            .ok_or_else(|| ClientError::Http("no SVID to present".into()))?;
-        let tls = self
-            .client
-            .verified_tls(self.bundles.clone(), self.creds.clone())?;
-        let (sender, driver) = self.client.open(tls).await?;
-        Ok(KeptConn {
-            sender,
-            driver,
-            svid,
-        })
-    }
-
-    async fn post_once(&mut self, lines: Bytes) -> Result<u64, ClientError> {
-        let r = tokio::time::timeout(CALL_TIMEOUT, self.exchange(lines))
-            .await
-            .map_err(|_| ClientError::Timeout(CALL_TIMEOUT))
-            .and_then(|r| r);
-        let (status, body) = match r {
-            Ok(x) => x,
-            Err(e) => {
-                self.conn = None;
-                return Err(e);
-            }
-        };
-        let acked = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("acked").and_then(serde_json::Value::as_u64));
-        match (status.is_success(), acked) {
-            (true, Some(n)) => Ok(n),
-            (true, None) => Err(ClientError::BadAnswer(
-                "audit answer without \"acked\"".into(),
-            )),
-            _ => Err(CaClient::refused(status, &body)),
-        }
-    }
-
-    async fn exchange(&mut self, lines: Bytes) -> Result<(StatusCode, Bytes), ClientError> {
-        if self.conn.is_none() {
-            self.conn = Some(self.connect().await?);
-        }
-        let conn = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| ClientError::Http("no connection".into()))?;
-        send(
-            &mut conn.sender,
-            Method::POST,
-            api::AUDIT_PATH,
-            "application/x-ndjson",
-            lines,
-        )
-        .await
     }
 }

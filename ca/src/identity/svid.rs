@@ -1,13 +1,13 @@
 //! Turns a certificate into an identity: the X.509-SVID profile checks (SPIFFE X509-SVID §4, §5).
 //!
-//! This module only reads certificates. Chain and signature checks live in [`crate::verify`].
+//! This module only reads certificates. Chain and signature checks live in [`crate::identity::verify`].
 
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
-use crate::id::{self, IdError, SpiffeId};
+use crate::identity::id::{self, IdError, SpiffeId};
 
 /// What an SVID leaf says about its holder, after the profile checks passed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,7 +121,7 @@ pub fn serial_hex(raw: &[u8]) -> String {
 
 /// Checks a leaf X.509-SVID against the profile and returns the identity it carries.
 ///
-/// Does not check signatures or validity times: [`crate::verify`] does, after this passes.
+/// Does not check signatures or validity times: [`crate::identity::verify`] does, after this passes.
 pub fn check_leaf(der: &[u8]) -> Result<SvidInfo, ProfileError> {
     let cert = parse(der)?;
     let (uris, san_critical) = uri_sans(&cert)?;

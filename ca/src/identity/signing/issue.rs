@@ -13,9 +13,9 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use time::OffsetDateTime;
 
-use crate::authority::{Authority, AuthorityError, BACKDATE};
-use crate::id::{self, MAX_ID_LEN, SpiffeId};
-use crate::keys::{SecretKey, random_serial};
+use crate::identity::id::{self, MAX_ID_LEN, SpiffeId};
+use crate::identity::keys::{SecretKey, random_serial};
+use crate::identity::signing::authority::{Authority, AuthorityError, BACKDATE};
 
 /// The shortest SVID TTL mayfly issues.
 pub const MIN_SVID_TTL: Duration = Duration::from_secs(1);
@@ -200,7 +200,7 @@ pub fn issue_for_key(
 }
 
 /// Signs the control plane's own serving SVID: an ID in the reserved namespace, the
-/// control-plane mark in its subject ([`crate::svid::CONTROL_PLANE_OU`]), and extra DNS names
+/// control-plane mark in its subject ([`crate::identity::svid::CONTROL_PLANE_OU`]), and extra DNS names
 /// or IP addresses beside the SPIFFE ID (so that `curl --cacert bundle.pem
 /// https://localhost:8443/...` verifies). The only way to sign a reserved ID; the control plane
 /// calls it for itself, never on anyone's request.
@@ -269,7 +269,7 @@ fn sign_leaf_with(
     }
     let mut p = CertificateParams::default();
     let serial = random_serial();
-    let serial_hex = crate::svid::serial_hex(&serial.to_bytes());
+    let serial_hex = crate::identity::svid::serial_hex(&serial.to_bytes());
     p.serial_number = Some(serial);
     let not_before = now - time::Duration::seconds(BACKDATE.as_secs() as i64);
     let wanted = now + time::Duration::seconds(ttl.as_secs() as i64);
@@ -282,7 +282,7 @@ fn sign_leaf_with(
     if let Leaf::ControlPlane(_) = leaf {
         p.distinguished_name.push(
             DnType::OrganizationalUnitName,
-            crate::svid::CONTROL_PLANE_OU,
+            crate::identity::svid::CONTROL_PLANE_OU,
         );
     }
     p.is_ca = IsCa::ExplicitNoCa;

@@ -10,7 +10,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use zeroize::Zeroizing;
 
-use crate::keys::{fill_random, sha256};
+use crate::identity::keys::{fill_random, sha256};
 
 const PREFIX: &str = "mayfly1";
 

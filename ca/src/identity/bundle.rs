@@ -12,9 +12,9 @@ use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use webpki::anchor_from_trusted_cert;
 
-use crate::id::TrustDomain;
-use crate::keys::{pem_encode, sha256};
-use crate::svid::{ProfileError, check_ca, spki_der};
+use crate::identity::id::TrustDomain;
+use crate::identity::keys::{pem_encode, sha256};
+use crate::identity::svid::{ProfileError, check_ca, spki_der};
 
 /// The default `spiffe_refresh_hint`: how often holders should refresh, in seconds.
 pub const DEFAULT_REFRESH_HINT: Duration = Duration::from_secs(60);

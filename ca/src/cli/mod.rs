@@ -1,0 +1,164 @@
+//! The `mayfly-ca` command line: the argument grammar ([`Cli`]), [`dispatch`] to one module per
+//! command family, and the helpers they share.
+//!
+//! `run` (the control plane) is in [`run`]; the offline commands on a data directory in
+//! [`ca`] (`init`, `bundle`, `ca status`) and [`svid`] (`svid mint`); the commands through
+//! the running control plane's admin socket in [`token`] and [`grant`]; [`audit`] reads the
+//! audit trail and [`policy`] checks policy files.
+
+mod audit;
+mod ca;
+mod grant;
+mod policy;
+mod run;
+mod svid;
+mod token;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use mayfly_ca::duration::parse_duration;
+use mayfly_ca::server;
+use mayfly_ca::server::admin::{self, AdminRequest};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(
+    name = "mayfly-ca",
+    version,
+    about = "mayfly control plane: SPIFFE CA, join tokens, policy, audit"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct DataDirArg {
+    /// The control plane's data directory.
+    #[arg(long, env = "MAYFLY_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a data directory with a new root CA and intermediate CA.
+    Init {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// The trust domain, such as mayfly.local (lowercase).
+        #[arg(long, default_value = "mayfly.local")]
+        trust_domain: String,
+        /// Root CA lifetime.
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        root_ttl: Duration,
+        /// Intermediate CA lifetime.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        intermediate_ttl: Duration,
+        /// Succeed without change if the directory already holds a CA of this trust domain
+        /// (for init containers and systemd ExecStartPre).
+        #[arg(long)]
+        exist_ok: bool,
+    },
+    /// Run the control plane.
+    Run(run::RunArgs),
+    /// SVIDs for workloads outside the mesh.
+    #[command(subcommand)]
+    Svid(svid::SvidCmd),
+    /// The trust bundle.
+    #[command(subcommand)]
+    Bundle(ca::BundleCmd),
+    /// The CA authorities.
+    #[command(subcommand)]
+    Ca(ca::CaCmd),
+    /// Join tokens (through the running control plane's admin socket).
+    #[command(subcommand)]
+    Token(token::TokenCmd),
+    /// Policy files: validate and explain.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
+    /// The audit trail: tail, query, verify.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
+    /// Just-in-time grants: request, approve, deny, revoke, list.
+    #[command(subcommand)]
+    Grant(grant::GrantCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on standard output.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on standard output: `mayfly-ca man | man -l -`.
+    Man,
+}
+
+/// Runs one command.
+pub(crate) async fn dispatch(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Init {
+            dir,
+            trust_domain,
+            root_ttl,
+            intermediate_ttl,
+            exist_ok,
+        } => ca::init(
+            &dir.data_dir,
+            &trust_domain,
+            root_ttl,
+            intermediate_ttl,
+            exist_ok,
+        ),
+        Cmd::Run(args) => run::run(args).await,
+        Cmd::Svid(cmd) => svid::run(cmd),
+        Cmd::Bundle(cmd) => ca::bundle(cmd),
+        Cmd::Ca(cmd) => ca::status(cmd),
+        Cmd::Token(cmd) => token::run(cmd).await,
+        Cmd::Policy(cmd) => policy::run(cmd),
+        Cmd::Audit(cmd) => audit::run(cmd).await,
+        Cmd::Grant(cmd) => grant::run(cmd).await,
+        Cmd::Completions { shell } => {
+            use std::io::Write;
+            // Into memory first: clap_complete panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mayfly-ca", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("cannot write the completion script")
+        }
+        Cmd::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .context("cannot write the manual page"),
+    }
+}
+
+/// Returned by a command that already told the user what went wrong (on stderr, or as JSON on
+/// stdout): `main` exits 1 without a second message.
+#[derive(Debug)]
+pub(crate) struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reported")
+    }
+}
+
+impl std::error::Error for Reported {}
+
+/// A Unix time as RFC 3339 (the number itself if it is out of range).
+fn when(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// One request on the running control plane's admin socket in `dir`.
+async fn admin_call(dir: &Path, req: AdminRequest) -> Result<Value> {
+    let socket = dir.join(server::datadir::ADMIN_SOCKET);
+    admin::call(&socket, &req).await.map_err(anyhow::Error::msg)
+}

@@ -1,0 +1,168 @@
+//! `mayfly-ca run`: the control plane, until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use mayfly_ca::duration::parse_duration;
+use mayfly_ca::server::{self, CaSettings, RunOptions};
+
+use super::DataDirArg;
+
+#[derive(Args)]
+pub(super) struct RunArgs {
+    #[command(flatten)]
+    dir: DataDirArg,
+    /// API listener (HTTPS, mTLS).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Plain-HTTP listener for /metrics and /healthz ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:8444")]
+    metrics_listen: String,
+    /// OS users allowed on the admin socket (repeatable). Default: root and the owner of the
+    /// data directory.
+    #[arg(long = "admin")]
+    admins: Vec<String>,
+    /// SVID TTL when a sidecar does not ask for one.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    svid_ttl: Duration,
+    /// Longest SVID TTL granted (at most 60m).
+    #[arg(long, default_value = "60m", value_parser = parse_duration)]
+    svid_max_ttl: Duration,
+    /// Longest join-token TTL.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    token_max_ttl: Duration,
+    /// Extra DNS names / IPs in the control plane's own SVID, for curl and openssl
+    /// (repeatable; default localhost, 127.0.0.1, ::1).
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// How long a client may take for the TLS handshake, headers and body.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    client_timeout: Duration,
+    /// Most API connections open at once; more are closed as soon as they are accepted. Each
+    /// sidecar holds about two (watch stream, audit session).
+    #[arg(long, default_value_t = server::http::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// A policy file to validate, version, hot-reload and push to every sidecar.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Log format on standard error: text (coloured only on a terminal) or JSON lines.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Kubernetes attestation: the cluster's service-account issuer JWK Set, a file
+    /// (`kubectl get --raw /openid/v1/jwks`), re-read when it changes.
+    #[arg(long, requires = "k8s_issuer")]
+    k8s_jwks: Option<PathBuf>,
+    /// Kubernetes attestation: the issuer (`iss`) of service-account tokens
+    /// (`kubectl get --raw /.well-known/openid-configuration`).
+    #[arg(long, requires = "k8s_jwks")]
+    k8s_issuer: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never in files or log collectors.
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn resolve_admins(names: &[String], dir: &Path) -> Result<Vec<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut uids = vec![0];
+    if names.is_empty() {
+        // A missing directory is reported by the start-up checks with a better message.
+        if let Ok(meta) = std::fs::metadata(dir) {
+            uids.push(meta.uid());
+        }
+    }
+    for n in names {
+        let uid = match n.parse::<u32>() {
+            Ok(uid) => uid,
+            Err(_) => nix::unistd::User::from_name(n)
+                .context("cannot look up user")?
+                .with_context(|| format!("--admin {n}: no such user"))?
+                .uid
+                .as_raw(),
+        };
+        uids.push(uid);
+    }
+    uids.sort_unstable();
+    uids.dedup();
+    Ok(uids)
+}
+
+pub(super) async fn run(args: RunArgs) -> Result<()> {
+    init_logging(args.log_format);
+    if args.svid_max_ttl > mayfly_ca::issue::MAX_SVID_TTL {
+        bail!("--svid-max-ttl may not exceed 60m");
+    }
+    if args.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    let metrics_listen = match args.metrics_listen.as_str() {
+        "off" | "" => None,
+        s => Some(
+            s.parse::<SocketAddr>()
+                .with_context(|| format!("--metrics-listen {s}"))?,
+        ),
+    };
+    let settings = CaSettings {
+        svid_default_ttl: args.svid_ttl.min(args.svid_max_ttl),
+        svid_max_ttl: args.svid_max_ttl,
+        token_max_ttl: args.token_max_ttl,
+        admin_uids: resolve_admins(&args.admins, &args.dir.data_dir)?,
+        server_names: if args.server_names.is_empty() {
+            CaSettings::default().server_names
+        } else {
+            args.server_names.clone()
+        },
+        client_timeout: args.client_timeout,
+        max_connections: args.max_connections,
+        k8s: match (&args.k8s_jwks, &args.k8s_issuer) {
+            (Some(path), Some(issuer)) => Some(std::sync::Arc::new(
+                server::attest::K8sAttestor::load(path, issuer).context("--k8s-jwks")?,
+            )),
+            _ => None,
+        },
+    };
+    let running = server::start(RunOptions {
+        data_dir: args.dir.data_dir.clone(),
+        listen: args.listen,
+        metrics_listen,
+        settings,
+        drain: Duration::from_secs(10),
+        policy_file: args.policy.clone(),
+    })
+    .await
+    .context("cannot start the control plane")?;
+    // The line tests and scripts wait for.
+    eprintln!("mayfly-ca listening on {}", running.api_addr);
+    if let Some(m) = running.metrics_addr {
+        eprintln!("mayfly-ca metrics on http://{m}/metrics");
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down: draining connections (up to 10s)");
+    running.shutdown().await;
+    Ok(())
+}
