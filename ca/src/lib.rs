@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod api;
 pub mod audit;
 pub mod authority;

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mayfly_ca::accept::{self, Limit};
 use mayfly_ca::svid::SvidInfo;
 use mayfly_ca::tls::{client_config, dial_name, server_config};
 use mayfly_ca::verify::{IdMatcher, describe_tls_error, peer_identity};
@@ -13,7 +14,7 @@ use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 use crate::config::{Inbound, Limits, Outbound, Protocol};
 use crate::identity::Identity;
@@ -195,7 +196,7 @@ pub async fn serve_inbound(
     shared: Arc<Shared>,
     cfg: Inbound,
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let alpn: &[&[u8]] = match cfg.protocol {
         Protocol::Tcp => &[],
@@ -214,24 +215,12 @@ pub async fn serve_inbound(
         }
     };
     let acceptor = TlsAcceptor::from(tls);
-    loop {
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
-            shared.metrics.decision(Direction::Inbound, "over_limit");
-            warn!(peer = %addr, "connection limit reached: refusing");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+    let metrics = shared.metrics.clone();
+    let limit = Limit::new(shared.slots.clone(), move |addr: &SocketAddr, _| {
+        metrics.decision(Direction::Inbound, "over_limit");
+        warn!(peer = %addr, "connection limit reached: refusing");
+    });
+    accept::serve("inbound", listener, stop, limit, |tcp, addr| {
         let span = info_span!(
             "inbound",
             peer = %addr,
@@ -242,23 +231,19 @@ pub async fn serve_inbound(
         let acceptor = acceptor.clone();
         let cfg = cfg.clone();
         let app_client = app_client.clone();
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                let Some((tls, peer)) = accept_peer(&shared, &acceptor, tcp).await else {
-                    return;
-                };
-                match cfg.protocol {
-                    Protocol::Tcp => inbound_conn(shared, cfg, tls, peer, addr).await,
-                    Protocol::Http => {
-                        crate::http::inbound::serve_conn(shared, cfg, app_client, tls, peer, addr)
-                            .await
-                    }
+        (span, async move {
+            let Some((tls, peer)) = accept_peer(&shared, &acceptor, tcp).await else {
+                return;
+            };
+            match cfg.protocol {
+                Protocol::Tcp => inbound_conn(shared, cfg, tls, peer, addr).await,
+                Protocol::Http => {
+                    crate::http::inbound::serve_conn(shared, cfg, app_client, tls, peer, addr).await
                 }
             }
-            .instrument(span),
-        );
-    }
+        })
+    })
+    .await;
 }
 
 /// TLS handshake with a timeout, then the peer's identity; counts and logs failures.
@@ -416,7 +401,7 @@ pub async fn serve_outbound(
     shared: Arc<Shared>,
     up: Outbound,
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let tls = match client_config(
         shared.identity.creds.clone(),
@@ -432,35 +417,18 @@ pub async fn serve_outbound(
     };
     let connector = TlsConnector::from(tls);
     let up = Arc::new(up);
-    loop {
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
-            shared.metrics.decision(Direction::Outbound, "over_limit");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+    let metrics = shared.metrics.clone();
+    let limit = Limit::new(shared.slots.clone(), move |_: &SocketAddr, _| {
+        metrics.decision(Direction::Outbound, "over_limit");
+    });
+    accept::serve("outbound", listener, stop, limit, |tcp, addr| {
         let span = info_span!("outbound", upstream = %up.name, client = %addr, spiffe_id = %up.spiffe_id, kx = tracing::field::Empty);
         let shared = shared.clone();
         let connector = connector.clone();
         let up = up.clone();
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                outbound_conn(shared, up, connector, tcp).await;
-            }
-            .instrument(span),
-        );
-    }
+        (span, outbound_conn(shared, up, connector, tcp))
+    })
+    .await;
 }
 
 async fn outbound_conn(

@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mayfly_ca::accept::{self, Limit};
 use mayfly_ca::tls::dial_name;
 use mayfly_ca::verify::{describe_tls_error, peer_identity};
 use time::OffsetDateTime;
@@ -301,7 +302,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     up: Outbound,
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let name = up.name.clone();
     let upstream = match Upstream::new(Arc::new(up), shared.clone()) {
@@ -311,54 +312,39 @@ pub async fn serve(
             return;
         }
     };
-    loop {
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
-            shared.metrics.decision(Direction::Outbound, "over_limit");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+    let metrics = shared.metrics.clone();
+    let limit = Limit::new(shared.slots.clone(), move |_: &std::net::SocketAddr, _| {
+        metrics.decision(Direction::Outbound, "over_limit");
+    });
+    accept::serve("outbound", listener, stop, limit, |tcp, addr| {
         let upstream = upstream.clone();
         let limits = shared.limits.clone();
         let mut hard = shared.hard_stop.clone();
         let span = info_span!("outbound", upstream = %name, client = %addr, spiffe_id = %upstream.up.spiffe_id);
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                let (activity, idle) = Activity::new(limits.handshake_timeout, limits.idle_timeout);
-                let svc = hyper::service::service_fn(move |req| {
-                    let upstream = upstream.clone();
-                    let stream = activity.stream();
-                    async move { Ok::<_, Infallible>(Activity::hold(upstream.handle(req).await, stream)) }
-                });
-                // h2c prior knowledge or HTTP/1.1; a client that sends nothing is cut.
-                let Some(h2) = super::sniff_h2(&tcp, limits.handshake_timeout).await else {
-                    return;
-                };
-                let io = TokioIo::new(tcp);
-                let stop = async { while hard.changed().await.is_ok() { if *hard.borrow() { return; } } };
-                let r = if h2 {
-                    // Preface and then nothing: closed like an idle HTTP/1.1 connection.
-                    let conn = super::idle::serve_with_idle(super::h2_server().serve_connection(io, svc), idle);
-                    tokio::select! { r = conn => r, _ = stop => Ok(()) }
-                } else {
-                    tokio::select! { r = super::h1_server(limits.handshake_timeout).serve_connection(io, svc) => r, _ = stop => Ok(()) }
-                };
-                if let Err(e) = r {
-                    debug!(error = %e, "app connection ended with an error");
-                }
+        (span, async move {
+            let (activity, idle) = Activity::new(limits.handshake_timeout, limits.idle_timeout);
+            let svc = hyper::service::service_fn(move |req| {
+                let upstream = upstream.clone();
+                let stream = activity.stream();
+                async move { Ok::<_, Infallible>(Activity::hold(upstream.handle(req).await, stream)) }
+            });
+            // h2c prior knowledge or HTTP/1.1; a client that sends nothing is cut.
+            let Some(h2) = super::sniff_h2(&tcp, limits.handshake_timeout).await else {
+                return;
+            };
+            let io = TokioIo::new(tcp);
+            let stop = async { while hard.changed().await.is_ok() { if *hard.borrow() { return; } } };
+            let r = if h2 {
+                // Preface and then nothing: closed like an idle HTTP/1.1 connection.
+                let conn = super::idle::serve_with_idle(super::h2_server().serve_connection(io, svc), idle);
+                tokio::select! { r = conn => r, _ = stop => Ok(()) }
+            } else {
+                tokio::select! { r = super::h1_server(limits.handshake_timeout).serve_connection(io, svc) => r, _ = stop => Ok(()) }
+            };
+            if let Err(e) = r {
+                debug!(error = %e, "app connection ended with an error");
             }
-            .instrument(span),
-        );
-    }
+        })
+    })
+    .await;
 }
