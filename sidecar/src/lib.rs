@@ -7,12 +7,11 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
-pub mod http;
+pub mod conn;
 pub mod identity;
 pub mod inject;
 pub mod metrics;
 pub mod policy;
-pub mod proxy;
 pub mod ready;
 pub mod retry;
 pub mod splice;
@@ -20,15 +19,15 @@ pub mod splice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
-use tracing::{error, info};
+use tracing::info;
 
 use crate::config::Config;
+use crate::conn::Shared;
+use crate::conn::listen::{BindError, Held, open_when_ready, reserve};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::policy::PolicyState;
-use crate::proxy::Shared;
 use crate::ready::Readiness;
 
 /// Why the sidecar could not start.
@@ -36,15 +35,8 @@ use crate::ready::Readiness;
 #[non_exhaustive]
 pub enum StartError {
     /// A listener could not be bound.
-    #[error("cannot listen on {what} {addr}: {source}")]
-    Bind {
-        /// Which listener.
-        what: String,
-        /// The address.
-        addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// The initial policy file is invalid.
     #[error("policy: {0}")]
     Policy(#[from] policy::LoadError),
@@ -79,106 +71,6 @@ pub struct Running {
     max_connections: usize,
     drain: std::time::Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// The listen backlog: bursts of new connections (a deploy, a reconnect storm) must not
-/// overflow the kernel's accept queue (the default is 128 here).
-const BACKLOG: u32 = 4096;
-
-/// A bound socket that is not listening yet.
-struct Reserved {
-    what: String,
-    addr: SocketAddr,
-    socket: TcpSocket,
-}
-
-/// Binds `addr` (the port is taken and its errors surface now) without listening.
-fn reserve(what: &str, addr: SocketAddr) -> Result<Reserved, StartError> {
-    let err = |source| StartError::Bind {
-        what: what.into(),
-        addr,
-        source,
-    };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    socket.set_reuseaddr(true).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
-    let addr = socket.local_addr().unwrap_or(addr);
-    Ok(Reserved {
-        what: what.into(),
-        addr,
-        socket,
-    })
-}
-
-impl Reserved {
-    fn listen(self) -> Result<TcpListener, StartError> {
-        let (what, addr) = (self.what, self.addr);
-        self.socket
-            .listen(BACKLOG)
-            .map_err(|source| StartError::Bind { what, addr, source })
-    }
-}
-
-/// The traffic listeners, bound at start and listening only once the sidecar is ready.
-struct Held {
-    inbound: Vec<(config::Inbound, Reserved)>,
-    outbound: Vec<(config::Outbound, Reserved)>,
-}
-
-/// Holds the traffic listeners until the SVID and the policy are in force (and the audit spool
-/// takes records): until then their ports are bound but not listening, so a client gets
-/// "connection refused" (and can retry elsewhere, the request unsent) instead of a 403
-/// `no-policy` or a failed handshake. Then serves them until `stop` flips; a listener that
-/// cannot listen is reported on `failed`.
-async fn open_when_ready(
-    ready: Readiness,
-    held: Held,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    failed: watch::Sender<Option<String>>,
-) {
-    if !ready.wait(&mut stop).await {
-        return;
-    }
-    let mut tasks = Vec::new();
-    let fail = |e: StartError| {
-        error!(error = %e, "cannot open a listener");
-        failed.send_replace(Some(e.to_string()));
-    };
-    for (i, r) in held.inbound {
-        match r.listen() {
-            Ok(l) => tasks.push(tokio::spawn(proxy::serve_inbound(
-                shared.clone(),
-                i,
-                l,
-                stop.clone(),
-            ))),
-            Err(e) => return fail(e),
-        }
-    }
-    for (o, r) in held.outbound {
-        let l = match r.listen() {
-            Ok(l) => l,
-            Err(e) => return fail(e),
-        };
-        tasks.push(match o.protocol {
-            config::Protocol::Tcp => {
-                tokio::spawn(proxy::serve_outbound(shared.clone(), o, l, stop.clone()))
-            }
-            config::Protocol::Http => {
-                tokio::spawn(http::outbound::serve(shared.clone(), o, l, stop.clone()))
-            }
-        });
-    }
-    info!("SVID and policy in force: listening");
-    for t in tasks {
-        let _ = t.await;
-    }
 }
 
 /// Loads the policy, binds every listener (errors surface before anything runs), then spawns
