@@ -2,7 +2,7 @@
 //! handshakes fail, as the `handshake_failures{reason}` metric spells it.
 
 use mayfly_ca::svid::SvidInfo;
-use mayfly_ca::verify::{describe_tls_error, peer_identity};
+use mayfly_ca::verify::{VerifyError, describe_tls_error, peer_identity};
 use time::OffsetDateTime;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -23,7 +23,7 @@ pub(crate) async fn accept_peer(
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 let why = describe_tls_error(&e);
-                m.handshake_failed(Direction::Inbound, reason_of(&why));
+                m.handshake_failed(Direction::Inbound, failure_reason(&e));
                 info!(error = %why, "inbound TLS handshake refused");
                 return None;
             }
@@ -52,27 +52,44 @@ pub(crate) async fn accept_peer(
     Some((tls, peer))
 }
 
-/// The reason label of a failed handshake, from its description.
-pub(crate) fn reason_of(msg: &str) -> &'static str {
-    let m = msg.to_ascii_lowercase();
-    if m.contains("expired") {
-        "expired"
-    } else if m.contains("not valid yet") {
-        "not_yet_valid"
-    } else if m.contains("no trust bundle") {
-        "unknown_trust_domain"
-    } else if m.contains("unknown issuer") {
-        "unknown_issuer"
-    } else if m.contains("no certificate")
-        || m.contains("peer sent no certificates")
-        || m.contains("nocertificates")
-    {
-        "no_certificate"
-    } else if m.contains("x.509-svid") {
-        "not_an_svid"
-    } else if m.contains("expected") {
-        "unexpected_server_id"
-    } else {
-        "tls"
+/// Why a TLS handshake failed, as the `handshake_failures{reason}` label spells it: read from
+/// the typed error rustls returns (our verifier's [`VerifyError`] travels inside it as
+/// `CertificateError::Other`), never from its text. Failures without a label of their own
+/// (a bad signature, a broken chain, an I/O error) are `tls`.
+pub(crate) fn failure_reason(err: &std::io::Error) -> &'static str {
+    err.get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .map_or("tls", rustls_reason)
+}
+
+fn rustls_reason(e: &rustls::Error) -> &'static str {
+    use rustls::{AlertDescription, CertificateError, Error, OtherError};
+    match e {
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::InvalidCertificate(CertificateError::Other(OtherError(e))) => {
+            e.downcast_ref::<VerifyError>().map_or("tls", verify_reason)
+        }
+        Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "expired",
+        Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "not_yet_valid",
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        // The peer refused our SVID as expired (a sidecar whose own SVID lapsed).
+        Error::AlertReceived(AlertDescription::CertificateExpired) => "expired",
+        _ => "tls",
+    }
+}
+
+/// The label of a failed SVID check. A leaf that breaks the profile is `not_an_svid` here (the
+/// label documented for handshakes); checks without a label of their own are `tls`.
+fn verify_reason(e: &VerifyError) -> &'static str {
+    match e {
+        VerifyError::Profile(_) => "not_an_svid",
+        VerifyError::BadSignature(_)
+        | VerifyError::Chain { .. }
+        | VerifyError::NotControlPlane(_) => "tls",
+        other => other.reason(),
     }
 }

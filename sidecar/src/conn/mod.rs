@@ -9,6 +9,10 @@ pub mod handshake;
 pub mod http;
 pub mod listen;
 pub mod tcp;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -297,7 +297,7 @@ async fn outbound_conn(
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let why = describe_tls_error(&e);
-            m.handshake_failed(Direction::Outbound, handshake::reason_of(&why));
+            m.handshake_failed(Direction::Outbound, handshake::failure_reason(&e));
             warn!(error = %why, "outbound TLS handshake refused");
             return;
         }

@@ -143,7 +143,7 @@ impl Upstream {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 let why = describe_tls_error(&e);
-                m.handshake_failed(Direction::Outbound, handshake::reason_of(&why));
+                m.handshake_failed(Direction::Outbound, handshake::failure_reason(&e));
                 return Err(DialError::Tls(remote, why));
             }
             Err(_) => {
