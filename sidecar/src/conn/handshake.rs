@@ -93,3 +93,87 @@ fn verify_reason(e: &VerifyError) -> &'static str {
         other => other.reason(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::{AlertDescription, CertificateError, Error, OtherError};
+
+    use super::*;
+
+    fn io(e: Error) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    fn ours(e: VerifyError) -> std::io::Error {
+        io(Error::InvalidCertificate(CertificateError::Other(
+            OtherError(Arc::new(e)),
+        )))
+    }
+
+    #[test]
+    fn rustls_errors_are_classified_by_variant() {
+        let cases = [
+            (Error::NoCertificatesPresented, "no_certificate"),
+            (
+                Error::InvalidCertificate(CertificateError::Expired),
+                "expired",
+            ),
+            (
+                Error::InvalidCertificate(CertificateError::NotValidYet),
+                "not_yet_valid",
+            ),
+            (
+                Error::InvalidCertificate(CertificateError::UnknownIssuer),
+                "unknown_issuer",
+            ),
+            (
+                Error::AlertReceived(AlertDescription::CertificateExpired),
+                "expired",
+            ),
+            (
+                Error::AlertReceived(AlertDescription::BadCertificate),
+                "tls",
+            ),
+            (Error::General("certificate expired".into()), "tls"),
+        ];
+        for (e, want) in cases {
+            let shown = e.to_string();
+            assert_eq!(failure_reason(&io(e)), want, "{shown}");
+        }
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(failure_reason(&reset), "tls");
+    }
+
+    #[test]
+    fn our_svid_checks_travel_typed_through_rustls() {
+        let id = "spiffe://other.test/expired-jobs".to_owned();
+        let cases = [
+            (VerifyError::NoCertificate, "no_certificate"),
+            (
+                VerifyError::UnknownTrustDomain("other.test".into(), id.clone()),
+                "unknown_trust_domain",
+            ),
+            (
+                VerifyError::UnknownIssuer {
+                    id: id.clone(),
+                    td: "other.test".into(),
+                },
+                "unknown_issuer",
+            ),
+            (
+                VerifyError::UnexpectedServer {
+                    expected: "spiffe://mayfly.test/db".into(),
+                    got: id.clone(),
+                },
+                "unexpected_server_id",
+            ),
+            (VerifyError::BadSignature(id.clone()), "tls"),
+        ];
+        for (e, want) in cases {
+            let shown = e.to_string();
+            assert_eq!(failure_reason(&ours(e)), want, "{shown}");
+        }
+    }
+}

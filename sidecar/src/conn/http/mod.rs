@@ -8,6 +8,8 @@ pub mod inbound;
 pub mod outbound;
 mod record;
 pub mod reply;
+#[cfg(test)]
+mod tests;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -143,7 +145,7 @@ pub fn local_reply(
 }
 
 #[cfg(test)]
-mod tests {
+mod replies {
     use super::*;
 
     #[test]
