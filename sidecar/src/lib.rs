@@ -73,6 +73,11 @@ pub struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// `a,b,c`.
+fn listed(items: impl Iterator<Item = String>) -> String {
+    items.collect::<Vec<_>>().join(",")
+}
+
 /// Loads the policy, binds every listener (errors surface before anything runs), then spawns
 /// the identity, policy, admin and proxy tasks. The admin listener listens at once; the
 /// inbound and outbound listeners only once the sidecar is ready (see [`ready`]).
@@ -91,21 +96,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics.clone(),
     )?;
     let admin = reserve("admin", cfg.admin)?.listen()?;
-    let mut inbound = Vec::new();
-    for (n, i) in cfg.inbound.iter().enumerate() {
-        let what = match n {
-            0 => "inbound".to_owned(),
-            n => format!("inbound[{n}]"),
-        };
-        inbound.push((i.clone(), reserve(&what, i.listen)?));
-    }
-    let mut outbound = Vec::new();
-    for o in &cfg.outbound {
-        outbound.push((
-            o.clone(),
-            reserve(&format!("outbound {}", o.name), o.listen)?,
-        ));
-    }
+    let held = Held::reserve(&cfg.inbound, &cfg.outbound)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (hard_tx, hard_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
@@ -161,16 +152,13 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             stop_rx.clone(),
         )));
     }
-    let inbound_addrs: Vec<SocketAddr> = inbound.iter().map(|(_, r)| r.addr).collect();
+    let inbound_addrs = held.inbound_addrs();
     let inbound_addr = inbound_addrs.first().copied();
-    let outbound_addrs: Vec<(String, SocketAddr)> = outbound
-        .iter()
-        .map(|(o, r)| (o.name.clone(), r.addr))
-        .collect();
+    let outbound_addrs = held.outbound_addrs();
     let (failed_tx, failed) = watch::channel(None);
     tasks.push(tokio::spawn(open_when_ready(
         readiness,
-        Held { inbound, outbound },
+        held,
         shared,
         stop_rx.clone(),
         failed_tx,
@@ -178,17 +166,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     // Display values only: no `Some(..)` or `[(..)]` Rust syntax in the logs.
     let inbound_shown = match inbound_addrs.as_slice() {
         [] => "none".to_owned(),
-        a => a
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(","),
+        a => listed(a.iter().map(|a| a.to_string())),
     };
-    let outbound_shown = outbound_addrs
-        .iter()
-        .map(|(n, a)| format!("{n}={a}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let outbound_shown = listed(outbound_addrs.iter().map(|(n, a)| format!("{n}={a}")));
     info!(spiffe_id = %cfg.spiffe_id, admin = %admin_addr, inbound = %inbound_shown, outbound = %outbound_shown, "sidecar started");
     Ok(Running {
         admin_addr,

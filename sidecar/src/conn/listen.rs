@@ -37,7 +37,7 @@ const BACKLOG: u32 = 4096;
 pub struct Reserved {
     what: String,
     /// The bound address (the port chosen, if 0 was asked for).
-    pub addr: SocketAddr,
+    addr: SocketAddr,
     socket: TcpSocket,
 }
 
@@ -76,10 +76,43 @@ impl Reserved {
 
 /// The traffic listeners, bound at start and listening only once the sidecar is ready.
 pub struct Held {
-    /// Each inbound listener with its settings.
-    pub inbound: Vec<(config::Inbound, Reserved)>,
-    /// Each outbound upstream's local listener with its settings.
-    pub outbound: Vec<(config::Outbound, Reserved)>,
+    inbound: Vec<(config::Inbound, Reserved)>,
+    outbound: Vec<(config::Outbound, Reserved)>,
+}
+
+impl Held {
+    /// Binds every traffic listener (none listens yet): a port that is taken fails now.
+    pub fn reserve(inbound: &[Inbound], outbound: &[Outbound]) -> Result<Self, BindError> {
+        let mut held = Self {
+            inbound: Vec::new(),
+            outbound: Vec::new(),
+        };
+        for (n, i) in inbound.iter().enumerate() {
+            let what = match n {
+                0 => "inbound".to_owned(),
+                n => format!("inbound[{n}]"),
+            };
+            held.inbound.push((i.clone(), reserve(&what, i.listen)?));
+        }
+        for o in outbound {
+            let what = format!("outbound {}", o.name);
+            held.outbound.push((o.clone(), reserve(&what, o.listen)?));
+        }
+        Ok(held)
+    }
+
+    /// Each inbound listener's address, in configuration order.
+    pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
+        self.inbound.iter().map(|(_, r)| r.addr).collect()
+    }
+
+    /// Each outbound upstream's local address, by name.
+    pub fn outbound_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.outbound
+            .iter()
+            .map(|(o, r)| (o.name.clone(), r.addr))
+            .collect()
+    }
 }
 
 /// Holds the traffic listeners until the SVID and the policy are in force (and the audit spool
