@@ -11,6 +11,9 @@
 //! - `server` (feature `server`): the control plane (`mayfly-ca run` and the offline commands
 //!   on a data directory), with its store in `server::store`.
 //!
+//! Beside them, [`accept`] (always built): the one accept loop every listener of the workspace
+//! runs (stop signal, backoff on accept errors, connection permit, per-connection span).
+//!
 //! The binary's command-line modules are in `src/cli/` (not part of the library).
 //!
 //! Every module keeps its old path too (`mayfly_ca::id`, `mayfly_ca::tls`, `mayfly_ca::store`,
@@ -18,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod identity;
 
 #[cfg(feature = "server")]

@@ -13,6 +13,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use mayfly_ca::accept::{self, Unlimited};
 use mayfly_ca::keys::pem_encode;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -168,14 +169,10 @@ async fn probe_app(p: &AppProbe) -> Result<StatusCode, String> {
 }
 
 /// Serves the admin listener until `stop` flips.
-pub async fn serve(state: Arc<AdminState>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-            _ = stop.changed() => return,
-        };
+pub async fn serve(state: Arc<AdminState>, listener: TcpListener, stop: watch::Receiver<bool>) {
+    accept::serve("admin", listener, stop, Unlimited, |tcp, _| {
         let state = state.clone();
-        tokio::spawn(async move {
+        (tracing::Span::none(), async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let route = req
                     .uri()
@@ -201,6 +198,7 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener, mut stop: watc
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
-        });
-    }
+        })
+    })
+    .await;
 }

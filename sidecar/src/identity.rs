@@ -428,3 +428,96 @@ impl Identity {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use mayfly_ca::testing::{Leaf, TestCa};
+
+    use super::*;
+
+    const ME: &str = "spiffe://mayfly.test/orders";
+
+    /// An identity whose control plane is never dialled: SVIDs are handed to it directly.
+    fn identity() -> Arc<Identity> {
+        Identity::new(
+            mayfly_ca::id::parse_id(ME).unwrap(),
+            ControlPlane {
+                address: "127.0.0.1:9".into(),
+                token: TokenSource::Env("MAYFLY_TEST_UNUSED".into()),
+                ca_pin: None,
+                svid_ttl: None,
+            },
+            Arc::new(Metrics::new()),
+        )
+        .unwrap()
+    }
+
+    /// What the control plane would return for `leaf`.
+    fn issued(ca: &TestCa, leaf: &Leaf) -> (IssuedChain, SecretKey) {
+        let (chain, key) = ca.leaf(leaf);
+        let issued = IssuedChain {
+            chain,
+            bundle: ca.bundle(),
+            ttl: Duration::from_secs(300),
+            serial: String::new(),
+        };
+        (issued, key)
+    }
+
+    fn expired(id: &str) -> Leaf {
+        let now = OffsetDateTime::now_utc();
+        Leaf {
+            not_before: now - time::Duration::hours(2),
+            not_after: now - time::Duration::hours(1),
+            ..Leaf::new(id)
+        }
+    }
+
+    #[test]
+    fn a_fresh_svid_is_held_and_an_expired_one_is_refused() {
+        let ca = TestCa::new("mayfly.test");
+        let id = identity();
+        let (old, key) = issued(&ca, &expired(ME));
+        assert!(matches!(id.accept(old, &key), Err(AcceptError::Verify(_))));
+        assert!(!id.ready() && id.creds.get().is_none());
+        assert!(id.why_not_ready().is_some());
+        let (fresh, key) = issued(&ca, &Leaf::new(ME));
+        id.accept(fresh, &key).unwrap();
+        assert!(id.ready());
+        assert_eq!(id.why_not_ready(), None);
+        assert_eq!(id.creds.get().unwrap().info.id.to_string(), ME);
+        assert!(id.expires_in() > 0);
+        // A later expired SVID does not replace the fresh one.
+        let (old, key) = issued(&ca, &expired(ME));
+        assert!(id.accept(old, &key).is_err());
+        assert!(id.ready());
+    }
+
+    #[test]
+    fn an_svid_for_another_id_is_refused() {
+        let ca = TestCa::new("mayfly.test");
+        let id = identity();
+        let (other, key) = issued(&ca, &Leaf::new("spiffe://mayfly.test/web"));
+        assert!(matches!(
+            id.accept(other, &key),
+            Err(AcceptError::WrongId { .. })
+        ));
+        assert!(!id.ready());
+    }
+
+    #[test]
+    fn an_svid_that_expires_while_held_is_dropped_and_the_identity_fails_closed() {
+        let ca = TestCa::new("mayfly.test");
+        let id = identity();
+        let (chain, key) = ca.leaf(&expired(ME));
+        id.creds.set(Svid::new(chain, &key).unwrap());
+        assert!(!id.ready(), "an expired SVID counts as held");
+        assert!(id.expire_if_due());
+        assert!(
+            id.creds.get().is_none(),
+            "the expired SVID is still presented"
+        );
+        let why = id.why_not_ready().unwrap();
+        assert!(why.contains("expired"), "{why}");
+    }
+}

@@ -7,11 +7,10 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
-pub mod http;
+pub mod conn;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
-pub mod proxy;
 pub mod ready;
 pub mod retry;
 pub mod splice;
@@ -19,15 +18,15 @@ pub mod splice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
-use tracing::{error, info};
+use tracing::info;
 
 use crate::config::Config;
+use crate::conn::Shared;
+use crate::conn::listen::{BindError, Held, open_when_ready, reserve};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::policy::PolicyState;
-use crate::proxy::Shared;
 use crate::ready::Readiness;
 
 /// Why the sidecar could not start.
@@ -35,15 +34,8 @@ use crate::ready::Readiness;
 #[non_exhaustive]
 pub enum StartError {
     /// A listener could not be bound.
-    #[error("cannot listen on {what} {addr}: {source}")]
-    Bind {
-        /// Which listener.
-        what: String,
-        /// The address.
-        addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// The initial policy file is invalid.
     #[error("policy: {0}")]
     Policy(#[from] policy::LoadError),
@@ -80,104 +72,9 @@ pub struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// The listen backlog: bursts of new connections (a deploy, a reconnect storm) must not
-/// overflow the kernel's accept queue (the default is 128 here).
-const BACKLOG: u32 = 4096;
-
-/// A bound socket that is not listening yet.
-struct Reserved {
-    what: String,
-    addr: SocketAddr,
-    socket: TcpSocket,
-}
-
-/// Binds `addr` (the port is taken and its errors surface now) without listening.
-fn reserve(what: &str, addr: SocketAddr) -> Result<Reserved, StartError> {
-    let err = |source| StartError::Bind {
-        what: what.into(),
-        addr,
-        source,
-    };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    socket.set_reuseaddr(true).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
-    let addr = socket.local_addr().unwrap_or(addr);
-    Ok(Reserved {
-        what: what.into(),
-        addr,
-        socket,
-    })
-}
-
-impl Reserved {
-    fn listen(self) -> Result<TcpListener, StartError> {
-        let (what, addr) = (self.what, self.addr);
-        self.socket
-            .listen(BACKLOG)
-            .map_err(|source| StartError::Bind { what, addr, source })
-    }
-}
-
-/// The traffic listeners, bound at start and listening only once the sidecar is ready.
-struct Held {
-    inbound: Vec<(config::Inbound, Reserved)>,
-    outbound: Vec<(config::Outbound, Reserved)>,
-}
-
-/// Holds the traffic listeners until the SVID and the policy are in force (and the audit spool
-/// takes records): until then their ports are bound but not listening, so a client gets
-/// "connection refused" (and can retry elsewhere, the request unsent) instead of a 403
-/// `no-policy` or a failed handshake. Then serves them until `stop` flips; a listener that
-/// cannot listen is reported on `failed`.
-async fn open_when_ready(
-    ready: Readiness,
-    held: Held,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    failed: watch::Sender<Option<String>>,
-) {
-    if !ready.wait(&mut stop).await {
-        return;
-    }
-    let mut tasks = Vec::new();
-    let fail = |e: StartError| {
-        error!(error = %e, "cannot open a listener");
-        failed.send_replace(Some(e.to_string()));
-    };
-    for (i, r) in held.inbound {
-        match r.listen() {
-            Ok(l) => tasks.push(tokio::spawn(proxy::serve_inbound(
-                shared.clone(),
-                i,
-                l,
-                stop.clone(),
-            ))),
-            Err(e) => return fail(e),
-        }
-    }
-    for (o, r) in held.outbound {
-        let l = match r.listen() {
-            Ok(l) => l,
-            Err(e) => return fail(e),
-        };
-        tasks.push(match o.protocol {
-            config::Protocol::Tcp => {
-                tokio::spawn(proxy::serve_outbound(shared.clone(), o, l, stop.clone()))
-            }
-            config::Protocol::Http => {
-                tokio::spawn(http::outbound::serve(shared.clone(), o, l, stop.clone()))
-            }
-        });
-    }
-    info!("SVID and policy in force: listening");
-    for t in tasks {
-        let _ = t.await;
-    }
+/// `a,b,c`.
+fn listed(items: impl Iterator<Item = String>) -> String {
+    items.collect::<Vec<_>>().join(",")
 }
 
 /// Loads the policy, binds every listener (errors surface before anything runs), then spawns
@@ -198,21 +95,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics.clone(),
     )?;
     let admin = reserve("admin", cfg.admin)?.listen()?;
-    let mut inbound = Vec::new();
-    for (n, i) in cfg.inbound.iter().enumerate() {
-        let what = match n {
-            0 => "inbound".to_owned(),
-            n => format!("inbound[{n}]"),
-        };
-        inbound.push((i.clone(), reserve(&what, i.listen)?));
-    }
-    let mut outbound = Vec::new();
-    for o in &cfg.outbound {
-        outbound.push((
-            o.clone(),
-            reserve(&format!("outbound {}", o.name), o.listen)?,
-        ));
-    }
+    let held = Held::reserve(&cfg.inbound, &cfg.outbound)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (hard_tx, hard_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
@@ -268,16 +151,13 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             stop_rx.clone(),
         )));
     }
-    let inbound_addrs: Vec<SocketAddr> = inbound.iter().map(|(_, r)| r.addr).collect();
+    let inbound_addrs = held.inbound_addrs();
     let inbound_addr = inbound_addrs.first().copied();
-    let outbound_addrs: Vec<(String, SocketAddr)> = outbound
-        .iter()
-        .map(|(o, r)| (o.name.clone(), r.addr))
-        .collect();
+    let outbound_addrs = held.outbound_addrs();
     let (failed_tx, failed) = watch::channel(None);
     tasks.push(tokio::spawn(open_when_ready(
         readiness,
-        Held { inbound, outbound },
+        held,
         shared,
         stop_rx.clone(),
         failed_tx,
@@ -285,17 +165,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     // Display values only: no `Some(..)` or `[(..)]` Rust syntax in the logs.
     let inbound_shown = match inbound_addrs.as_slice() {
         [] => "none".to_owned(),
-        a => a
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(","),
+        a => listed(a.iter().map(|a| a.to_string())),
     };
-    let outbound_shown = outbound_addrs
-        .iter()
-        .map(|(n, a)| format!("{n}={a}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let outbound_shown = listed(outbound_addrs.iter().map(|(n, a)| format!("{n}={a}")));
     info!(spiffe_id = %cfg.spiffe_id, admin = %admin_addr, inbound = %inbound_shown, outbound = %outbound_shown, "sidecar started");
     Ok(Running {
         admin_addr,

@@ -293,19 +293,55 @@ impl PolicyState {
         port: Option<u16>,
         source_ip: Option<IpAddr>,
     ) -> Verdict {
+        self.decide(source, destination, port, source_ip, None)
+    }
+
+    /// The decision on a connection (`http: None`) or on one request, by the policy in force.
+    fn decide(
+        &self,
+        source: &str,
+        destination: &str,
+        port: Option<u16>,
+        source_ip: Option<IpAddr>,
+        http: Option<&HttpFacts<'_>>,
+    ) -> Verdict {
+        self.ask(
+            source,
+            destination,
+            port,
+            source_ip,
+            http,
+            |engine, req, grants| Verdict::Decided(engine.decide(req, grants)),
+        )
+        .unwrap_or(Verdict::NoPolicy)
+    }
+
+    /// Puts the request (as of now) to the engine in force with the live grants; `None`
+    /// without a policy. Every decision and query builds its request here.
+    fn ask<T>(
+        &self,
+        source: &str,
+        destination: &str,
+        port: Option<u16>,
+        source_ip: Option<IpAddr>,
+        http: Option<&HttpFacts<'_>>,
+        f: impl FnOnce(&Engine, &Request<'_>, &[mayfly_policy::Grant]) -> T,
+    ) -> Option<T> {
         let guard = self.engine.load();
-        let Some(engine) = guard.as_ref() else {
-            return Verdict::NoPolicy;
-        };
+        let engine = guard.as_ref()?;
         let req = Request {
             source,
             destination,
             port,
             source_ip,
-            http: None,
+            http: http.map(|h| mayfly_policy::HttpRequest {
+                method: h.method,
+                path: h.path,
+                headers: h.headers,
+            }),
             now: OffsetDateTime::now_utc(),
         };
-        Verdict::Decided(engine.decide(&req, &self.grants.load()))
+        Some(f(engine, &req, &self.grants.load()))
     }
 }
 
@@ -329,23 +365,7 @@ impl PolicyState {
         source_ip: Option<IpAddr>,
         http: &HttpFacts<'_>,
     ) -> Verdict {
-        let guard = self.engine.load();
-        let Some(engine) = guard.as_ref() else {
-            return Verdict::NoPolicy;
-        };
-        let req = Request {
-            source,
-            destination,
-            port,
-            source_ip,
-            http: Some(mayfly_policy::HttpRequest {
-                method: http.method,
-                path: http.path,
-                headers: http.headers,
-            }),
-            now: OffsetDateTime::now_utc(),
-        };
-        Verdict::Decided(engine.decide(&req, &self.grants.load()))
+        self.decide(source, destination, port, source_ip, Some(http))
     }
 
     /// Whether some rule could allow some HTTP request from `source` to `destination`: a
@@ -358,19 +378,15 @@ impl PolicyState {
         port: Option<u16>,
         source_ip: Option<IpAddr>,
     ) -> bool {
-        let guard = self.engine.load();
-        let Some(engine) = guard.as_ref() else {
-            return false;
-        };
-        let req = Request {
+        self.ask(
             source,
             destination,
             port,
             source_ip,
-            http: None,
-            now: OffsetDateTime::now_utc(),
-        };
-        engine.may_allow_any(&req, &self.grants.load())
+            None,
+            |engine, req, grants| engine.may_allow_any(req, grants),
+        )
+        .unwrap_or(false)
     }
 }
 
@@ -534,5 +550,55 @@ mod tests {
         state.install_snapshot(&snap).unwrap();
         assert!(get(&state, "/ok") && !get(&state, "/admin"));
         assert!(!state.decide_l4(web, orders, Some(8080), None).permits());
+    }
+
+    fn http_verdict(state: &PolicyState, source: &str, method: &str, path: &str) -> Verdict {
+        state.decide_http(
+            source,
+            crate::conn::testing::ME,
+            Some(8080),
+            None,
+            &HttpFacts {
+                method,
+                path,
+                headers: &[("x-trace", "1")],
+            },
+        )
+    }
+
+    #[test]
+    fn l4_and_http_decisions_agree_on_the_same_caller_and_only_http_sees_the_path() {
+        use crate::conn::testing::{BATCH, ME, WEB};
+        let state = crate::conn::testing::policy(Arc::new(Metrics::new()));
+        for (source, allowed) in [(WEB, true), (BATCH, false)] {
+            let l4 = state.decide_l4(source, ME, Some(8080), None);
+            let http = http_verdict(&state, source, "GET", "/orders/1");
+            assert_eq!(l4.permits(), allowed, "{source} at L4");
+            assert_eq!(http.permits(), allowed, "{source} over HTTP");
+            assert_eq!(l4.by(), http.by(), "{source}: decided by another rule");
+            assert_eq!(state.may_allow_any(source, ME, Some(8080), None), allowed);
+            assert_ne!(l4.decision_id(), http.decision_id());
+        }
+        // The HTTP facts reach the engine: a path rule denies what the connection allows.
+        let admin = http_verdict(&state, WEB, "GET", "/admin/users");
+        assert!(!admin.permits());
+        let mut fields = serde_json::Map::new();
+        admin.audit_into(&mut fields);
+        assert_eq!(fields["rule"], "no-admin");
+    }
+
+    #[test]
+    fn without_a_policy_every_decision_is_a_default_deny() {
+        use crate::conn::testing::{ME, WEB};
+        let state = PolicyState::new(None, Arc::new(Metrics::new()));
+        assert!(matches!(
+            state.decide_l4(WEB, ME, Some(8080), None),
+            Verdict::NoPolicy
+        ));
+        assert!(matches!(
+            http_verdict(&state, WEB, "GET", "/orders/1"),
+            Verdict::NoPolicy
+        ));
+        assert!(!state.may_allow_any(WEB, ME, Some(8080), None));
     }
 }

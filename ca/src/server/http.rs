@@ -16,12 +16,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{debug, info_span, warn};
 
 use super::ca::{Ca, Caller};
 use super::metrics::PathLabel;
+use crate::accept::{self, Limit};
 use crate::api::{self, ErrorBody, SvidRequest, SvidResponse};
 use crate::svid::SvidInfo;
 use crate::verify::{SpiffeClientVerifier, describe_tls_error, peer_identity};
@@ -58,25 +59,19 @@ pub const WATCH_HEARTBEAT: Duration = Duration::from_secs(15);
 /// stream and its audit session), so this serves about 5,000 sidecars.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
-/// An accepted connection's slot: counted in the open-connections gauge until it ends.
-struct Slot {
-    _permit: OwnedSemaphorePermit,
-    open: Gauge,
-}
+/// An accepted connection, counted in the open-connections gauge until it ends.
+struct Open(Gauge);
 
-impl Slot {
-    fn new(permit: OwnedSemaphorePermit, open: Gauge) -> Self {
+impl Open {
+    fn new(open: Gauge) -> Self {
         open.inc();
-        Self {
-            _permit: permit,
-            open,
-        }
+        Self(open)
     }
 }
 
-impl Drop for Slot {
+impl Drop for Open {
     fn drop(&mut self) {
-        self.open.dec();
+        self.0.dec();
     }
 }
 
@@ -276,7 +271,7 @@ async fn svid(
 pub async fn serve(
     ca: Arc<Ca>,
     listener: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
     let verifier = Arc::new(SpiffeClientVerifier::optional(ca.bundles()));
@@ -295,84 +290,65 @@ pub async fn serve(
         .max_connections
         .clamp(1, Semaphore::MAX_PERMITS);
     let slots = Arc::new(Semaphore::new(max));
-    let mut full = false;
-    loop {
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            ca.metrics.connections_refused.inc();
-            if !full {
-                warn!(
-                    limit = max,
-                    "connection limit reached: closing new connections until some end (--max-connections)"
-                );
-                full = true;
-            }
-            drop(tcp);
-            continue;
-        };
-        full = false;
-        let slot = Slot::new(permit, ca.metrics.open_connections.clone());
-        let _ = tcp.set_nodelay(true);
+    let refused = ca.metrics.connections_refused.clone();
+    let limit = Limit::new(slots, move |_: &SocketAddr, first| {
+        refused.inc();
+        if first {
+            warn!(
+                limit = max,
+                "connection limit reached: closing new connections until some end (--max-connections)"
+            );
+        }
+    });
+    accept::serve("api", listener, shutdown, limit, |tcp, addr| {
+        let open = Open::new(ca.metrics.open_connections.clone());
         let acceptor = acceptor.clone();
         let ca = ca.clone();
         let span = info_span!("conn", peer = %addr, spiffe_id = tracing::field::Empty);
         let watcher = graceful.watcher();
-        tokio::spawn(
-            async move {
-                let _slot = slot;
-                let timeout = ca.settings().client_timeout;
-                let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        ca.metrics.handshake_failures.inc();
-                        debug!(error = %describe_tls_error(&e), "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        ca.metrics.handshake_failures.inc();
-                        debug!("TLS handshake timed out");
-                        return;
-                    }
-                };
-                let peer = peer_identity(tls.get_ref().1.peer_certificates()).ok();
-                if let Some(p) = &peer {
-                    tracing::Span::current().record("spiffe_id", tracing::field::display(&p.id));
+        (span, async move {
+            let _open = open;
+            let timeout = ca.settings().client_timeout;
+            let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    ca.metrics.handshake_failures.inc();
+                    debug!(error = %describe_tls_error(&e), "TLS handshake failed");
+                    return;
                 }
-                let svc = hyper::service::service_fn(move |req| {
-                    let ca = ca.clone();
-                    let peer = peer.clone();
-                    async move { Ok::<_, Infallible>(handle(ca, peer, addr, req).await) }
-                });
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(timeout)
-                    .max_buf_size(64 * 1024);
-                builder
-                    .http2()
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(64)
-                    .max_header_list_size(32 * 1024)
-                    .keep_alive_interval(Some(Duration::from_secs(30)));
-                let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    debug!(error = %e, "connection ended with an error");
+                Err(_) => {
+                    ca.metrics.handshake_failures.inc();
+                    debug!("TLS handshake timed out");
+                    return;
                 }
+            };
+            let peer = peer_identity(tls.get_ref().1.peer_certificates()).ok();
+            if let Some(p) = &peer {
+                tracing::Span::current().record("spiffe_id", tracing::field::display(&p.id));
             }
-            .instrument(span),
-        );
-    }
-    drop(listener);
+            let svc = hyper::service::service_fn(move |req| {
+                let ca = ca.clone();
+                let peer = peer.clone();
+                async move { Ok::<_, Infallible>(handle(ca, peer, addr, req).await) }
+            });
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .max_buf_size(64 * 1024);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(64)
+                .max_header_list_size(32 * 1024)
+                .keep_alive_interval(Some(Duration::from_secs(30)));
+            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                debug!(error = %e, "connection ended with an error");
+            }
+        })
+    })
+    .await;
     let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
 }

@@ -20,13 +20,14 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
+use super::checks::strip_hop_by_hop;
 use super::idle::{Activity, IDLE_GRACE, IdleTimer};
-use super::{Body, GRPC_UNAVAILABLE, XFCC, is_grpc, local_reply, strip_hop_by_hop, xfcc_value};
+use super::{Body, GRPC_UNAVAILABLE, XFCC, is_grpc, local_reply, xfcc_value};
 use crate::audit::NotDurable;
 use crate::config::{AppProtocol, Inbound};
+use crate::conn::{OpenGuard, Shared, audit_base, instant_at};
 use crate::metrics::Direction;
 use crate::policy::{HttpFacts, Verdict};
-use crate::proxy::Shared;
 
 /// The pooled client towards the local app.
 pub type AppClient = Client<HttpConnector, Body>;
@@ -90,7 +91,7 @@ async fn refuse_conn(
         return None;
     }
     shared.metrics.decision(Direction::Inbound, verdict.label());
-    let mut fields = crate::proxy::audit_base(
+    let mut fields = audit_base(
         Direction::Inbound,
         me,
         &peer_id,
@@ -161,14 +162,14 @@ pub async fn serve_conn(
         async move { Ok::<_, Infallible>(Activity::hold(handle(ctx, req).await, stream)) }
     });
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let _open = crate::proxy::OpenGuard::new(m.clone(), Direction::Inbound);
+    let _open = OpenGuard::new(m.clone(), Direction::Inbound);
     let watch = Watch {
         shared: shared.clone(),
         refused: refused.is_some(),
         peer: peer_id,
         port,
         ip,
-        deadline: crate::proxy::instant_at(peer.not_after),
+        deadline: instant_at(peer.not_after),
     };
     let io = TokioIo::new(tls);
     let draining = if h2 {
@@ -270,15 +271,15 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
     let m = &ctx.shared.metrics;
     let grpc = is_grpc(req.headers());
-    let path = match super::admit(&ctx.shared, Direction::Inbound, &mut req) {
+    let path = match super::checks::admit(&ctx.shared, Direction::Inbound, &mut req) {
         Ok(p) => p,
-        Err(reply) => return super::unforwarded_req(req, *reply).await,
+        Err(reply) => return super::reply::unforwarded_req(req, *reply).await,
     };
     if let Some(refusal) = &ctx.refused {
         return refused(&ctx, refusal, req, path, grpc, started).await;
     }
     // Borrowed from the request: no per-request copies of the header block.
-    let headers = super::policy_headers(req.headers());
+    let headers = super::checks::policy_headers(req.headers());
     let verdict = ctx.shared.policy.decide_http(
         &ctx.peer,
         &ctx.me,
@@ -291,9 +292,9 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
         },
     );
     m.request(Direction::Inbound, verdict.label());
-    let mut record = super::RequestRecord::new(
+    let mut record = super::record::RequestRecord::new(
         &ctx.shared.audit,
-        crate::proxy::audit_base(
+        audit_base(
             Direction::Inbound,
             &ctx.me,
             &ctx.peer,
@@ -308,27 +309,27 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     );
     if !verdict.permits() {
         let reply = match record.finish_unforwarded(StatusCode::FORBIDDEN).await {
-            Ok(()) => super::denied(grpc, &verdict),
-            Err(e) => super::audit_unavailable(&ctx.shared, Direction::Inbound, grpc, &e),
+            Ok(()) => super::reply::denied(grpc, &verdict),
+            Err(e) => super::reply::audit_unavailable(&ctx.shared, Direction::Inbound, grpc, &e),
         };
         info!(method = %req.method(), path = %path, decision = verdict.decision_id(), by = %verdict.by(), "request denied by policy");
-        return super::unforwarded_req(req, reply).await;
+        return super::reply::unforwarded_req(req, reply).await;
     }
     // Strict audit: nothing is forwarded before its decision is on disk.
     if let Err(e) = record.before_forwarding().await {
-        let reply = super::audit_unavailable(&ctx.shared, Direction::Inbound, grpc, &e);
-        return super::unforwarded_req(req, reply).await;
+        let reply = super::reply::audit_unavailable(&ctx.shared, Direction::Inbound, grpc, &e);
+        return super::reply::unforwarded_req(req, reply).await;
     }
     let version = req.version();
     let (mut parts, body) = req.into_parts();
-    let authority = super::request_authority(&parts);
+    let authority = super::reply::request_authority(&parts);
     let pq = match parts.uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    parts.uri = match super::next_hop_uri(grpc, "http", &ctx.app.to_string(), pq) {
+    parts.uri = match super::reply::next_hop_uri(grpc, "http", &ctx.app.to_string(), pq) {
         Ok(u) => u,
-        Err(reply) => return super::unforwarded(version, body, *reply).await,
+        Err(reply) => return super::reply::unforwarded(version, body, *reply).await,
     };
     strip_hop_by_hop(&mut parts.headers);
     // Only the sidecar speaks for the caller's identity.
@@ -353,7 +354,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     let req = Request::from_parts(parts, body.boxed());
     match ctx.app_client.request(req).await {
         Ok(resp) => {
-            let (status, resp) = super::relay(resp);
+            let (status, resp) = super::checks::relay(resp);
             record.finish(status);
             resp
         }
@@ -386,9 +387,9 @@ async fn refused(
     ctx.shared
         .metrics
         .request(Direction::Inbound, verdict.label());
-    let record = super::RequestRecord::new(
+    let record = super::record::RequestRecord::new(
         &ctx.shared.audit,
-        crate::proxy::audit_base(
+        audit_base(
             Direction::Inbound,
             &ctx.me,
             &ctx.peer,
@@ -406,9 +407,9 @@ async fn refused(
         Err(e) => Err(e.clone()),
     };
     let reply = match recorded {
-        Ok(()) => super::denied(grpc, verdict),
-        Err(e) => super::audit_unavailable(&ctx.shared, Direction::Inbound, grpc, &e),
+        Ok(()) => super::reply::denied(grpc, verdict),
+        Err(e) => super::reply::audit_unavailable(&ctx.shared, Direction::Inbound, grpc, &e),
     };
     info!(method = %req.method(), path = %path, decision = verdict.decision_id(), "request denied: the policy allows this peer nothing");
-    super::unforwarded_req(req, reply).await
+    super::reply::unforwarded_req(req, reply).await
 }

@@ -14,17 +14,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mayfly_ca::tls::dial_name;
 use mayfly_ca::verify::{describe_tls_error, peer_identity};
 use time::OffsetDateTime;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, watch};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, warn};
 
+use super::checks::strip_hop_by_hop;
 use super::idle::Activity;
-use super::{Body, GRPC_UNAVAILABLE, MAX_HEADER_BYTES, is_grpc, local_reply, strip_hop_by_hop};
+use super::{Body, GRPC_UNAVAILABLE, MAX_HEADER_BYTES, is_grpc, local_reply};
 use crate::config::Outbound;
+use crate::conn::{OpenGuard, Shared, audit_base, handshake, instant_at};
 use crate::metrics::Direction;
 use crate::policy::HttpFacts;
-use crate::proxy::Shared;
 
 /// A new pooled connection is opened when the current one's server SVID has less than this
 /// left, so requests never race its expiry.
@@ -64,7 +65,11 @@ enum DialError {
 }
 
 impl Upstream {
-    fn new(up: Arc<Outbound>, shared: Arc<Shared>) -> Result<Arc<Self>, mayfly_ca::tls::TlsError> {
+    /// The upstream's TLS client configuration (HTTP/2 only), from our identity.
+    pub fn new(
+        up: Arc<Outbound>,
+        shared: Arc<Shared>,
+    ) -> Result<Arc<Self>, mayfly_ca::tls::TlsError> {
         let cfg = mayfly_ca::tls::client_config(
             shared.identity.creds.clone(),
             shared.identity.bundles.clone(),
@@ -138,7 +143,7 @@ impl Upstream {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 let why = describe_tls_error(&e);
-                m.handshake_failed(Direction::Outbound, crate::proxy::reason_of(&why));
+                m.handshake_failed(Direction::Outbound, handshake::failure_reason(&e));
                 return Err(DialError::Tls(remote, why));
             }
             Err(_) => {
@@ -159,12 +164,12 @@ impl Upstream {
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| DialError::H2(remote.clone(), e.to_string()))?;
-        let deadline = crate::proxy::instant_at(server.not_after);
+        let deadline = instant_at(server.not_after);
         let metrics = m.clone();
         let mut hard = self.shared.hard_stop.clone();
         tokio::spawn(
             async move {
-                let _open = crate::proxy::OpenGuard::new(metrics.clone(), Direction::Outbound);
+                let _open = OpenGuard::new(metrics.clone(), Direction::Outbound);
                 let reason = tokio::select! {
                     r = conn => {
                         if let Err(e) = r { debug!(error = %e, "upstream HTTP/2 connection ended"); }
@@ -194,14 +199,14 @@ impl Upstream {
         let started = std::time::Instant::now();
         let m = &self.shared.metrics;
         let grpc = is_grpc(req.headers());
-        let path = match super::admit(&self.shared, Direction::Outbound, &mut req) {
+        let path = match super::checks::admit(&self.shared, Direction::Outbound, &mut req) {
             Ok(p) => p,
-            Err(reply) => return super::unforwarded_req(req, *reply).await,
+            Err(reply) => return super::reply::unforwarded_req(req, *reply).await,
         };
         let me = self.shared.identity.id.to_string();
         let dest = self.up.spiffe_id.to_string();
         // Borrowed from the request: no per-request copies of the header block.
-        let headers = super::policy_headers(req.headers());
+        let headers = super::checks::policy_headers(req.headers());
         let verdict = self.shared.policy.decide_http(
             &me,
             &dest,
@@ -214,9 +219,9 @@ impl Upstream {
             },
         );
         m.request(Direction::Outbound, verdict.label());
-        let mut record = super::RequestRecord::new(
+        let mut record = super::record::RequestRecord::new(
             &self.shared.audit,
-            crate::proxy::audit_base(
+            audit_base(
                 Direction::Outbound,
                 &me,
                 &dest,
@@ -231,28 +236,32 @@ impl Upstream {
         );
         if !verdict.permits() {
             let reply = match record.finish_unforwarded(StatusCode::FORBIDDEN).await {
-                Ok(()) => super::denied(grpc, &verdict),
-                Err(e) => super::audit_unavailable(&self.shared, Direction::Outbound, grpc, &e),
+                Ok(()) => super::reply::denied(grpc, &verdict),
+                Err(e) => {
+                    super::reply::audit_unavailable(&self.shared, Direction::Outbound, grpc, &e)
+                }
             };
             info!(method = %req.method(), path = %path, decision = verdict.decision_id(), "request denied by egress policy");
-            return super::unforwarded_req(req, reply).await;
+            return super::reply::unforwarded_req(req, reply).await;
         }
         // Strict audit: nothing is forwarded before its decision is on disk.
         if let Err(e) = record.before_forwarding().await {
-            let reply = super::audit_unavailable(&self.shared, Direction::Outbound, grpc, &e);
-            return super::unforwarded_req(req, reply).await;
+            let reply =
+                super::reply::audit_unavailable(&self.shared, Direction::Outbound, grpc, &e);
+            return super::reply::unforwarded_req(req, reply).await;
         }
         let version = req.version();
         let (mut parts, body) = req.into_parts();
-        let authority = super::request_authority(&parts).unwrap_or_else(|| self.up.name.clone());
+        let authority =
+            super::reply::request_authority(&parts).unwrap_or_else(|| self.up.name.clone());
         let pq = parts
             .uri
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into());
-        parts.uri = match super::next_hop_uri(grpc, "https", &authority, pq) {
+        parts.uri = match super::reply::next_hop_uri(grpc, "https", &authority, pq) {
             Ok(u) => u,
-            Err(reply) => return super::unforwarded(version, body, *reply).await,
+            Err(reply) => return super::reply::unforwarded(version, body, *reply).await,
         };
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(http::header::HOST);
@@ -270,13 +279,13 @@ impl Upstream {
                     &format!("mayfly: {e}"),
                     None,
                 );
-                return super::unforwarded(version, body, reply).await;
+                return super::reply::unforwarded(version, body, reply).await;
             }
         };
         let req = Request::from_parts(parts, body.boxed());
         match sender.send_request(req).await {
             Ok(resp) => {
-                let (status, resp) = super::relay(resp);
+                let (status, resp) = super::checks::relay(resp);
                 record.finish(status);
                 resp
             }
@@ -296,69 +305,41 @@ impl Upstream {
     }
 }
 
-/// Serves one HTTP upstream's local listener until `stop` flips.
-pub async fn serve(
-    shared: Arc<Shared>,
-    up: Outbound,
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-) {
-    let name = up.name.clone();
-    let upstream = match Upstream::new(Arc::new(up), shared.clone()) {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::error!(error = %e, upstream = %name, "cannot build the outbound TLS configuration");
+impl Upstream {
+    /// Serves one connection from the app: HTTP/1.1 or h2c prior knowledge, each request
+    /// decided by the egress policy and sent over the pooled HTTP/2 mTLS connection.
+    pub async fn serve_conn(self: Arc<Self>, tcp: TcpStream) {
+        let limits = self.shared.limits.clone();
+        let mut hard = self.shared.hard_stop.clone();
+        let (activity, idle) = Activity::new(limits.handshake_timeout, limits.idle_timeout);
+        let svc = hyper::service::service_fn(move |req| {
+            let upstream = self.clone();
+            let stream = activity.stream();
+            async move { Ok::<_, Infallible>(Activity::hold(upstream.handle(req).await, stream)) }
+        });
+        // h2c prior knowledge or HTTP/1.1; a client that sends nothing is cut.
+        let Some(h2) = super::sniff_h2(&tcp, limits.handshake_timeout).await else {
             return;
-        }
-    };
-    loop {
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
         };
-        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
-            shared.metrics.decision(Direction::Outbound, "over_limit");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let upstream = upstream.clone();
-        let limits = shared.limits.clone();
-        let mut hard = shared.hard_stop.clone();
-        let span = info_span!("outbound", upstream = %name, client = %addr, spiffe_id = %upstream.up.spiffe_id);
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                let (activity, idle) = Activity::new(limits.handshake_timeout, limits.idle_timeout);
-                let svc = hyper::service::service_fn(move |req| {
-                    let upstream = upstream.clone();
-                    let stream = activity.stream();
-                    async move { Ok::<_, Infallible>(Activity::hold(upstream.handle(req).await, stream)) }
-                });
-                // h2c prior knowledge or HTTP/1.1; a client that sends nothing is cut.
-                let Some(h2) = super::sniff_h2(&tcp, limits.handshake_timeout).await else {
+        let io = TokioIo::new(tcp);
+        let stop = async {
+            while hard.changed().await.is_ok() {
+                if *hard.borrow() {
                     return;
-                };
-                let io = TokioIo::new(tcp);
-                let stop = async { while hard.changed().await.is_ok() { if *hard.borrow() { return; } } };
-                let r = if h2 {
-                    // Preface and then nothing: closed like an idle HTTP/1.1 connection.
-                    let conn = super::idle::serve_with_idle(super::h2_server().serve_connection(io, svc), idle);
-                    tokio::select! { r = conn => r, _ = stop => Ok(()) }
-                } else {
-                    tokio::select! { r = super::h1_server(limits.handshake_timeout).serve_connection(io, svc) => r, _ = stop => Ok(()) }
-                };
-                if let Err(e) = r {
-                    debug!(error = %e, "app connection ended with an error");
                 }
             }
-            .instrument(span),
-        );
+        };
+        let r = if h2 {
+            // Preface and then nothing: closed like an idle HTTP/1.1 connection.
+            let conn =
+                super::idle::serve_with_idle(super::h2_server().serve_connection(io, svc), idle);
+            tokio::select! { r = conn => r, _ = stop => Ok(()) }
+        } else {
+            let conn = super::h1_server(limits.handshake_timeout).serve_connection(io, svc);
+            tokio::select! { r = conn => r, _ = stop => Ok(()) }
+        };
+        if let Err(e) = r {
+            debug!(error = %e, "app connection ended with an error");
+        }
     }
 }

@@ -1,73 +1,22 @@
-//! L4 proxying: inbound mTLS termination and outbound mTLS origination, one task and one span
-//! per connection, a policy decision per connection, and no connection outliving the peer's
-//! SVID or the policy that admitted it.
+//! L4 proxying: a verified inbound connection spliced to the app, and connections from the app
+//! originated over mTLS to the remote sidecar; a policy decision per connection, and no
+//! connection outliving the peer's SVID or the policy that admitted it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use mayfly_ca::svid::SvidInfo;
-use mayfly_ca::tls::{client_config, dial_name, server_config};
+use mayfly_ca::tls::{client_config, dial_name};
 use mayfly_ca::verify::{IdMatcher, describe_tls_error, peer_identity};
-use time::OffsetDateTime;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, warn};
 
-use crate::config::{Inbound, Limits, Outbound, Protocol};
-use crate::identity::Identity;
+use super::{OpenGuard, Shared, audit_base, handshake, instant_at};
+use crate::config::{Inbound, Outbound};
 use crate::metrics::{DirLabels, Direction, EndLabels, Metrics};
-use crate::policy::{PolicyState, Verdict};
+use crate::policy::Verdict;
 use crate::splice::{End, Outcome, splice};
-
-/// What every connection task shares.
-pub struct Shared {
-    /// Our identity.
-    pub identity: Arc<Identity>,
-    /// The policy in force.
-    pub policy: Arc<PolicyState>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Timeouts and limits.
-    pub limits: Limits,
-    /// Flips when the drain deadline has passed: open connections end.
-    pub hard_stop: watch::Receiver<bool>,
-    /// Bounds concurrent connections.
-    pub slots: Arc<Semaphore>,
-    /// The audit trail.
-    pub audit: Arc<crate::audit::Auditor>,
-}
-
-/// The fields every audit record of a connection or request starts with.
-pub(crate) fn audit_base(
-    direction: Direction,
-    local: &str,
-    peer: &str,
-    peer_addr: Option<String>,
-    peer_serial: Option<&str>,
-    protocol: &str,
-) -> serde_json::Map<String, serde_json::Value> {
-    use serde_json::Value;
-    let mut m = serde_json::Map::new();
-    m.insert(
-        "direction".into(),
-        Value::from(match direction {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }),
-    );
-    m.insert("local_id".into(), Value::from(local));
-    m.insert("peer_id".into(), Value::from(peer));
-    if let Some(a) = peer_addr {
-        m.insert("peer_addr".into(), Value::from(a));
-    }
-    if let Some(s) = peer_serial {
-        m.insert("peer_serial".into(), Value::from(s));
-    }
-    m.insert("protocol".into(), Value::from(protocol));
-    m
-}
 
 /// Adds what a finished connection did.
 fn audit_close(
@@ -91,12 +40,6 @@ fn audit_close(
         m.insert("end_detail".into(), why.clone().into());
     }
     m
-}
-
-/// A tokio Instant for a wall-clock time (peer SVID expiry).
-pub(crate) fn instant_at(t: OffsetDateTime) -> tokio::time::Instant {
-    let left = (t - OffsetDateTime::now_utc()).as_seconds_f64().max(0.0);
-    tokio::time::Instant::now() + Duration::from_secs_f64(left.min(1e9))
 }
 
 /// Resolves when the connection must end for a reason other than its own traffic: the policy
@@ -172,137 +115,8 @@ fn record_end(m: &Metrics, direction: Direction, out: &Outcome, started: std::ti
     }
 }
 
-pub(crate) struct OpenGuard(Arc<Metrics>, Direction);
-
-impl OpenGuard {
-    pub(crate) fn new(m: Arc<Metrics>, direction: Direction) -> Self {
-        m.open.get_or_create(&DirLabels { direction }).inc();
-        Self(m, direction)
-    }
-}
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0
-            .open
-            .get_or_create(&DirLabels { direction: self.1 })
-            .dec();
-    }
-}
-
-/// Serves the inbound listener until `stop` flips.
-pub async fn serve_inbound(
-    shared: Arc<Shared>,
-    cfg: Inbound,
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-) {
-    let alpn: &[&[u8]] = match cfg.protocol {
-        Protocol::Tcp => &[],
-        Protocol::Http => &[b"h2", b"http/1.1"],
-    };
-    let app_client = crate::http::inbound::app_client(&cfg);
-    let tls = match server_config(
-        shared.identity.creds.clone(),
-        shared.identity.bundles.clone(),
-        alpn,
-    ) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the inbound TLS configuration");
-            return;
-        }
-    };
-    let acceptor = TlsAcceptor::from(tls);
-    loop {
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
-            shared.metrics.decision(Direction::Inbound, "over_limit");
-            warn!(peer = %addr, "connection limit reached: refusing");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let span = info_span!(
-            "inbound",
-            peer = %addr,
-            spiffe_id = tracing::field::Empty,
-            kx = tracing::field::Empty
-        );
-        let shared = shared.clone();
-        let acceptor = acceptor.clone();
-        let cfg = cfg.clone();
-        let app_client = app_client.clone();
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                let Some((tls, peer)) = accept_peer(&shared, &acceptor, tcp).await else {
-                    return;
-                };
-                match cfg.protocol {
-                    Protocol::Tcp => inbound_conn(shared, cfg, tls, peer, addr).await,
-                    Protocol::Http => {
-                        crate::http::inbound::serve_conn(shared, cfg, app_client, tls, peer, addr)
-                            .await
-                    }
-                }
-            }
-            .instrument(span),
-        );
-    }
-}
-
-/// TLS handshake with a timeout, then the peer's identity; counts and logs failures.
-async fn accept_peer(
-    shared: &Shared,
-    acceptor: &TlsAcceptor,
-    tcp: TcpStream,
-) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, SvidInfo)> {
-    let m = &shared.metrics;
-    let tls =
-        match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                let why = describe_tls_error(&e);
-                m.handshake_failed(Direction::Inbound, reason_of(&why));
-                info!(error = %why, "inbound TLS handshake refused");
-                return None;
-            }
-            Err(_) => {
-                m.handshake_failed(Direction::Inbound, "timeout");
-                debug!("inbound TLS handshake timed out");
-                return None;
-            }
-        };
-    let peer: SvidInfo = match peer_identity(tls.get_ref().1.peer_certificates()) {
-        Ok(p) => p,
-        Err(e) => {
-            m.handshake_failed(Direction::Inbound, e.reason());
-            return None;
-        }
-    };
-    let kx = mayfly_ca::tls::negotiated_group(tls.get_ref().1);
-    m.handshake(Direction::Inbound, kx);
-    tracing::Span::current()
-        .record("spiffe_id", tracing::field::display(&peer.id))
-        .record("kx", tracing::field::display(kx));
-    if peer.not_after <= OffsetDateTime::now_utc() {
-        m.handshake_failed(Direction::Inbound, "expired");
-        return None;
-    }
-    Some((tls, peer))
-}
-
-async fn inbound_conn(
+/// Proxies one verified inbound connection to the app, if the policy lets the peer in.
+pub async fn inbound_conn(
     shared: Arc<Shared>,
     cfg: Inbound,
     tls: tokio_rustls::server::TlsStream<TcpStream>,
@@ -387,79 +201,34 @@ async fn inbound_conn(
     );
 }
 
-pub(crate) fn reason_of(msg: &str) -> &'static str {
-    let m = msg.to_ascii_lowercase();
-    if m.contains("expired") {
-        "expired"
-    } else if m.contains("not valid yet") {
-        "not_yet_valid"
-    } else if m.contains("no trust bundle") {
-        "unknown_trust_domain"
-    } else if m.contains("unknown issuer") {
-        "unknown_issuer"
-    } else if m.contains("no certificate")
-        || m.contains("peer sent no certificates")
-        || m.contains("nocertificates")
-    {
-        "no_certificate"
-    } else if m.contains("x.509-svid") {
-        "not_an_svid"
-    } else if m.contains("expected") {
-        "unexpected_server_id"
-    } else {
-        "tls"
-    }
+/// One TCP upstream: connections from the app to its local port leave over mTLS to the
+/// remote sidecar, which must present the configured SPIFFE ID.
+#[derive(Clone)]
+pub struct Upstream {
+    shared: Arc<Shared>,
+    up: Arc<Outbound>,
+    connector: TlsConnector,
 }
 
-/// Serves one outbound upstream until `stop` flips.
-pub async fn serve_outbound(
-    shared: Arc<Shared>,
-    up: Outbound,
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-) {
-    let tls = match client_config(
-        shared.identity.creds.clone(),
-        shared.identity.bundles.clone(),
-        IdMatcher::Exact(up.spiffe_id.clone()),
-        &[],
-    ) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            tracing::error!(error = %e, upstream = %up.name, "cannot build the outbound TLS configuration");
-            return;
-        }
-    };
-    let connector = TlsConnector::from(tls);
-    let up = Arc::new(up);
-    loop {
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
-            shared.metrics.decision(Direction::Outbound, "over_limit");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let span = info_span!("outbound", upstream = %up.name, client = %addr, spiffe_id = %up.spiffe_id, kx = tracing::field::Empty);
-        let shared = shared.clone();
-        let connector = connector.clone();
-        let up = up.clone();
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                outbound_conn(shared, up, connector, tcp).await;
-            }
-            .instrument(span),
-        );
+impl Upstream {
+    /// The upstream's TLS client configuration, from our identity.
+    pub fn new(shared: Arc<Shared>, up: Outbound) -> Result<Self, mayfly_ca::tls::TlsError> {
+        let tls = client_config(
+            shared.identity.creds.clone(),
+            shared.identity.bundles.clone(),
+            IdMatcher::Exact(up.spiffe_id.clone()),
+            &[],
+        )?;
+        Ok(Self {
+            shared,
+            up: Arc::new(up),
+            connector: TlsConnector::from(Arc::new(tls)),
+        })
+    }
+
+    /// Proxies one connection from the app, if the egress policy lets it out.
+    pub async fn serve_conn(self, app: TcpStream) {
+        outbound_conn(self.shared, self.up, self.connector, app).await
     }
 }
 
@@ -528,7 +297,7 @@ async fn outbound_conn(
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let why = describe_tls_error(&e);
-            m.handshake_failed(Direction::Outbound, reason_of(&why));
+            m.handshake_failed(Direction::Outbound, handshake::failure_reason(&e));
             warn!(error = %why, "outbound TLS handshake refused");
             return;
         }

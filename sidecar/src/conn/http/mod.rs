@@ -1,0 +1,172 @@
+//! HTTP-aware proxying (`protocol = "http"`): HTTP/1.1 and HTTP/2 (gRPC included) from the app,
+//! HTTP/2 over mTLS between sidecars, a policy decision per request, and the caller's verified
+//! identity handed to the app in `x-forwarded-client-cert`.
+
+pub mod checks;
+mod idle;
+pub mod inbound;
+pub mod outbound;
+mod record;
+pub mod reply;
+#[cfg(test)]
+mod tests;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+
+/// The body type every proxied message uses (streamed, trailers preserved).
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The identity header the inbound sidecar sets (Envoy's format).
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+/// The decision ID of a denial, on every 403 the sidecar answers.
+pub const DECISION_ID: HeaderName = HeaderName::from_static("x-mayfly-decision-id");
+
+/// Headers only the sidecar sets: a request header that spells one of them with `_` for `-` is
+/// dropped or refused (WSGI and CGI-style servers read both spellings as one).
+pub const IDENTITY_HEADERS: [HeaderName; 2] = [XFCC, DECISION_ID];
+
+/// Most headers a request may carry.
+pub const MAX_HEADERS: usize = 100;
+/// Largest header block, in bytes.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// An HTTP/1.1 server builder with mayfly's limits (header count and size, slowloris timeout).
+pub fn h1_server(header_timeout: std::time::Duration) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES * 2)
+        .max_headers(MAX_HEADERS);
+    b
+}
+
+/// An HTTP/2 server builder with mayfly's limits.
+pub fn h2_server() -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+    b
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells HTTP/2 prior knowledge (h2c) from HTTP/1 on a plaintext connection by peeking at its
+/// first bytes, within `timeout`. `None`: the client sent too little in time, or left.
+pub async fn sniff_h2(tcp: &tokio::net::TcpStream, timeout: std::time::Duration) -> Option<bool> {
+    let fut = async {
+        let mut buf = [0u8; 24];
+        loop {
+            let n = tcp.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Some(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(true);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(timeout, fut).await.ok().flatten()
+}
+
+/// A body from bytes.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// Whether a request is gRPC (its errors must be gRPC statuses, not HTTP errors).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// gRPC status PERMISSION_DENIED.
+pub const GRPC_PERMISSION_DENIED: u8 = 7;
+/// gRPC status UNAVAILABLE.
+pub const GRPC_UNAVAILABLE: u8 = 14;
+/// gRPC status INVALID_ARGUMENT.
+pub const GRPC_INVALID_ARGUMENT: u8 = 3;
+
+/// The Envoy-format XFCC value for a verified peer.
+pub fn xfcc_value(by: &str, peer_leaf_der: &[u8], peer_id: &str) -> Option<HeaderValue> {
+    let hash = hex::encode(mayfly_ca::keys::sha256(peer_leaf_der));
+    HeaderValue::from_str(&format!("By={by};Hash={hash};URI={peer_id}")).ok()
+}
+
+/// A local answer: plain text for HTTP, a trailers-only status for gRPC.
+pub fn local_reply(
+    grpc: bool,
+    status: StatusCode,
+    grpc_code: u8,
+    message: &str,
+    decision_id: Option<&str>,
+) -> Response<Body> {
+    let mut r = if grpc {
+        let mut r = Response::new(empty());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(u16::from(grpc_code)));
+        if let Ok(v) = HeaderValue::from_str(&message.replace(['\r', '\n'], " ")) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(full(format!("{message}\n")));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    if let Some(id) = decision_id.and_then(|d| HeaderValue::from_str(d).ok()) {
+        r.headers_mut().insert(DECISION_ID, id);
+    }
+    r
+}
+
+#[cfg(test)]
+mod replies {
+    use super::*;
+
+    #[test]
+    fn grpc_denials_are_trailers_only_with_permission_denied() {
+        let r = local_reply(
+            true,
+            StatusCode::FORBIDDEN,
+            GRPC_PERMISSION_DENIED,
+            "no",
+            Some("d-1"),
+        );
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers().get("grpc-status").unwrap(), "7");
+        assert_eq!(r.headers().get(DECISION_ID).unwrap(), "d-1");
+        let r = local_reply(
+            false,
+            StatusCode::FORBIDDEN,
+            GRPC_PERMISSION_DENIED,
+            "no",
+            Some("d-2"),
+        );
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+}

@@ -1,0 +1,99 @@
+//! The sidecar's connection layer: its listeners ([`listen`]: bound at start, listening once
+//! the sidecar is ready, each served by [`mayfly_ca::accept`] with the connection limit and
+//! one span per connection), the inbound TLS handshake and its failure reasons
+//! ([`handshake`]), and what every connection shares (this module: [`Shared`], [`OpenGuard`],
+//! the first fields of every audit record). Beneath it, as peers that never refer to each
+//! other: the L4 proxy ([`tcp`]) and the HTTP-aware proxy ([`http`]).
+
+pub mod handshake;
+pub mod http;
+pub mod listen;
+pub mod tcp;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::Limits;
+use crate::identity::Identity;
+use crate::metrics::{DirLabels, Direction, Metrics};
+use crate::policy::PolicyState;
+
+/// What every connection task shares.
+pub struct Shared {
+    /// Our identity.
+    pub identity: Arc<Identity>,
+    /// The policy in force.
+    pub policy: Arc<PolicyState>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Timeouts and limits.
+    pub limits: Limits,
+    /// Flips when the drain deadline has passed: open connections end.
+    pub hard_stop: watch::Receiver<bool>,
+    /// Bounds concurrent connections.
+    pub slots: Arc<Semaphore>,
+    /// The audit trail.
+    pub audit: Arc<crate::audit::Auditor>,
+}
+
+/// The fields every audit record of a connection or request starts with.
+pub(crate) fn audit_base(
+    direction: Direction,
+    local: &str,
+    peer: &str,
+    peer_addr: Option<String>,
+    peer_serial: Option<&str>,
+    protocol: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    let mut m = serde_json::Map::new();
+    m.insert(
+        "direction".into(),
+        Value::from(match direction {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }),
+    );
+    m.insert("local_id".into(), Value::from(local));
+    m.insert("peer_id".into(), Value::from(peer));
+    if let Some(a) = peer_addr {
+        m.insert("peer_addr".into(), Value::from(a));
+    }
+    if let Some(s) = peer_serial {
+        m.insert("peer_serial".into(), Value::from(s));
+    }
+    m.insert("protocol".into(), Value::from(protocol));
+    m
+}
+
+/// A tokio Instant for a wall-clock time (peer SVID expiry).
+pub(crate) fn instant_at(t: OffsetDateTime) -> tokio::time::Instant {
+    let left = (t - OffsetDateTime::now_utc()).as_seconds_f64().max(0.0);
+    tokio::time::Instant::now() + Duration::from_secs_f64(left.min(1e9))
+}
+
+/// Counts a connection in the open-connections gauge while it lives.
+pub(crate) struct OpenGuard(Arc<Metrics>, Direction);
+
+impl OpenGuard {
+    pub(crate) fn new(m: Arc<Metrics>, direction: Direction) -> Self {
+        m.open.get_or_create(&DirLabels { direction }).inc();
+        Self(m, direction)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .get_or_create(&DirLabels { direction: self.1 })
+            .dec();
+    }
+}
