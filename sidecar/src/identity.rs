@@ -308,7 +308,7 @@ impl Identity {
                 self.count(false);
                 let wait = retry::bootstrap_delay(*failures, random_unit());
                 *failures = failures.saturating_add(1);
-                warn!(error = %e, retry_in = ?wait, "bootstrap failed; retrying, and at once when the token file changes");
+                warn!(error = %e, retry_in_s = wait.as_secs_f64(), "bootstrap failed; retrying, and at once when the token file changes");
                 self.set_error(Some(format!("bootstrap failed: {e}")));
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => true,
@@ -367,11 +367,13 @@ impl Identity {
                     Err(e) => {
                         self.count(false);
                         let left = left_until(svid.info.not_after);
-                        let next = retry::renew_delay(left, renew_failures, random_unit());
+                        // `None`: too little life left for another attempt: wait for expiry.
+                        let next =
+                            retry::renew_delay(left, renew_failures, random_unit()).unwrap_or(left);
                         renew_failures = renew_failures.saturating_add(1);
-                        warn!(error = %e, seconds_left = left.as_secs_f64(), retry_in = ?next, "SVID renewal failed; still serving with the current SVID");
+                        warn!(error = %e, seconds_left = left.as_secs_f64(), retry_in_s = next.as_secs_f64(), "SVID renewal failed; still serving with the current SVID");
                         self.set_error(Some(format!("renewal failed: {e}")));
-                        next.unwrap_or(left)
+                        next
                     }
                 }
             };

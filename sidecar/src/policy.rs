@@ -238,7 +238,7 @@ impl PolicyState {
                     let _ = self.install_snapshot(&snap);
                 }
                 if let Err(e) = result {
-                    warn!(error = %e, retry_in = ?backoff, in_force = self.version().as_deref().unwrap_or("none"), "policy watch interrupted; enforcing the last snapshot");
+                    warn!(error = %e, retry_in_s = backoff.as_secs_f64(), in_force = self.version().as_deref().unwrap_or("none"), "policy watch interrupted; enforcing the last snapshot");
                 }
             }
             tokio::select! {
@@ -478,7 +478,7 @@ impl Verdict {
     pub fn by(&self) -> String {
         match self {
             Verdict::NoPolicy => "no policy loaded".into(),
-            Verdict::Decided(d) => format!("{:?}", d.decided_by),
+            Verdict::Decided(d) => d.decided_by.to_string(),
         }
     }
 }

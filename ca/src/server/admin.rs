@@ -207,7 +207,7 @@ async fn serve_conn(ca: Arc<Ca>, stream: UnixStream) {
         } else {
             match serde_json::from_str::<AdminRequest>(&line) {
                 Ok(req) => {
-                    debug!(user = %who, op = ?req, "admin request");
+                    debug!(user = %who, request = %line, "admin request");
                     let ca2 = ca.clone();
                     let who2 = who.clone();
                     tokio::task::spawn_blocking(move || dispatch(&ca2, &who2, req))
@@ -235,19 +235,15 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves admin connections until shutdown.
-pub async fn serve(ca: Arc<Ca>, listener: UnixListener, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => { tokio::spawn(serve_conn(ca.clone(), s)); }
-                Err(e) => {
-                    debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = shutdown.changed() => return,
-        }
-    }
+pub async fn serve(ca: Arc<Ca>, listener: UnixListener, shutdown: watch::Receiver<bool>) {
+    crate::accept::serve(
+        "admin socket",
+        listener,
+        shutdown,
+        crate::accept::Unlimited,
+        |s, _| (tracing::Span::none(), serve_conn(ca.clone(), s)),
+    )
+    .await;
 }
 
 /// Why a request on the admin socket failed. Its text is what the CLI shows.

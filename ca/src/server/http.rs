@@ -55,9 +55,7 @@ pub type RespBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// How often a watch stream repeats the snapshot when nothing changes (a heartbeat).
 pub const WATCH_HEARTBEAT: Duration = Duration::from_secs(15);
 
-/// Default of `--max-connections`. Each sidecar holds two long-lived connections (the watch
-/// stream and its audit session), so this serves about 5,000 sidecars.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub use super::ca::DEFAULT_MAX_CONNECTIONS;
 
 /// An accepted connection, counted in the open-connections gauge until it ends.
 struct Open(Gauge);

@@ -82,23 +82,6 @@ pub enum ServerError {
     Start(ca::Refusal),
 }
 
-// Here rather than beside `CaSettings` in `ca/`: its connection limit is the API listener's
-// (`http`), and `http` is built on `ca`, so `ca` must not refer to `http`.
-impl Default for CaSettings {
-    fn default() -> Self {
-        Self {
-            svid_default_ttl: crate::identity::signing::issue::DEFAULT_SVID_TTL,
-            svid_max_ttl: crate::identity::signing::issue::MAX_SVID_TTL,
-            token_max_ttl: Duration::from_secs(15 * 60),
-            admin_uids: vec![0],
-            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-            client_timeout: Duration::from_secs(10),
-            max_connections: http::DEFAULT_MAX_CONNECTIONS,
-            k8s: None,
-        }
-    }
-}
-
 /// Settings read from the store that `init` fixed.
 fn authority_config(store: &dyn Store) -> Result<AuthorityConfig, ServerError> {
     let d = AuthorityConfig::default();
@@ -360,58 +343,60 @@ fn health(ca: &Ca) -> (u16, String) {
     }
 }
 
-async fn serve_metrics(ca: Arc<Ca>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+async fn serve_metrics(ca: Arc<Ca>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+    crate::accept::serve(
+        "metrics",
+        listener,
+        shutdown,
+        crate::accept::Unlimited,
+        |tcp, _| (tracing::Span::none(), metrics_conn(ca.clone(), tcp)),
+    )
+    .await;
+}
+
+/// One connection to the metrics listener: `/metrics` and `/healthz`.
+async fn metrics_conn(ca: Arc<Ca>, tcp: tokio::net::TcpStream) {
     use bytes::Bytes;
     use http_body_util::Full;
     use hyper_util::rt::{TokioIo, TokioTimer};
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-            _ = shutdown.changed() => return,
-        };
+    let svc = hyper::service::service_fn(move |req: ::http::Request<hyper::body::Incoming>| {
         let ca = ca.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: ::http::Request<hyper::body::Incoming>| {
-                    let ca = ca.clone();
-                    async move {
-                        let mut content_type = "text/plain; charset=utf-8";
-                        let (status, body) = match req.uri().path() {
-                            "/metrics" => {
-                                let writable = ca.store().unwritable().is_none();
-                                ca.metrics.store_writable.set(i64::from(writable));
-                                let accept = req
-                                    .headers()
-                                    .get(::http::header::ACCEPT)
-                                    .and_then(|v| v.to_str().ok());
-                                let format = crate::identity::exposition::Format::negotiate(accept);
-                                content_type = format.content_type();
-                                let om = ca.metrics.encode();
-                                let body = match format {
-                                    crate::identity::exposition::Format::OpenMetrics => om,
-                                    crate::identity::exposition::Format::Text => {
-                                        crate::identity::exposition::openmetrics_to_text(&om)
-                                    }
-                                };
-                                (200, body)
-                            }
-                            "/healthz" => health(&ca),
-                            _ => (404, "not found\n".to_owned()),
-                        };
-                        let mut r = ::http::Response::new(Full::new(Bytes::from(body)));
-                        *r.status_mut() = ::http::StatusCode::from_u16(status).unwrap_or_default();
-                        r.headers_mut().insert(
-                            ::http::header::CONTENT_TYPE,
-                            ::http::HeaderValue::from_static(content_type),
-                        );
-                        Ok::<_, std::convert::Infallible>(r)
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+        async move {
+            let mut content_type = "text/plain; charset=utf-8";
+            let (status, body) = match req.uri().path() {
+                "/metrics" => {
+                    let writable = ca.store().unwritable().is_none();
+                    ca.metrics.store_writable.set(i64::from(writable));
+                    let accept = req
+                        .headers()
+                        .get(::http::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    let format = crate::identity::exposition::Format::negotiate(accept);
+                    content_type = format.content_type();
+                    let om = ca.metrics.encode();
+                    let body = match format {
+                        crate::identity::exposition::Format::OpenMetrics => om,
+                        crate::identity::exposition::Format::Text => {
+                            crate::identity::exposition::openmetrics_to_text(&om)
+                        }
+                    };
+                    (200, body)
+                }
+                "/healthz" => health(&ca),
+                _ => (404, "not found\n".to_owned()),
+            };
+            let mut r = ::http::Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = ::http::StatusCode::from_u16(status).unwrap_or_default();
+            r.headers_mut().insert(
+                ::http::header::CONTENT_TYPE,
+                ::http::HeaderValue::from_static(content_type),
+            );
+            Ok::<_, std::convert::Infallible>(r)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(tcp), svc)
+        .await;
 }

@@ -298,52 +298,62 @@ impl Webhook {
         self.listener.local_addr().ok()
     }
 
-    /// Serves until `stop` flips.
-    pub async fn serve(self, mut stop: watch::Receiver<bool>) {
-        let mut reload = tokio::time::interval(Duration::from_secs(30));
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = self.listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        debug!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = reload.tick() => {
-                    self.cert.reload_if_changed();
-                    continue;
+    /// Serves until `stop` flips; the serving certificate is re-read every 30 s when its files
+    /// changed (cert-manager renews them in place).
+    pub async fn serve(self, stop: watch::Receiver<bool>) {
+        let cert = self.cert.clone();
+        let mut reload_stop = stop.clone();
+        let reload = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => cert.reload_if_changed(),
+                    _ = reload_stop.wait_for(|s| *s) => return,
                 }
-                _ = stop.changed() => return,
-            };
-            let acceptor = self.acceptor.clone();
-            let opts = self.opts.clone();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        debug!(%peer, error = %e, "webhook TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let svc = hyper::service::service_fn(move |req| {
-                    let opts = opts.clone();
-                    async move { Ok::<_, Infallible>(handle(opts, req).await) }
-                });
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10));
-                if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
-                    debug!(%peer, error = %e, "webhook connection ended with an error");
-                }
-            });
+            }
+        });
+        let (acceptor, opts) = (self.acceptor, self.opts);
+        mayfly_ca::accept::serve(
+            "webhook",
+            self.listener,
+            stop,
+            mayfly_ca::accept::Unlimited,
+            |tcp, peer| {
+                let fut = review_conn(acceptor.clone(), opts.clone(), tcp, peer);
+                (tracing::Span::none(), fut)
+            },
+        )
+        .await;
+        reload.abort();
+    }
+}
+
+/// One connection from the API server: TLS, then admission reviews over HTTP/1.1 or HTTP/2.
+async fn review_conn(
+    acceptor: TlsAcceptor,
+    opts: Arc<InjectOptions>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "webhook TLS handshake failed");
+            return;
         }
+        Err(_) => return,
+    };
+    let svc = hyper::service::service_fn(move |req| {
+        let opts = opts.clone();
+        async move { Ok::<_, Infallible>(handle(opts, req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
+        debug!(%peer, error = %e, "webhook connection ended with an error");
     }
 }
 

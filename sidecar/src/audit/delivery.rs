@@ -223,7 +223,7 @@ pub(super) async fn run(
                         if a.refused_chain(target, &e) {
                             next_ship = tokio::time::Instant::now();
                         } else {
-                            warn!(error = %e, retry_in = ?backoff, "cannot deliver audit records; they stay in the spool");
+                            warn!(error = %e, retry_in_s = backoff.as_secs_f64(), "cannot deliver audit records; they stay in the spool");
                             next_ship = tokio::time::Instant::now() + backoff;
                             backoff = (backoff * 2).min(Duration::from_secs(30));
                         }

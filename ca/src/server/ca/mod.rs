@@ -52,6 +52,25 @@ pub struct CaSettings {
     pub k8s: Option<Arc<super::attest::K8sAttestor>>,
 }
 
+/// Default of `--max-connections`. Each sidecar holds two long-lived connections (the watch
+/// stream and its audit session), so this serves about 5,000 sidecars.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+impl Default for CaSettings {
+    fn default() -> Self {
+        Self {
+            svid_default_ttl: crate::identity::signing::issue::DEFAULT_SVID_TTL,
+            svid_max_ttl: crate::identity::signing::issue::MAX_SVID_TTL,
+            token_max_ttl: Duration::from_secs(15 * 60),
+            admin_uids: vec![0],
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            client_timeout: Duration::from_secs(10),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            k8s: None,
+        }
+    }
+}
+
 /// Why a join token could not be created. Its text is what `mayfly-ca token create` shows.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
