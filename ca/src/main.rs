@@ -13,6 +13,7 @@ fn report(e: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
+    mayfly_ca::report::end_quietly_on_closed_output();
     let cli = cli::Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

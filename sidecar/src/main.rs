@@ -173,6 +173,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    mayfly_ca::report::end_quietly_on_closed_output();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Inject(cmd) => inject_cmd::run(*cmd),

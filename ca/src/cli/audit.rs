@@ -145,7 +145,13 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
                 kind,
                 limit,
             };
-            for line in store.audit_query(&filter)? {
+            let lines = store.audit_query(&filter)?;
+            // Said on standard error, so that standard output stays records only; with
+            // `--json` no match is an empty stream of JSON lines.
+            if lines.is_empty() && !json {
+                eprintln!("no records match");
+            }
+            for line in lines {
                 show(&line, json);
             }
             Ok(())

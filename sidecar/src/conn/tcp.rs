@@ -158,22 +158,10 @@ pub async fn inbound_conn(
     {
         info!(decision = %d.decision_id, "dry-run: connection would be denied; letting it pass");
     }
-    let app = match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(cfg.app))
-        .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            warn!(app = %cfg.app, error = %e, "cannot connect to the local app");
-            m.decision(Direction::Inbound, "app_unreachable");
-            return;
-        }
-        Err(_) => {
-            warn!(app = %cfg.app, "timed out connecting to the local app");
-            m.decision(Direction::Inbound, "app_unreachable");
-            return;
-        }
+    let Some(app) = connect(&shared, cfg.app, "the local app").await else {
+        m.decision(Direction::Inbound, "app_unreachable");
+        return;
     };
-    let _ = app.set_nodelay(true);
     let _open = OpenGuard::new(m.clone(), Direction::Inbound);
     debug!(
         decision = verdict.decision_id(),
@@ -269,25 +257,10 @@ async fn outbound_conn(
         }
         return;
     }
-    let tcp = match tokio::time::timeout(
-        shared.limits.connect_timeout,
-        TcpStream::connect(&up.remote),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            warn!(remote = %up.remote, error = %e, "cannot connect to the remote sidecar");
-            m.decision(Direction::Outbound, "remote_unreachable");
-            return;
-        }
-        Err(_) => {
-            warn!(remote = %up.remote, "timed out connecting to the remote sidecar");
-            m.decision(Direction::Outbound, "remote_unreachable");
-            return;
-        }
+    let Some(tcp) = connect(&shared, &up.remote, "the remote sidecar").await else {
+        m.decision(Direction::Outbound, "remote_unreachable");
+        return;
     };
-    let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(
         shared.limits.handshake_timeout,
         connector.connect(dial_name(), tcp),
@@ -339,4 +312,25 @@ async fn outbound_conn(
         "connection.close",
         audit_close(fields, &out, Direction::Outbound, started),
     );
+}
+/// Connects to `addr` (`what` names it in the log) within the connect timeout, with Nagle's
+/// algorithm off; `None` once the failure is logged.
+async fn connect<A>(shared: &Shared, addr: A, what: &str) -> Option<TcpStream>
+where
+    A: tokio::net::ToSocketAddrs + std::fmt::Display + Copy,
+{
+    match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            warn!(%addr, error = %e, "cannot connect to {what}");
+            None
+        }
+        Err(_) => {
+            warn!(%addr, "timed out connecting to {what}");
+            None
+        }
+    }
 }
