@@ -106,10 +106,14 @@ impl ConfigSource {
     }
 
     /// The configuration and the files it names: `[policy] file` must exist and hold a valid
-    /// policy, for `check` as for `run` (both exit 64 otherwise).
+    /// policy and the audit spool directory must be writable, for `check` as for `run` (both
+    /// exit 64 otherwise).
     fn load_checked(&self) -> Result<(Config, String), String> {
         let (cfg, name) = self.load().map_err(|e| e.to_string())?;
         cfg.check_policy_file(&name).map_err(|e| e.to_string())?;
+        cfg.audit
+            .check_spool_dir(&name)
+            .map_err(|e| e.to_string())?;
         let metrics = std::sync::Arc::new(mayfly_sidecar::metrics::Metrics::new());
         mayfly_sidecar::policy::PolicyState::new(cfg.policy_file.clone(), metrics)
             .load_file()

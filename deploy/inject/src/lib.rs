@@ -16,7 +16,9 @@
 //!   so one YAML file is enough: no ConfigMap per workload;
 //! - a projected service-account token (audience `mayfly`, 600 s) at
 //!   `/var/run/secrets/mayfly/token`: the sidecar attests with it, no join token;
-//! - the namespace's policy ConfigMap (`mayfly-policy` by default) at `/etc/mayfly/policy`.
+//! - the namespace's policy ConfigMap (`mayfly-policy` by default) at `/etc/mayfly/policy`;
+//! - an `emptyDir` (`mayfly-audit`) at `/var/lib/mayfly/audit`, in the sidecar only, for its
+//!   audit spool (`[audit] spool_dir = "/var/lib/mayfly/audit/spool"`).
 //!
 //! Injection is idempotent (a pod template with the `mayfly.io/injected` annotation or a
 //! container named `mayfly-sidecar` is left alone), `mayfly.io/inject: "false"` opts out, and
@@ -64,6 +66,12 @@ pub const ADMIN_PORT: u16 = 15000;
 pub const TOKEN_DIR: &str = "/var/run/secrets/mayfly";
 /// Where the policy ConfigMap is mounted.
 pub const POLICY_DIR: &str = "/etc/mayfly/policy";
+/// Where the audit volume is mounted: an `emptyDir` in the sidecar container only (its root
+/// filesystem is read-only), kept across sidecar restarts for the life of the pod.
+pub const AUDIT_DIR: &str = "/var/lib/mayfly/audit";
+/// The spool directory in it (`[audit] spool_dir`): a directory of the sidecar's own, since it
+/// sets its spool to 0700 and the volume's root belongs to root.
+pub const AUDIT_SPOOL_DIR: &str = "/var/lib/mayfly/audit/spool";
 
 /// The default sidecar image.
 pub const DEFAULT_IMAGE: &str = "ghcr.io/mayfly-mesh/mayfly-sidecar:0.1.0";

@@ -4,12 +4,13 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     ADMIN_PORT, ANNOTATION_APP_PORT, ANNOTATION_APP_PORTS, ANNOTATION_OUTBOUND,
-    ANNOTATION_PROTOCOL, CONFIG_ENV, CONTAINER_NAME, INBOUND_PORT, InjectOptions, MAX_APP_PORTS,
-    POLICY_DIR, Reason, TOKEN_DIR,
+    ANNOTATION_PROTOCOL, AUDIT_DIR, AUDIT_SPOOL_DIR, CONFIG_ENV, CONTAINER_NAME, INBOUND_PORT,
+    InjectOptions, MAX_APP_PORTS, POLICY_DIR, Reason, TOKEN_DIR,
 };
 
 const TOKEN_VOLUME: &str = "mayfly-token";
 const POLICY_VOLUME: &str = "mayfly-policy";
+const AUDIT_VOLUME: &str = "mayfly-audit";
 /// The audience the control plane requires of service-account tokens.
 const AUDIENCE: &str = "mayfly";
 /// The kubelet's shortest allowed projected token life; it refreshes at 80 %.
@@ -211,6 +212,10 @@ fn config_toml(
     let mut admin = toml::Table::new();
     admin.insert("listen".into(), format!("0.0.0.0:{ADMIN_PORT}").into());
     root.insert("admin".into(), admin.into());
+    // The spool on the pod's writable volume: the root filesystem is read-only.
+    let mut audit = toml::Table::new();
+    audit.insert("spool_dir".into(), AUDIT_SPOOL_DIR.into());
+    root.insert("audit".into(), audit.into());
     let text = toml::to_string(&root).map_err(|e| Reason::WriteConfig(e.to_string()))?;
     // The sidecar must accept what we generate: check it the same way it will.
     (opts.check_config)(&text)?;
@@ -305,7 +310,7 @@ pub(super) fn plan(
         .flatten()
     {
         if let Some(n) = v.get("name").and_then(Value::as_str)
-            && (n == TOKEN_VOLUME || n == POLICY_VOLUME)
+            && [TOKEN_VOLUME, POLICY_VOLUME, AUDIT_VOLUME].contains(&n)
         {
             return Err(Reason::VolumeTaken(n.to_owned()));
         }
@@ -349,6 +354,7 @@ pub(super) fn plan(
         "volumeMounts": [
             { "name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true },
             { "name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": true },
+            { "name": AUDIT_VOLUME, "mountPath": AUDIT_DIR },
         ],
     });
     let mut container = container;
@@ -368,6 +374,7 @@ pub(super) fn plan(
             "name": POLICY_VOLUME,
             "configMap": { "name": opts.policy_configmap },
         }),
+        json!({ "name": AUDIT_VOLUME, "emptyDir": {} }),
     ];
     let default_container = containers
         .first()

@@ -144,6 +144,44 @@ fn a_deployment_gets_a_native_sidecar_that_attests_with_its_service_account() {
 }
 
 #[test]
+fn the_sidecar_spools_its_audit_records_on_an_empty_dir_of_its_own() {
+    let out = inject_yaml(example("orders"), &opts()).unwrap();
+    let pod = &workload(&out)["spec"]["template"];
+    // The sidecar's root filesystem is read-only: the spool needs a writable volume.
+    let c = &pod["spec"]["initContainers"][0];
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    let vols = pod["spec"]["volumes"].as_array().unwrap();
+    let audit = vols.iter().find(|v| v["name"] == "mayfly-audit").unwrap();
+    assert_eq!(audit["emptyDir"], json!({}));
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let mount = mounts.iter().find(|m| m["name"] == "mayfly-audit").unwrap();
+    assert_eq!(mount["mountPath"], AUDIT_DIR);
+    assert_ne!(mount["readOnly"], true);
+    // The generated configuration spools there, in a directory of the sidecar's own.
+    let cfg = sidecar_config(c);
+    assert_eq!(cfg.audit.spool_dir, Path::new(AUDIT_SPOOL_DIR));
+    assert!(cfg.audit.spool_dir.starts_with(AUDIT_DIR));
+    // Mounted into the sidecar only: the app containers are not given it.
+    for app in pod["spec"]["containers"].as_array().unwrap() {
+        assert!(
+            app["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|m| m["name"] != "mayfly-audit"),
+            "{app}"
+        );
+    }
+    // A pod that already has a volume of that name is refused, not given a second one.
+    let mut p = workload(example("orders"));
+    p["spec"]["template"]["spec"]["volumes"] = json!([{"name": "mayfly-audit", "emptyDir": {}}]);
+    let e = inject_object(&mut p, &opts(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mayfly-audit"), "{e}");
+}
+
+#[test]
 fn injection_is_idempotent_and_leaves_other_documents_byte_for_byte() {
     for (name, text) in EXAMPLES {
         let once = inject_yaml(text, &opts()).unwrap();

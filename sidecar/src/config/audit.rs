@@ -2,7 +2,7 @@
 //! it is full, whether a decision waits for its record to be on disk, and where copies go.
 //! The audit trail takes these settings; nothing here depends on the audit module.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use mayfly_ca::id::SpiffeId;
 use serde::Deserialize;
@@ -71,6 +71,38 @@ pub struct AuditConfig {
     pub durability: Durability,
 }
 
+impl AuditConfig {
+    /// Creates the spool directory (0700) if need be and checks a file can be written in it,
+    /// so that `check` (and `run`, before binding any port) refuses an install whose spool has
+    /// no writable home instead of failing at start. `name` names the configuration.
+    pub fn check_spool_dir(&self, name: &str) -> Result<(), ConfigError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let dir = &self.spool_dir;
+        let bad = |what: &str, e: std::io::Error| ConfigError::Invalid {
+            path: name.to_owned(),
+            key: "audit.spool_dir".into(),
+            reason: format!(
+                "cannot {what} {}: {e} (set [audit] spool_dir to a writable directory; under systemd, StateDirectory= gives one)",
+                dir.display()
+            ),
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| bad("create", e))?;
+        let probe = dir.join(format!(".check-{}.tmp", std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&probe)
+            .map_err(|e| bad("write in", e))?;
+        std::fs::remove_file(&probe).map_err(|e| bad("write in", e))
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAudit {
@@ -83,17 +115,22 @@ pub(super) struct RawAudit {
 }
 
 impl RawAudit {
-    /// The checked settings; relative paths go through `rel`.
+    /// The checked settings; relative paths go through `rel`. Without `spool_dir`, the spool
+    /// is `mayfly-audit/<ID path>` in `state_dir` (systemd's `$STATE_DIRECTORY`) when given,
+    /// else beside the config.
     pub(super) fn check(
         self,
         c: &Ctx<'_>,
         spiffe_id: &SpiffeId,
+        state_dir: Option<&Path>,
         rel: impl Fn(PathBuf) -> PathBuf,
     ) -> Result<AuditConfig, ConfigError> {
         Ok(AuditConfig {
             // One spool per identity by default: two sidecars must never share one.
             spool_dir: rel(self.spool_dir.unwrap_or_else(|| {
-                PathBuf::from("mayfly-audit")
+                state_dir
+                    .unwrap_or(Path::new(""))
+                    .join("mayfly-audit")
                     .join(spiffe_id.path().trim_start_matches('/').replace('/', "_"))
             })),
             max_spool_bytes: match self.max_spool_bytes.unwrap_or(64 << 20) {

@@ -283,6 +283,26 @@ pub struct Config {
     pub audit: AuditConfig,
 }
 
+/// The variable systemd sets to the unit's `StateDirectory=` (several are joined with `:`;
+/// the first is used): the sidecar's default spool directory lives there when it is set.
+pub const STATE_DIRECTORY_ENV: &str = "STATE_DIRECTORY";
+
+/// The first directory of `$STATE_DIRECTORY`, if set and not empty; it must be absolute.
+fn state_directory() -> Result<Option<PathBuf>, ConfigError> {
+    let Some(v) = std::env::var_os(STATE_DIRECTORY_ENV) else {
+        return Ok(None);
+    };
+    match std::env::split_paths(&v).next() {
+        Some(p) if p.as_os_str().is_empty() => Ok(None),
+        Some(p) if p.is_absolute() => Ok(Some(p)),
+        Some(p) => Err(ConfigError::Env {
+            var: STATE_DIRECTORY_ENV.into(),
+            reason: format!("{} is not an absolute path", p.display()),
+        }),
+        None => Ok(None),
+    }
+}
+
 struct Ctx<'a> {
     path: &'a str,
 }
@@ -367,7 +387,13 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, &path.display().to_string(), base)
+        let state_dir = state_directory()?;
+        Self::parse_in(
+            &text,
+            &path.display().to_string(),
+            base,
+            state_dir.as_deref(),
+        )
     }
 
     /// Reads and checks a configuration held whole in the environment variable `var` (how
@@ -381,11 +407,31 @@ impl Config {
                 std::env::VarError::NotUnicode(_) => "not UTF-8".into(),
             },
         })?;
-        Self::parse(&text, &format!("${var}"), Path::new("."))
+        let state_dir = state_directory()?;
+        Self::parse_in(
+            &text,
+            &format!("${var}"),
+            Path::new("."),
+            state_dir.as_deref(),
+        )
     }
 
-    /// Parses config text; relative paths are taken from `base`.
+    /// Parses config text; relative paths are taken from `base` (and so is the default spool
+    /// directory: see [`Config::parse_in`]).
     pub fn parse(text: &str, name: &str, base: &Path) -> Result<Self, ConfigError> {
+        Self::parse_in(text, name, base, None)
+    }
+
+    /// Parses config text; relative paths are taken from `base`. The default audit spool
+    /// directory is `mayfly-audit/<ID path>` in `state_dir` when given (the service manager's
+    /// writable directory for this sidecar: [`STATE_DIRECTORY_ENV`]), else beside the config;
+    /// an explicit `[audit] spool_dir` always wins.
+    pub fn parse_in(
+        text: &str,
+        name: &str,
+        base: &Path,
+        state_dir: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: name.to_owned(),
             message: e.to_string().trim_end().to_owned(),
@@ -516,7 +562,7 @@ impl Config {
         if !(1..=64).contains(&worker_threads) {
             return Err(c.bad("runtime.worker_threads", "must be between 1 and 64"));
         }
-        let audit = raw.audit.check(&c, &spiffe_id, rel)?;
+        let audit = raw.audit.check(&c, &spiffe_id, state_dir, rel)?;
         Ok(Config {
             audit,
             spiffe_id,

@@ -210,3 +210,45 @@ fn garbage_never_panics() {
         assert!(Config::parse(t, "x", Path::new(".")).is_err());
     }
 }
+
+#[test]
+fn the_default_spool_is_in_the_state_directory_when_there_is_one_and_spool_dir_wins() {
+    let beside = Config::parse(GOOD, "s.toml", Path::new("/etc/mayfly")).unwrap();
+    assert_eq!(
+        beside.audit.spool_dir,
+        Path::new("/etc/mayfly/mayfly-audit/orders")
+    );
+    let state = Path::new("/var/lib/mayfly-sidecar/orders");
+    let c = Config::parse_in(GOOD, "s.toml", Path::new("/etc/mayfly"), Some(state)).unwrap();
+    assert_eq!(
+        c.audit.spool_dir,
+        Path::new("/var/lib/mayfly-sidecar/orders/mayfly-audit/orders")
+    );
+    let explicit = format!("{GOOD}[audit]\nspool_dir = \"spool\"\n");
+    let c = Config::parse_in(&explicit, "s.toml", Path::new("/etc/mayfly"), Some(state)).unwrap();
+    assert_eq!(c.audit.spool_dir, Path::new("/etc/mayfly/spool"));
+}
+
+#[test]
+fn a_spool_directory_that_cannot_be_created_is_a_config_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    let text = format!("{GOOD}[audit]\nspool_dir = \"file/spool\"\n");
+    let c = Config::parse(&text, "s.toml", dir.path()).unwrap();
+    let e = c.audit.check_spool_dir("s.toml").unwrap_err().to_string();
+    assert!(
+        e.starts_with("s.toml: `audit.spool_dir`: cannot create"),
+        "{e}"
+    );
+    let ok = Config::parse(GOOD, "s.toml", dir.path()).unwrap();
+    ok.audit.check_spool_dir("s.toml").unwrap();
+    let spool = dir.path().join("mayfly-audit/orders");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&spool).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "the probe is removed"
+    );
+}
