@@ -10,9 +10,10 @@ use mayfly_ca::id::{SpiffeId, parse_workload_id};
 use serde::Deserialize;
 
 mod audit;
+mod raw;
 
-use audit::RawAudit;
 pub use audit::{AuditConfig, Durability, Sink, WhenFull};
+use raw::{Raw, RawInbound};
 
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -52,103 +53,6 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Raw {
-    spiffe_id: String,
-    control_plane: RawControlPlane,
-    /// `[inbound]` (one listener) or `[[inbound]]` (several), read by [`Ctx::inbound`].
-    inbound: Option<toml::Value>,
-    #[serde(default)]
-    outbound: Vec<RawOutbound>,
-    #[serde(default)]
-    policy: Option<RawPolicy>,
-    #[serde(default)]
-    admin: RawAdmin,
-    #[serde(default)]
-    limits: RawLimits,
-    #[serde(default)]
-    runtime: RawRuntime,
-    #[serde(default)]
-    audit: RawAudit,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawControlPlane {
-    address: String,
-    token_file: Option<PathBuf>,
-    token_env: Option<String>,
-    k8s_token_file: Option<PathBuf>,
-    ca_pin: Option<String>,
-    svid_ttl: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawInbound {
-    listen: String,
-    app: String,
-    #[serde(default)]
-    protocol: Protocol,
-    #[serde(default)]
-    app_protocol: AppProtocol,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawOutbound {
-    name: String,
-    listen: String,
-    remote: String,
-    spiffe_id: String,
-    #[serde(default)]
-    protocol: Protocol,
-    port: Option<u16>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPolicy {
-    file: PathBuf,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    #[serde(default = "default_admin")]
-    listen: String,
-}
-
-impl Default for RawAdmin {
-    fn default() -> Self {
-        Self {
-            listen: default_admin(),
-        }
-    }
-}
-
-fn default_admin() -> String {
-    "127.0.0.1:15000".into()
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    connect_timeout: Option<String>,
-    handshake_timeout: Option<String>,
-    idle_timeout: Option<String>,
-    drain_timeout: Option<String>,
-    max_connections: Option<usize>,
-    underscore_identity_headers: Option<UnderscoreHeaders>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRuntime {
-    worker_threads: Option<usize>,
 }
 
 /// L4 or HTTP-aware proxying of a listener.

@@ -146,12 +146,7 @@ pub async fn inbound_conn(
     );
     verdict.audit_into(&mut fields);
     if !verdict.permits() {
-        info!(decision = verdict.decision_id(), by = %verdict.by(), "inbound connection denied by policy");
-        // Strict audit: the connection is closed once its denial is on disk.
-        if let Err(e) = shared.audit.record("connection.denied", fields).await {
-            warn!(error = %e, "strict audit: the denial's record is not durable");
-        }
-        return;
+        return record_denial(&shared, Direction::Inbound, &verdict, fields).await;
     }
     if let Verdict::Decided(d) = &verdict
         && !d.allow
@@ -250,12 +245,7 @@ async fn outbound_conn(
     );
     verdict.audit_into(&mut fields);
     if !verdict.permits() {
-        info!(decision = verdict.decision_id(), by = %verdict.by(), "outbound connection denied by policy");
-        // Strict audit: the connection is closed once its denial is on disk.
-        if let Err(e) = shared.audit.record("connection.denied", fields).await {
-            warn!(error = %e, "strict audit: the denial's record is not durable");
-        }
-        return;
+        return record_denial(&shared, Direction::Outbound, &verdict, fields).await;
     }
     let Some(tcp) = connect(&shared, &up.remote, "the remote sidecar").await else {
         m.decision(Direction::Outbound, "remote_unreachable");
@@ -313,6 +303,20 @@ async fn outbound_conn(
         audit_close(fields, &out, Direction::Outbound, started),
     );
 }
+/// Logs a connection the policy denies and records its `connection.denied` record; under strict
+/// audit the connection is closed only once that record is on disk.
+async fn record_denial(
+    shared: &Shared,
+    direction: Direction,
+    verdict: &Verdict,
+    fields: serde_json::Map<String, serde_json::Value>,
+) {
+    info!(decision = verdict.decision_id(), by = %verdict.by(), "{} connection denied by policy", direction.as_str());
+    if let Err(e) = shared.audit.record("connection.denied", fields).await {
+        warn!(error = %e, "strict audit: the denial's record is not durable");
+    }
+}
+
 /// Connects to `addr` (`what` names it in the log) within the connect timeout, with Nagle's
 /// algorithm off; `None` once the failure is logged.
 async fn connect<A>(shared: &Shared, addr: A, what: &str) -> Option<TcpStream>

@@ -62,6 +62,30 @@ struct Ctx {
     refused: Option<Refusal>,
 }
 
+impl Ctx {
+    /// Counts a request's decision and starts its `http.request` record.
+    fn record(
+        &self,
+        method: &http::Method,
+        path: &str,
+        verdict: &Verdict,
+        started: std::time::Instant,
+    ) -> super::record::RequestRecord<'_> {
+        self.shared
+            .metrics
+            .request(Direction::Inbound, verdict.label());
+        let base = audit_base(
+            Direction::Inbound,
+            &self.me,
+            &self.peer,
+            Some(self.peer_addr.clone()),
+            Some(&self.peer_serial),
+            "http",
+        );
+        super::record::RequestRecord::new(&self.shared.audit, base, method, path, verdict, started)
+    }
+}
+
 /// The connection-level denial of a peer the policy allows no request at all, and whether its
 /// `connection.denied` record is durable (strict audit: if not, requests get 503, not 403).
 #[derive(Clone)]
@@ -291,22 +315,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
             headers: &headers,
         },
     );
-    m.request(Direction::Inbound, verdict.label());
-    let mut record = super::record::RequestRecord::new(
-        &ctx.shared.audit,
-        audit_base(
-            Direction::Inbound,
-            &ctx.me,
-            &ctx.peer,
-            Some(ctx.peer_addr.clone()),
-            Some(&ctx.peer_serial),
-            "http",
-        ),
-        req.method(),
-        &path,
-        &verdict,
-        started,
-    );
+    let mut record = ctx.record(req.method(), &path, &verdict, started);
     if !verdict.permits() {
         let reply = match record.finish_unforwarded(StatusCode::FORBIDDEN).await {
             Ok(()) => super::reply::denied(grpc, &verdict),
@@ -384,24 +393,7 @@ async fn refused(
     started: std::time::Instant,
 ) -> Response<Body> {
     let verdict = &refusal.verdict;
-    ctx.shared
-        .metrics
-        .request(Direction::Inbound, verdict.label());
-    let record = super::record::RequestRecord::new(
-        &ctx.shared.audit,
-        audit_base(
-            Direction::Inbound,
-            &ctx.me,
-            &ctx.peer,
-            Some(ctx.peer_addr.clone()),
-            Some(&ctx.peer_serial),
-            "http",
-        ),
-        req.method(),
-        &path,
-        verdict,
-        started,
-    );
+    let record = ctx.record(req.method(), &path, verdict, started);
     let recorded = match &refusal.recorded {
         Ok(()) => record.finish_unforwarded(StatusCode::FORBIDDEN).await,
         Err(e) => Err(e.clone()),
