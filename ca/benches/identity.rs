@@ -5,7 +5,10 @@
 //! - `verify_chain`: verify a leaf + intermediate against a bundle (the per-handshake verify cost).
 //! - `make_csr`: generate a P-256 key and a CSR (the sidecar's per-rotation cost).
 //! - `mtls_handshake`: a full TLS 1.3 mutual handshake between rustls client and server configs
-//!   built by `mayfly_ca::tls`, bytes pumped in memory (handshakes per second, both sides).
+//!   built by `mayfly_ca::tls`, bytes pumped in memory (handshakes per second, both sides);
+//!   they agree on the hybrid X25519MLKEM768. `mtls_handshake_x25519`: the same with a client
+//!   that offers X25519 only (what two mayfly peers agreed on before the hybrid was preferred):
+//!   the ratio of the two is the price of the post-quantum key exchange.
 //!
 //! Run: `cargo bench -p mayfly-ca --bench identity`.
 
@@ -140,13 +143,50 @@ fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> Option<H
     kind
 }
 
-/// A full TLS 1.3 mutual handshake (ECDSA P-256 SVIDs, X25519, SPIFFE verifiers on both sides),
-/// client and server in one thread: the figure is handshakes per second for both ends together.
+/// A full TLS 1.3 mutual handshake (ECDSA P-256 SVIDs, X25519MLKEM768, SPIFFE verifiers on both
+/// sides), client and server in one thread: the figure is handshakes per second for both ends
+/// together.
 #[divan::bench]
 fn mtls_handshake(bencher: Bencher<'_, '_>) {
     let (client, server) = configs(false);
     assert_eq!(handshake(&client, &server), Some(HandshakeKind::Full));
+    assert_eq!(group(&client, &server), "X25519MLKEM768");
     bencher.bench_local(|| handshake(&client, &server));
+}
+
+/// The same handshake with a client that offers plain X25519 only.
+#[divan::bench]
+fn mtls_handshake_x25519(bencher: Bencher<'_, '_>) {
+    let ca = TestCa::new(TD);
+    let server = Arc::new(server_config(ca.credentials(SERVER_ID), ca.bundles(), &[]).unwrap());
+    let mut provider = (*mayfly_ca::tls::provider()).clone();
+    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    let mut client = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(mayfly_ca::verify::SpiffeServerVerifier::new(
+            ca.bundles(),
+            IdMatcher::Exact(parse_workload_id(SERVER_ID).unwrap()),
+        )))
+        .with_client_cert_resolver(ca.credentials(CLIENT_ID));
+    client.enable_sni = false;
+    client.resumption = rustls::client::Resumption::disabled();
+    let client = Arc::new(client);
+    assert_eq!(handshake(&client, &server), Some(HandshakeKind::Full));
+    assert_eq!(group(&client, &server), "X25519");
+    bencher.bench_local(|| handshake(&client, &server));
+}
+
+/// The key exchange group one handshake agrees on.
+fn group(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> &'static str {
+    let mut c = Connection::Client(ClientConnection::new(client.clone(), dial_name()).unwrap());
+    let mut s = Connection::Server(ServerConnection::new(server.clone()).unwrap());
+    for _ in 0..8 {
+        transfer(&mut c, &mut s);
+        transfer(&mut s, &mut c);
+    }
+    mayfly_ca::tls::negotiated_group(&c)
 }
 
 /// A resumed TLS 1.3 handshake (ticket from the previous connection, PSK + X25519): no

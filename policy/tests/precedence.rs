@@ -383,3 +383,12 @@ fn explain_says_when_nothing_names_the_destination() {
         "{text}"
     );
 }
+
+#[test]
+fn explain_states_the_request_time_in_rfc_3339() {
+    let x = engine("").explain(&conn(WEB, ORDERS), &[]);
+    let t = NOW
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert!(x.request.ends_with(&format!(" at {t}")), "{}", x.request);
+}

@@ -636,6 +636,8 @@ pub async fn in_process_control_plane(
         settings: server::CaSettings::default(),
         drain: Duration::from_secs(1),
         policy_file: policy,
+        admin_socket: None,
+        admin_group: None,
     })
     .await?)
 }

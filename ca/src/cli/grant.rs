@@ -1,15 +1,13 @@
 //! `mayfly-ca grant request|approve|deny|revoke|list`: just-in-time access, through the running
 //! control plane's admin socket (the caller's OS user is the admin identity).
 
-use std::path::{Path, PathBuf};
-
 use anyhow::Result;
 use clap::Subcommand;
 use mayfly_ca::server::admin::AdminRequest;
 use mayfly_ca::server::distribution::GrantRequest;
 use serde_json::Value;
 
-use super::admin_call as call;
+use super::{AdminArg, admin_call as call};
 
 /// Grant subcommands.
 #[derive(Subcommand)]
@@ -17,9 +15,8 @@ pub(crate) enum GrantCmd {
     /// Ask for a scoped, time-bound allow. Pending until another admin approves, unless the
     /// policy sets `grants.approvals = 0`.
     Request {
-        /// The control plane's data directory (for its admin socket).
-        #[arg(long, env = "MAYFLY_DATA_DIR")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        admin: AdminArg,
         /// Exact source SPIFFE ID.
         #[arg(long)]
         from: String,
@@ -44,33 +41,29 @@ pub(crate) enum GrantCmd {
     },
     /// Approve a pending grant (not your own).
     Approve {
-        /// Data directory.
-        #[arg(long, env = "MAYFLY_DATA_DIR")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        admin: AdminArg,
         /// Grant id.
         id: String,
     },
     /// Deny a pending grant.
     Deny {
-        /// Data directory.
-        #[arg(long, env = "MAYFLY_DATA_DIR")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        admin: AdminArg,
         /// Grant id.
         id: String,
     },
     /// Revoke a grant now.
     Revoke {
-        /// Data directory.
-        #[arg(long, env = "MAYFLY_DATA_DIR")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        admin: AdminArg,
         /// Grant id.
         id: String,
     },
     /// Grants: pending, active, expired, denied, revoked.
     List {
-        /// Data directory.
-        #[arg(long, env = "MAYFLY_DATA_DIR")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        admin: AdminArg,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -115,7 +108,7 @@ fn line(g: &Value) -> String {
 pub(crate) async fn run(cmd: GrantCmd) -> Result<()> {
     match cmd {
         GrantCmd::Request {
-            data_dir,
+            admin,
             from,
             to,
             methods,
@@ -125,7 +118,7 @@ pub(crate) async fn run(cmd: GrantCmd) -> Result<()> {
             json,
         } => {
             let g = call(
-                &data_dir,
+                &admin,
                 AdminRequest::GrantRequest(GrantRequest {
                     from,
                     to,
@@ -149,11 +142,11 @@ pub(crate) async fn run(cmd: GrantCmd) -> Result<()> {
             }
             Ok(())
         }
-        GrantCmd::Approve { data_dir, id } => decide(&data_dir, id, "approve").await,
-        GrantCmd::Deny { data_dir, id } => decide(&data_dir, id, "deny").await,
-        GrantCmd::Revoke { data_dir, id } => decide(&data_dir, id, "revoke").await,
-        GrantCmd::List { data_dir, json } => {
-            let v = call(&data_dir, AdminRequest::GrantList).await?;
+        GrantCmd::Approve { admin, id } => decide(&admin, id, "approve").await,
+        GrantCmd::Deny { admin, id } => decide(&admin, id, "deny").await,
+        GrantCmd::Revoke { admin, id } => decide(&admin, id, "revoke").await,
+        GrantCmd::List { admin, json } => {
+            let v = call(&admin, AdminRequest::GrantList).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -171,9 +164,9 @@ pub(crate) async fn run(cmd: GrantCmd) -> Result<()> {
     }
 }
 
-async fn decide(dir: &Path, id: String, action: &str) -> Result<()> {
+async fn decide(admin: &AdminArg, id: String, action: &str) -> Result<()> {
     let g = call(
-        dir,
+        admin,
         AdminRequest::GrantDecide {
             id,
             action: action.into(),

@@ -14,7 +14,7 @@ mod run;
 mod svid;
 mod token;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -157,8 +157,38 @@ fn when(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
-/// One request on the running control plane's admin socket in `dir`.
-async fn admin_call(dir: &Path, req: AdminRequest) -> Result<Value> {
-    let socket = dir.join(server::datadir::ADMIN_SOCKET);
-    admin::call(&socket, &req).await.map_err(anyhow::Error::msg)
+/// Where the running control plane's admin socket is: `admin.sock` in its data directory, or
+/// the path `mayfly-ca run --admin-socket` bound it at (how an admin who cannot enter the data
+/// directory reaches it).
+#[derive(Args, Clone)]
+pub(crate) struct AdminArg {
+    /// The control plane's data directory (for its admin socket).
+    #[arg(
+        long,
+        env = "MAYFLY_DATA_DIR",
+        required_unless_present = "admin_socket"
+    )]
+    data_dir: Option<PathBuf>,
+    /// The admin socket, where `mayfly-ca run --admin-socket` put it (instead of
+    /// `--data-dir`).
+    #[arg(long, env = "MAYFLY_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
+}
+
+impl AdminArg {
+    fn socket(&self) -> PathBuf {
+        match (&self.admin_socket, &self.data_dir) {
+            (Some(s), _) => s.clone(),
+            (None, Some(d)) => d.join(server::datadir::ADMIN_SOCKET),
+            // clap requires one of the two.
+            (None, None) => PathBuf::from(server::datadir::ADMIN_SOCKET),
+        }
+    }
+}
+
+/// One request on the running control plane's admin socket.
+async fn admin_call(to: &AdminArg, req: AdminRequest) -> Result<Value> {
+    admin::call(&to.socket(), &req)
+        .await
+        .map_err(anyhow::Error::msg)
 }

@@ -25,6 +25,15 @@ pub(super) struct RunArgs {
     /// data directory.
     #[arg(long = "admin")]
     admins: Vec<String>,
+    /// Where to bind the admin socket. Default: `admin.sock` in the data directory, which only
+    /// the data directory's owner can reach (it is 0700); put it in a directory other admins can
+    /// enter (e.g. systemd's `RuntimeDirectory=mayfly-ca`) to let them approve grants.
+    #[arg(long, env = "MAYFLY_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
+    /// A group whose members may connect to the admin socket (mode 0660). What each may do is
+    /// still decided by their OS user (`--admin`).
+    #[arg(long)]
+    admin_group: Option<String>,
     /// SVID TTL when a sidecar does not ask for one.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     svid_ttl: Duration,
@@ -80,6 +89,18 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
     }
+}
+
+/// A group name or number as a GID.
+fn resolve_group(name: &str) -> Result<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    Ok(nix::unistd::Group::from_name(name)
+        .context("cannot look up group")?
+        .with_context(|| format!("--admin-group {name}: no such group"))?
+        .gid
+        .as_raw())
 }
 
 fn resolve_admins(names: &[String], dir: &Path) -> Result<Vec<u32>> {
@@ -148,6 +169,8 @@ pub(super) async fn run(args: RunArgs) -> Result<()> {
         settings,
         drain: Duration::from_secs(10),
         policy_file: args.policy.clone(),
+        admin_socket: args.admin_socket.clone(),
+        admin_group: args.admin_group.as_deref().map(resolve_group).transpose()?,
     })
     .await
     .context("cannot start the control plane")?;

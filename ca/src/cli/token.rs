@@ -5,14 +5,14 @@ use anyhow::Result;
 use clap::Subcommand;
 use mayfly_ca::server::admin::AdminRequest;
 
-use super::{DataDirArg, admin_call, when};
+use super::{AdminArg, admin_call, when};
 
 #[derive(Subcommand)]
 pub(super) enum TokenCmd {
     /// Create a single-use join token bound to one SPIFFE ID.
     Create {
         #[command(flatten)]
-        dir: DataDirArg,
+        dir: AdminArg,
         /// The SPIFFE ID the token may obtain.
         #[arg(long)]
         spiffe_id: String,
@@ -26,7 +26,7 @@ pub(super) enum TokenCmd {
     /// List tokens (never their secrets).
     List {
         #[command(flatten)]
-        dir: DataDirArg,
+        dir: AdminArg,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -34,7 +34,7 @@ pub(super) enum TokenCmd {
     /// Revoke an unused token by id.
     Revoke {
         #[command(flatten)]
-        dir: DataDirArg,
+        dir: AdminArg,
         /// The token id (the second field of the token, as `token list` shows).
         id: String,
     },
@@ -49,7 +49,7 @@ pub(super) async fn run(cmd: TokenCmd) -> Result<()> {
             ttl,
             json,
         } => {
-            let v = admin_call(&dir.data_dir, AdminRequest::TokenCreate { spiffe_id, ttl }).await?;
+            let v = admin_call(&dir, AdminRequest::TokenCreate { spiffe_id, ttl }).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -58,7 +58,7 @@ pub(super) async fn run(cmd: TokenCmd) -> Result<()> {
             Ok(())
         }
         TokenCmd::List { dir, json } => {
-            let v = admin_call(&dir.data_dir, AdminRequest::TokenList).await?;
+            let v = admin_call(&dir, AdminRequest::TokenList).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
@@ -80,7 +80,7 @@ pub(super) async fn run(cmd: TokenCmd) -> Result<()> {
             Ok(())
         }
         TokenCmd::Revoke { dir, id } => {
-            admin_call(&dir.data_dir, AdminRequest::TokenRevoke { id: id.clone() }).await?;
+            admin_call(&dir, AdminRequest::TokenRevoke { id: id.clone() }).await?;
             println!("revoked token {id}");
             Ok(())
         }

@@ -226,11 +226,21 @@ async fn serve_conn(ca: Arc<Ca>, stream: UnixStream) {
 
 use tokio::io::AsyncReadExt as _;
 
-/// Binds the admin socket (0600) and serves it until `shutdown` flips.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Binds the admin socket: mode 0600 (only its owner connects), or 0660 owned by `group` so
+/// that the members of that group can connect too (`--admin-group`). Reaching the socket is not
+/// enough to act: every request is still checked against the caller's OS user (SO_PEERCRED and
+/// `--admin`).
+pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let mode = match group {
+        None => 0o600,
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid))?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 

@@ -192,6 +192,11 @@ pub struct RunOptions {
     pub drain: Duration,
     /// The policy file to distribute to sidecars (`--policy`).
     pub policy_file: Option<PathBuf>,
+    /// Where the admin socket is bound (`--admin-socket`); default `admin.sock` in the data
+    /// directory.
+    pub admin_socket: Option<PathBuf>,
+    /// The group whose members may connect to the admin socket (`--admin-group`); default none.
+    pub admin_group: Option<u32>,
 }
 
 /// What a started control plane exposes to its caller (tests, the binary).
@@ -238,8 +243,11 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
         addr: opts.listen.to_string(),
         source,
     })?;
-    let admin_path = dd.admin_socket();
-    let admin = admin::bind(&admin_path).map_err(|source| ServerError::Bind {
+    let admin_path = opts
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| dd.admin_socket());
+    let admin = admin::bind(&admin_path, opts.admin_group).map_err(|source| ServerError::Bind {
         addr: admin_path.display().to_string(),
         source,
     })?;

@@ -41,7 +41,14 @@ fn summary(req: &Request<'_>) -> String {
         Some(h) => s.push_str(&format!(" {} {}", h.method, h.path)),
         None => s.push_str(" (connection)"),
     }
-    s.push_str(&format!(" at {}", req.now));
+    // RFC 3339, the form policy files and `--at` use (not `time`'s own display).
+    match req
+        .now
+        .format(&time::format_description::well_known::Rfc3339)
+    {
+        Ok(t) => s.push_str(&format!(" at {t}")),
+        Err(_) => s.push_str(&format!(" at {}", req.now)),
+    }
     s
 }
 

@@ -116,3 +116,23 @@ fn hostile_batches_are_refused_with_the_reason_and_store_nothing() {
     );
     assert_eq!(ca.store().audit_lines(&format!("{WHO}#e1")).unwrap(), good);
 }
+
+#[test]
+fn rendered_times_always_carry_three_fractional_digits() {
+    let record = |ts_ms: i64| Record {
+        v: 1,
+        source: WHO.into(),
+        epoch: "e".into(),
+        seq: 1,
+        prev: "0".into(),
+        ts_ms,
+        kind: "connection.open".into(),
+        fields: serde_json::Map::new(),
+    };
+    // 2026-03-02T10:00:00.710Z and .000Z: `time`'s RFC 3339 would print `.71Z` and no fraction.
+    let at = 1_772_445_600_000;
+    let shown = super::verify::render(&record(at + 710).line());
+    assert!(shown.starts_with("2026-03-02T10:00:00.710Z "), "{shown}");
+    let shown = super::verify::render(&record(at).line());
+    assert!(shown.starts_with("2026-03-02T10:00:00.000Z "), "{shown}");
+}

@@ -179,11 +179,20 @@ pub fn render(line: &[u8]) -> String {
     let Ok(r) = serde_json::from_slice::<Record>(line) else {
         return String::from_utf8_lossy(line).into_owned();
     };
+    // RFC 3339 in UTC with exactly three fractional digits, so that the lines' times align
+    // (`time`'s RFC 3339 drops trailing zeros: `.71Z` beside `.909Z`).
     let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(r.ts_ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.millisecond()
+            )
         })
         .unwrap_or_default();
     let f = |k: &str| {
