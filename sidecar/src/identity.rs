@@ -181,7 +181,13 @@ impl Identity {
         }
         let svid = Svid::new(issued.chain, key).map_err(|e| AcceptError::Tls(e.to_string()))?;
         self.bundles.store(Arc::new(set));
-        info!(serial = %svid.info.serial, not_after = %svid.info.not_after, "SVID installed");
+        // RFC 3339 in the log, as everywhere else (not `time`'s own display).
+        let not_after = svid
+            .info
+            .not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| svid.info.not_after.to_string());
+        info!(serial = %svid.info.serial, %not_after, "SVID installed");
         if let Ok(mut t) = self.renew_at.lock() {
             let now = OffsetDateTime::now_utc();
             *t = now + (svid.info.not_after - now) * jitter_fraction();
