@@ -139,13 +139,21 @@ pub async fn handle(
         (&Method::POST, api::SVID_PATH) => svid(ca.clone(), peer, addr, req).await,
         (&Method::POST, api::AUDIT_PATH) => audit(ca.clone(), peer, req).await,
         (&Method::GET, api::WATCH_PATH) => return watch(ca.clone(), peer),
-        (_, api::BUNDLE_PATH | api::SVID_PATH | api::AUDIT_PATH | api::WATCH_PATH) => {
-            error(405, "method_not_allowed", "method not allowed".into())
+        (&Method::PUT | &Method::DELETE, api::ENDPOINTS_PATH) => {
+            endpoints(ca.clone(), peer, req).await
         }
+        (
+            _,
+            api::BUNDLE_PATH
+            | api::SVID_PATH
+            | api::AUDIT_PATH
+            | api::WATCH_PATH
+            | api::ENDPOINTS_PATH,
+        ) => error(405, "method_not_allowed", "method not allowed".into()),
         _ => error(404, "not_found", format!("no such endpoint: {path}")),
     };
     let label = match path.as_str() {
-        api::BUNDLE_PATH | api::SVID_PATH | api::AUDIT_PATH => path,
+        api::BUNDLE_PATH | api::SVID_PATH | api::AUDIT_PATH | api::ENDPOINTS_PATH => path,
         _ => "other".to_owned(),
     };
     ca.metrics
@@ -153,6 +161,94 @@ pub async fn handle(
         .get_or_create(&PathLabel { path: label })
         .observe(start.elapsed().as_secs_f64());
     resp.map(BodyExt::boxed)
+}
+
+/// `PUT` / `DELETE /v1/endpoints`: the caller's own endpoints, filed under its certificate's
+/// SPIFFE ID (the body cannot name one); a registration's lease never outlives that certificate.
+async fn endpoints(
+    ca: Arc<Ca>,
+    peer: Option<SvidInfo>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let Some(peer) = peer else {
+        return error(
+            401,
+            "unauthenticated",
+            "endpoint registration needs mTLS with a valid SVID".into(),
+        );
+    };
+    let put = req.method() == Method::PUT;
+    let body = match tokio::time::timeout(
+        ca.settings().client_timeout,
+        Limited::new(req.into_body(), api::MAX_BODY).collect(),
+    )
+    .await
+    {
+        Err(_) => return error(408, "timeout", "request body too slow".into()),
+        Ok(Err(e)) => return error(413, "body_too_large", format!("request body refused: {e}")),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    let parsed: api::EndpointsRequest = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            ca.metrics.refuse("bad_request");
+            return error(
+                400,
+                "bad_request",
+                format!(
+                    "expected {{\"endpoints\": [\"HOST:PORT\", ...]}} (the SPIFFE ID is your certificate's): {e}"
+                ),
+            );
+        }
+    };
+    let id = peer.id.to_string();
+    let now = time::OffsetDateTime::now_utc();
+    let lease = ca
+        .settings()
+        .endpoint_lease
+        .min(super::registry::MAX_LEASE)
+        .min(Duration::try_from(peer.not_after - now).unwrap_or_default());
+    let result = if put {
+        ca.registry
+            .register(&id, &parsed.endpoints, now + lease, now)
+    } else {
+        ca.registry.remove(&id, &parsed.endpoints, now)
+    };
+    let changed = match result {
+        Ok(c) => c,
+        Err(e) => {
+            ca.metrics.refuse(e.reason());
+            return error(e.status(), e.reason(), e.to_string());
+        }
+    };
+    if !changed.is_empty() {
+        let (kind, why) = if put {
+            ("endpoint.registered", "registered")
+        } else {
+            ("endpoint.removed", "deregistered")
+        };
+        tracing::info!(spiffe_id = %id, endpoints = %changed.join(","), "endpoint {why}");
+        let (ca2, id2, addrs) = (ca.clone(), id.clone(), changed.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            for a in addrs {
+                ca2.event(
+                    kind,
+                    serde_json::json!({ "spiffe_id": id2, "address": a, "why": why }),
+                );
+            }
+        })
+        .await;
+    }
+    let body = if put {
+        serde_json::to_string(&api::EndpointsResponse {
+            spiffe_id: id,
+            endpoints: super::registry::checked(&parsed.endpoints).unwrap_or_default(),
+            lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+        })
+    } else {
+        serde_json::to_string(&serde_json::json!({ "spiffe_id": id, "removed": changed }))
+    };
+    json_response(StatusCode::OK, body.unwrap_or_default())
 }
 
 async fn audit(

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 mod audit_session;
+mod endpoints;
 
 pub use audit_session::AuditSession;
 

@@ -1,0 +1,137 @@
+//! The endpoint registry: each sidecar's inbound endpoint is filed under the SPIFFE ID of the
+//! certificate that registered it, never one a request names; endpoints leave on drain at once
+//! and by themselves when their lease is not refreshed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mayfly_tests::{Ca, bin, curl};
+use serde_json::Value;
+
+/// `mayfly-ca endpoints list --json`: (SPIFFE ID, address) pairs.
+fn listed(ca: &Ca) -> Vec<(String, String)> {
+    let out = Command::new(bin("mayfly-ca"))
+        .args(["endpoints", "list", "--json", "--data-dir"])
+        .arg(&ca.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["spiffe_id"].as_str().unwrap().to_owned(),
+                e["address"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// One `/v1/endpoints` request over mTLS with the SVID minted into `svid`: (status, body).
+fn call(api: &str, svid: &Path, method: &str, body: &str) -> (String, String) {
+    let p = |f: &str| svid.join(f).to_str().unwrap().to_owned();
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let (_, code, err) = curl(&[
+        "--cacert",
+        &p("bundle.pem"),
+        "--cert",
+        &p("svid.pem"),
+        "--key",
+        &p("svid.key"),
+        "-X",
+        method,
+        "-o",
+        out.path().to_str().unwrap(),
+        "-w",
+        "%{http_code}",
+        "-H",
+        "content-type: application/json",
+        "--data",
+        body,
+        &format!("https://{api}/v1/endpoints"),
+    ]);
+    assert!(!code.is_empty(), "{err}");
+    (code, std::fs::read_to_string(out.path()).unwrap())
+}
+
+fn pair(id: &str, addr: &str) -> (String, String) {
+    (format!("spiffe://mayfly.local/{id}"), addr.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_registers_and_removes_only_under_its_own_certificates_id() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let ca = Ca::start(&tmp);
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    ca.mint("spiffe://mayfly.local/orders", &a);
+    ca.mint("spiffe://mayfly.local/web", &b);
+    let reg = r#"{"endpoints": ["10.0.0.5:15443"]}"#;
+
+    let (code, body) = call(&ca.addr, &a, "PUT", reg);
+    assert_eq!(code, "200", "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["spiffe_id"], "spiffe://mayfly.local/orders");
+    assert!(v["lease_ms"].as_u64().unwrap() > 0);
+    assert_eq!(listed(&ca), vec![pair("orders", "10.0.0.5:15443")]);
+
+    // B cannot file an endpoint under A's ID: the body cannot name one.
+    let (code, body) = call(
+        &ca.addr,
+        &b,
+        "PUT",
+        r#"{"spiffe_id": "spiffe://mayfly.local/orders", "endpoints": ["10.0.0.9:15443"]}"#,
+    );
+    assert_eq!(code, "400", "{body}");
+    assert!(body.contains("spiffe_id"), "{body}");
+    // B's delete of A's address removes nothing of A's.
+    let (code, body) = call(&ca.addr, &b, "DELETE", reg);
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(listed(&ca), vec![pair("orders", "10.0.0.5:15443")]);
+
+    // Malformed bodies: 400 and nothing changes.
+    for bad in [
+        "not json",
+        r#"{"endpoints": []}"#,
+        r#"{"endpoints": ["0.0.0.0:15443"]}"#,
+        r#"{"endpoints": ["10.0.0.6:15443", "no-port"]}"#,
+        r#"{"endpoints": "10.0.0.6:15443"}"#,
+    ] {
+        let (code, body) = call(&ca.addr, &b, "PUT", bad);
+        assert_eq!(code, "400", "{bad}: {body}");
+    }
+    assert_eq!(listed(&ca), vec![pair("orders", "10.0.0.5:15443")]);
+
+    // A's own delete removes it at once.
+    let (code, body) = call(&ca.addr, &a, "DELETE", reg);
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(listed(&ca), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_is_not_refreshed_leaves_when_its_lease_ends() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let ca = Ca::start_with(&tmp, &["--endpoint-lease", "2s"]);
+    let a = tmp.path().join("a");
+    ca.mint("spiffe://mayfly.local/orders", &a);
+    let (code, body) = call(
+        &ca.addr,
+        &a,
+        "PUT",
+        r#"{"endpoints": ["orders-0.svc:15443"]}"#,
+    );
+    assert_eq!(code, "200", "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["lease_ms"].as_u64().unwrap() <= 2000, "{body}");
+    assert_eq!(listed(&ca), vec![pair("orders", "orders-0.svc:15443")]);
+    let gone = mayfly_tests::eventually(Duration::from_secs(10), async || listed(&ca).is_empty());
+    assert!(gone.await, "still listed after its 2 s lease");
+}
