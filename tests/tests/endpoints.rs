@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::{Ca, bin, curl};
+use mayfly_tests::{Ca, Sidecar, Spec, bin, curl, echo_app, eventually, policy};
 use serde_json::Value;
 
 /// `mayfly-ca endpoints list --json`: (SPIFFE ID, address) pairs.
@@ -132,6 +132,99 @@ async fn an_endpoint_that_is_not_refreshed_leaves_when_its_lease_ends() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert!(v["lease_ms"].as_u64().unwrap() <= 2000, "{body}");
     assert_eq!(listed(&ca), vec![pair("orders", "orders-0.svc:15443")]);
-    let gone = mayfly_tests::eventually(Duration::from_secs(10), async || listed(&ca).is_empty());
+    let gone = eventually(Duration::from_secs(10), async || listed(&ca).is_empty());
     assert!(gone.await, "still listed after its 2 s lease");
+}
+
+/// A sidecar for `orders` with an inbound listener (on 127.0.0.1:0, or as `edit` makes it).
+async fn orders(ca: &Ca, dir: &Path, name: &str, edit: impl Fn(String) -> String) -> Sidecar {
+    let pol = dir.join("policy.toml");
+    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
+    let app = echo_app("orders-app").await;
+    let token = ca.token_file(
+        "spiffe://mayfly.local/orders",
+        &dir.join(format!("{name}.token")),
+    );
+    let config = Spec {
+        me: "orders",
+        ca: &ca.addr,
+        token: &token,
+        policy: &pol,
+        inbound_app: Some(&app),
+        outbound: &[],
+        svid_ttl: None,
+        extra: &format!("[audit]\nspool_dir = \"{name}-audit\"\n"),
+    }
+    .toml();
+    Sidecar::start(dir, name, &edit(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_registers_under_its_own_id_and_a_graceful_stop_removes_it_at_once() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let ca = Ca::start(&tmp);
+    let mut sc = orders(&ca, tmp.path(), "orders", |c| c).await;
+    let inbound = sc.inbound();
+    sc.wait_ready().await;
+    let seen = eventually(Duration::from_secs(10), async || {
+        listed(&ca) == vec![pair("orders", &inbound)]
+    });
+    assert!(seen.await, "{:?}\n{}", listed(&ca), sc.proc.log());
+    assert!(sc.proc.stop().success());
+    assert_eq!(listed(&ca), vec![], "{}", sc.proc.log());
+    assert!(sc.proc.log().contains("endpoints deregistered"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_killed_with_sigkill_leaves_the_registry_within_its_lease() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let ca = Ca::start_with(&tmp, &["--endpoint-lease", "2s"]);
+    let mut sc = orders(&ca, tmp.path(), "orders", |c| c).await;
+    let inbound = sc.inbound();
+    sc.wait_ready().await;
+    let want = vec![pair("orders", &inbound)];
+    let seen = eventually(Duration::from_secs(10), async || listed(&ca) == want);
+    assert!(seen.await, "{}", sc.proc.log());
+    // Alive, it refreshes: still there after several leases.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(listed(&ca), want, "{}", sc.proc.log());
+    }
+    sc.proc.kill();
+    assert!(
+        !listed(&ca).is_empty(),
+        "removed although nobody deregistered"
+    );
+    let gone = eventually(Duration::from_secs(10), async || listed(&ca).is_empty());
+    assert!(
+        gone.await,
+        "still listed 10 s after SIGKILL with a 2 s lease"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_listener_registers_its_advertised_address_or_warns_once_without_one() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let ca = Ca::start(&tmp);
+    let wildcard = |c: String| {
+        c.replace(
+            "listen = \"127.0.0.1:0\"\napp",
+            "listen = \"0.0.0.0:0\"\napp",
+        )
+    };
+    let silent = orders(&ca, tmp.path(), "silent", wildcard).await;
+    silent.wait_ready().await;
+    let named = orders(&ca, tmp.path(), "named", |c| {
+        wildcard(c).replace(
+            "[inbound]\n",
+            "[inbound]\nadvertise = \"orders-1.orders.svc:15443\"\n",
+        )
+    })
+    .await;
+    named.wait_ready().await;
+    let want = vec![pair("orders", "orders-1.orders.svc:15443")];
+    let seen = eventually(Duration::from_secs(10), async || listed(&ca) == want);
+    assert!(seen.await, "{:?}\n{}", listed(&ca), named.proc.log());
+    let log = silent.proc.log();
+    assert_eq!(log.matches("without `advertise`").count(), 1, "{log}");
 }
