@@ -15,6 +15,7 @@ pub mod ready;
 pub mod register;
 pub mod retry;
 pub mod splice;
+pub mod upstreams;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -128,10 +129,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         policy: policy.clone(),
         audit: auditor.clone(),
     };
+    let upstreams = upstreams::Upstreams::new(&cfg.outbound);
     tasks.push(tokio::spawn(admin::serve(
         Arc::new(admin::AdminState {
             ready: readiness.clone(),
             metrics: metrics.clone(),
+            upstreams: upstreams.clone(),
         }),
         admin,
         stop_rx.clone(),
@@ -148,6 +151,17 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             cfg.spiffe_id.trust_domain().clone(),
         )?;
         tasks.push(tokio::spawn(policy.clone().follow_control_plane(
+            identity.clone(),
+            client,
+            upstreams.clone(),
+            stop_rx.clone(),
+        )));
+    } else if !cfg.outbound.is_empty() {
+        let client = mayfly_ca::client::CaClient::new(
+            cfg.control_plane.address.clone(),
+            cfg.spiffe_id.trust_domain().clone(),
+        )?;
+        tasks.push(tokio::spawn(upstreams.clone().follow(
             identity.clone(),
             client,
             stop_rx.clone(),

@@ -228,3 +228,84 @@ async fn a_wildcard_listener_registers_its_advertised_address_or_warns_once_with
     let log = silent.proc.log();
     assert_eq!(log.matches("without `advertise`").count(), 1, "{log}");
 }
+
+/// `web`'s sidecar with an outbound to `orders` (by SPIFFE ID; `remote` is static), following
+/// its local policy or, with `central`, the control plane's.
+fn web(ca: &Ca, dir: &Path, central: bool) -> Sidecar {
+    let pol = dir.join("policy.toml");
+    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
+    let token = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
+    let mut config = Spec {
+        me: "web",
+        ca: &ca.addr,
+        token: &token,
+        policy: &pol,
+        inbound_app: None,
+        outbound: &[("orders", "127.0.0.1:9", "orders")],
+        svid_ttl: None,
+        extra: "[audit]\nspool_dir = \"web-audit\"\n",
+    }
+    .toml();
+    if central {
+        config = config.replace(&format!("[policy]\nfile = \"{}\"\n", pol.display()), "");
+    }
+    Sidecar::start(dir, "web", &config)
+}
+
+/// The endpoints `web`'s `/upstreams` shows for its `orders` outbound.
+async fn upstream_endpoints(web: &Sidecar) -> Vec<String> {
+    let (status, body) = web.admin_get("/upstreams").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["upstreams"][0]["name"], "orders", "{body}");
+    v["upstreams"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn endpoints_are_pushed_to_the_sidecars_that_call_them(central: bool) {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let pol = tmp.path().join("central.toml");
+    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
+    let ca = Ca::start_with(&tmp, &["--policy", pol.to_str().unwrap()]);
+    let w = web(&ca, tmp.path(), central);
+    w.wait_ready().await;
+    assert_eq!(upstream_endpoints(&w).await, Vec::<String>::new());
+    let mut one = orders(&ca, tmp.path(), "orders-1", |c| c).await;
+    let mut two = orders(&ca, tmp.path(), "orders-2", |c| c).await;
+    let mut both = vec![one.inbound(), two.inbound()];
+    both.sort();
+    let seen = eventually(Duration::from_secs(8), async || {
+        upstream_endpoints(&w).await == both
+    });
+    assert!(
+        seen.await,
+        "{:?}\n{}",
+        upstream_endpoints(&w).await,
+        w.proc.log()
+    );
+    let left = two.inbound();
+    assert!(one.proc.stop().success());
+    let seen = eventually(Duration::from_secs(8), async || {
+        upstream_endpoints(&w).await == vec![left.clone()]
+    });
+    assert!(
+        seen.await,
+        "{:?}\n{}",
+        upstream_endpoints(&w).await,
+        w.proc.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_with_a_local_policy_learns_its_upstreams_endpoints_as_they_change() {
+    endpoints_are_pushed_to_the_sidecars_that_call_them(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_following_the_central_policy_learns_its_upstreams_endpoints_on_its_watch() {
+    endpoints_are_pushed_to_the_sidecars_that_call_them(true).await;
+}

@@ -16,6 +16,11 @@ pub const WATCH_PATH: &str = "/v1/watch";
 /// mTLS; answers an [`EndpointsResponse`]. `DELETE` with the same body removes them. The entries
 /// are filed under the client certificate's SPIFFE ID, never one named in the body.
 pub const ENDPOINTS_PATH: &str = "/v1/endpoints";
+/// `GET /v1/watch` request header: the SPIFFE IDs (comma-separated) whose live endpoints the
+/// watching sidecar wants in its snapshots (those it has an outbound for).
+pub const UPSTREAMS_HEADER: &str = "x-mayfly-upstreams";
+/// The most SPIFFE IDs one watch asks endpoints for.
+pub const MAX_UPSTREAMS: usize = 64;
 /// The most endpoints one request names.
 pub const MAX_ENDPOINTS: usize = 16;
 /// The longest endpoint address (`host:port`), in bytes.
@@ -36,6 +41,10 @@ pub struct Snapshot {
     pub grants: Vec<GrantWire>,
     /// The trust bundle (SPIFFE JWK Set).
     pub bundle: serde_json::Value,
+    /// The live endpoints of each SPIFFE ID the watch asked for ([`UPSTREAMS_HEADER`]); IDs
+    /// without any are left out.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub endpoints: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// A grant on the wire.
