@@ -114,6 +114,28 @@ async fn a_client_registers_and_removes_only_under_its_own_certificates_id() {
     let (code, body) = call(&ca.addr, &a, "DELETE", reg);
     assert_eq!(code, "200", "{body}");
     assert_eq!(listed(&ca), vec![]);
+
+    // Both are on the control plane's audit chain, under A's ID.
+    for (kind, n) in [("endpoint.registered", 1), ("endpoint.removed", 1)] {
+        let out = Command::new(bin("mayfly-ca"))
+            .args(["audit", "query", "--json", "--kind", kind, "--data-dir"])
+            .arg(&ca.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), n, "{kind}: {text}");
+        assert!(
+            lines[0].contains("spiffe://mayfly.local/orders")
+                && lines[0].contains("10.0.0.5:15443"),
+            "{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
