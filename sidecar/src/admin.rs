@@ -30,6 +30,8 @@ pub struct AdminState {
     pub ready: Readiness,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The endpoints the control plane pushed for each outbound's SPIFFE ID.
+    pub upstreams: Arc<crate::upstreams::Upstreams>,
 }
 
 fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -79,6 +81,11 @@ fn handle(s: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 s.metrics.encode_as(format),
             )
         }
+        "/upstreams" => reply(
+            StatusCode::OK,
+            "application/json",
+            format!("{}\n", s.upstreams.json()),
+        ),
         "/svid" => match s.ready.identity.creds.get() {
             Some(svid) => {
                 let chain: String = svid

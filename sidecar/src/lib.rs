@@ -12,8 +12,10 @@ pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod ready;
+pub mod register;
 pub mod retry;
 pub mod splice;
+pub mod upstreams;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,6 +66,7 @@ pub struct Running {
     /// The audit stream: an embedding program can record events of its own in the chain.
     pub audit: Arc<audit::Auditor>,
     stop_accepting: watch::Sender<bool>,
+    registration: Option<register::Registration>,
     hard_stop: watch::Sender<bool>,
     failed: watch::Receiver<Option<String>>,
     slots: Arc<Semaphore>,
@@ -126,10 +129,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         policy: policy.clone(),
         audit: auditor.clone(),
     };
+    let upstreams = upstreams::Upstreams::new(&cfg.outbound);
     tasks.push(tokio::spawn(admin::serve(
         Arc::new(admin::AdminState {
             ready: readiness.clone(),
             metrics: metrics.clone(),
+            upstreams: upstreams.clone(),
         }),
         admin,
         stop_rx.clone(),
@@ -148,11 +153,41 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         tasks.push(tokio::spawn(policy.clone().follow_control_plane(
             identity.clone(),
             client,
+            upstreams.clone(),
+            stop_rx.clone(),
+        )));
+    } else if !cfg.outbound.is_empty() {
+        let client = mayfly_ca::client::CaClient::new(
+            cfg.control_plane.address.clone(),
+            cfg.spiffe_id.trust_domain().clone(),
+        )?;
+        tasks.push(tokio::spawn(upstreams.clone().follow(
+            identity.clone(),
+            client,
             stop_rx.clone(),
         )));
     }
     let inbound_addrs = held.inbound_addrs();
     let inbound_addr = inbound_addrs.first().copied();
+    let mut advertised = Vec::new();
+    for (i, bound) in cfg.inbound.iter().zip(&inbound_addrs) {
+        match i.advertised(*bound) {
+            Some(a) => advertised.push(a),
+            None => tracing::warn!(
+                listen = %i.listen,
+                "inbound listener on a wildcard address without `advertise`: not registered with the control plane, so peers cannot find it by SPIFFE ID (set inbound.advertise = \"HOST:PORT\")"
+            ),
+        }
+    }
+    let registration = (!advertised.is_empty())
+        .then(|| {
+            mayfly_ca::client::CaClient::new(
+                cfg.control_plane.address.clone(),
+                cfg.spiffe_id.trust_domain().clone(),
+            )
+        })
+        .transpose()?
+        .map(|client| register::Registration::start(client, readiness.clone(), advertised));
     let outbound_addrs = held.outbound_addrs();
     let (failed_tx, failed) = watch::channel(None);
     tasks.push(tokio::spawn(open_when_ready(
@@ -178,6 +213,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         policy,
         audit: auditor,
         stop_accepting: stop_tx,
+        registration,
         hard_stop: hard_tx,
         failed,
         slots,
@@ -198,9 +234,12 @@ impl Running {
         }
     }
 
-    /// Graceful shutdown: stop accepting, wait for open connections up to the drain timeout,
-    /// then end the rest.
-    pub async fn shutdown(self) {
+    /// Graceful shutdown: leave the endpoint registry (peers stop choosing this sidecar), stop
+    /// accepting, wait for open connections up to the drain timeout, then end the rest.
+    pub async fn shutdown(mut self) {
+        if let Some(r) = self.registration.take() {
+            r.deregister().await;
+        }
         let _ = self.stop_accepting.send(true);
         let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(self.drain, self.slots.acquire_many(all)).await;

@@ -206,15 +206,22 @@ impl PolicyState {
         self: Arc<Self>,
         identity: Arc<crate::identity::Identity>,
         client: mayfly_ca::client::CaClient,
+        upstreams: Arc<crate::upstreams::Upstreams>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let ids = upstreams.ids();
         let mut failures = 0u32;
         loop {
             let mut backoff =
                 crate::retry::reconnect_delay(failures, crate::identity::random_unit());
             if identity.ready() {
                 let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-                let fut = client.watch(identity.bundles.clone(), identity.creds.clone(), tx);
+                let fut = client.watch_with_endpoints(
+                    identity.bundles.clone(),
+                    identity.creds.clone(),
+                    &ids,
+                    tx,
+                );
                 tokio::pin!(fut);
                 let result = loop {
                     tokio::select! {
@@ -222,6 +229,7 @@ impl PolicyState {
                         Some(snap) = rx.recv() => {
                             failures = 0;
                             backoff = crate::retry::reconnect_delay(0, crate::identity::random_unit());
+                            upstreams.install(&snap.endpoints);
                             let ok = match self.install_snapshot(&snap) {
                                 Ok(()) => true,
                                 Err(e) => {
@@ -235,6 +243,7 @@ impl PolicyState {
                     }
                 };
                 while let Ok(snap) = rx.try_recv() {
+                    upstreams.install(&snap.endpoints);
                     let _ = self.install_snapshot(&snap);
                 }
                 if let Err(e) = result {
@@ -507,6 +516,7 @@ mod tests {
             policy: Some("version = 1\n".into()),
             grants,
             bundle: serde_json::Value::Null,
+            endpoints: Default::default(),
         }
     }
 

@@ -3,11 +3,12 @@
 //!
 //! `run` (the control plane) is in [`run`]; the offline commands on a data directory in
 //! [`ca`] (`init`, `bundle`, `ca status`) and [`svid`] (`svid mint`); the commands through
-//! the running control plane's admin socket in [`token`] and [`grant`]; [`audit`] reads the
+//! the running control plane's admin socket in [`token`], [`grant`] and [`endpoints`]; [`audit`] reads the
 //! audit trail and [`policy`] checks policy files.
 
 mod audit;
 mod ca;
+mod endpoints;
 mod grant;
 mod policy;
 mod run;
@@ -85,6 +86,9 @@ enum Cmd {
     /// Just-in-time grants: request, approve, deny, revoke, list.
     #[command(subcommand)]
     Grant(grant::GrantCmd),
+    /// The sidecars' registered endpoints (through the admin socket).
+    #[command(subcommand)]
+    Endpoints(endpoints::EndpointsCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on standard output.
     Completions {
         /// The shell.
@@ -118,6 +122,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Policy(cmd) => policy::run(cmd),
         Cmd::Audit(cmd) => audit::run(cmd).await,
         Cmd::Grant(cmd) => grant::run(cmd).await,
+        Cmd::Endpoints(cmd) => endpoints::run(cmd).await,
         Cmd::Completions { shell } => {
             use std::io::Write;
             // Into memory first: clap_complete panics on a failed write (a closed pipe).

@@ -54,6 +54,10 @@ pub(super) struct RunArgs {
     /// sidecar holds about two (watch stream, audit session).
     #[arg(long, default_value_t = server::http::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// How long an endpoint registration lasts unless the sidecar refreshes it (at most 60s;
+    /// never past the sidecar's SVID).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    endpoint_lease: Duration,
     /// A policy file to validate, version, hot-reload and push to every sidecar.
     #[arg(long)]
     policy: Option<PathBuf>,
@@ -133,6 +137,9 @@ pub(super) async fn run(args: RunArgs) -> Result<()> {
     if args.svid_max_ttl > mayfly_ca::issue::MAX_SVID_TTL {
         bail!("--svid-max-ttl may not exceed 60m");
     }
+    if args.endpoint_lease.is_zero() || args.endpoint_lease > server::registry::MAX_LEASE {
+        bail!("--endpoint-lease must be between 1s and 60s");
+    }
     if args.max_connections == 0 {
         bail!("--max-connections must be at least 1");
     }
@@ -155,6 +162,7 @@ pub(super) async fn run(args: RunArgs) -> Result<()> {
         },
         client_timeout: args.client_timeout,
         max_connections: args.max_connections,
+        endpoint_lease: args.endpoint_lease,
         k8s: match (&args.k8s_jwks, &args.k8s_issuer) {
             (Some(path), Some(issuer)) => Some(std::sync::Arc::new(
                 server::attest::K8sAttestor::load(path, issuer).context("--k8s-jwks")?,

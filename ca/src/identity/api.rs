@@ -12,6 +12,19 @@ pub const AUDIT_PATH: &str = "/v1/audit";
 pub const MAX_AUDIT_BODY: usize = 4 * 1024 * 1024;
 /// `GET`: a long-lived stream of [`Snapshot`]s (one JSON object per line), over mTLS.
 pub const WATCH_PATH: &str = "/v1/watch";
+/// `PUT`: register (or refresh) the caller's inbound endpoints, an [`EndpointsRequest`], over
+/// mTLS; answers an [`EndpointsResponse`]. `DELETE` with the same body removes them. The entries
+/// are filed under the client certificate's SPIFFE ID, never one named in the body.
+pub const ENDPOINTS_PATH: &str = "/v1/endpoints";
+/// `GET /v1/watch` request header: the SPIFFE IDs (comma-separated) whose live endpoints the
+/// watching sidecar wants in its snapshots (those it has an outbound for).
+pub const UPSTREAMS_HEADER: &str = "x-mayfly-upstreams";
+/// The most SPIFFE IDs one watch asks endpoints for.
+pub const MAX_UPSTREAMS: usize = 64;
+/// The most endpoints one request names.
+pub const MAX_ENDPOINTS: usize = 16;
+/// The longest endpoint address (`host:port`), in bytes.
+pub const MAX_ENDPOINT_LEN: usize = 260;
 
 /// What the control plane pushes to sidecars: the policy in force, the live grants and the
 /// trust bundle. Sent at once, then on every change, and as a heartbeat every 15 s.
@@ -28,6 +41,10 @@ pub struct Snapshot {
     pub grants: Vec<GrantWire>,
     /// The trust bundle (SPIFFE JWK Set).
     pub bundle: serde_json::Value,
+    /// The live endpoints of each SPIFFE ID the watch asked for ([`UPSTREAMS_HEADER`]); IDs
+    /// without any are left out.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub endpoints: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// A grant on the wire.
@@ -96,4 +113,119 @@ pub struct ErrorBody {
     pub error: String,
     /// A short machine-readable reason.
     pub reason: String,
+}
+
+/// `PUT` / `DELETE /v1/endpoints` body. Unknown fields (a `spiffe_id` above all) are refused:
+/// the identity is the client certificate's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointsRequest {
+    /// The addresses peers dial (`IP:port` or `host:port`), 1 to [`MAX_ENDPOINTS`].
+    pub endpoints: Vec<String>,
+}
+
+/// `PUT /v1/endpoints` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointsResponse {
+    /// The SPIFFE ID the endpoints are filed under (the client certificate's).
+    pub spiffe_id: String,
+    /// The endpoints registered.
+    pub endpoints: Vec<String>,
+    /// How long the registration lasts unless refreshed, in milliseconds (never past the
+    /// client certificate's NotAfter).
+    pub lease_ms: u64,
+}
+
+/// Why an endpoint address is refused: the message says which and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("endpoint {address:?}: {reason}")]
+pub struct EndpointError {
+    /// The address as given (cut to [`MAX_ENDPOINT_LEN`] bytes).
+    pub address: String,
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// Checks one endpoint address: `IP:port` (`[v6]:port`) with a specific address, or
+/// `host:port` with a DNS name; the port is not 0.
+pub fn check_endpoint(address: &str) -> Result<(), EndpointError> {
+    let bad = |reason| EndpointError {
+        address: address.chars().take(MAX_ENDPOINT_LEN).collect(),
+        reason,
+    };
+    if address.len() > MAX_ENDPOINT_LEN {
+        return Err(bad("longer than 260 bytes"));
+    }
+    if let Ok(sa) = address.parse::<std::net::SocketAddr>() {
+        if sa.ip().is_unspecified() {
+            return Err(bad("a wildcard address cannot be dialled"));
+        }
+        if sa.port() == 0 {
+            return Err(bad("port 0 cannot be dialled"));
+        }
+        return Ok(());
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(bad("must be IP:port or host:port"));
+    };
+    match port.parse::<u16>() {
+        Ok(0) => return Err(bad("port 0 cannot be dialled")),
+        Ok(_) if port.bytes().all(|b| b.is_ascii_digit()) => {}
+        _ => return Err(bad("the port must be a number from 1 to 65535")),
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(bad("the host must be an IP address or a DNS name"));
+    }
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(bad("the host is not a valid IP address"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dialable_addresses_pass_and_others_say_why() {
+        for ok in [
+            "10.0.0.5:15443",
+            "[::1]:8443",
+            "orders-0.orders.svc:15443",
+            "localhost:1",
+        ] {
+            assert_eq!(check_endpoint(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "10.0.0.5",
+            "0.0.0.0:15443",
+            "[::]:1",
+            "10.0.0.5:0",
+            "host:0",
+            "host:+80",
+            "host:65536",
+            "999.1.1.1:80",
+            "-x.example:80",
+            "a b:80",
+            ":80",
+            "spiffe://mayfly.local/x:80",
+        ] {
+            assert!(check_endpoint(bad).is_err(), "{bad}");
+        }
+        let long = format!("{}.example:80", "a".repeat(300));
+        assert!(
+            check_endpoint(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("260")
+        );
+    }
 }

@@ -57,6 +57,8 @@ pub const KINDS: &[&str] = &[
     "grant.revoked",
     "grant.expired",
     "grant.self_approval_refused",
+    "endpoint.registered",
+    "endpoint.removed",
     "audit.anchor",
 ];
 

@@ -61,6 +61,9 @@ pub enum AdminRequest {
     /// List grants.
     #[serde(rename = "grant.list")]
     GrantList,
+    /// The live endpoints in the registry.
+    #[serde(rename = "endpoints.list")]
+    EndpointsList,
 }
 
 /// An admin answer.
@@ -167,6 +170,10 @@ fn dispatch(ca: &Ca, who: &str, req: AdminRequest) -> AdminResponse {
             Ok(l) => ok(serde_json::to_value(l).unwrap_or_default()),
             Err(e) => err(e.to_string()),
         },
+        AdminRequest::EndpointsList => ok(serde_json::to_value(
+            ca.registry.list(time::OffsetDateTime::now_utc()),
+        )
+        .unwrap_or_default()),
         AdminRequest::Status => match ca.authorities() {
             Ok(a) => ok(super::status_json(&a)),
             Err(e) => err(e.to_string()),

@@ -423,6 +423,7 @@ impl Distribution {
             // A grant read before it expired is not pushed after.
             grants: grants.iter().filter(|g| g.expires > now).cloned().collect(),
             bundle: serde_json::from_str(&ca.jwks()).unwrap_or(serde_json::Value::Null),
+            endpoints: Default::default(),
         })
     }
 

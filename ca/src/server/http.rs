@@ -73,7 +73,40 @@ impl Drop for Open {
     }
 }
 
-fn watch(ca: Arc<Ca>, peer: Option<SvidInfo>) -> Response<RespBody> {
+/// The SPIFFE IDs a watch asks endpoints for ([`api::UPSTREAMS_HEADER`]).
+fn upstreams(headers: &http::HeaderMap) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for v in headers.get_all(api::UPSTREAMS_HEADER) {
+        let v = v
+            .to_str()
+            .map_err(|_| format!("{} is not text", api::UPSTREAMS_HEADER))?;
+        for id in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let id = crate::identity::id::parse_id(id)
+                .map_err(|e| format!("{}: {id:?}: {e}", api::UPSTREAMS_HEADER))?;
+            if !out.contains(&id.to_string()) {
+                out.push(id.to_string());
+            }
+        }
+    }
+    if out.len() > api::MAX_UPSTREAMS {
+        return Err(format!(
+            "{}: at most {} SPIFFE IDs",
+            api::UPSTREAMS_HEADER,
+            api::MAX_UPSTREAMS
+        ));
+    }
+    Ok(out)
+}
+
+/// What woke a watch stream.
+enum Wake {
+    Policy,
+    Endpoints,
+    Heartbeat,
+    End,
+}
+
+fn watch(ca: Arc<Ca>, peer: Option<SvidInfo>, headers: &http::HeaderMap) -> Response<RespBody> {
     let Some(peer) = peer else {
         return error(
             401,
@@ -82,36 +115,68 @@ fn watch(ca: Arc<Ca>, peer: Option<SvidInfo>) -> Response<RespBody> {
         )
         .map(BodyExt::boxed);
     };
+    let ids = match upstreams(headers) {
+        Ok(ids) => Arc::new(ids),
+        Err(e) => return error(400, "bad_request", e).map(BodyExt::boxed),
+    };
     // The stream lives no longer than the certificate that opened it: the sidecar reconnects
     // with its renewed SVID (it rotates at half-life, long before this).
     let left =
         Duration::try_from(peer.not_after - time::OffsetDateTime::now_utc()).unwrap_or_default();
     let until = tokio::time::Instant::now() + left;
     let rx = ca.dist.subscribe();
-    let stream =
-        futures_util::stream::unfold((ca, rx, true), move |(ca, mut rx, first)| async move {
-            if !first {
-                let left = until.saturating_duration_since(tokio::time::Instant::now());
-                // A change, or a heartbeat; a closed channel means shutdown.
-                if left.is_zero()
-                    || matches!(
-                        tokio::time::timeout(WATCH_HEARTBEAT.min(left), rx.changed()).await,
-                        Ok(Err(_))
-                    )
-                    || tokio::time::Instant::now() >= until
-                {
-                    return None;
+    let reg = ca.registry.subscribe();
+    let state = (
+        ca,
+        rx,
+        reg,
+        true,
+        None::<std::collections::BTreeMap<String, Vec<String>>>,
+    );
+    let stream = futures_util::stream::unfold(
+        state,
+        move |(ca, mut rx, mut reg, first, mut last)| {
+            let ids = ids.clone();
+            async move {
+                let mut wake = if first { Wake::Policy } else { Wake::End };
+                loop {
+                    if !first {
+                        let left = until.saturating_duration_since(tokio::time::Instant::now());
+                        if left.is_zero() {
+                            return None;
+                        }
+                        // A change, or a heartbeat; a closed channel means shutdown.
+                        wake = tokio::select! {
+                            r = rx.changed() => if r.is_ok() { Wake::Policy } else { Wake::End },
+                            r = reg.changed() => if r.is_ok() { Wake::Endpoints } else { Wake::End },
+                            _ = tokio::time::sleep(WATCH_HEARTBEAT.min(left)) => Wake::Heartbeat,
+                        };
+                        if matches!(wake, Wake::End) || tokio::time::Instant::now() >= until {
+                            return None;
+                        }
+                    }
+                    let now = time::OffsetDateTime::now_utc();
+                    let endpoints = ca
+                        .registry
+                        .addresses_of(ids.iter().map(String::as_str), now);
+                    // A registry change that does not touch this sidecar's upstreams is not sent.
+                    if matches!(wake, Wake::Endpoints) && last.as_ref() == Some(&endpoints) {
+                        continue;
+                    }
+                    // Without any good read of the grants, end the stream: the sidecar reconnects.
+                    let mut snap = ca.dist.snapshot(&ca).await?;
+                    snap.endpoints = endpoints.clone();
+                    last = Some(endpoints);
+                    let mut line = serde_json::to_vec(&snap).unwrap_or_default();
+                    line.push(b'\n');
+                    return Some((
+                        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(line))),
+                        (ca, rx, reg, false, last),
+                    ));
                 }
             }
-            // Without any good read of the grants, end the stream: the sidecar reconnects.
-            let snap = ca.dist.snapshot(&ca).await?;
-            let mut line = serde_json::to_vec(&snap).unwrap_or_default();
-            line.push(b'\n');
-            Some((
-                Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(line))),
-                (ca, rx, false),
-            ))
-        });
+        },
+    );
     let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed());
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -138,14 +203,22 @@ pub async fn handle(
         }
         (&Method::POST, api::SVID_PATH) => svid(ca.clone(), peer, addr, req).await,
         (&Method::POST, api::AUDIT_PATH) => audit(ca.clone(), peer, req).await,
-        (&Method::GET, api::WATCH_PATH) => return watch(ca.clone(), peer),
-        (_, api::BUNDLE_PATH | api::SVID_PATH | api::AUDIT_PATH | api::WATCH_PATH) => {
-            error(405, "method_not_allowed", "method not allowed".into())
+        (&Method::GET, api::WATCH_PATH) => return watch(ca.clone(), peer, req.headers()),
+        (&Method::PUT | &Method::DELETE, api::ENDPOINTS_PATH) => {
+            endpoints(ca.clone(), peer, req).await
         }
+        (
+            _,
+            api::BUNDLE_PATH
+            | api::SVID_PATH
+            | api::AUDIT_PATH
+            | api::WATCH_PATH
+            | api::ENDPOINTS_PATH,
+        ) => error(405, "method_not_allowed", "method not allowed".into()),
         _ => error(404, "not_found", format!("no such endpoint: {path}")),
     };
     let label = match path.as_str() {
-        api::BUNDLE_PATH | api::SVID_PATH | api::AUDIT_PATH => path,
+        api::BUNDLE_PATH | api::SVID_PATH | api::AUDIT_PATH | api::ENDPOINTS_PATH => path,
         _ => "other".to_owned(),
     };
     ca.metrics
@@ -153,6 +226,94 @@ pub async fn handle(
         .get_or_create(&PathLabel { path: label })
         .observe(start.elapsed().as_secs_f64());
     resp.map(BodyExt::boxed)
+}
+
+/// `PUT` / `DELETE /v1/endpoints`: the caller's own endpoints, filed under its certificate's
+/// SPIFFE ID (the body cannot name one); a registration's lease never outlives that certificate.
+async fn endpoints(
+    ca: Arc<Ca>,
+    peer: Option<SvidInfo>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let Some(peer) = peer else {
+        return error(
+            401,
+            "unauthenticated",
+            "endpoint registration needs mTLS with a valid SVID".into(),
+        );
+    };
+    let put = req.method() == Method::PUT;
+    let body = match tokio::time::timeout(
+        ca.settings().client_timeout,
+        Limited::new(req.into_body(), api::MAX_BODY).collect(),
+    )
+    .await
+    {
+        Err(_) => return error(408, "timeout", "request body too slow".into()),
+        Ok(Err(e)) => return error(413, "body_too_large", format!("request body refused: {e}")),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    let parsed: api::EndpointsRequest = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            ca.metrics.refuse("bad_request");
+            return error(
+                400,
+                "bad_request",
+                format!(
+                    "expected {{\"endpoints\": [\"HOST:PORT\", ...]}} (the SPIFFE ID is your certificate's): {e}"
+                ),
+            );
+        }
+    };
+    let id = peer.id.to_string();
+    let now = time::OffsetDateTime::now_utc();
+    let lease = ca
+        .settings()
+        .endpoint_lease
+        .min(super::registry::MAX_LEASE)
+        .min(Duration::try_from(peer.not_after - now).unwrap_or_default());
+    let result = if put {
+        ca.registry
+            .register(&id, &parsed.endpoints, now + lease, now)
+    } else {
+        ca.registry.remove(&id, &parsed.endpoints, now)
+    };
+    let changed = match result {
+        Ok(c) => c,
+        Err(e) => {
+            ca.metrics.refuse(e.reason());
+            return error(e.status(), e.reason(), e.to_string());
+        }
+    };
+    if !changed.is_empty() {
+        let (kind, why) = if put {
+            ("endpoint.registered", "registered")
+        } else {
+            ("endpoint.removed", "deregistered")
+        };
+        tracing::info!(spiffe_id = %id, endpoints = %changed.join(","), "endpoint {why}");
+        let (ca2, id2, addrs) = (ca.clone(), id.clone(), changed.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            for a in addrs {
+                ca2.event(
+                    kind,
+                    serde_json::json!({ "spiffe_id": id2, "address": a, "why": why }),
+                );
+            }
+        })
+        .await;
+    }
+    let body = if put {
+        serde_json::to_string(&api::EndpointsResponse {
+            spiffe_id: id,
+            endpoints: super::registry::checked(&parsed.endpoints).unwrap_or_default(),
+            lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+        })
+    } else {
+        serde_json::to_string(&serde_json::json!({ "spiffe_id": id, "removed": changed }))
+    };
+    json_response(StatusCode::OK, body.unwrap_or_default())
 }
 
 async fn audit(

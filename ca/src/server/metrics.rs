@@ -64,6 +64,8 @@ pub struct Metrics {
     pub store_writable: Gauge,
     /// Control-plane events that could not be stored (recorded as a `gap` once it can).
     pub audit_events_lost: Counter,
+    /// Sidecar endpoints in the registry.
+    pub endpoints_known: Gauge,
 }
 
 impl Default for Metrics {
@@ -92,6 +94,12 @@ impl Metrics {
         let store_writable = Gauge::default();
         store_writable.set(1);
         let audit_events_lost = Counter::default();
+        let endpoints_known = Gauge::default();
+        registry.register(
+            "endpoints_known",
+            "Sidecar inbound endpoints registered and not expired (or not yet swept)",
+            endpoints_known.clone(),
+        );
         registry.register(
             "store_writable",
             "1 while the store can write, 0 while it cannot (disk full, I/O errors)",
@@ -150,6 +158,7 @@ impl Metrics {
         Self {
             store_writable,
             audit_events_lost,
+            endpoints_known,
             open_connections,
             connections_refused,
             snapshot_errors,

@@ -25,6 +25,7 @@ pub mod distribution;
 pub mod http;
 pub mod metrics;
 pub mod policy;
+pub mod registry;
 pub mod store;
 #[cfg(test)]
 mod tests;
@@ -284,6 +285,7 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
         rx.clone(),
     )));
     tasks.push(tokio::spawn(keep_audit(ca.clone(), rx.clone())));
+    tasks.push(tokio::spawn(sweep_endpoints(ca.clone(), rx.clone())));
     tasks.push(tokio::spawn(maintain(ca.clone(), rx)));
     info!(api = %api_addr, trust_domain = %ca.bundle().trust_domain(), id = %ca.ca_id(), "control plane started");
     Ok(Running {
@@ -338,6 +340,45 @@ async fn keep_audit(ca: Arc<Ca>, mut shutdown: watch::Receiver<bool>) {
         let ca = ca.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || audit::settle(&ca)).await {
             error!(error = %e, "the audit upkeep task failed");
+        }
+    }
+}
+
+/// Drops endpoint registrations whose lease ended, waking when the next one ends (a new
+/// registration wakes it too), and records each as `endpoint.removed`.
+async fn sweep_endpoints(ca: Arc<Ca>, mut shutdown: watch::Receiver<bool>) {
+    let mut changes = ca.registry.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let now = OffsetDateTime::now_utc();
+        let gone = ca.registry.sweep(now);
+        if !gone.is_empty() {
+            for (id, a) in &gone {
+                info!(spiffe_id = %id, endpoint = %a, "endpoint lease ended without refresh");
+            }
+            let ca2 = ca.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for (id, a) in gone {
+                    ca2.event(
+                        "endpoint.removed",
+                        json!({ "spiffe_id": id, "address": a, "why": "expired" }),
+                    );
+                }
+            })
+            .await;
+        }
+        let wait = ca
+            .registry
+            .next_expiry()
+            .map_or(Duration::from_secs(5), |t| {
+                Duration::try_from(t - OffsetDateTime::now_utc())
+                    .unwrap_or_default()
+                    .clamp(Duration::from_millis(10), Duration::from_secs(5))
+            });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = changes.changed() => {}
+            _ = shutdown.changed() => return,
         }
     }
 }

@@ -128,6 +128,9 @@ pub struct Inbound {
     pub protocol: Protocol,
     /// HTTP version towards the app (`protocol = "http"` only).
     pub app_protocol: AppProtocol,
+    /// The address peers dial (`HOST:PORT`), registered with the control plane; `None`: the
+    /// listen address, unless it is a wildcard (then nothing is registered).
+    pub advertise: Option<String>,
 }
 
 /// One outbound upstream.
@@ -272,14 +275,30 @@ impl Ctx<'_> {
                     format!("{listen} is used by another [[inbound]] listener"),
                 ));
             }
+            if let Some(a) = &i.advertise {
+                mayfly_ca::api::check_endpoint(a).map_err(|e| self.bad(key("advertise"), e))?;
+            }
             out.push(Inbound {
                 listen,
                 app: self.addr(&key("app"), &i.app)?,
                 protocol: i.protocol,
                 app_protocol: i.app_protocol,
+                advertise: i.advertise,
             });
         }
         Ok(out)
+    }
+}
+
+impl Inbound {
+    /// The address to register for this listener, bound at `bound` (the listen address with
+    /// its port resolved): `advertise`, else `bound` unless it is a wildcard.
+    pub fn advertised(&self, bound: SocketAddr) -> Option<String> {
+        match &self.advertise {
+            Some(a) => Some(a.clone()),
+            None if bound.ip().is_unspecified() => None,
+            None => Some(bound.to_string()),
+        }
     }
 }
 

@@ -49,6 +49,7 @@ pub(super) struct RawInbound {
     pub(super) protocol: Protocol,
     #[serde(default)]
     pub(super) app_protocol: AppProtocol,
+    pub(super) advertise: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

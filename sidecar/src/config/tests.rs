@@ -252,3 +252,31 @@ fn a_spool_directory_that_cannot_be_created_is_a_config_error_naming_the_key() {
         "the probe is removed"
     );
 }
+
+#[test]
+fn the_advertised_address_is_advertise_or_a_specific_listen_address_and_never_a_wildcard() {
+    let wildcard = Config::parse(GOOD, "s.toml", Path::new(".")).unwrap();
+    let bound: std::net::SocketAddr = "0.0.0.0:15443".parse().unwrap();
+    assert_eq!(wildcard.inbound[0].advertised(bound), None);
+    let specific: std::net::SocketAddr = "10.0.0.5:15443".parse().unwrap();
+    assert_eq!(
+        wildcard.inbound[0].advertised(specific).as_deref(),
+        Some("10.0.0.5:15443")
+    );
+    let text = GOOD.replace(
+        "app = \"127.0.0.1:8080\"",
+        "app = \"127.0.0.1:8080\"\nadvertise = \"orders-0.orders.svc:15443\"",
+    );
+    let c = Config::parse(&text, "s.toml", Path::new(".")).unwrap();
+    assert_eq!(
+        c.inbound[0].advertised(bound).as_deref(),
+        Some("orders-0.orders.svc:15443")
+    );
+    for bad in ["0.0.0.0:15443", "orders", "orders:0"] {
+        let e = err(&GOOD.replace(
+            "app = \"127.0.0.1:8080\"",
+            &format!("app = \"127.0.0.1:8080\"\nadvertise = \"{bad}\""),
+        ));
+        assert!(e.contains("`inbound.advertise`"), "{bad}: {e}");
+    }
+}

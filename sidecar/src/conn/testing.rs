@@ -150,6 +150,7 @@ impl Side {
             app,
             protocol,
             app_protocol: AppProtocol::Http1,
+            advertise: None,
         };
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(super::listen::serve_inbound(

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 mod audit_session;
+mod endpoints;
 
 pub use audit_session::AuditSession;
 
@@ -430,6 +431,18 @@ impl CaClient {
         current: Arc<Credentials>,
         out: tokio::sync::mpsc::Sender<api::Snapshot>,
     ) -> Result<(), ClientError> {
+        self.watch_with_endpoints(bundles, current, &[], out).await
+    }
+
+    /// [`CaClient::watch`], with the live endpoints of `upstreams` (SPIFFE IDs) in every
+    /// snapshot, and a snapshot whenever they change.
+    pub async fn watch_with_endpoints(
+        &self,
+        bundles: SharedBundles,
+        current: Arc<Credentials>,
+        upstreams: &[String],
+        out: tokio::sync::mpsc::Sender<api::Snapshot>,
+    ) -> Result<(), ClientError> {
         let tls = self.verified_tls(bundles, current)?;
         let (mut sender, driver) = tokio::time::timeout(CALL_TIMEOUT, self.open(tls))
             .await
@@ -438,6 +451,7 @@ impl CaClient {
             .method(Method::GET)
             .uri(api::WATCH_PATH)
             .header(http::header::HOST, "mayfly-ca")
+            .header(api::UPSTREAMS_HEADER, upstreams.join(","))
             .body(Full::new(Bytes::new()))
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let resp = sender

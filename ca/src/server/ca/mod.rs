@@ -157,6 +157,8 @@ pub struct Ca {
     pub dist: Arc<super::policy::Distribution>,
     /// What the control plane still has to write on its own audit chain (anchors, lost events).
     pub pending: Pending,
+    /// The sidecars' inbound endpoints, by SPIFFE ID.
+    pub registry: super::registry::Registry,
 }
 
 fn lock_err() -> StoreError {
@@ -180,6 +182,7 @@ impl Ca {
         .map_err(|e| Refusal::Issue(IssueError::BadId(e)))?;
         let now = OffsetDateTime::now_utc();
         let bundle = Self::make_bundle(&authorities, now)?;
+        let metrics = Metrics::new();
         let ca = Arc::new(Self {
             store,
             bundles: Arc::new(ArcSwap::from_pointee(BundleSet::single(bundle.clone()))),
@@ -189,7 +192,8 @@ impl Ca {
             creds: Credentials::new(),
             ca_id,
             settings,
-            metrics: Metrics::new(),
+            registry: super::registry::Registry::new(metrics.endpoints_known.clone()),
+            metrics,
             dist,
             pending: Pending::default(),
         });

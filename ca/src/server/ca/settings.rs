@@ -20,6 +20,9 @@ pub struct CaSettings {
     pub client_timeout: Duration,
     /// Most connections the API listener holds open; above it new ones are closed at once.
     pub max_connections: usize,
+    /// The lease of an endpoint registration (at most 60 s, and never past the client
+    /// certificate's NotAfter).
+    pub endpoint_lease: Duration,
     /// Kubernetes service-account token attestation (`--k8s-jwks`, `--k8s-issuer`), if on.
     pub k8s: Option<Arc<crate::server::attest::K8sAttestor>>,
 }
@@ -38,6 +41,7 @@ impl Default for CaSettings {
             server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             client_timeout: Duration::from_secs(10),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            endpoint_lease: crate::server::registry::DEFAULT_LEASE,
             k8s: None,
         }
     }
