@@ -8,6 +8,7 @@ pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod conn;
+pub mod follow;
 pub mod identity;
 pub mod metrics;
 pub mod policy;

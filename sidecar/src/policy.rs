@@ -207,55 +207,28 @@ impl PolicyState {
         identity: Arc<crate::identity::Identity>,
         client: mayfly_ca::client::CaClient,
         upstreams: Arc<crate::upstreams::Upstreams>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) {
         let ids = upstreams.ids();
-        let mut failures = 0u32;
-        loop {
-            let mut backoff =
-                crate::retry::reconnect_delay(failures, crate::identity::random_unit());
-            if identity.ready() {
-                let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-                let fut = client.watch_with_endpoints(
-                    identity.bundles.clone(),
-                    identity.creds.clone(),
-                    &ids,
-                    tx,
-                );
-                tokio::pin!(fut);
-                let result = loop {
-                    tokio::select! {
-                        r = &mut fut => break r.map_err(|e| e.to_string()),
-                        Some(snap) = rx.recv() => {
-                            failures = 0;
-                            backoff = crate::retry::reconnect_delay(0, crate::identity::random_unit());
-                            upstreams.install(&snap.endpoints);
-                            let ok = match self.install_snapshot(&snap) {
-                                Ok(()) => true,
-                                Err(e) => {
-                                    error!(in_force = self.version().as_deref().unwrap_or("none"), "policy from the control plane refused:\n{e}");
-                                    false
-                                }
-                            };
-                            self.metrics.policy_reloads.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" }.into() }).inc();
-                        }
-                        _ = shutdown.changed() => return,
+        crate::follow::follow(
+            identity,
+            client,
+            ids,
+            shutdown,
+            |snap| {
+                upstreams.install(&snap.endpoints);
+                let ok = match self.install_snapshot(snap) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        error!(in_force = self.version().as_deref().unwrap_or("none"), "policy from the control plane refused:\n{e}");
+                        false
                     }
                 };
-                while let Ok(snap) = rx.try_recv() {
-                    upstreams.install(&snap.endpoints);
-                    let _ = self.install_snapshot(&snap);
-                }
-                if let Err(e) = result {
-                    warn!(error = %e, retry_in_s = backoff.as_secs_f64(), in_force = self.version().as_deref().unwrap_or("none"), "policy watch interrupted; enforcing the last snapshot");
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.changed() => return,
-            }
-            failures = failures.saturating_add(1);
-        }
+                self.metrics.policy_reloads.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" }.into() }).inc();
+            },
+            |e, backoff| warn!(error = %e, retry_in_s = backoff.as_secs_f64(), in_force = self.version().as_deref().unwrap_or("none"), "policy watch interrupted; enforcing the last snapshot"),
+        )
+        .await;
     }
 
     /// Polls the file and reloads it when its content changes.

@@ -14,8 +14,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Outbound;
-use crate::identity::{Identity, random_unit};
-use crate::retry;
+use crate::identity::Identity;
 
 /// One outbound, as `/upstreams` shows it.
 struct Entry {
@@ -103,46 +102,18 @@ impl Upstreams {
         self: Arc<Self>,
         identity: Arc<Identity>,
         client: mayfly_ca::client::CaClient,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) {
         let ids = self.ids();
-        let mut failures = 0u32;
-        let mut ready = identity.watch_ready();
-        loop {
-            if identity.ready() {
-                let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-                let fut = client.watch_with_endpoints(
-                    identity.bundles.clone(),
-                    identity.creds.clone(),
-                    &ids,
-                    tx,
-                );
-                tokio::pin!(fut);
-                let result = loop {
-                    tokio::select! {
-                        r = &mut fut => break r,
-                        Some(snap) = rx.recv() => {
-                            failures = 0;
-                            self.install(&snap.endpoints);
-                        }
-                        _ = shutdown.changed() => return,
-                    }
-                };
-                while let Ok(snap) = rx.try_recv() {
-                    self.install(&snap.endpoints);
-                }
-                if let Err(e) = result {
-                    warn!(error = %e, "upstream endpoint watch interrupted; keeping the last endpoints");
-                }
-            }
-            let backoff = retry::reconnect_delay(failures, random_unit());
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = ready.changed() => {}
-                _ = shutdown.changed() => return,
-            }
-            failures = failures.saturating_add(1);
-        }
+        crate::follow::follow(
+            identity,
+            client,
+            ids,
+            shutdown,
+            |snap| self.install(&snap.endpoints),
+            |e, _| warn!(error = %e, "upstream endpoint watch interrupted; keeping the last endpoints"),
+        )
+        .await;
     }
 }
 

@@ -37,6 +37,30 @@ fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
+/// Reads a request body of at most `limit` bytes within the client timeout; otherwise the
+/// answer to send (408, or 413 counted as a `body_too_large` refusal). `what` names the body
+/// in the 413's text.
+async fn read_body(
+    ca: &Ca,
+    body: Incoming,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, Response<Full<Bytes>>> {
+    match tokio::time::timeout(
+        ca.settings().client_timeout,
+        Limited::new(body, limit).collect(),
+    )
+    .await
+    {
+        Err(_) => Err(error(408, "timeout", "request body too slow".into())),
+        Ok(Err(e)) => {
+            ca.metrics.refuse("body_too_large");
+            Err(error(413, "body_too_large", format!("{what} refused: {e}")))
+        }
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+    }
+}
+
 fn error(status: u16, reason: &str, msg: String) -> Response<Full<Bytes>> {
     let body = serde_json::to_string(&ErrorBody {
         error: msg,
@@ -243,15 +267,9 @@ async fn endpoints(
         );
     };
     let put = req.method() == Method::PUT;
-    let body = match tokio::time::timeout(
-        ca.settings().client_timeout,
-        Limited::new(req.into_body(), api::MAX_BODY).collect(),
-    )
-    .await
-    {
-        Err(_) => return error(408, "timeout", "request body too slow".into()),
-        Ok(Err(e)) => return error(413, "body_too_large", format!("request body refused: {e}")),
-        Ok(Ok(b)) => b.to_bytes(),
+    let body = match read_body(&ca, req.into_body(), api::MAX_BODY, "request body").await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
     let parsed: api::EndpointsRequest = match serde_json::from_slice(&body) {
         Ok(p) => p,
@@ -321,15 +339,9 @@ async fn audit(
     peer: Option<SvidInfo>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    let body = match tokio::time::timeout(
-        ca.settings().client_timeout,
-        Limited::new(req.into_body(), api::MAX_AUDIT_BODY).collect(),
-    )
-    .await
-    {
-        Err(_) => return error(408, "timeout", "request body too slow".into()),
-        Ok(Err(e)) => return error(413, "body_too_large", format!("audit batch refused: {e}")),
-        Ok(Ok(b)) => b.to_bytes(),
+    let body = match read_body(&ca, req.into_body(), api::MAX_AUDIT_BODY, "audit batch").await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
     let ca2 = ca.clone();
     match tokio::task::spawn_blocking(move || super::audit::ingest(&ca2, peer.as_ref(), &body))
@@ -356,18 +368,9 @@ async fn svid(
     addr: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    let body = match tokio::time::timeout(
-        ca.settings().client_timeout,
-        Limited::new(req.into_body(), api::MAX_BODY).collect(),
-    )
-    .await
-    {
-        Err(_) => return error(408, "timeout", "request body too slow".into()),
-        Ok(Err(e)) => {
-            ca.metrics.refuse("body_too_large");
-            return error(413, "body_too_large", format!("request body refused: {e}"));
-        }
-        Ok(Ok(b)) => b.to_bytes(),
+    let body = match read_body(&ca, req.into_body(), api::MAX_BODY, "request body").await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
     let parsed: SvidRequest = match serde_json::from_slice(&body) {
         Ok(p) => p,
