@@ -208,7 +208,15 @@ async fn the_expected_server_id_check_refuses_an_impostor() {
         round_trip(&out, b"secret").await.is_err(),
         "must not talk to the impostor"
     );
-    assert!(web2.metric("mayfly_sidecar_handshake_failures_total{direction=\"outbound\",reason=\"unexpected_server_id\"}").await >= 1.0);
+    // Counted as the handshake fails; read until it shows (a loaded machine may be slow).
+    let counted = eventually(Duration::from_secs(10), async || {
+        web2.metric("mayfly_sidecar_handshake_failures_total{direction=\"outbound\",reason=\"unexpected_server_id\"}").await >= 1.0
+    })
+    .await;
+    assert!(
+        counted,
+        "handshake_failures_total{{reason=unexpected_server_id}} never counted"
+    );
     assert!(
         web2.proc.log().contains("spiffe://mayfly.local/impostor"),
         "the log names who answered"

@@ -73,6 +73,21 @@ async fn stop_signal(
     }
 }
 
+/// How a connection ended, in the metrics and in its `connection.close` record.
+fn record_close(
+    shared: &Shared,
+    direction: Direction,
+    fields: serde_json::Map<String, serde_json::Value>,
+    out: &Outcome,
+    started: std::time::Instant,
+) {
+    record_end(&shared.metrics, direction, out, started);
+    shared.audit.emit(
+        "connection.close",
+        audit_close(fields, out, direction, started),
+    );
+}
+
 fn record_end(m: &Metrics, direction: Direction, out: &Outcome, started: std::time::Instant) {
     let d = DirLabels { direction };
     // For inbound, a->b is network->app; for outbound, a is the app.
@@ -177,11 +192,7 @@ pub async fn inbound_conn(
         stop,
     )
     .await;
-    record_end(&m, Direction::Inbound, &out, started);
-    shared.audit.emit(
-        "connection.close",
-        audit_close(fields, &out, Direction::Inbound, started),
-    );
+    record_close(&shared, Direction::Inbound, fields, &out, started);
 }
 
 /// One TCP upstream: connections from the app to its local port leave over mTLS to the
@@ -297,11 +308,7 @@ async fn outbound_conn(
         stop,
     )
     .await;
-    record_end(&m, Direction::Outbound, &out, started);
-    shared.audit.emit(
-        "connection.close",
-        audit_close(fields, &out, Direction::Outbound, started),
-    );
+    record_close(&shared, Direction::Outbound, fields, &out, started);
 }
 /// Logs a connection the policy denies and records its `connection.denied` record; under strict
 /// audit the connection is closed only once that record is on disk.
