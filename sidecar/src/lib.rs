@@ -114,6 +114,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics.clone(),
         hard_rx.clone(),
     )?;
+    let upstreams = upstreams::Upstreams::new(&cfg.outbound);
     let shared = Arc::new(Shared {
         identity: identity.clone(),
         policy: policy.clone(),
@@ -122,6 +123,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         hard_stop: hard_rx,
         slots: slots.clone(),
         audit: auditor.clone(),
+        upstreams: upstreams.clone(),
     });
     let mut tasks = vec![audit_task];
     let admin_addr = admin.local_addr().unwrap_or(cfg.admin);
@@ -130,7 +132,6 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         policy: policy.clone(),
         audit: auditor.clone(),
     };
-    let upstreams = upstreams::Upstreams::new(&cfg.outbound);
     tasks.push(tokio::spawn(admin::serve(
         Arc::new(admin::AdminState {
             ready: readiness.clone(),

@@ -42,8 +42,9 @@ impl EncodeLabelValue for Direction {
 }
 
 /// Outcomes that follow an allowed decision: counted as failures, not as a second decision.
-const FAILURES: [&str; 4] = [
+const FAILURES: [&str; 5] = [
     "app_unreachable",
+    "no_endpoint",
     "upstream_unreachable",
     "upstream_error",
     "remote_unreachable",

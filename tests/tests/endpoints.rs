@@ -284,7 +284,7 @@ async fn upstream_endpoints(web: &Sidecar) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| a.as_str().unwrap().to_owned())
+        .map(|a| a["address"].as_str().unwrap().to_owned())
         .collect()
 }
 

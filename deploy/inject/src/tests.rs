@@ -120,7 +120,7 @@ fn a_deployment_gets_a_native_sidecar_that_attests_with_its_service_account() {
     assert_eq!(inbound.app.to_string(), "127.0.0.1:8080");
     assert_eq!(cfg.outbound.len(), 1);
     assert_eq!(cfg.outbound[0].listen.to_string(), "127.0.0.1:15002");
-    assert_eq!(cfg.outbound[0].remote, "db.shop.svc:15443");
+    assert_eq!(cfg.outbound[0].remote.as_deref(), Some("db.shop.svc:15443"));
     assert_eq!(cfg.admin.to_string(), "0.0.0.0:15000");
     assert_eq!(
         cfg.policy_file.unwrap(),

@@ -140,8 +140,9 @@ pub struct Outbound {
     pub name: String,
     /// Where the local app connects in plaintext (loopback).
     pub listen: SocketAddr,
-    /// The remote sidecar's inbound address.
-    pub remote: String,
+    /// The remote sidecar's inbound address (a static override); `None`: the live endpoints
+    /// registered under `spiffe_id`, chosen per connection or request (see `upstreams`).
+    pub remote: Option<String>,
     /// The SPIFFE ID the remote must present.
     pub spiffe_id: SpiffeId,
     /// TCP or HTTP.
@@ -436,8 +437,11 @@ impl Config {
                     "must be a loopback address: the app speaks plaintext to it",
                 ));
             }
-            if o.remote.trim().is_empty() {
-                return Err(c.bad(key("remote"), "must be host:port"));
+            if o.remote.as_ref().is_some_and(|r| r.trim().is_empty()) {
+                return Err(c.bad(
+                    key("remote"),
+                    "must be host:port, or left out to use the endpoints registered under `spiffe_id`",
+                ));
             }
             outbound.push(Outbound {
                 spiffe_id: c.id(&key("spiffe_id"), &o.spiffe_id)?,

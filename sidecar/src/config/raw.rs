@@ -57,7 +57,7 @@ pub(super) struct RawInbound {
 pub(super) struct RawOutbound {
     pub(super) name: String,
     pub(super) listen: String,
-    pub(super) remote: String,
+    pub(super) remote: Option<String>,
     pub(super) spiffe_id: String,
     #[serde(default)]
     pub(super) protocol: Protocol,

@@ -41,6 +41,8 @@ pub struct Shared {
     pub slots: Arc<Semaphore>,
     /// The audit trail.
     pub audit: Arc<crate::audit::Auditor>,
+    /// The live endpoints of the outbounds by identity, and the choice among them.
+    pub upstreams: Arc<crate::upstreams::Upstreams>,
 }
 
 /// The fields every audit record of a connection or request starts with.

@@ -258,7 +258,13 @@ async fn outbound_conn(
     if !verdict.permits() {
         return record_denial(&shared, Direction::Outbound, &verdict, fields).await;
     }
-    let Some(tcp) = connect(&shared, &up.remote, "the remote sidecar").await else {
+    // Held until the connection ends: it counts as outstanding on its endpoint.
+    let Some(target) = shared.upstreams.target(up.remote.as_deref(), &destination) else {
+        m.decision(Direction::Outbound, "no_endpoint");
+        warn!(spiffe_id = %destination, "no live endpoint is registered under the outbound's SPIFFE ID: closing the app's connection");
+        return;
+    };
+    let Some(tcp) = connect(&shared, target.address(), "the remote sidecar").await else {
         m.decision(Direction::Outbound, "remote_unreachable");
         return;
     };
@@ -291,7 +297,7 @@ async fn outbound_conn(
     m.handshake(Direction::Outbound, kx);
     tracing::Span::current().record("kx", tracing::field::display(kx));
     let _open = OpenGuard::new(m.clone(), Direction::Outbound);
-    fields.insert("peer_addr".into(), up.remote.clone().into());
+    fields.insert("peer_addr".into(), target.address().into());
     fields.insert("peer_serial".into(), server.serial.clone().into());
     // Strict audit: no byte is forwarded before the decision is on disk.
     if let Err(e) = shared.audit.record("connection.open", fields.clone()).await {

@@ -126,6 +126,7 @@ impl Side {
             hard_stop,
             slots: Arc::new(Semaphore::new(max_connections)),
             audit: auditor,
+            upstreams: crate::upstreams::Upstreams::new(&[]),
         });
         Self {
             ca,

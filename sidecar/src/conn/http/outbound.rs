@@ -1,7 +1,9 @@
 //! Outbound HTTP: the app speaks HTTP/1.1 or h2c to a loopback port; every request is checked
 //! against the egress policy and sent over a pooled HTTP/2 mTLS connection to the remote
-//! sidecar, which must present the configured SPIFFE ID.
+//! sidecar (the static `remote`, or the endpoint chosen for this request), which must present
+//! the configured SPIFFE ID. One pooled connection per endpoint address.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,13 +43,17 @@ struct Pooled {
     refresh_at: OffsetDateTime,
 }
 
-/// One upstream's HTTP/2 connection (many requests share it; replaced when it closes, when
-/// either side's SVID rotates or nears expiry).
+/// One endpoint's pooled connection slot (dials to it are serialised; others are not held up).
+type Slot = Arc<Mutex<Option<Pooled>>>;
+
+/// One upstream's HTTP/2 connections, one per endpoint address (many requests share each;
+/// replaced when it closes, when either side's SVID rotates or nears expiry; dropped when
+/// the endpoint leaves the set).
 pub struct Upstream {
     up: Arc<Outbound>,
     shared: Arc<Shared>,
     connector: TlsConnector,
-    pooled: Mutex<Option<Pooled>>,
+    pools: std::sync::Mutex<HashMap<String, Slot>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,11 +86,28 @@ impl Upstream {
             up,
             shared,
             connector: TlsConnector::from(Arc::new(cfg)),
-            pooled: Mutex::new(None),
+            pools: std::sync::Mutex::new(HashMap::new()),
         }))
     }
 
-    async fn sender(&self) -> Result<SendRequest<Body>, DialError> {
+    /// The pool slot of `addr`; slots of endpoints no longer live are dropped on the way
+    /// (their connections close once their requests finish).
+    fn slot(&self, addr: &str) -> Slot {
+        let mut pools = self
+            .pools
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.up.remote.is_none() {
+            let live = self
+                .shared
+                .upstreams
+                .endpoints_of(&self.up.spiffe_id.to_string());
+            pools.retain(|a, _| live.iter().any(|l| l == a));
+        }
+        pools.entry(addr.to_owned()).or_default().clone()
+    }
+
+    async fn sender(&self, addr: &str) -> Result<SendRequest<Body>, DialError> {
         let ours = self
             .shared
             .identity
@@ -92,7 +115,8 @@ impl Upstream {
             .get()
             .map(|s| s.info.serial.clone())
             .ok_or(DialError::NoSvid)?;
-        let mut slot = self.pooled.lock().await;
+        let pool = self.slot(addr);
+        let mut slot = pool.lock().await;
         if let Some(p) = slot.as_ref()
             && !p.sender.is_closed()
             && p.our_serial == ours
@@ -100,7 +124,7 @@ impl Upstream {
         {
             return Ok(p.sender.clone());
         }
-        let p = self.dial(ours).await?;
+        let p = self.dial(addr, ours).await?;
         let s = p.sender.clone();
         *slot = Some(p);
         Ok(s)
@@ -108,25 +132,25 @@ impl Upstream {
 
     /// A sender ready for a new stream. A pooled connection that turns out to be closing (the
     /// server closed it as idle, or is shutting down) is replaced once.
-    async fn ready_sender(&self) -> Result<SendRequest<Body>, DialError> {
-        let mut sender = self.sender().await?;
+    async fn ready_sender(&self, addr: &str) -> Result<SendRequest<Body>, DialError> {
+        let mut sender = self.sender(addr).await?;
         if sender.ready().await.is_ok() {
             return Ok(sender);
         }
         debug!("pooled upstream connection is closing: dialling a new one");
-        self.pooled.lock().await.take();
-        sender = self.sender().await?;
+        self.slot(addr).lock().await.take();
+        sender = self.sender(addr).await?;
         sender
             .ready()
             .await
-            .map_err(|e| DialError::H2(self.up.remote.clone(), e.to_string()))?;
+            .map_err(|e| DialError::H2(addr.to_owned(), e.to_string()))?;
         Ok(sender)
     }
 
-    async fn dial(&self, our_serial: String) -> Result<Pooled, DialError> {
+    async fn dial(&self, addr: &str, our_serial: String) -> Result<Pooled, DialError> {
         let m = &self.shared.metrics;
         let limits = &self.shared.limits;
-        let remote = self.up.remote.clone();
+        let remote = addr.to_owned();
         let tcp =
             match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(&remote)).await {
                 Ok(Ok(s)) => s,
@@ -225,7 +249,7 @@ impl Upstream {
                 Direction::Outbound,
                 &me,
                 &dest,
-                Some(self.up.remote.clone()),
+                self.up.remote.clone(),
                 None,
                 "http",
             ),
@@ -244,6 +268,32 @@ impl Upstream {
             info!(method = %req.method(), path = %path, decision = verdict.decision_id(), "request denied by egress policy");
             return super::reply::unforwarded_req(req, reply).await;
         }
+        // Held until the answer's head arrives: the request counts as outstanding on it.
+        let Some(target) = self
+            .shared
+            .upstreams
+            .target(self.up.remote.as_deref(), &dest)
+        else {
+            m.request(Direction::Outbound, "no_endpoint");
+            warn!(spiffe_id = %dest, "no live endpoint is registered under the upstream's SPIFFE ID: answering 503");
+            let reply = match record
+                .finish_unforwarded(StatusCode::SERVICE_UNAVAILABLE)
+                .await
+            {
+                Ok(()) => local_reply(
+                    grpc,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    GRPC_UNAVAILABLE,
+                    &format!("mayfly: no live endpoint is registered under {dest}"),
+                    None,
+                ),
+                Err(e) => {
+                    super::reply::audit_unavailable(&self.shared, Direction::Outbound, grpc, &e)
+                }
+            };
+            return super::reply::unforwarded_req(req, reply).await;
+        };
+        record.peer_addr(target.address());
         // Strict audit: nothing is forwarded before its decision is on disk.
         if let Err(e) = record.before_forwarding().await {
             let reply =
@@ -266,7 +316,7 @@ impl Upstream {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(http::header::HOST);
         parts.version = http::Version::HTTP_2;
-        let mut sender = match self.ready_sender().await {
+        let mut sender = match self.ready_sender(target.address()).await {
             Ok(s) => s,
             Err(e) => {
                 m.request(Direction::Outbound, "upstream_unreachable");

@@ -47,6 +47,11 @@ impl<'a> RequestRecord<'a> {
         }
     }
 
+    /// The address the request is sent to (known once its endpoint is chosen).
+    pub(crate) fn peer_addr(&mut self, addr: &str) {
+        self.fields.insert("peer_addr".into(), addr.into());
+    }
+
     /// Before the request is forwarded. Strict: records the decision and waits until it is
     /// durable; an error means the request must be refused. Batched: nothing yet.
     pub(crate) async fn before_forwarding(&mut self) -> Result<(), crate::audit::NotDurable> {
