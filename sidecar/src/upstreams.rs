@@ -42,21 +42,26 @@ impl Endpoint {
 
 /// Where one connection or request goes: a static `remote`, or a chosen endpoint counted as
 /// outstanding until this is dropped.
-pub struct Target {
-    address: String,
-    load: Option<Arc<Endpoint>>,
+pub enum Target<'a> {
+    /// The outbound's static `remote`.
+    Static(&'a str),
+    /// An endpoint chosen among those registered under the outbound's SPIFFE ID.
+    Chosen(Arc<Endpoint>),
 }
 
-impl Target {
+impl Target<'_> {
     /// The address to dial.
     pub fn address(&self) -> &str {
-        &self.address
+        match self {
+            Target::Static(a) => a,
+            Target::Chosen(e) => &e.address,
+        }
     }
 }
 
-impl Drop for Target {
+impl Drop for Target<'_> {
     fn drop(&mut self) {
-        if let Some(e) = &self.load {
+        if let Target::Chosen(e) = self {
             e.outstanding.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -70,16 +75,20 @@ fn two_of(n: usize, r: u64) -> (usize, usize) {
     (i, j)
 }
 
-/// Power of two choices over `loads`, with `r` random: the less loaded of two distinct
-/// entries drawn by `r` (the first on a tie); the only entry when there is one; `None` when
-/// there is none.
-pub fn p2c(loads: &[usize], r: u64) -> Option<usize> {
-    match loads.len() {
+/// Power of two choices over `items` by `load`: the less loaded of two distinct entries drawn
+/// by the random `r` (the first on a tie; `r` is called only then); the only entry when there
+/// is one; `None` when there is none.
+pub fn p2c<T>(items: &[T], load: impl Fn(&T) -> usize, r: impl FnOnce() -> u64) -> Option<usize> {
+    match items.len() {
         0 => None,
         1 => Some(0),
         n => {
-            let (i, j) = two_of(n, r);
-            Some(if loads[j] < loads[i] { j } else { i })
+            let (i, j) = two_of(n, r());
+            Some(if load(&items[j]) < load(&items[i]) {
+                j
+            } else {
+                i
+            })
         }
     }
 }
@@ -171,22 +180,17 @@ impl Upstreams {
 
     /// Where the next connection or request of an outbound goes: its static `remote`, else
     /// one of the endpoints under `spiffe_id` by power of two choices (`None`: none known).
-    pub fn target(&self, remote: Option<&str>, spiffe_id: &str) -> Option<Target> {
+    pub fn target<'a>(&self, remote: Option<&'a str>, spiffe_id: &str) -> Option<Target<'a>> {
         if let Some(r) = remote {
-            return Some(Target {
-                address: r.to_owned(),
-                load: None,
-            });
+            return Some(Target::Static(r));
         }
         let known = self.known.load();
         let list = known.get(spiffe_id)?;
-        let loads: Vec<usize> = list.iter().map(|e| e.outstanding()).collect();
-        let e = list.get(p2c(&loads, random_u64())?)?.clone();
+        let e = list
+            .get(p2c(list, |e| e.outstanding(), random_u64)?)?
+            .clone();
         e.outstanding.fetch_add(1, Ordering::Relaxed);
-        Some(Target {
-            address: e.address.clone(),
-            load: Some(e),
-        })
+        Some(Target::Chosen(e))
     }
 
     /// `GET /upstreams`: every outbound with its endpoints and their outstanding counts.
@@ -294,13 +298,13 @@ mod tests {
 
     #[test]
     fn power_of_two_choices_never_takes_the_more_loaded_of_the_two_it_drew() {
-        assert_eq!(p2c(&[], 7), None);
+        assert_eq!(p2c(&[] as &[usize], |l| *l, || 7), None);
         for r in 0..1000u64 {
-            assert_eq!(p2c(&[9], r), Some(0));
+            assert_eq!(p2c(&[9], |l| *l, || r), Some(0));
             for loads in [[0usize, 5, 2, 2, 7], [3, 3, 3, 3, 3], [9, 0, 4, 1, 6]] {
                 let (i, j) = two_of(loads.len(), r);
                 assert_ne!(i, j);
-                let got = p2c(&loads, r).unwrap();
+                let got = p2c(&loads, |l| *l, || r).unwrap();
                 assert!(got == i || got == j);
                 assert_eq!(loads[got], loads[i].min(loads[j]), "{loads:?} r={r}");
             }

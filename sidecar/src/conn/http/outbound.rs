@@ -90,13 +90,17 @@ impl Upstream {
         }))
     }
 
-    /// The pool slot of `addr`; slots of endpoints no longer live are dropped on the way
-    /// (their connections close once their requests finish).
+    /// The pool slot of `addr`. A new address means the endpoint set changed: slots of
+    /// endpoints no longer live are dropped then (their connections close once their requests
+    /// finish), not on every request.
     fn slot(&self, addr: &str) -> Slot {
         let mut pools = self
             .pools
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(s) = pools.get(addr) {
+            return s.clone();
+        }
         if self.up.remote.is_none() {
             let live = self
                 .shared
