@@ -193,8 +193,11 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
             for r in &reports {
                 match &r.result {
                     Ok(s) => println!(
-                        "ok      {} ({} records, {} signed checkpoints, last seq {})",
-                        r.chain, s.records, s.checkpoints, s.last_seq
+                        "ok      {} ({}, {}, last seq {})",
+                        r.chain,
+                        counted(s.records, "record"),
+                        counted(s.checkpoints, "signed checkpoint"),
+                        s.last_seq
                     ),
                     Err(e) => {
                         broken += 1;
@@ -208,8 +211,32 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
                     reports.len()
                 );
             }
-            println!("all {} audit chains verified", reports.len());
+            match reports.len() {
+                1 => println!("the one audit chain verified"),
+                n => println!("all {n} audit chains verified"),
+            }
             Ok(())
         }
+    }
+}
+
+/// `1 record`, `2 records`.
+fn counted(n: impl Into<u64>, noun: &str) -> String {
+    match n.into() {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_are_spelled_in_the_singular_for_one() {
+        assert_eq!(
+            super::counted(1u64, "signed checkpoint"),
+            "1 signed checkpoint"
+        );
+        assert_eq!(super::counted(0u64, "record"), "0 records");
+        assert_eq!(super::counted(12u64, "record"), "12 records");
     }
 }
