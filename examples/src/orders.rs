@@ -8,6 +8,9 @@
 //! | `GET /whoami` | `200` who called, from `x-forwarded-client-cert` |
 //! | `GET /healthz` | `200` |
 //!
+//! Every answer names the replica that served it in `x-served-by` (several replicas of orders
+//! can run behind one SPIFFE ID; the quickstart shows requests spread over two).
+//!
 //! It has no authentication code of its own: in the mesh, its sidecar admits only callers the
 //! policy allows and tells it who called in `x-forwarded-client-cert` (HTTP mode). Every
 //! request to `db` opens a new connection to `db_addr`, which in the mesh is orders' own
@@ -31,9 +34,19 @@ use crate::xfcc;
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// Serves the API on `listener`, storing orders in the `db` at `db_addr`.
+/// The response header that names the replica that answered.
+pub const SERVED_BY: &str = "x-served-by";
+
+/// Serves the API on `listener`, storing orders in the `db` at `db_addr`, as replica `orders`.
 pub async fn serve(listener: TcpListener, db_addr: String) -> anyhow::Result<()> {
+    serve_as(listener, db_addr, "orders").await
+}
+
+/// Serves the API as the replica `replica` (named in every answer's `x-served-by`).
+pub async fn serve_as(listener: TcpListener, db_addr: String, replica: &str) -> anyhow::Result<()> {
     let db_addr = Arc::new(db_addr);
+    let served_by = header::HeaderValue::from_str(replica)
+        .map_err(|_| anyhow::anyhow!("replica name {replica:?} is not a valid header value"))?;
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(c) => c,
@@ -44,10 +57,16 @@ pub async fn serve(listener: TcpListener, db_addr: String) -> anyhow::Result<()>
             }
         };
         let db_addr = db_addr.clone();
+        let served_by = served_by.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let db_addr = db_addr.clone();
-                async move { Ok::<_, Infallible>(handle(req, &db_addr).await) }
+                let served_by = served_by.clone();
+                async move {
+                    let mut r = handle(req, &db_addr).await;
+                    r.headers_mut().insert(SERVED_BY, served_by);
+                    Ok::<_, Infallible>(r)
+                }
             });
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(hyper_util::rt::TokioTimer::new())

@@ -162,6 +162,7 @@ fn the_quickstart_shows_allowed_and_denied_calls_rotation_and_a_grant_then_clean
         "control_plane",
         "services",
         "web_to_orders_get",
+        "orders_replicas",
         "orders_to_db",
         "web_to_db",
         "svid_rotation",
@@ -177,6 +178,23 @@ fn the_quickstart_shows_allowed_and_denied_calls_rotation_and_a_grant_then_clean
         "{d:#}"
     );
     assert!(d["web_outbound_denied_connections"].as_f64().unwrap() >= 1.0);
+    // Two replicas of orders behind one SPIFFE ID: both served, and kill -9 of one under
+    // traffic failed no request.
+    let r = &step(&s, "orders_replicas")["detail"];
+    let spread = r["spread"].as_object().unwrap();
+    assert_eq!(spread.len(), 2, "{r:#}");
+    assert!(spread.values().all(|n| n.as_u64().unwrap() >= 1), "{r:#}");
+    assert!(r["under_kill_requests"].as_u64().unwrap() >= 40, "{r:#}");
+    assert_eq!(r["under_kill_failed"], 0, "{r:#}");
+    assert_eq!(
+        r["after_kill_served_by"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["orders-1"],
+        "{r:#}"
+    );
     // Rotation: a new serial, and traffic after it.
     let r = &step(&s, "svid_rotation")["detail"];
     assert_ne!(r["serial_before"], r["serial_after"]);

@@ -164,6 +164,7 @@ async fn tour(cli: &Cli, report: &mut Report, finished: &mut bool) -> anyhow::Re
     let services = steps::services(&mut ui, &mut mesh, report, &opts).await?;
     steps::policy(&mut ui, &services);
     steps::web_to_orders(&mut ui, &mesh, &services, report).await;
+    steps::replicas(&mut ui, &mut mesh, &services, report).await;
     steps::web_post(&mut ui, &mesh, &services, report).await;
     steps::web_to_db(&mut ui, &mesh, &services, report).await;
     steps::rotation(&mut ui, &services, report, &opts).await;

@@ -250,10 +250,15 @@ pub(crate) struct SidecarAddrs {
 
 /// What to put in a sidecar's configuration.
 pub(crate) struct SidecarSpec<'a> {
+    /// Names its directory, token file and log (`orders-2`, ...).
     pub(crate) name: &'a str,
+    /// The workload whose identity it holds: `spiffe://mayfly.local/<workload>` (replicas of
+    /// one service share it).
+    pub(crate) workload: &'a str,
     /// `(app address, protocol)` for `[inbound]`.
     pub(crate) inbound: Option<(&'a str, &'a str)>,
-    /// `(name, remote inbound address, remote workload name, protocol)` per `[[outbound]]`.
+    /// `(name, remote inbound address, remote workload name, protocol)` per `[[outbound]]`;
+    /// an empty address: no `remote`, the endpoints registered under the workload's ID.
     pub(crate) outbound: Vec<(&'a str, &'a str, &'a str, &'a str)>,
     pub(crate) svid_ttl: &'a str,
 }
@@ -274,7 +279,7 @@ impl SidecarSpec<'_> {
              [limits]\n\
              drain_timeout = \"2s\"\n",
             name = self.name,
-            id = id(self.name),
+            id = id(self.workload),
             ttl = self.svid_ttl,
         );
         if let Some((app, protocol)) = self.inbound {
@@ -283,8 +288,13 @@ impl SidecarSpec<'_> {
             ));
         }
         for (name, remote, to, protocol) in &self.outbound {
+            let remote = if remote.is_empty() {
+                String::new()
+            } else {
+                format!("remote = \"{remote}\"\n")
+            };
             s.push_str(&format!(
-                "\n[[outbound]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nremote = \"{remote}\"\n\
+                "\n[[outbound]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n{remote}\
                  spiffe_id = \"{}\"\nprotocol = \"{protocol}\"\n",
                 id(to)
             ));
@@ -379,8 +389,8 @@ impl Mesh {
             .with_context(|| format!("no version in `mayfly-ca policy check`: {out}"))
     }
 
-    /// A join token for workload `name`, written to `<dir>/<name>/<name>.token`.
-    pub(crate) fn token(&self, name: &str) -> anyhow::Result<()> {
+    /// A join token for `workload`'s identity, written to `<dir>/<name>/<name>.token`.
+    pub(crate) fn token(&self, name: &str, workload: &str) -> anyhow::Result<()> {
         let dd = self.data_dir_str()?;
         let (code, out, err) = self.bins.ca_cmd(&[
             "token",
@@ -388,7 +398,7 @@ impl Mesh {
             "--data-dir",
             &dd,
             "--spiffe-id",
-            &id(name),
+            &id(workload),
             "--ttl",
             "5m",
         ])?;
@@ -431,7 +441,7 @@ impl Mesh {
         &mut self,
         spec: &SidecarSpec<'_>,
     ) -> anyhow::Result<SidecarAddrs> {
-        self.token(spec.name)?;
+        self.token(spec.name, spec.workload)?;
         let config = self.write_config(spec)?;
         let mut cmd = Command::new(&self.bins.sidecar);
         cmd.arg("run").arg("--config").arg(&config);
@@ -453,6 +463,17 @@ impl Mesh {
         self.procs.push(p);
         r?;
         Ok(addrs)
+    }
+
+    /// `kill -9` of the process named `name` (no drain, no goodbye to the control plane), then
+    /// reaps it. Its PID, if it was running.
+    pub(crate) fn kill(&mut self, name: &str) -> Option<u32> {
+        let i = self.procs.iter().position(|p| p.name == name)?;
+        let mut p = self.procs.remove(i);
+        let pid = p.pid();
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        Some(pid)
     }
 
     /// Stops every sidecar (the control plane stays), to start them again differently.

@@ -1,4 +1,4 @@
-//! Step 8: just-in-time access, for real. web -> db is denied (step 6); a grant lets web read
+//! Step 9: just-in-time access, for real. web -> db is denied (step 7); a grant lets web read
 //! db for a few seconds; a long-lived connection it admitted is cut when the grant expires (by
 //! the sidecars' own clocks); a new connection is denied again; the control plane lists the
 //! grant as expired and the audit trail tells the whole story.
@@ -49,7 +49,7 @@ async fn svids_left(s: &Services) -> Option<f64> {
     Some(left)
 }
 
-/// What web reads from db in one connection (`KEYS order:`), as in step 6.
+/// What web reads from db in one connection (`KEYS order:`), as in step 7.
 async fn read_db(addr: &str) -> anyhow::Result<String> {
     let mut c = db::Client::connect(addr).await?;
     tokio::time::timeout(Duration::from_secs(2), c.command("KEYS order:"))
@@ -133,7 +133,7 @@ fn has_grants(mesh: &Mesh) -> bool {
     }
 }
 
-/// Step 8.
+/// Step 9.
 pub(crate) async fn grant(ui: &mut Ui, mesh: &Mesh, s: &Services, report: &mut Report) {
     let ttl = grant_ttl(s);
     ui.step(&format!(
@@ -180,7 +180,7 @@ async fn demo(
 ) -> Result<String, String> {
     let (from, to) = (id("web"), id("db"));
     ui.say(
-        "web -> db was denied in step 6: no standing access, and none is wanted. Someone who \
+        "web -> db was denied in step 7: no standing access, and none is wanted. Someone who \
          needs it (an incident, a migration) asks for a grant: exact caller and callee, a \
          reason, a lifetime.",
     );
@@ -258,7 +258,7 @@ async fn demo(
          never can, and a try is refused and recorded."
     ));
 
-    // 2. Propagation: the same read as in step 6, until it passes.
+    // 2. Propagation: the same read as in step 7, until it passes.
     ui.say("The control plane pushes the grant to every sidecar. web tries db again:");
     ui.command(&format!(
         "printf 'KEYS order:\\n' | nc {}",

@@ -11,7 +11,7 @@ use crate::ui::{Ui, table};
 
 use super::{Opts, Services, serial, svid};
 
-/// Step 7: SVIDs rotate by themselves; traffic goes on.
+/// Step 8: SVIDs rotate by themselves; traffic goes on.
 pub(crate) async fn rotation(ui: &mut Ui, s: &Services, report: &mut Report, opts: &Opts) {
     ui.step("SVIDs rotate in the background");
     let ttl = opts.svid_ttl.as_secs();
@@ -106,6 +106,7 @@ fn probe(mesh: &Mesh, cmd: &str, subcommands: &[&str]) -> bool {
 fn sidecar_has_audit(mesh: &Mesh) -> bool {
     let spec = SidecarSpec {
         name: "probe",
+        workload: "probe",
         inbound: Some(("127.0.0.1:9", "tcp")),
         outbound: vec![],
         svid_ttl: "1m",
@@ -120,7 +121,7 @@ fn sidecar_has_audit(mesh: &Mesh) -> bool {
     ok
 }
 
-/// Step 9: the audit trail, if this build has it.
+/// Step 10: the audit trail, if this build has it.
 pub(crate) async fn audit_trail(ui: &mut Ui, mesh: &Mesh, report: &mut Report) {
     ui.step("The audit trail");
     if probe(mesh, "audit", &["verify", "query"]) && sidecar_has_audit(mesh) {

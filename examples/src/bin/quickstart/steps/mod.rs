@@ -1,15 +1,18 @@
 //! The narrated tour: each step drives real traffic through the mesh and records what it saw.
-//! `setup`: steps 1-3 (control plane, services, policy); `traffic`: steps 4-6 (allowed and
-//! denied calls); `lifecycle`: step 7 (rotation), step 9 (audit) and the summary; `grant`:
-//! step 8 (a just-in-time grant, from request to expiry).
+//! `setup`: steps 1-3 (control plane, services, policy); `traffic`: steps 4, 6 and 7 (allowed
+//! and denied calls); `replicas`: step 5 (two replicas of orders, one killed); `lifecycle`:
+//! step 8 (rotation), step 10 (audit) and the summary; `grant`: step 9 (a just-in-time grant,
+//! from request to expiry).
 
 mod grant;
 mod lifecycle;
+mod replicas;
 mod setup;
 mod traffic;
 
 pub(crate) use grant::grant;
 pub(crate) use lifecycle::{audit_trail, rotation, summary};
+pub(crate) use replicas::replicas;
 pub(crate) use setup::{control_plane, policy, services};
 pub(crate) use traffic::{web_post, web_to_db, web_to_orders};
 
@@ -31,7 +34,7 @@ const POLICY_HTTP: &str = include_str!("../../../../policies/quickstart-http.tom
 const POLICY_TCP: &str = include_str!("../../../../policies/quickstart-tcp.toml");
 
 /// Numbered steps in the narration.
-pub(crate) const STEPS: usize = 9;
+pub(crate) const STEPS: usize = 10;
 
 /// How the orders hop (web -> orders) is proxied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -41,7 +44,7 @@ pub(crate) enum Mode {
 }
 
 impl Mode {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Http => "http",
             Self::Tcp => "tcp",
@@ -194,4 +197,47 @@ async fn metric(admin: &str, name: &str, labels: &[&str]) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The endpoints web's sidecar knows for its `orders` outbound (`GET /upstreams`): each one's
+/// address and state.
+async fn orders_endpoints(admin: &str) -> Vec<(String, String)> {
+    let Ok(v) = web::call(admin, "GET", "/upstreams", &[], None)
+        .await
+        .and_then(|r| r.json())
+    else {
+        return Vec::new();
+    };
+    v["upstreams"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|u| u["name"] == "orders")
+        .flat_map(|u| u["endpoints"].as_array().cloned().unwrap_or_default())
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap_or("").to_owned(),
+                e["state"].as_str().unwrap_or("active").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Waits (up to 10 s) until web's sidecar knows `n` endpoints of orders.
+async fn wait_endpoints(mesh: &crate::mesh::Mesh, admin: &str, n: usize) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = orders_endpoints(admin).await;
+        if seen.len() == n {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "web's sidecar knew {} endpoint(s) of orders after 10 s, not {n}:\n{}",
+                seen.len(),
+                crate::mesh::tail(&mesh.log_of("web sidecar"), 10)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

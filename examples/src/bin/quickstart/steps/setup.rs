@@ -82,6 +82,7 @@ fn http_accepted(mesh: &Mesh) -> anyhow::Result<Result<(), String>> {
     let check = |proto: &str| -> anyhow::Result<(i32, String)> {
         let spec = SidecarSpec {
             name: "probe",
+            workload: "probe",
             inbound: Some(("127.0.0.1:9", proto)),
             outbound: vec![("orders", "127.0.0.1:9", "orders", proto)],
             svid_ttl: "1m",
@@ -115,9 +116,10 @@ async fn bind() -> anyhow::Result<(TcpListener, String)> {
     Ok((l, a))
 }
 
-/// Starts db, orders and their sidecars, and web's sidecar, callee first (a caller's
-/// outbound `remote` is its callee's inbound address), then waits until every sidecar holds
-/// an SVID and enforces the mode's policy, as pushed by the control plane.
+/// Starts db, orders and their sidecars, and web's sidecar, callee first (orders' outbound
+/// `remote` is db's inbound address; web finds orders by its SPIFFE ID, among the endpoints
+/// its sidecar registered), then waits until every sidecar holds an SVID and enforces the
+/// mode's policy, as pushed by the control plane, and web's sidecar knows orders' endpoint.
 async fn start_services(mesh: &mut Mesh, mode: Mode, opts: &Opts) -> anyhow::Result<Services> {
     let text = match mode {
         Mode::Http => POLICY_HTTP,
@@ -141,6 +143,7 @@ async fn start_services(mesh: &mut Mesh, mode: Mode, opts: &Opts) -> anyhow::Res
     let db_sc = mesh
         .start_sidecar(&SidecarSpec {
             name: "db",
+            workload: "db",
             inbound: Some((&db_app, "tcp")),
             outbound: vec![],
             svid_ttl: &ttl,
@@ -152,14 +155,15 @@ async fn start_services(mesh: &mut Mesh, mode: Mode, opts: &Opts) -> anyhow::Res
     let orders_sc = mesh
         .start_sidecar(&SidecarSpec {
             name: "orders",
+            workload: "orders",
             inbound: Some((&orders_app, proto)),
             outbound: vec![("db", &db_in, "db", "tcp")],
             svid_ttl: &ttl,
         })
         .await?;
-    let orders_in = orders_sc
+    orders_sc
         .inbound
-        .clone()
+        .as_ref()
         .context("orders sidecar: no inbound")?;
     let orders_db = orders_sc
         .outbound
@@ -167,15 +171,17 @@ async fn start_services(mesh: &mut Mesh, mode: Mode, opts: &Opts) -> anyhow::Res
         .cloned()
         .context("orders sidecar: no outbound db")?;
     tasks.push(tokio::spawn(async move {
-        let _ = orders::serve(orders_listener, orders_db).await;
+        let _ = orders::serve_as(orders_listener, orders_db, "orders-1").await;
     }));
 
     let web_sc = mesh
         .start_sidecar(&SidecarSpec {
             name: "web",
+            workload: "web",
             inbound: None,
             outbound: vec![
-                ("orders", &orders_in, "orders", proto),
+                // By identity: every live endpoint registered under orders' SPIFFE ID.
+                ("orders", "", "orders", proto),
                 ("db", &db_in, "db", "tcp"),
             ],
             svid_ttl: &ttl,
@@ -197,11 +203,17 @@ async fn start_services(mesh: &mut Mesh, mode: Mode, opts: &Opts) -> anyhow::Res
     for (name, sc) in [("web", &s.web), ("orders", &s.orders), ("db", &s.db)] {
         wait_ready(mesh, name, &sc.admin, &s.policy_version).await?;
     }
+    super::wait_endpoints(mesh, &s.web.admin, 1).await?;
     Ok(s)
 }
 
 /// Waits until the sidecar is ready (SVID held, policy received) and enforces `version`.
-async fn wait_ready(mesh: &Mesh, name: &str, admin: &str, version: &str) -> anyhow::Result<()> {
+pub(super) async fn wait_ready(
+    mesh: &Mesh,
+    name: &str,
+    admin: &str,
+    version: &str,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = String::new();
     loop {
@@ -412,11 +424,11 @@ pub(crate) fn policy(ui: &mut Ui, s: &Services) {
         Mode::Http => ui.say(
             "So: web may GET from orders, orders may talk to db, and anything else (another \
              method, another caller, another callee) is denied, unless a just-in-time grant \
-             allows it for a while (step 8).",
+             allows it for a while (step 9).",
         ),
         Mode::Tcp => ui.say(
             "So: web may connect to orders, orders may connect to db, and anything else is \
-             denied, unless a just-in-time grant allows it for a while (step 8).",
+             denied, unless a just-in-time grant allows it for a while (step 9).",
         ),
     }
     ui.say(

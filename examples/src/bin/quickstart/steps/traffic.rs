@@ -212,7 +212,7 @@ fn explain(ui: &Ui, mesh: &Mesh, policy: &Path, shown: &str, args: &[&str]) -> O
     }
 }
 
-/// Step 5: web -> orders POST: denied in HTTP mode; not enforceable in TCP mode.
+/// Step 6: web -> orders POST: denied in HTTP mode; not enforceable in TCP mode.
 pub(crate) async fn web_post(ui: &mut Ui, mesh: &Mesh, s: &Services, report: &mut Report) {
     ui.step("web -> orders: POST (the policy allows GET only)");
     let body = r#"{"item":"tea"}"#;
@@ -329,7 +329,7 @@ pub(crate) async fn web_post(ui: &mut Ui, mesh: &Mesh, s: &Services, report: &mu
     }
 }
 
-/// Step 6: web -> db, denied.
+/// Step 7: web -> db, denied.
 pub(crate) async fn web_to_db(ui: &mut Ui, mesh: &Mesh, s: &Services, report: &mut Report) {
     ui.step("web -> db (no rule allows it)");
     ui.say(
