@@ -80,15 +80,21 @@ impl Mesh {
 
     /// [`Mesh::replica`] with `extra` TOML tables at the end of its configuration.
     async fn replica_with(&self, i: usize, extra: &str) -> Sidecar {
-        let name = format!("orders-{}", i + 1);
-        let app = named_app(&self.net.host(), name.clone()).await;
+        self.host(i, "orders", &format!("orders-{}", i + 1), extra)
+            .await
+    }
+
+    /// A sidecar for `spiffe://mayfly.local/<id>` named `name` in namespace `i`, in front of
+    /// an app that answers with `name`, with `extra` TOML tables at the end.
+    async fn host(&self, i: usize, id: &str, name: &str, extra: &str) -> Sidecar {
+        let app = named_app(&self.net.host(), name.to_owned()).await;
         let dir = self.tmp.path();
         let token = self.ca.token_file(
-            "spiffe://mayfly.local/orders",
+            &format!("spiffe://mayfly.local/{id}"),
             &dir.join(format!("{name}.token")),
         );
         let config = Spec {
-            me: "orders",
+            me: id,
             ca: &self.ca.addr,
             token: &token,
             policy: &self.pol,
@@ -110,7 +116,7 @@ impl Mesh {
             config.contains(&admin) && config.contains(&inbound),
             "{config}"
         );
-        tokio::task::block_in_place(|| self.net.sidecar(i, dir, &name, &config))
+        tokio::task::block_in_place(|| self.net.sidecar(i, dir, name, &config))
     }
 
     /// The endpoint addresses `web`'s `/upstreams` shows for `orders`, sorted.
@@ -317,6 +323,58 @@ async fn a_replica_killed_with_sigkill_leaves_the_callers_upstreams_within_its_l
         "left web's upstreams {after:?} after SIGKILL, lease {LEASE:?}"
     );
     eprintln!("orders-2 left web's upstreams {after:?} after SIGKILL (lease {LEASE:?})");
+}
+
+/// `mayfly-ca endpoints list --json`: (SPIFFE ID path, address) pairs, sorted.
+fn registry(ca: &Ca) -> Vec<(String, String)> {
+    let out = std::process::Command::new(mayfly_tests::bin("mayfly-ca"))
+        .args(["endpoints", "list", "--json", "--data-dir"])
+        .arg(&ca.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut list: Vec<(String, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let id = e["spiffe_id"].as_str().unwrap();
+            (
+                id.trim_start_matches("spiffe://mayfly.local/").to_owned(),
+                e["address"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    list.sort();
+    list
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_of_another_identity_on_another_host_never_becomes_an_endpoint_of_orders() {
+    let m = Mesh::start(2, &[]).await;
+    let orders = m.replica(0).await;
+    // Another workload, advertising its own address just as a replica would.
+    let billing = m.host(1, "billing", "billing", "").await;
+    orders.wait_ready().await;
+    billing.wait_ready().await;
+    let want = vec![
+        ("billing".to_owned(), m.endpoint(1)),
+        ("orders".to_owned(), m.endpoint(0)),
+    ];
+    let filed = eventually(Duration::from_secs(20), async || registry(&m.ca) == want);
+    assert!(filed.await, "{:?}\n{}", registry(&m.ca), billing.proc.log());
+    // Filed under the identity of the certificate that registered it: web's outbound to
+    // orders knows orders' endpoint only, and every request goes there.
+    m.wait_known(&[0]).await;
+    for _ in 0..20 {
+        assert_eq!(get_one(&m.out).await.as_deref(), Some("orders-1"));
+    }
+    assert_eq!(m.known().await, vec![m.endpoint(0)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
