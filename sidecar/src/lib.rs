@@ -120,6 +120,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         policy: policy.clone(),
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
+        draining: stop_rx.clone(),
         hard_stop: hard_rx,
         slots: slots.clone(),
         audit: auditor.clone(),

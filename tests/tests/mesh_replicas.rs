@@ -378,8 +378,6 @@ async fn a_sidecar_of_another_identity_on_another_host_never_becomes_an_endpoint
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: on SIGTERM the inbound sends no GOAWAY on open HTTP/2 connections, so the \
-            drain always waits for its deadline (reported with issue #18)"]
 async fn a_replica_stopped_gracefully_after_serving_exits_without_waiting_for_its_drain_deadline() {
     let m = Mesh::start(2, &[]).await;
     let drain = "[limits]\ndrain_timeout = \"10s\"\n";

@@ -35,6 +35,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Timeouts and limits.
     pub limits: Limits,
+    /// Flips when a graceful shutdown starts: HTTP connections are drained (GOAWAY,
+    /// `Connection: close`) so that callers move to another replica at once.
+    pub draining: watch::Receiver<bool>,
     /// Flips when the drain deadline has passed: open connections end.
     pub hard_stop: watch::Receiver<bool>,
     /// Bounds concurrent connections.

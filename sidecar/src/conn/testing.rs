@@ -123,6 +123,7 @@ impl Side {
                 max_connections,
                 underscore_identity_headers: UnderscoreHeaders::Drop,
             },
+            draining: hard_stop.clone(),
             hard_stop,
             slots: Arc::new(Semaphore::new(max_connections)),
             audit: auditor,

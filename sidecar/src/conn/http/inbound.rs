@@ -244,6 +244,8 @@ where
     let me = w.shared.identity.id.to_string();
     let mut policy = w.shared.policy.watch();
     let mut hard = w.shared.hard_stop.clone();
+    let mut stopping = w.shared.draining.clone();
+    let mut stop_watched = true;
     let mut draining: Option<&'static str> = None;
     let mut grace_until = tokio::time::Instant::now();
     loop {
@@ -275,6 +277,17 @@ where
                 debug!("HTTP/2 connection idle past its limit: closing it");
                 (draining, grace_until) = (Some("idle"), tokio::time::Instant::now() + IDLE_GRACE);
                 conn.as_mut().graceful_shutdown();
+            }
+            r = stopping.wait_for(|s| *s), if draining.is_none() && stop_watched => {
+                if r.is_ok() {
+                    // The sidecar is shutting down: in-flight requests finish (until the drain
+                    // deadline, the hard stop below); callers open no new stream here.
+                    debug!("sidecar draining: GOAWAY / Connection: close");
+                    (draining, grace_until) = (Some("shutdown"), tokio::time::Instant::now() + w.shared.limits.drain_timeout);
+                    conn.as_mut().graceful_shutdown();
+                } else {
+                    stop_watched = false;
+                }
             }
             r = hard.changed() => {
                 if r.is_err() || *hard.borrow() {
