@@ -63,6 +63,21 @@ fn as_nobody(program: &Path) -> Command {
 impl Postgres {
     /// Initialises and starts a server; returns once it accepts connections.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A server that also speaks TLS, with a certificate for `localhost` and `127.0.0.1`
+    /// signed by a test CA ([`Postgres::root_ca`]); made with the openssl command.
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    /// The PEM file of the CA that signed a TLS server's certificate.
+    pub fn root_ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn start_with(tls: bool) -> Self {
         let bin = bindir();
         let dir = tempfile::Builder::new()
             .prefix("mayfly-pg")
@@ -99,7 +114,16 @@ impl Postgres {
             .parse::<u16>()
             .unwrap();
         let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
-        let child = as_nobody(&bin.join("postgres"))
+        let mut cmd = as_nobody(&bin.join("postgres"));
+        if tls {
+            let (cert, key) = tls_files(dir.path(), nobody.uid.as_raw(), nogroup.gid.as_raw());
+            cmd.args(["-c", "ssl=on"])
+                .arg("-c")
+                .arg(format!("ssl_cert_file={}", cert.display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", key.display()));
+        }
+        let child = cmd
             .args(["-D", data.to_str().unwrap()])
             .args(["-p", &port.to_string(), "-k", dir.path().to_str().unwrap()])
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
@@ -186,6 +210,77 @@ impl Postgres {
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
+}
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl command (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA (`ca.pem`) and a server certificate and key for `localhost` and `127.0.0.1`
+/// signed by it, the key readable by the server's user only.
+fn tls_files(dir: &Path, uid: u32, gid: u32) -> (PathBuf, PathBuf) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=mayfly test db CA",
+    ];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req", "-subj", "/CN=localhost"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ],
+    );
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&key, Some(uid), Some(gid)).unwrap();
+    (cert, key)
 }
 
 impl Drop for Postgres {

@@ -151,6 +151,8 @@ async fn a_replica_with_the_wrong_kek_refuses_to_start_and_says_so() {
     std::fs::create_dir(&second).unwrap();
     std::fs::set_permissions(&second, std::fs::Permissions::from_mode(0o700)).unwrap();
     let wrong = second.join("ca.kek");
+    let (ok, _, err) = ca_cli(&second, &url, &["ca", "status"]);
+    assert!(!ok && err.contains("does not exist: copy the one"), "{err}");
     mayfly_ca::store::Kek::load_or_create(&wrong).unwrap();
     let kek_text = std::fs::read_to_string(&wrong).unwrap();
     let out = Command::new(bin("mayfly-ca"))

@@ -150,3 +150,43 @@ async fn a_postgresql_store_works_when_called_from_inside_a_runtime() {
         .unwrap();
     assert_eq!(v, None);
 }
+
+#[test]
+fn a_postgresql_store_speaks_tls_and_verify_full_checks_the_server() {
+    let pg = Postgres::start_tls();
+    let url = pg.create_db();
+    let base = url.trim_end_matches("?sslmode=disable");
+    let db = base.rsplit('/').next().unwrap();
+    let root = pg.root_ca();
+    let verified = format!("{base}?sslmode=verify-full&sslrootcert={}", root.display());
+    let s = PostgresStore::open(&verified, Kek::generate()).unwrap();
+    s.set_setting("k", "v").unwrap();
+    let encrypted = pg.psql(
+        db,
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.application_name = 'mayfly-ca' AND s.ssl",
+    );
+    assert_ne!(encrypted, "0", "the store's connections are not TLS");
+    drop(s);
+    // require: encrypted, the certificate not checked.
+    let s = PostgresStore::open(&format!("{base}?sslmode=require"), Kek::generate()).unwrap();
+    assert_eq!(s.setting("k").unwrap().as_deref(), Some("v"));
+    drop(s);
+    // verify-full against a CA that did not sign the server's certificate: refused.
+    let other = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-days", "1", "-subj", "/CN=other", "-nodes"])
+        .args(["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+        .args(["-keyout", "o.key", "-out", "o.pem"])
+        .current_dir(other.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let wrong = format!(
+        "{base}?sslmode=verify-full&sslrootcert={}",
+        other.path().join("o.pem").display()
+    );
+    let e = PostgresStore::open(&wrong, Kek::generate()).unwrap_err();
+    assert!(matches!(e, StoreError::Unreachable { .. }), "{e}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+}

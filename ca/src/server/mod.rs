@@ -93,19 +93,16 @@ impl ServerError {
     /// Whether the store holds no CA yet (or the KEK `init` creates is not there yet): what
     /// `init --exist-ok` proceeds on.
     pub fn is_not_initialised(&self) -> bool {
-        match self {
+        matches!(
+            self,
             ServerError::DataDir(datadir::DataDirError::NotInitialised(_))
-            | ServerError::Store(StoreError::NotInitialised) => true,
-            ServerError::Kek(store::kek::KekError::Io { source, .. }) => {
-                source.kind() == std::io::ErrorKind::NotFound
-            }
-            _ => false,
-        }
+                | ServerError::Store(StoreError::NotInitialised)
+                | ServerError::Kek(store::kek::KekError::Missing(_))
+        )
     }
 }
 
-/// Where the store is (`--store`) and the key-encryption key that seals CA keys in a shared
-/// database (`--kek-file`). The default: `ca.db` in the data directory.
+/// Where the store is (`--store`) and the KEK that seals CA keys in PostgreSQL (`--kek-file`).
 #[derive(Debug, Clone, Default)]
 pub struct StoreOptions {
     /// The store; `None` for `ca.db` in the data directory.
@@ -170,10 +167,18 @@ pub fn open_with(
             }
             (dd, store::open(&StoreUrl::Sqlite(path.clone()), None)?)
         }
-        Some(url @ StoreUrl::Postgres(_)) => {
+        Some(url @ StoreUrl::Postgres(u)) => {
             let dd = DataDir::ensure(dir)?;
-            let kek = Kek::load(&opts.kek_path(dir))?;
-            (dd, store::open(url, Some(kek))?)
+            match Kek::load(&opts.kek_path(dir)) {
+                Ok(kek) => (dd, store::open(url, Some(kek))?),
+                Err(e @ store::kek::KekError::Missing(_)) => {
+                    // A bad URL, an unreachable server or a newer schema says more than a
+                    // missing KEK: connect first (no key is read without one).
+                    drop(store::PostgresStore::open(u, Kek::generate())?);
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     };
     let cfg = authority_config(store.as_ref())?;
@@ -255,8 +260,7 @@ pub fn init_with(
                 fill(&store, &a, config)
             })();
             if filled.is_err() && created {
-                // A KEK that sealed nothing is no use, and a later init must not find it.
-                let _ = std::fs::remove_file(&kek_path);
+                let _ = std::fs::remove_file(&kek_path); // it sealed nothing
             }
             filled?;
         }

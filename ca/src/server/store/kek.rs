@@ -27,6 +27,11 @@ pub enum KekError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// There is no file at the path.
+    #[error(
+        "key-encryption key {0} does not exist: copy the one `mayfly-ca init` created (every replica needs the same) or give its path with --kek-file"
+    )]
+    Missing(PathBuf),
     /// Group or others may access the file.
     #[error(
         "key-encryption key {path} is accessible by group or others (mode {mode:o}): run `chmod 600 {path}`"
@@ -66,9 +71,15 @@ impl Kek {
 
     /// Reads a KEK file, refusing one that group or others may access.
     pub fn load(path: &Path) -> Result<Self, KekError> {
-        let io = |source| KekError::Io {
-            path: path.to_path_buf(),
-            source,
+        let io = |source: std::io::Error| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                KekError::Missing(path.to_path_buf())
+            } else {
+                KekError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
         };
         let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {

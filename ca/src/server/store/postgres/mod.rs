@@ -76,11 +76,27 @@ impl Db {
             }
         };
         if transient {
-            StoreError::Unwritable(format!("PostgreSQL at {}: {e}", self.target))
+            StoreError::Unwritable(format!(
+                "PostgreSQL at {}: {}",
+                self.target,
+                with_causes(&e)
+            ))
         } else {
             StoreError::Db(format!("PostgreSQL at {}: {}", self.target, db_message(&e)))
         }
     }
+}
+
+/// An error and its causes, `a: b: c` (tokio-postgres' Display stops at the first).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }
 
 /// The server's message of a database error (tokio-postgres' own Display says only
@@ -148,8 +164,11 @@ impl PostgresStore {
             .run(false, |db| async move { schema::migrate(&db).await })
             .map_err(|e| match e {
                 StoreError::Unwritable(reason) => StoreError::Unreachable {
+                    reason: reason
+                        .strip_prefix(&format!("PostgreSQL at {described}: "))
+                        .unwrap_or(&reason)
+                        .to_owned(),
                     target: described.to_string(),
-                    reason,
                 },
                 other => other,
             })?;
