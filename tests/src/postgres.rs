@@ -172,6 +172,12 @@ impl Postgres {
         )
     }
 
+    /// The URL of database `db` over the server's Unix socket.
+    pub fn socket_url(&self, db: &str) -> String {
+        let dir = self.dir.path().display().to_string().replace('/', "%2F");
+        format!("postgres://mayfly@{dir}:{}/{db}", self.port)
+    }
+
     /// A new empty database; returns its URL.
     pub fn create_db(&self) -> String {
         let name = format!("t{}", self.next_db.fetch_add(1, Ordering::SeqCst));

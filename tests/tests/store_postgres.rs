@@ -190,3 +190,18 @@ fn a_postgresql_store_speaks_tls_and_verify_full_checks_the_server() {
     assert!(matches!(e, StoreError::Unreachable { .. }), "{e}");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 }
+
+#[test]
+fn a_postgresql_store_connects_over_a_unix_socket() {
+    let pg = Postgres::start();
+    let url = pg.create_db();
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap();
+    let s = PostgresStore::open(&pg.socket_url(db), Kek::generate()).unwrap();
+    s.set_setting("k", "v").unwrap();
+    let over_socket = pg.psql(
+        db,
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE application_name = 'mayfly-ca' AND client_port = -1",
+    );
+    assert_ne!(over_socket, "0");
+}
