@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 
 pub mod mesh;
 pub mod netns;
+pub mod postgres;
 
 /// The path of a workspace binary, building it once if `cargo test` has not yet.
 pub fn bin(name: &str) -> PathBuf {
@@ -235,6 +236,26 @@ impl Ca {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: tmp.clone(),
         }
+    }
+
+    /// `mayfly-ca init --store STORE` + `mayfly-ca run --store STORE` on 127.0.0.1:0 (a
+    /// control plane on a database such as PostgreSQL), with `extra` arguments to `run`; the
+    /// store flags are kept for restarts.
+    pub fn start_with_store(tmp: &Arc<tempfile::TempDir>, store: &str, extra: &[&str]) -> Self {
+        let dir = tmp.path().join("ca");
+        let out = Command::new(bin("mayfly-ca"))
+            .args(["init", "--data-dir", dir.to_str().unwrap()])
+            .args(["--trust-domain", "mayfly.local", "--store", store])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut flags = vec!["--store", store];
+        flags.extend_from_slice(extra);
+        Self::start_with_existing(tmp, &dir, "127.0.0.1:0", &flags)
     }
 
     /// The pin of the active root (`mayfly-ca bundle show --format pin`).
@@ -639,6 +660,7 @@ pub async fn in_process_control_plane(
         policy_file: policy,
         admin_socket: None,
         admin_group: None,
+        store: Default::default(),
     })
     .await?)
 }

@@ -8,7 +8,9 @@ use clap::Subcommand;
 use mayfly_ca::duration::parse_duration;
 use mayfly_ca::server;
 use mayfly_ca::server::audit::{render, verify_all};
-use mayfly_ca::store::{AuditFilter, Store};
+use mayfly_ca::store::AuditFilter;
+
+use super::StoreArg;
 
 /// Audit subcommands.
 #[derive(Subcommand)]
@@ -18,6 +20,8 @@ pub(crate) enum AuditCmd {
         /// The control plane's data directory.
         #[arg(long, env = "MAYFLY_DATA_DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
         /// How many records to show first.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: u32,
@@ -33,6 +37,8 @@ pub(crate) enum AuditCmd {
         /// The control plane's data directory.
         #[arg(long, env = "MAYFLY_DATA_DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
         /// From: RFC 3339 time, or a duration ago such as 15m.
         #[arg(long)]
         since: Option<String>,
@@ -69,6 +75,8 @@ pub(crate) enum AuditCmd {
         /// The control plane's data directory.
         #[arg(long, env = "MAYFLY_DATA_DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
         /// Print the result as one JSON object (`chains`, `verified`, `broken`).
         #[arg(long)]
         json: bool,
@@ -97,11 +105,12 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
     match cmd {
         AuditCmd::Tail {
             data_dir,
+            store,
             lines,
             follow,
             json,
         } => {
-            let (_, store, _) = server::open(&data_dir)?;
+            let (_, store, _) = store.open(&data_dir)?;
             let all = store.audit_after(0, u32::MAX)?;
             let skip = all.len().saturating_sub(lines as usize);
             let mut last = 0;
@@ -122,6 +131,7 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
         }
         AuditCmd::Query {
             data_dir,
+            store,
             since,
             until,
             source,
@@ -133,7 +143,7 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
             limit,
             json,
         } => {
-            let (_, store, _) = server::open(&data_dir)?;
+            let (_, store, _) = store.open(&data_dir)?;
             let filter = AuditFilter {
                 since_ms: since.as_deref().map(time_arg).transpose()?,
                 until_ms: until.as_deref().map(time_arg).transpose()?,
@@ -156,11 +166,15 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
             }
             Ok(())
         }
-        AuditCmd::Verify { data_dir, json } => {
-            let (_, store, authorities) = server::open(&data_dir)?;
+        AuditCmd::Verify {
+            data_dir,
+            store,
+            json,
+        } => {
+            let (_, store, authorities) = store.open(&data_dir)?;
             let bundle = server::bundle_of(&authorities)?;
             let set = mayfly_ca::bundle::BundleSet::single(bundle);
-            let reports = verify_all(store.as_ref() as &dyn Store, &set)?;
+            let reports = verify_all(store.as_ref(), &set)?;
             if json {
                 let chains: Vec<serde_json::Value> = reports
                     .iter()

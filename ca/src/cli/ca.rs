@@ -1,7 +1,6 @@
 //! The offline commands on a data directory's CA: `mayfly-ca init`, `bundle show` and
 //! `ca status`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -48,14 +47,24 @@ pub(super) enum CaCmd {
 
 /// `mayfly-ca init`: a new data directory with a root and an intermediate CA.
 pub(super) fn init(
-    data_dir: &Path,
+    dir: &DataDirArg,
     trust_domain: &str,
     root_ttl: Duration,
     intermediate_ttl: Duration,
     exist_ok: bool,
 ) -> Result<()> {
-    if exist_ok && data_dir.join(server::datadir::DB_FILE).exists() {
-        let (_, _, a) = server::open(data_dir)?;
+    let data_dir = dir.data_dir.as_path();
+    let opts = dir.store.options()?;
+    let existing = if exist_ok {
+        match server::open_with(data_dir, &opts) {
+            Ok((_, _, a)) => Some(a),
+            Err(e) if e.is_not_initialised() => None,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    if let Some(a) = existing {
         if a.trust_domain().as_str() != trust_domain {
             bail!(
                 "{} already holds a CA for trust domain {}, not {trust_domain}",
@@ -70,13 +79,14 @@ pub(super) fn init(
         );
         return Ok(());
     }
-    let a = server::init(
+    let a = server::init_with(
         data_dir,
         trust_domain,
         AuthorityConfig {
             root_ttl,
             intermediate_ttl,
         },
+        &opts,
     )?;
     println!(
         "initialised trust domain {} in {} (root CA valid {}, intermediate {})",
@@ -91,7 +101,7 @@ pub(super) fn init(
 /// `mayfly-ca bundle show`.
 pub(super) fn bundle(cmd: BundleCmd) -> Result<()> {
     let BundleCmd::Show { dir, format } = cmd;
-    let (_, _, a) = server::open(&dir.data_dir)?;
+    let (_, _, a) = dir.open()?;
     let b = server::bundle_of(&a)?;
     match format {
         BundleFormat::Pem => print!("{}", b.to_pem()),
@@ -110,7 +120,7 @@ pub(super) fn bundle(cmd: BundleCmd) -> Result<()> {
 /// `mayfly-ca ca status`.
 pub(super) fn status(cmd: CaCmd) -> Result<()> {
     let CaCmd::Status { dir, json } = cmd;
-    let (_, _, a) = server::open(&dir.data_dir)?;
+    let (_, _, a) = dir.open()?;
     let v = server::status_json(&a);
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);

@@ -41,6 +41,68 @@ struct DataDirArg {
     /// The control plane's data directory.
     #[arg(long, env = "MAYFLY_DATA_DIR")]
     data_dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArg,
+}
+
+impl DataDirArg {
+    /// Opens the store and its authorities.
+    fn open(
+        &self,
+    ) -> Result<(
+        server::DataDir,
+        std::sync::Arc<dyn mayfly_ca::store::Store>,
+        mayfly_ca::authority::Authorities,
+    )> {
+        self.store.open(&self.data_dir)
+    }
+}
+
+/// Where the store is, and the key-encryption key for CA keys in a shared database.
+#[derive(Args, Clone)]
+pub(crate) struct StoreArg {
+    /// The store: `sqlite:PATH`, or `postgres://USER:PASSWORD@HOST:PORT/DB` (add
+    /// `?sslmode=verify-full&sslrootcert=CA.pem` for TLS; prefer the environment variable to
+    /// keep the password out of the process list). Default: ca.db in the data directory.
+    #[arg(long = "store", env = "MAYFLY_STORE", hide_env_values = true)]
+    store: Option<String>,
+    /// The key-encryption key that seals CA private keys in a PostgreSQL store (0600;
+    /// created by `init` when absent; every replica needs the same one). Default: ca.kek in
+    /// the data directory.
+    #[arg(long, env = "MAYFLY_KEK_FILE")]
+    kek_file: Option<PathBuf>,
+}
+
+impl StoreArg {
+    /// The store options these flags give.
+    pub(crate) fn options(&self) -> Result<server::StoreOptions> {
+        let url = self
+            .store
+            .as_deref()
+            .map(str::parse::<mayfly_ca::store::StoreUrl>)
+            .transpose()
+            .context("--store")?;
+        if self.kek_file.is_some() && !matches!(url, Some(mayfly_ca::store::StoreUrl::Postgres(_)))
+        {
+            anyhow::bail!("--kek-file applies to a PostgreSQL store (--store postgres://...) only");
+        }
+        Ok(server::StoreOptions {
+            url,
+            kek_file: self.kek_file.clone(),
+        })
+    }
+
+    /// Opens the store and its authorities.
+    pub(crate) fn open(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> Result<(
+        server::DataDir,
+        std::sync::Arc<dyn mayfly_ca::store::Store>,
+        mayfly_ca::authority::Authorities,
+    )> {
+        Ok(server::open_with(data_dir, &self.options()?)?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -107,13 +169,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<()> {
             root_ttl,
             intermediate_ttl,
             exist_ok,
-        } => ca::init(
-            &dir.data_dir,
-            &trust_domain,
-            root_ttl,
-            intermediate_ttl,
-            exist_ok,
-        ),
+        } => ca::init(&dir, &trust_domain, root_ttl, intermediate_ttl, exist_ok),
         Cmd::Run(args) => run::run(args).await,
         Cmd::Svid(cmd) => svid::run(cmd),
         Cmd::Bundle(cmd) => ca::bundle(cmd),

@@ -179,6 +179,7 @@ pub(super) async fn run(args: RunArgs) -> Result<()> {
         policy_file: args.policy.clone(),
         admin_socket: args.admin_socket.clone(),
         admin_group: args.admin_group.as_deref().map(resolve_group).transpose()?,
+        store: args.dir.store.options()?,
     })
     .await
     .context("cannot start the control plane")?;

@@ -41,14 +41,14 @@ pub(super) fn run(cmd: SvidCmd) -> Result<()> {
             ttl,
             out,
             json,
-        } => mint(&dir.data_dir, &spiffe_id, ttl, &out, json),
+        } => mint(&dir, &spiffe_id, ttl, &out, json),
     }
 }
 
-fn mint(dir: &Path, id: &str, ttl: Duration, out: &Path, json: bool) -> Result<()> {
+fn mint(dir: &DataDirArg, id: &str, ttl: Duration, out: &Path, json: bool) -> Result<()> {
     use mayfly_ca::keys::{SecretKey, pem_encode};
     let id = mayfly_ca::id::parse_issuable_id(id)?;
-    let (_dd, store, authorities) = server::open(dir)?;
+    let (_dd, store, authorities) = dir.open()?;
     let key = SecretKey::generate()?;
     let now = time::OffsetDateTime::now_utc();
     let signer = authorities.signer().context("no active intermediate CA")?;
@@ -66,7 +66,6 @@ fn mint(dir: &Path, id: &str, ttl: Duration, out: &Path, json: bool) -> Result<(
     std::fs::write(out.join("bundle.pem"), bundle.to_pem()).context("cannot write bundle.pem")?;
     std::fs::write(out.join("bundle.json"), bundle.to_jwks())
         .context("cannot write bundle.json")?;
-    use mayfly_ca::store::Store;
     let who = admin::user_name(nix::unistd::getuid().as_raw());
     store.log_issued(&mayfly_ca::store::IssuedRecord {
         serial: issued.serial.clone(),

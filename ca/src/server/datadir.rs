@@ -110,6 +110,22 @@ impl DataDir {
         Ok(dir)
     }
 
+    /// A data directory whose store is elsewhere (`--store`): created (0700) if missing,
+    /// refused if others can enter it. It holds the admin socket and, by default, the KEK.
+    pub fn ensure(root: &Path) -> Result<Self, DataDirError> {
+        if !root.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(io(root))?;
+        }
+        check_mode(root, 0o700)?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
     /// The directory.
     pub fn root(&self) -> &Path {
         &self.root

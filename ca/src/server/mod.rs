@@ -44,7 +44,7 @@ use tracing::{error, info, warn};
 use crate::identity::bundle::{DEFAULT_REFRESH_HINT, TrustBundle};
 use crate::identity::duration::format_duration;
 use crate::identity::signing::authority::{Authorities, AuthorityConfig, Role};
-use crate::server::store::{SqliteStore, Store, StoreError};
+use crate::server::store::{Kek, SqliteStore, Store, StoreError, StoreUrl};
 pub use ca::{Ca, CaSettings};
 pub use datadir::DataDir;
 
@@ -81,6 +81,43 @@ pub enum ServerError {
     /// The control plane's state could not be set up (rotation, its own SVID).
     #[error("{0}")]
     Start(ca::Refusal),
+    /// The key-encryption key file cannot be used.
+    #[error(transparent)]
+    Kek(#[from] store::kek::KekError),
+    /// `init` on a store that already holds a CA.
+    #[error("{0} already holds a mayfly CA: refusing to overwrite it")]
+    AlreadyInitialised(String),
+}
+
+impl ServerError {
+    /// Whether the store holds no CA yet (or the KEK `init` creates is not there yet): what
+    /// `init --exist-ok` proceeds on.
+    pub fn is_not_initialised(&self) -> bool {
+        matches!(
+            self,
+            ServerError::DataDir(datadir::DataDirError::NotInitialised(_))
+                | ServerError::Store(StoreError::NotInitialised)
+                | ServerError::Kek(store::kek::KekError::Missing(_))
+        )
+    }
+}
+
+/// Where the store is (`--store`) and the KEK that seals CA keys in PostgreSQL (`--kek-file`).
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// The store; `None` for `ca.db` in the data directory.
+    pub url: Option<StoreUrl>,
+    /// The KEK file (PostgreSQL only); `None` for `ca.kek` in the data directory.
+    pub kek_file: Option<PathBuf>,
+}
+
+/// The KEK file in the data directory when `--kek-file` is not given.
+pub const KEK_FILE: &str = "ca.kek";
+
+impl StoreOptions {
+    fn kek_path(&self, dir: &Path) -> PathBuf {
+        self.kek_file.clone().unwrap_or_else(|| dir.join(KEK_FILE))
+    }
 }
 
 /// Settings read from the store that `init` fixed.
@@ -99,7 +136,8 @@ fn authority_config(store: &dyn Store) -> Result<AuthorityConfig, ServerError> {
     })
 }
 
-/// Opens a data directory's store and authorities (for offline commands and `run`).
+/// Opens the SQLite store in a data directory and its authorities (tests that need the
+/// concrete store; commands use [`open_with`]).
 pub fn open(dir: &Path) -> Result<(DataDir, Arc<SqliteStore>, Authorities), ServerError> {
     let dd = DataDir::open(dir)?;
     let store = Arc::new(SqliteStore::open(&dd.db_path())?);
@@ -108,6 +146,126 @@ pub fn open(dir: &Path) -> Result<(DataDir, Arc<SqliteStore>, Authorities), Serv
         .load_authorities(cfg)?
         .ok_or_else(|| datadir::DataDirError::NotInitialised(dir.to_path_buf()))?;
     Ok((dd, store, auth))
+}
+
+/// Opens the store `opts` names and its authorities; the data directory holds what is not in
+/// the database (the admin socket, by default the KEK). The one place a store is opened.
+pub fn open_with(
+    dir: &Path,
+    opts: &StoreOptions,
+) -> Result<(DataDir, Arc<dyn Store>, Authorities), ServerError> {
+    let (dd, store): (DataDir, Arc<dyn Store>) = match &opts.url {
+        None => {
+            let dd = DataDir::open(dir)?;
+            let store = Arc::new(SqliteStore::open(&dd.db_path())?);
+            (dd, store)
+        }
+        Some(StoreUrl::Sqlite(path)) => {
+            let dd = DataDir::ensure(dir)?;
+            if !path.exists() {
+                return Err(StoreError::NotInitialised.into());
+            }
+            (dd, store::open(&StoreUrl::Sqlite(path.clone()), None)?)
+        }
+        Some(url @ StoreUrl::Postgres(u)) => {
+            let dd = DataDir::ensure(dir)?;
+            match Kek::load(&opts.kek_path(dir)) {
+                Ok(kek) => (dd, store::open(url, Some(kek))?),
+                Err(e @ store::kek::KekError::Missing(_)) => {
+                    // A bad URL, an unreachable server or a newer schema says more than a
+                    // missing KEK: connect first (no key is read without one).
+                    drop(store::PostgresStore::open(u, Kek::generate())?);
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let cfg = authority_config(store.as_ref())?;
+    let auth = store.load_authorities(cfg)?.ok_or_else(|| {
+        if opts.url.is_none() {
+            ServerError::DataDir(datadir::DataDirError::NotInitialised(dir.to_path_buf()))
+        } else {
+            ServerError::Store(StoreError::NotInitialised)
+        }
+    })?;
+    Ok((dd, store, auth))
+}
+
+/// Writes a new CA into an empty store: its settings, then the authorities (which make it
+/// initialised), then its first event.
+fn fill(store: &dyn Store, a: &Authorities, config: AuthorityConfig) -> Result<(), ServerError> {
+    store.set_setting("root_ttl", &config.root_ttl.as_secs().to_string())?;
+    store.set_setting(
+        "intermediate_ttl",
+        &config.intermediate_ttl.as_secs().to_string(),
+    )?;
+    store.save_authorities(a)?;
+    store.append_event(
+        OffsetDateTime::now_utc(),
+        "ca.init",
+        &json!({ "trust_domain": a.trust_domain().as_str() }).to_string(),
+    )?;
+    Ok(())
+}
+
+/// `mayfly-ca init --store URL`: a new CA in the store `opts` names. With PostgreSQL the KEK
+/// file is created (0600) when absent, and CA keys are sealed under it.
+pub fn init_with(
+    dir: &Path,
+    trust_domain: &str,
+    config: AuthorityConfig,
+    opts: &StoreOptions,
+) -> Result<Authorities, ServerError> {
+    let url = match &opts.url {
+        None => return init(dir, trust_domain, config),
+        Some(url) => url,
+    };
+    let td =
+        crate::identity::id::parse_trust_domain(trust_domain).map_err(ServerError::TrustDomain)?;
+    DataDir::ensure(dir)?;
+    let a = Authorities::init(td, config, OffsetDateTime::now_utc())?;
+    match url {
+        StoreUrl::Sqlite(path) => {
+            if path.exists() {
+                return Err(ServerError::AlreadyInitialised(path.display().to_string()));
+            }
+            datadir::write_secret(path, b"").map_err(|source| datadir::DataDirError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let filled = SqliteStore::open(path)
+                .map_err(ServerError::from)
+                .and_then(|s| fill(&s, &a, config));
+            if filled.is_err() {
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut p = path.clone().into_os_string();
+                    p.push(suffix);
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            filled?;
+        }
+        StoreUrl::Postgres(u) => {
+            let kek_path = opts.kek_path(dir);
+            let (kek, created) = Kek::load_or_create(&kek_path)?;
+            let filled = (|| {
+                let store = store::PostgresStore::open(u, kek)?;
+                if store.trust_domain()?.is_some() {
+                    return Err(ServerError::AlreadyInitialised(format!(
+                        "the PostgreSQL database at {}",
+                        store.target()
+                    )));
+                }
+                fill(&store, &a, config)
+            })();
+            if filled.is_err() && created {
+                let _ = std::fs::remove_file(&kek_path); // it sealed nothing
+            }
+            filled?;
+        }
+    }
+    Ok(a)
 }
 
 /// `mayfly-ca init`: creates the data directory, the root and the first intermediate.
@@ -123,17 +281,7 @@ pub fn init(
     let a = Authorities::init(td, config, OffsetDateTime::now_utc())?;
     {
         let store = SqliteStore::open(pending.db_path())?;
-        store.save_authorities(&a)?;
-        store.set_setting("root_ttl", &config.root_ttl.as_secs().to_string())?;
-        store.set_setting(
-            "intermediate_ttl",
-            &config.intermediate_ttl.as_secs().to_string(),
-        )?;
-        store.append_event(
-            OffsetDateTime::now_utc(),
-            "ca.init",
-            &json!({ "trust_domain": a.trust_domain().as_str() }).to_string(),
-        )?;
+        fill(&store, &a, config)?;
     } // closed (its WAL checkpointed) before the file takes its name
     pending.commit()?;
     Ok(a)
@@ -198,6 +346,8 @@ pub struct RunOptions {
     pub admin_socket: Option<PathBuf>,
     /// The group whose members may connect to the admin socket (`--admin-group`); default none.
     pub admin_group: Option<u32>,
+    /// Where the store is (`--store`, `--kek-file`); default `ca.db` in the data directory.
+    pub store: StoreOptions,
 }
 
 /// What a started control plane exposes to its caller (tests, the binary).
@@ -228,8 +378,7 @@ impl Running {
 /// Starts the control plane: binds every listener (errors surface here, before anything
 /// runs), then spawns the API, admin socket, metrics and rotation tasks.
 pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
-    let (dd, store, authorities) = open(&opts.data_dir)?;
-    let store: Arc<dyn Store> = store;
+    let (dd, store, authorities) = open_with(&opts.data_dir, &opts.store)?;
     let dist =
         distribution::Distribution::new(opts.policy_file.clone()).map_err(ServerError::Policy)?;
     let ca = Ca::start(store, authorities, opts.settings.clone(), dist.clone())

@@ -7,11 +7,20 @@
 //! transaction), so a PostgreSQL implementation shared by several replicas can
 //! implement it without changing callers.
 
+#[cfg(any(test, feature = "testing"))]
+pub mod conformance;
 #[cfg(test)]
 pub(crate) mod faulty;
+pub mod kek;
+mod postgres;
 mod sqlite;
 
+pub use kek::Kek;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use time::OffsetDateTime;
 
@@ -43,6 +52,98 @@ pub enum StoreError {
     /// written, and writing resumes by itself once the condition ends.
     #[error("store cannot write: {0}")]
     Unwritable(String),
+    /// The store URL is not one this binary can open.
+    #[error("{0}")]
+    BadUrl(String),
+    /// The database server cannot be reached (it is named by host, port and database; never
+    /// with the password).
+    #[error("cannot reach PostgreSQL at {target}: {reason}")]
+    Unreachable {
+        /// `host:port/dbname`.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// The key-encryption key does not open the CA keys in the store.
+    #[error("the key-encryption key does not open the CA keys in the store: wrong --kek-file?")]
+    WrongKek,
+}
+
+/// Where the store is: `sqlite:PATH` (or a bare path), or `postgres://...`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (it may hold a password: never printed).
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::Sqlite(p) => write!(f, "Sqlite({})", p.display()),
+            StoreUrl::Postgres(_) => f.write_str("Postgres(..)"),
+        }
+    }
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(s.to_owned()));
+        }
+        if let Some(path) = s.strip_prefix("sqlite:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(StoreError::BadUrl(
+                    "store URL sqlite: needs a path (sqlite:/var/lib/mayfly/ca.db)".into(),
+                ));
+            }
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        let scheme = s.split_once(':').map_or(s, |(scheme, _)| scheme);
+        Err(StoreError::BadUrl(format!(
+            "unknown store scheme {scheme:?}: expected sqlite:PATH or postgres://USER@HOST:PORT/DB"
+        )))
+    }
+}
+
+/// Opens the store at `url`: an SQLite file, or a PostgreSQL database whose CA keys are
+/// sealed under `kek` (required for PostgreSQL).
+pub fn open(url: &StoreUrl, kek: Option<Kek>) -> Result<Arc<dyn Store>, StoreError> {
+    match url {
+        StoreUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path)?)),
+        StoreUrl::Postgres(u) => {
+            let kek = kek.ok_or_else(|| {
+                StoreError::BadUrl(
+                    "a PostgreSQL store needs a key-encryption key (--kek-file)".into(),
+                )
+            })?;
+            Ok(Arc::new(PostgresStore::open(u, kek)?))
+        }
+    }
+}
+
+/// The fields of a control-plane event from its JSON text (anything else is kept as `detail`).
+pub(crate) fn event_fields(detail: &str) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::from_str::<serde_json::Value>(detail) {
+        Ok(serde_json::Value::Object(m)) => m,
+        Ok(other) => {
+            let mut m = serde_json::Map::new();
+            m.insert("detail".into(), other);
+            m
+        }
+        Err(_) => {
+            let mut m = serde_json::Map::new();
+            m.insert(
+                "detail".into(),
+                serde_json::Value::String(detail.to_owned()),
+            );
+            m
+        }
+    }
 }
 
 /// A join token as stored: never the secret, only its hash.

@@ -9,25 +9,7 @@ use crate::server::store::{AuditConflict, AuditFilter, AuditRow, EventRecord, St
 
 use super::{SqliteStore, db};
 
-/// The fields of a control-plane event from its JSON text (anything else is kept as `detail`).
-pub(super) fn event_fields(detail: &str) -> serde_json::Map<String, serde_json::Value> {
-    match serde_json::from_str::<serde_json::Value>(detail) {
-        Ok(serde_json::Value::Object(m)) => m,
-        Ok(other) => {
-            let mut m = serde_json::Map::new();
-            m.insert("detail".into(), other);
-            m
-        }
-        Err(_) => {
-            let mut m = serde_json::Map::new();
-            m.insert(
-                "detail".into(),
-                serde_json::Value::String(detail.to_owned()),
-            );
-            m
-        }
-    }
-}
+pub(super) use crate::server::store::event_fields;
 
 /// Appends one record to the control plane's own chain inside an open transaction.
 pub(super) fn append_own_in(
