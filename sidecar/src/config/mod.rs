@@ -149,7 +149,13 @@ pub struct Outbound {
     pub protocol: Protocol,
     /// The destination service port as the policy sees it (for egress rules with `ports`).
     pub port: Option<u16>,
+    /// HTTP mode: how long a request may wait for its answer's head, retries included
+    /// (answered 504 past it).
+    pub request_timeout: Duration,
 }
+
+/// An HTTP request's deadline when `request_timeout` is not set.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Timeouts and limits.
 #[derive(Debug, Clone)]
@@ -450,6 +456,11 @@ impl Config {
                 remote: o.remote,
                 protocol: o.protocol,
                 port: o.port,
+                request_timeout: c.dur(
+                    &key("request_timeout"),
+                    o.request_timeout.as_deref(),
+                    DEFAULT_REQUEST_TIMEOUT,
+                )?,
             });
         }
         if inbound.is_empty() && outbound.is_empty() {

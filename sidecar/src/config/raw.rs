@@ -62,6 +62,7 @@ pub(super) struct RawOutbound {
     #[serde(default)]
     pub(super) protocol: Protocol,
     pub(super) port: Option<u16>,
+    pub(super) request_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
