@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 pub mod mesh;
+pub mod replicas;
 
 /// The path of a workspace binary, building it once if `cargo test` has not yet.
 pub fn bin(name: &str) -> PathBuf {
