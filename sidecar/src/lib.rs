@@ -141,6 +141,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         admin,
         stop_rx.clone(),
     )));
+    tasks.push(tokio::spawn(upstreams.clone().resolve(stop_rx.clone())));
     tasks.push(tokio::spawn(identity.clone().maintain(stop_rx.clone())));
     tasks.push(tokio::spawn(
         identity.clone().refresh_bundles(stop_rx.clone()),

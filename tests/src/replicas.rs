@@ -11,6 +11,11 @@ use crate::{Ca, Sidecar, Spec, eventually, policy};
 
 /// A replica of `orders` named `name` (HTTP mode), in front of the app at `app`.
 pub fn http_replica(ca: &Ca, dir: &Path, name: &str, app: &str) -> Sidecar {
+    replica(ca, dir, name, app, true)
+}
+
+/// A replica of `orders` named `name` (HTTP mode if `http`, else TCP), in front of `app`.
+pub fn replica(ca: &Ca, dir: &Path, name: &str, app: &str, http: bool) -> Sidecar {
     let pol = dir.join("policy.toml");
     std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
     let token = ca.token_file(
@@ -27,20 +32,31 @@ pub fn http_replica(ca: &Ca, dir: &Path, name: &str, app: &str) -> Sidecar {
         svid_ttl: None,
         extra: &format!("[audit]\nspool_dir = \"{name}-audit\"\n"),
     }
-    .toml()
-    .replace("app = ", "protocol = \"http\"\napp = ");
+    .toml();
+    let config = if http {
+        config.replace("app = ", "protocol = \"http\"\napp = ")
+    } else {
+        config
+    };
     Sidecar::start(dir, name, &config)
 }
 
 /// `web`'s sidecar with an HTTP outbound `orders` by SPIFFE ID; `outbound_extra` is added to
 /// the `[[outbound]]` table; its audit records also go to `<dir>/web-sink.jsonl`.
 pub fn http_client(ca: &Ca, dir: &Path, outbound_extra: &str) -> Sidecar {
+    client(ca, dir, &format!("protocol = \"http\"\n{outbound_extra}"))
+}
+
+/// `web`'s sidecar with an outbound `orders` (TCP unless `outbound_extra` says otherwise) by
+/// SPIFFE ID; `outbound_extra` is added to the `[[outbound]]` table; its audit records also go
+/// to `<dir>/web-sink.jsonl`.
+pub fn client(ca: &Ca, dir: &Path, outbound_extra: &str) -> Sidecar {
     let pol = dir.join("policy.toml");
     std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
     let token = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
     let sink = dir.join("web-sink.jsonl");
     let extra = format!(
-        "[[outbound]]\nname = \"orders\"\nlisten = \"127.0.0.1:0\"\nspiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n{outbound_extra}\n[audit]\nspool_dir = \"web-audit\"\nsink = \"file:{}\"\n",
+        "[[outbound]]\nname = \"orders\"\nlisten = \"127.0.0.1:0\"\nspiffe_id = \"spiffe://mayfly.local/orders\"\n{outbound_extra}\n[audit]\nspool_dir = \"web-audit\"\nsink = \"file:{}\"\n",
         sink.display()
     );
     let config = Spec {

@@ -9,8 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::replicas::{client_records, http_client, http_replica, knows, upstream};
-use mayfly_tests::{Ca, http_app};
+use mayfly_tests::replicas::{
+    client, client_records, http_client, http_replica, knows, replica, upstream,
+};
+use mayfly_tests::{Ca, echo_app, http_app, round_trip};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -243,4 +245,94 @@ async fn a_request_unanswered_within_its_timeout_gets_504_and_an_audit_record() 
         })
     });
     assert!(found.await, "{:?}", client_records(tmp.path()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_whose_replica_died_is_dialled_to_another() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let ca = Ca::start(&tmp);
+    let mut web = client(&ca, tmp.path(), "");
+    let mut one = replica(
+        &ca,
+        tmp.path(),
+        "orders-1",
+        &echo_app("orders-1").await,
+        false,
+    );
+    let two = replica(
+        &ca,
+        tmp.path(),
+        "orders-2",
+        &echo_app("orders-2").await,
+        false,
+    );
+    web.wait_ready().await;
+    one.wait_ready().await;
+    two.wait_ready().await;
+    knows(&web, 2).await;
+    let out = web.outbound("orders");
+    one.proc.kill();
+    // Still registered until its lease ends: every connection reaches the survivor.
+    for i in 0..30 {
+        let got = round_trip(&out, b"ping").await;
+        assert_eq!(
+            got.as_deref(),
+            Ok("orders-2"),
+            "connection {i}\n{}",
+            web.proc.log()
+        );
+    }
+    let retries = web
+        .metric("mayfly_sidecar_upstream_retries_total{upstream=\"orders\"}")
+        .await;
+    assert!(retries >= 1.0, "{}", web.admin_get("/metrics").await.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_remote_list_with_a_dns_name_balances_and_fails_over_like_discovered_endpoints() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let ca = Ca::start(&tmp);
+    let mut one = http_replica(&ca, tmp.path(), "orders-1", &http_app("orders-1").await);
+    let mut two = http_replica(&ca, tmp.path(), "orders-2", &http_app("orders-2").await);
+    one.wait_ready().await;
+    two.wait_ready().await;
+    let first = one.inbound();
+    let port = two.inbound().rsplit_once(':').unwrap().1.to_owned();
+    let mut web = http_client(
+        &ca,
+        tmp.path(),
+        &format!("remote = [\"{first}\", \"localhost:{port}\"]\n"),
+    );
+    web.wait_ready().await;
+    // `localhost` resolves to 127.0.0.1 (and perhaps ::1, where nothing listens: ejected).
+    let resolved = format!("127.0.0.1:{port}");
+    let ok = mayfly_tests::eventually(Duration::from_secs(10), async || {
+        upstream(&web).await["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["address"] == resolved.as_str())
+    });
+    assert!(ok.await, "{}", upstream(&web).await);
+    let out = web.outbound("orders");
+    let mut seen = BTreeMap::new();
+    for _ in 0..100 {
+        let (status, body) = request(&out, "GET", "/which", "").await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        *seen
+            .entry(v["name"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    // Identical replicas: a fair share each (sequential requests, so by latency alone).
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for (name, n) in &seen {
+        assert!(*n >= 25, "{name} got {n} of 100: {seen:?}");
+    }
+    one.proc.kill();
+    for i in 0..40 {
+        let (status, body) = request(&out, "GET", "/which", "").await;
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert!(body.contains("orders-2"), "{body}");
+    }
 }

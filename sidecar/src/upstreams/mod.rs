@@ -33,6 +33,8 @@ pub const BUDGET_RATIO: f32 = 0.2;
 pub const BUDGET_FLOOR_PER_SEC: u32 = 10;
 /// The window the retry budget counts over.
 pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// How often a static remote's DNS names are resolved again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
 /// Attempts after the first, at most, for one request or connection.
 pub const MAX_RETRIES: usize = 2;
 
@@ -51,6 +53,8 @@ pub struct Pool {
     name: String,
     spiffe_id: String,
     remote: Option<String>,
+    /// The static remote's entries, when one is a DNS name (re-resolved by [`Upstreams::resolve`]).
+    dns: Option<Vec<String>>,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     budget: TpsBudget,
     metrics: Arc<Metrics>,
@@ -58,11 +62,22 @@ pub struct Pool {
 
 impl Pool {
     fn new(o: &Outbound, metrics: Arc<Metrics>) -> Arc<Self> {
-        let endpoints = o.remote.iter().map(|r| Endpoint::new(r.clone())).collect();
+        // IP:port entries are endpoints as they are; DNS names once resolved.
+        let endpoints = o
+            .remotes
+            .iter()
+            .filter(|r| r.parse::<std::net::SocketAddr>().is_ok())
+            .map(|r| Endpoint::new(r.clone()))
+            .collect();
+        let named = o
+            .remotes
+            .iter()
+            .any(|r| r.parse::<std::net::SocketAddr>().is_err());
         let pool = Arc::new(Self {
             name: o.name.clone(),
             spiffe_id: o.spiffe_id.to_string(),
             remote: o.remote.clone(),
+            dns: named.then(|| o.remotes.clone()),
             endpoints: ArcSwap::from_pointee(endpoints),
             budget: TpsBudget::new(BUDGET_WINDOW, BUDGET_FLOOR_PER_SEC, BUDGET_RATIO),
             metrics,
@@ -124,6 +139,30 @@ impl Pool {
         self.endpoints.store(Arc::new(list));
         self.count_endpoints();
         true
+    }
+
+    /// Resolves the static remote's DNS names (IP entries stay as they are) and replaces the
+    /// set like a pushed one; a failed lookup keeps the last set.
+    async fn resolve_once(&self, entries: &[String]) {
+        let mut addrs = Vec::new();
+        for e in entries {
+            if e.parse::<std::net::SocketAddr>().is_ok() {
+                addrs.push(e.clone());
+                continue;
+            }
+            match tokio::net::lookup_host(e.as_str()).await {
+                Ok(found) => addrs.extend(found.map(|a| a.to_string())),
+                Err(err) => {
+                    warn!(upstream = %self.name, remote = %e, error = %err, "cannot resolve the remote: keeping its last endpoints");
+                    return;
+                }
+            }
+        }
+        addrs.sort_unstable();
+        addrs.dedup();
+        if self.replace(&addrs) {
+            info!(upstream = %self.name, endpoints = %addrs.join(","), "resolved remote endpoints changed");
+        }
     }
 
     /// A request or connection begins: it earns the retry budget its share.
@@ -292,6 +331,28 @@ impl Upstreams {
     pub fn json(&self) -> Value {
         let list: Vec<Value> = self.pools().iter().map(|p| p.json()).collect();
         json!({ "upstreams": list })
+    }
+
+    /// Re-resolves every static remote that names a DNS host (a Kubernetes headless service)
+    /// at once and every [`RESOLVE_EVERY`], until `shutdown`.
+    pub async fn resolve(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let named: Vec<(Arc<Pool>, Vec<String>)> = self
+            .pools()
+            .iter()
+            .filter_map(|p| Some((p.clone(), p.dns.clone()?)))
+            .collect();
+        if named.is_empty() {
+            return;
+        }
+        loop {
+            for (p, entries) in &named {
+                p.resolve_once(entries).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RESOLVE_EVERY) => {}
+                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
+            }
+        }
     }
 
     /// For a sidecar with a local policy: holds a watch for the endpoints alone (its policy

@@ -262,3 +262,40 @@ fn the_series_of_a_departed_endpoint_are_dropped() {
         "{text}"
     );
 }
+
+#[test]
+fn a_static_list_is_balanced_and_ejected_like_pushed_endpoints() {
+    let u = orders("remote = [\"127.0.0.1:7\", \"127.0.0.1:8\"]\n");
+    let pool = u.pool("orders").unwrap();
+    assert_eq!(pool.addresses(), ["127.0.0.1:7", "127.0.0.1:8"]);
+    // Not replaced by pushed endpoints of its SPIFFE ID.
+    u.install(&pushed(&["10.0.0.5:1"]));
+    assert_eq!(pool.addresses(), ["127.0.0.1:7", "127.0.0.1:8"]);
+    let first = pool.target(&[]).unwrap();
+    pool.failed(first.endpoint(), "refused");
+    for _ in 0..20 {
+        assert_ne!(pool.target(&[]).unwrap().address(), first.address());
+    }
+    assert_eq!(
+        u.json()["upstreams"][0]["remote"],
+        "127.0.0.1:7,127.0.0.1:8"
+    );
+}
+
+#[tokio::test]
+async fn a_remote_dns_name_is_resolved_into_endpoints_and_its_ip_entries_kept() {
+    let u = orders("remote = [\"localhost:7\", \"127.0.0.9:8\"]\n");
+    let pool = u.pool("orders").unwrap();
+    // Before the first resolution only the IP entry is known.
+    assert_eq!(pool.addresses(), ["127.0.0.9:8"]);
+    let entries = pool.dns.clone().unwrap();
+    pool.resolve_once(&entries).await;
+    let got = pool.addresses();
+    assert!(got.contains(&"127.0.0.1:7".to_owned()), "{got:?}");
+    assert!(got.contains(&"127.0.0.9:8".to_owned()), "{got:?}");
+    // A name that does not resolve keeps the last set.
+    let before = pool.addresses();
+    pool.resolve_once(&["no-such-host.invalid:7".to_owned()])
+        .await;
+    assert_eq!(pool.addresses(), before);
+}
