@@ -16,14 +16,20 @@ pub fn http_replica(ca: &Ca, dir: &Path, name: &str, app: &str) -> Sidecar {
 
 /// A replica of `orders` named `name` (HTTP mode if `http`, else TCP), in front of `app`.
 pub fn replica(ca: &Ca, dir: &Path, name: &str, app: &str, http: bool) -> Sidecar {
+    replica_as(ca, dir, "orders", name, app, http)
+}
+
+/// A sidecar named `name` holding `spiffe://mayfly.local/<me>` (HTTP mode if `http`, else
+/// TCP) in front of `app`: a replica of `me`, or an impostor where `orders` is expected.
+pub fn replica_as(ca: &Ca, dir: &Path, me: &str, name: &str, app: &str, http: bool) -> Sidecar {
     let pol = dir.join("policy.toml");
     std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
     let token = ca.token_file(
-        "spiffe://mayfly.local/orders",
+        &format!("spiffe://mayfly.local/{me}"),
         &dir.join(format!("{name}.token")),
     );
     let config = Spec {
-        me: "orders",
+        me,
         ca: &ca.addr,
         token: &token,
         policy: &pol,

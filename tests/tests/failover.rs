@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_tests::replicas::{
-    client, client_records, http_client, http_replica, knows, replica, upstream,
+    client, client_records, http_client, http_replica, knows, replica, replica_as, upstream,
 };
 use mayfly_tests::{Ca, echo_app, http_app, round_trip};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -335,4 +335,48 @@ async fn a_static_remote_list_with_a_dns_name_balances_and_fails_over_like_disco
         assert_eq!(status, 200, "request {i}: {body}");
         assert!(body.contains("orders-2"), "{body}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_presenting_another_spiffe_id_is_never_used_and_is_logged_with_that_id() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let ca = Ca::start(&tmp);
+    let mut impostor = replica_as(
+        &ca,
+        tmp.path(),
+        "billing",
+        "impostor",
+        &http_app("impostor").await,
+        true,
+    );
+    let mut good = http_replica(&ca, tmp.path(), "orders-1", &http_app("orders-1").await);
+    impostor.wait_ready().await;
+    good.wait_ready().await;
+    let bad = impostor.inbound();
+    let mut web = http_client(
+        &ca,
+        tmp.path(),
+        &format!("remote = [\"{bad}\", \"{}\"]\n", good.inbound()),
+    );
+    web.wait_ready().await;
+    let out = web.outbound("orders");
+    for i in 0..30 {
+        let (status, body) = request(&out, "GET", "/which", "").await;
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert!(body.contains("orders-1"), "{body}");
+    }
+    let shown = upstream(&web).await;
+    let e = shown["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == bad.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(e["state"], "ejected", "{shown}");
+    let log = web.proc.log();
+    assert!(
+        log.contains("endpoint ejected") && log.contains("server is spiffe://mayfly.local/billing"),
+        "{log}"
+    );
 }
