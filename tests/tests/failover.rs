@@ -236,6 +236,14 @@ async fn a_request_unanswered_within_its_timeout_gets_504_and_an_audit_record() 
         .await,
         1.0
     );
+    // The attempt cut short counts as an answer that took a second: a peak in the estimate.
+    let shown = upstream(&web).await;
+    let latency = shown["endpoints"][0]["latency_ms"].as_f64().unwrap();
+    assert!(latency >= 900.0, "{shown}");
+    let errors = web
+        .metric("mayfly_sidecar_upstream_requests_total{upstream=\"orders\"")
+        .await;
+    assert_eq!(errors, 1.0, "{}", web.admin_get("/metrics").await.1);
     let found = mayfly_tests::eventually(Duration::from_secs(10), async || {
         client_records(tmp.path()).iter().any(|r| {
             r["kind"] == "http.request"

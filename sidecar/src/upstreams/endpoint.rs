@@ -135,6 +135,11 @@ impl Endpoint {
         s.rtt.observe(rtt, now);
     }
 
+    /// Takes a latency observation without a verdict on health (an answer that never came).
+    pub fn observe(&self, rtt: Duration, now: Instant) {
+        self.state().rtt.observe(rtt, now);
+    }
+
     /// When its ejection ends, if it is ejected at `now`.
     fn ejected_until(&self, now: Instant) -> Option<Instant> {
         self.state()

@@ -216,6 +216,14 @@ impl Pool {
             .answered(&self.name, e.address(), status, rtt.as_secs_f64());
     }
 
+    /// An attempt on `e` got no answer within its request's deadline, after `waited`: its
+    /// latency estimate takes that wait (a peak), and it counts as an `error` answer.
+    pub fn timed_out(&self, e: &Endpoint, waited: Duration) {
+        e.observe(waited, Instant::now());
+        self.um()
+            .answered(&self.name, e.address(), None, waited.as_secs_f64());
+    }
+
     /// A TCP connection to `e` was established after `rtt`.
     pub fn connected(&self, e: &Endpoint, rtt: Duration) {
         e.succeeded(rtt, Instant::now());

@@ -140,14 +140,14 @@ impl Head {
 
 impl Upstream {
     /// Sends the request (`parts` ready for the next hop) to `first`, then to other
-    /// endpoints as the module doc says; `on_target` learns each attempt's address. The
+    /// endpoints as the module doc says; `on_target` learns each attempt's endpoint. The
     /// answer's head and status, or why there is none.
     pub(super) async fn attempts(
         &self,
         parts: http::request::Parts,
         body: Incoming,
         first: Target,
-        mut on_target: impl FnMut(&str),
+        mut on_target: impl FnMut(&std::sync::Arc<crate::upstreams::Endpoint>),
     ) -> Result<(StatusCode, Response<Body>), Failed> {
         let pool = self.pool();
         let retry_any = idempotent(&parts.method);
@@ -161,7 +161,7 @@ impl Upstream {
         let mut tried = Vec::new();
         let mut target = first;
         loop {
-            on_target(target.address());
+            on_target(target.endpoint());
             let started = std::time::Instant::now();
             let endpoint = target.endpoint().clone();
             // Whether the next attempt may go, and why this one failed.

@@ -333,30 +333,40 @@ impl Upstream {
         // Every attempt, retries included, within the request's deadline.
         let timeout = self.up.request_timeout;
         let deadline = tokio::time::Instant::from_std(started) + timeout;
-        let mut addr = String::new();
-        let attempts = self.attempts(parts, body, target, |a| {
-            addr.clear();
-            addr.push_str(a);
+        // The endpoint of the attempt in flight, and when it began.
+        let mut current = None;
+        let attempts = self.attempts(parts, body, target, |e| {
+            current = Some((e.clone(), std::time::Instant::now()));
         });
         let failed = match tokio::time::timeout_at(deadline, attempts).await {
             Ok(Ok((status, resp))) => {
-                record.peer_addr(&addr);
+                if let Some((e, _)) = &current {
+                    record.peer_addr(e.address());
+                }
                 record.finish(status);
                 return resp;
             }
             Ok(Err(f)) => f,
-            Err(_) => forward::Failed {
-                status: StatusCode::GATEWAY_TIMEOUT,
-                reason: "timeout",
-                message: format!(
-                    "mayfly: no answer from the upstream within its request_timeout ({} ms)",
-                    timeout.as_millis()
-                ),
-            },
+            Err(_) => {
+                // The attempt cut short counts as an answer that took this long.
+                if let Some((e, at)) = &current {
+                    self.pool.timed_out(e, at.elapsed());
+                }
+                forward::Failed {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    reason: "timeout",
+                    message: format!(
+                        "mayfly: no answer from the upstream within its request_timeout ({} ms)",
+                        timeout.as_millis()
+                    ),
+                }
+            }
         };
         m.request(Direction::Outbound, failed.reason);
         info!(error = %failed.message, status = failed.status.as_u16(), "upstream request failed");
-        record.peer_addr(&addr);
+        if let Some((e, _)) = &current {
+            record.peer_addr(e.address());
+        }
         record.error(failed.reason);
         record.finish(failed.status);
         let code = if failed.status == StatusCode::GATEWAY_TIMEOUT {
