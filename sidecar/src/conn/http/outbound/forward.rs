@@ -102,8 +102,8 @@ fn idempotent(m: &Method) -> bool {
 }
 
 /// Whether an HTTP/2 error proves the server did not process the stream.
-fn never_processed(e: &hyper::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+fn never_processed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut src = Some(e);
     while let Some(s) = src {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
             return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
@@ -247,6 +247,39 @@ impl Upstream {
                 Some(t) => target = t,
                 None => return Err(failed),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refused_streams_prove_the_app_never_saw_a_request_and_only_idempotent_methods_retry_otherwise()
+     {
+        let refused = h2::Error::from(h2::Reason::REFUSED_STREAM);
+        assert!(never_processed(&refused));
+        for r in [
+            h2::Reason::INTERNAL_ERROR,
+            h2::Reason::CANCEL,
+            h2::Reason::NO_ERROR,
+        ] {
+            assert!(!never_processed(&h2::Error::from(r)), "{r:?}");
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(!never_processed(&io));
+        for m in ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"] {
+            assert!(
+                idempotent(&Method::from_bytes(m.as_bytes()).unwrap()),
+                "{m}"
+            );
+        }
+        for m in ["POST", "PATCH", "CONNECT"] {
+            assert!(
+                !idempotent(&Method::from_bytes(m.as_bytes()).unwrap()),
+                "{m}"
+            );
         }
     }
 }
