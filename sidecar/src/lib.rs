@@ -114,7 +114,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics.clone(),
         hard_rx.clone(),
     )?;
-    let upstreams = upstreams::Upstreams::new(&cfg.outbound);
+    let upstreams = upstreams::Upstreams::new(&cfg.outbound, metrics.clone());
     let shared = Arc::new(Shared {
         identity: identity.clone(),
         policy: policy.clone(),
@@ -142,6 +142,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         admin,
         stop_rx.clone(),
     )));
+    tasks.push(tokio::spawn(upstreams.clone().resolve(stop_rx.clone())));
     tasks.push(tokio::spawn(identity.clone().maintain(stop_rx.clone())));
     tasks.push(tokio::spawn(
         identity.clone().refresh_bundles(stop_rx.clone()),

@@ -27,6 +27,11 @@ pub const BOOTSTRAP_BASE: Duration = Duration::from_millis(250);
 /// token in the environment or a control plane that comes back is only seen by an attempt.
 pub const BOOTSTRAP_CAP: Duration = Duration::from_secs(3);
 
+/// An endpoint's first ejection after a failure (doubled after every consecutive failure)...
+pub const EJECT_BASE: Duration = Duration::from_secs(1);
+/// ...up to this.
+pub const EJECT_CAP: Duration = Duration::from_secs(30);
+
 /// Scales `d` by a factor between 1/2 and 1 chosen by `jitter` (0..=1; anything else counts
 /// as 1), so that sidecars that failed together do not retry together.
 fn jittered(d: Duration, jitter: f64) -> Duration {
@@ -66,6 +71,15 @@ pub fn reconnect_delay(attempt: u32, jitter: f64) -> Duration {
 /// between [`BOOTSTRAP_BASE`]/2 and [`BOOTSTRAP_CAP`].
 pub fn bootstrap_delay(attempt: u32, jitter: f64) -> Duration {
     jittered(exponential(BOOTSTRAP_BASE, BOOTSTRAP_CAP, attempt), jitter)
+}
+
+/// How long an endpoint is ejected after its `failures`-th consecutive failure (1 for the
+/// first): between half of and [`EJECT_BASE`]` * 2^(failures-1)`, at most [`EJECT_CAP`].
+pub fn eject_delay(failures: u32, jitter: f64) -> Duration {
+    jittered(
+        exponential(EJECT_BASE, EJECT_CAP, failures.saturating_sub(1)),
+        jitter,
+    )
 }
 
 #[cfg(test)]
@@ -129,10 +143,34 @@ mod tests {
         }
 
         #[test]
+        fn ejections_grow_with_consecutive_failures_and_never_exceed_the_cap(
+            failures in 0u32..10_000,
+            jitter in -1.0f64..2.0,
+            jitter2 in 0.0f64..=1.0,
+        ) {
+            let d = eject_delay(failures, jitter);
+            prop_assert!(d <= EJECT_CAP && d >= EJECT_BASE / 2, "{d:?}");
+            // One more failure never shortens the bound, and the next one at least doubles
+            // it until the cap.
+            let bound = |f: u32| eject_delay(f, 1.0);
+            prop_assert!(bound(failures + 1) >= bound(failures));
+            prop_assert!(bound(failures + 1) == EJECT_CAP || bound(failures + 1) >= bound(failures) * 2 || failures == 0);
+            prop_assert!(eject_delay(failures, jitter2) <= bound(failures));
+        }
+
+        #[test]
         fn bootstrap_waits_never_exceed_the_cap(attempt in 0u32..1000, jitter in -1.0f64..2.0) {
             let d = bootstrap_delay(attempt, jitter);
             prop_assert!(d <= BOOTSTRAP_CAP && d >= BOOTSTRAP_BASE / 2);
         }
+    }
+
+    #[test]
+    fn the_first_ejection_lasts_a_second_and_the_thirtieth_thirty() {
+        assert_eq!(eject_delay(1, 1.0), EJECT_BASE);
+        assert_eq!(eject_delay(2, 1.0), EJECT_BASE * 2);
+        assert_eq!(eject_delay(30, 1.0), EJECT_CAP);
+        assert_eq!(eject_delay(1, 0.0), EJECT_BASE / 2);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 pub mod mesh;
 pub mod netns;
 pub mod postgres;
+pub mod replicas;
 
 /// The path of a workspace binary, building it once if `cargo test` has not yet.
 pub fn bin(name: &str) -> PathBuf {

@@ -251,7 +251,7 @@ async fn a_wildcard_listener_registers_its_advertised_address_or_warns_once_with
     assert_eq!(log.matches("without `advertise`").count(), 1, "{log}");
 }
 
-/// `web`'s sidecar with an outbound to `orders` (by SPIFFE ID; `remote` is static), following
+/// `web`'s sidecar with an outbound to `orders` (by SPIFFE ID, no `remote`), following
 /// its local policy or, with `central`, the control plane's.
 fn web(ca: &Ca, dir: &Path, central: bool) -> Sidecar {
     let pol = dir.join("policy.toml");
@@ -267,7 +267,9 @@ fn web(ca: &Ca, dir: &Path, central: bool) -> Sidecar {
         svid_ttl: None,
         extra: "[audit]\nspool_dir = \"web-audit\"\n",
     }
-    .toml();
+    .toml()
+    // By identity: `/upstreams` shows the endpoints an outbound uses (a static `remote`'s own).
+    .replace("remote = \"127.0.0.1:9\"\n", "");
     if central {
         config = config.replace(&format!("[policy]\nfile = \"{}\"\n", pol.display()), "");
     }

@@ -130,10 +130,12 @@ async fn a_failed_request_counts_one_decision_and_one_failure() {
     let tmp = Arc::new(tempfile::tempdir().unwrap());
     let (_ca, mut web, orders) = mesh_to_a_missing_app(tmp.path(), &tmp).await;
     let url = format!("http://{}/orders", web.outbound("orders"));
+    // POST: a GET answered 502 by the replica's sidecar would be retried (README, "Failures,
+    // retries and timeouts"), and each retry is a decision of its own there.
     for _ in 0..8 {
         let u = url.clone();
         let (_, _, err) = tokio::task::spawn_blocking(move || {
-            curl(&["-o", "/dev/null", "-w", "%{http_code}", &u])
+            curl(&["-X", "POST", "-o", "/dev/null", "-w", "%{http_code}", &u])
         })
         .await
         .unwrap();

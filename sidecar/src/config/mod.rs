@@ -140,16 +140,25 @@ pub struct Outbound {
     pub name: String,
     /// Where the local app connects in plaintext (loopback).
     pub listen: SocketAddr,
-    /// The remote sidecar's inbound address (a static override); `None`: the live endpoints
-    /// registered under `spiffe_id`, chosen per connection or request (see `upstreams`).
+    /// The static remote as configured (its addresses joined by `,`), for logs and the admin
+    /// view; `None`: the live endpoints registered under `spiffe_id` (see `upstreams`).
     pub remote: Option<String>,
+    /// The static remote sidecars' inbound `HOST:PORT`s (an IP, or a DNS name re-resolved
+    /// periodically); empty: by identity.
+    pub remotes: Vec<String>,
     /// The SPIFFE ID the remote must present.
     pub spiffe_id: SpiffeId,
     /// TCP or HTTP.
     pub protocol: Protocol,
     /// The destination service port as the policy sees it (for egress rules with `ports`).
     pub port: Option<u16>,
+    /// HTTP mode: how long a request may wait for its answer's head, retries included
+    /// (answered 504 past it).
+    pub request_timeout: Duration,
 }
+
+/// An HTTP request's deadline when `request_timeout` is not set.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Timeouts and limits.
 #[derive(Debug, Clone)]
@@ -437,19 +446,37 @@ impl Config {
                     "must be a loopback address: the app speaks plaintext to it",
                 ));
             }
-            if o.remote.as_ref().is_some_and(|r| r.trim().is_empty()) {
+            let given = o.remote.is_some();
+            let remotes = match o.remote {
+                None => Vec::new(),
+                Some(raw::RawRemote::One(r)) => vec![r],
+                Some(raw::RawRemote::Many(l)) => l,
+            };
+            let bad_remote = |r: &String| {
+                r.trim() != r
+                    || r.rsplit_once(':').is_none_or(|(h, p)| {
+                        h.is_empty() || h.contains('/') || p.parse::<u16>().is_err()
+                    })
+            };
+            if (remotes.is_empty() && given) || remotes.iter().any(bad_remote) {
                 return Err(c.bad(
                     key("remote"),
-                    "must be host:port, or left out to use the endpoints registered under `spiffe_id`",
+                    "must be HOST:PORT (an IP or a DNS name) or a list of them, or left out to use the endpoints registered under `spiffe_id`",
                 ));
             }
             outbound.push(Outbound {
                 spiffe_id: c.id(&key("spiffe_id"), &o.spiffe_id)?,
                 name: o.name,
                 listen,
-                remote: o.remote,
+                remote: (!remotes.is_empty()).then(|| remotes.join(",")),
+                remotes,
                 protocol: o.protocol,
                 port: o.port,
+                request_timeout: c.dur(
+                    &key("request_timeout"),
+                    o.request_timeout.as_deref(),
+                    DEFAULT_REQUEST_TIMEOUT,
+                )?,
             });
         }
         if inbound.is_empty() && outbound.is_empty() {

@@ -57,11 +57,20 @@ pub(super) struct RawInbound {
 pub(super) struct RawOutbound {
     pub(super) name: String,
     pub(super) listen: String,
-    pub(super) remote: Option<String>,
+    pub(super) remote: Option<RawRemote>,
     pub(super) spiffe_id: String,
     #[serde(default)]
     pub(super) protocol: Protocol,
     pub(super) port: Option<u16>,
+    pub(super) request_timeout: Option<String>,
+}
+
+/// `remote = "HOST:PORT"` or `remote = ["HOST:PORT", ...]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawRemote {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]

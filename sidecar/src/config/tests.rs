@@ -280,3 +280,50 @@ fn the_advertised_address_is_advertise_or_a_specific_listen_address_and_never_a_
         assert!(e.contains("`inbound.advertise`"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn an_outbound_request_timeout_defaults_to_fifteen_seconds_and_must_be_a_positive_duration() {
+    let c = Config::parse(GOOD, "s.toml", Path::new("/etc/mayfly")).unwrap();
+    assert_eq!(c.outbound[0].request_timeout, Duration::from_secs(15));
+    let with = |v: &str| {
+        GOOD.replace(
+            "spiffe_id = \"spiffe://mayfly.local/db\"",
+            &format!("spiffe_id = \"spiffe://mayfly.local/db\"\nrequest_timeout = \"{v}\""),
+        )
+    };
+    let c = Config::parse(&with("2m"), "s.toml", Path::new("/etc/mayfly")).unwrap();
+    assert_eq!(c.outbound[0].request_timeout, Duration::from_secs(120));
+    for bad in ["0", "soon"] {
+        let e = Config::parse(&with(bad), "s.toml", Path::new("/etc/mayfly")).unwrap_err();
+        assert!(e.to_string().contains("outbound[0].request_timeout"), "{e}");
+    }
+}
+
+#[test]
+fn remote_is_one_address_a_list_or_a_dns_name_and_anything_else_is_refused() {
+    let with = |v: &str| GOOD.replace("remote = \"127.0.0.1:16443\"", &format!("remote = {v}"));
+    let c = Config::parse(
+        &with("[\"10.0.0.1:1\", \"db.shop.svc:15443\"]"),
+        "s.toml",
+        Path::new("/"),
+    )
+    .unwrap();
+    assert_eq!(c.outbound[0].remotes, ["10.0.0.1:1", "db.shop.svc:15443"]);
+    assert_eq!(
+        c.outbound[0].remote.as_deref(),
+        Some("10.0.0.1:1,db.shop.svc:15443")
+    );
+    let c = Config::parse(GOOD, "s.toml", Path::new("/")).unwrap();
+    assert_eq!(c.outbound[0].remotes, ["127.0.0.1:16443"]);
+    for bad in [
+        "[]",
+        "\"\"",
+        "\"db\"",
+        "\"db:http\"",
+        "[\"10.0.0.1:1\", \" x:1\"]",
+        "\":80\"",
+    ] {
+        let e = Config::parse(&with(bad), "s.toml", Path::new("/")).unwrap_err();
+        assert!(e.to_string().contains("outbound[0].remote"), "{bad}: {e}");
+    }
+}

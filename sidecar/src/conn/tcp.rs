@@ -17,6 +17,7 @@ use crate::config::{Inbound, Outbound};
 use crate::metrics::{DirLabels, Direction, EndLabels, Metrics};
 use crate::policy::Verdict;
 use crate::splice::{End, Outcome, splice};
+use crate::upstreams::{Pool, Target};
 
 /// Adds what a finished connection did.
 fn audit_close(
@@ -201,6 +202,7 @@ pub async fn inbound_conn(
 pub struct Upstream {
     shared: Arc<Shared>,
     up: Arc<Outbound>,
+    pool: Arc<Pool>,
     connector: TlsConnector,
 }
 
@@ -213,29 +215,104 @@ impl Upstream {
             IdMatcher::Exact(up.spiffe_id.clone()),
             &[],
         )?;
+        let pool = shared.upstreams.pool_for(&up);
         Ok(Self {
             shared,
             up: Arc::new(up),
+            pool,
             connector: TlsConnector::from(Arc::new(tls)),
         })
     }
 
     /// Proxies one connection from the app, if the egress policy lets it out.
     pub async fn serve_conn(self, app: TcpStream) {
-        outbound_conn(self.shared, self.up, self.connector, app).await
+        outbound_conn(self, app).await
     }
 }
 
-async fn outbound_conn(
-    shared: Arc<Shared>,
-    up: Arc<Outbound>,
-    connector: TlsConnector,
-    app: TcpStream,
-) {
+/// Connects to an endpoint of the upstream and completes the mTLS handshake. A connect or
+/// handshake failure ejects the endpoint and, nothing having been sent yet, the next attempt
+/// goes to another one (within the retry budget). `None` once the failure is logged and
+/// counted.
+async fn dial_some(
+    shared: &Shared,
+    up: &Upstream,
+    connector: &TlsConnector,
+) -> Option<(Target, tokio_rustls::client::TlsStream<TcpStream>, SvidInfo)> {
+    let m = &shared.metrics;
+    let pool = &up.pool;
+    pool.deposit();
+    let mut tried = Vec::new();
+    loop {
+        let Some(target) = pool.target(&tried) else {
+            m.decision(Direction::Outbound, "no_endpoint");
+            warn!(spiffe_id = %up.up.spiffe_id, "no live endpoint is registered under the outbound's SPIFFE ID: closing the app's connection");
+            return None;
+        };
+        let started = std::time::Instant::now();
+        match dial_one(shared, connector, target.address()).await {
+            Ok((tls, server)) => {
+                pool.connected(target.endpoint(), started.elapsed());
+                return Some((target, tls, server));
+            }
+            Err(why) => {
+                pool.failed(target.endpoint(), &why);
+                tried.push(target.endpoint().clone());
+                if !pool.may_retry(tried.len()) {
+                    m.decision(Direction::Outbound, "remote_unreachable");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// One connect and handshake to `addr`; the failure's description (counted, not logged).
+async fn dial_one(
+    shared: &Shared,
+    connector: &TlsConnector,
+    addr: &str,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, SvidInfo), String> {
+    let m = &shared.metrics;
+    let tcp =
+        match tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(format!("cannot connect: {e}")),
+            Err(_) => return Err("timed out connecting".into()),
+        };
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(
+        shared.limits.handshake_timeout,
+        connector.connect(dial_name(), tcp),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            m.handshake_failed(Direction::Outbound, handshake::failure_reason(&e));
+            return Err(format!("TLS handshake refused: {}", describe_tls_error(&e)));
+        }
+        Err(_) => {
+            m.handshake_failed(Direction::Outbound, "timeout");
+            return Err("TLS handshake timed out".into());
+        }
+    };
+    match peer_identity(tls.get_ref().1.peer_certificates()) {
+        Ok(p) => Ok((tls, p)),
+        Err(e) => {
+            m.handshake_failed(Direction::Outbound, e.reason());
+            Err(format!("TLS handshake refused: {e}"))
+        }
+    }
+}
+
+async fn outbound_conn(up: Upstream, app: TcpStream) {
+    let shared = up.shared.clone();
+    let connector = up.connector.clone();
     let started = std::time::Instant::now();
     let m = shared.metrics.clone();
     let source = shared.identity.id.to_string();
-    let destination = up.spiffe_id.to_string();
+    let destination = up.up.spiffe_id.to_string();
     // Egress policy first: nothing leaves that the policy would not let in.
     if !shared.audit.admits() {
         m.decision(Direction::Outbound, "audit_full");
@@ -244,7 +321,7 @@ async fn outbound_conn(
     }
     let verdict = shared
         .policy
-        .decide_l4(&source, &destination, up.port, None);
+        .decide_l4(&source, &destination, up.up.port, None);
     m.decision(Direction::Outbound, verdict.label());
     let mut fields = audit_base(
         Direction::Outbound,
@@ -259,39 +336,8 @@ async fn outbound_conn(
         return record_denial(&shared, Direction::Outbound, &verdict, fields).await;
     }
     // Held until the connection ends: it counts as outstanding on its endpoint.
-    let Some(target) = shared.upstreams.target(up.remote.as_deref(), &destination) else {
-        m.decision(Direction::Outbound, "no_endpoint");
-        warn!(spiffe_id = %destination, "no live endpoint is registered under the outbound's SPIFFE ID: closing the app's connection");
+    let Some((target, tls, server)) = dial_some(&shared, &up, &connector).await else {
         return;
-    };
-    let Some(tcp) = connect(&shared, target.address(), "the remote sidecar").await else {
-        m.decision(Direction::Outbound, "remote_unreachable");
-        return;
-    };
-    let tls = match tokio::time::timeout(
-        shared.limits.handshake_timeout,
-        connector.connect(dial_name(), tcp),
-    )
-    .await
-    {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            let why = describe_tls_error(&e);
-            m.handshake_failed(Direction::Outbound, handshake::failure_reason(&e));
-            warn!(error = %why, "outbound TLS handshake refused");
-            return;
-        }
-        Err(_) => {
-            m.handshake_failed(Direction::Outbound, "timeout");
-            return;
-        }
-    };
-    let server = match peer_identity(tls.get_ref().1.peer_certificates()) {
-        Ok(p) => p,
-        Err(e) => {
-            m.handshake_failed(Direction::Outbound, e.reason());
-            return;
-        }
     };
     let kx = mayfly_ca::tls::negotiated_group(tls.get_ref().1);
     m.handshake(Direction::Outbound, kx);
@@ -305,7 +351,7 @@ async fn outbound_conn(
         warn!(error = %e, "strict audit: the decision record is not durable; closing the connection");
         return;
     }
-    let stop = stop_signal(shared.clone(), source, destination, up.port, None);
+    let stop = stop_signal(shared.clone(), source, destination, up.up.port, None);
     let out = splice(
         app,
         tls,

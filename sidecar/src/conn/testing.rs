@@ -127,7 +127,7 @@ impl Side {
             hard_stop,
             slots: Arc::new(Semaphore::new(max_connections)),
             audit: auditor,
-            upstreams: crate::upstreams::Upstreams::new(&[]),
+            upstreams: crate::upstreams::Upstreams::new(&[], metrics.clone()),
         });
         Self {
             ca,

@@ -100,6 +100,8 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 pub const GRPC_PERMISSION_DENIED: u8 = 7;
 /// gRPC status UNAVAILABLE.
 pub const GRPC_UNAVAILABLE: u8 = 14;
+/// gRPC status DEADLINE_EXCEEDED.
+pub const GRPC_DEADLINE_EXCEEDED: u8 = 4;
 /// gRPC status INVALID_ARGUMENT.
 pub const GRPC_INVALID_ARGUMENT: u8 = 3;
 

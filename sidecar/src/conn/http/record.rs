@@ -16,7 +16,8 @@ pub(crate) struct RequestRecord<'a> {
 }
 
 /// The fields an `http.response` record repeats from its `http.request` record.
-const RESPONSE_FIELDS: [&str; 7] = [
+const RESPONSE_FIELDS: [&str; 8] = [
+    "error",
     "direction",
     "local_id",
     "peer_id",
@@ -50,6 +51,11 @@ impl<'a> RequestRecord<'a> {
     /// The address the request is sent to (known once its endpoint is chosen).
     pub(crate) fn peer_addr(&mut self, addr: &str) {
         self.fields.insert("peer_addr".into(), addr.into());
+    }
+
+    /// Why no answer from the upstream is relayed (`timeout`, `upstream_unreachable`...).
+    pub(crate) fn error(&mut self, reason: &str) {
+        self.fields.insert("error".into(), reason.into());
     }
 
     /// Before the request is forwarded. Strict: records the decision and waits until it is

@@ -3,13 +3,14 @@
 //! sidecar (the static `remote`, or the endpoint chosen for this request), which must present
 //! the configured SPIFFE ID. One pooled connection per endpoint address.
 
+mod forward;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,11 +24,14 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::checks::strip_hop_by_hop;
 use super::idle::Activity;
-use super::{Body, GRPC_UNAVAILABLE, MAX_HEADER_BYTES, is_grpc, local_reply};
+use super::{
+    Body, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, MAX_HEADER_BYTES, is_grpc, local_reply,
+};
 use crate::config::Outbound;
 use crate::conn::{OpenGuard, Shared, audit_base, handshake, instant_at};
 use crate::metrics::Direction;
 use crate::policy::HttpFacts;
+use crate::upstreams::Pool;
 
 /// A new pooled connection is opened when the current one's server SVID has less than this
 /// left, so requests never race its expiry.
@@ -52,12 +56,13 @@ type Slot = Arc<Mutex<Option<Pooled>>>;
 pub struct Upstream {
     up: Arc<Outbound>,
     shared: Arc<Shared>,
+    pool: Arc<Pool>,
     connector: TlsConnector,
     pools: std::sync::Mutex<HashMap<String, Slot>>,
 }
 
 #[derive(Debug, thiserror::Error)]
-enum DialError {
+pub(super) enum DialError {
     #[error("cannot connect to {0}: {1}")]
     Connect(String, String),
     #[error("TLS handshake with {0} refused: {1}")]
@@ -68,6 +73,13 @@ enum DialError {
     H2(String, String),
     #[error("no SVID yet")]
     NoSvid,
+}
+
+impl DialError {
+    /// A failure of ours, not of the endpoint.
+    pub(super) fn is_ours(&self) -> bool {
+        matches!(self, DialError::NoSvid)
+    }
 }
 
 impl Upstream {
@@ -82,9 +94,11 @@ impl Upstream {
             mayfly_ca::verify::IdMatcher::Exact(up.spiffe_id.clone()),
             &[b"h2"],
         )?;
+        let pool = shared.upstreams.pool_for(&up);
         Ok(Arc::new(Self {
             up,
             shared,
+            pool,
             connector: TlsConnector::from(Arc::new(cfg)),
             pools: std::sync::Mutex::new(HashMap::new()),
         }))
@@ -101,13 +115,8 @@ impl Upstream {
         if let Some(s) = pools.get(addr) {
             return s.clone();
         }
-        if self.up.remote.is_none() {
-            let live = self
-                .shared
-                .upstreams
-                .endpoints_of(&self.up.spiffe_id.to_string());
-            pools.retain(|a, _| live.iter().any(|l| l == a));
-        }
+        let live = self.pool.addresses();
+        pools.retain(|a, _| live.iter().any(|l| l == a));
         pools.entry(addr.to_owned()).or_default().clone()
     }
 
@@ -136,7 +145,11 @@ impl Upstream {
 
     /// A sender ready for a new stream. A pooled connection that turns out to be closing (the
     /// server closed it as idle, or is shutting down) is replaced once.
-    async fn ready_sender(&self, addr: &str) -> Result<SendRequest<Body>, DialError> {
+    pub(super) fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub(super) async fn ready_sender(&self, addr: &str) -> Result<SendRequest<Body>, DialError> {
         let mut sender = self.sender(addr).await?;
         if sender.ready().await.is_ok() {
             return Ok(sender);
@@ -273,11 +286,7 @@ impl Upstream {
             return super::reply::unforwarded_req(req, reply).await;
         }
         // Held until the answer's head arrives: the request counts as outstanding on it.
-        let Some(target) = self
-            .shared
-            .upstreams
-            .target(self.up.remote.as_deref(), &dest)
-        else {
+        let Some(target) = self.pool.target(&[]) else {
             m.request(Direction::Outbound, "no_endpoint");
             warn!(spiffe_id = %dest, "no live endpoint is registered under the upstream's SPIFFE ID: answering 503");
             let reply = match record
@@ -297,6 +306,7 @@ impl Upstream {
             };
             return super::reply::unforwarded_req(req, reply).await;
         };
+        self.pool.deposit();
         record.peer_addr(target.address());
         // Strict audit: nothing is forwarded before its decision is on disk.
         if let Err(e) = record.before_forwarding().await {
@@ -320,42 +330,51 @@ impl Upstream {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(http::header::HOST);
         parts.version = http::Version::HTTP_2;
-        let mut sender = match self.ready_sender(target.address()).await {
-            Ok(s) => s,
-            Err(e) => {
-                m.request(Direction::Outbound, "upstream_unreachable");
-                warn!(error = %e, "upstream unavailable");
-                record.finish(StatusCode::BAD_GATEWAY);
-                let reply = local_reply(
-                    grpc,
-                    StatusCode::BAD_GATEWAY,
-                    GRPC_UNAVAILABLE,
-                    &format!("mayfly: {e}"),
-                    None,
-                );
-                return super::reply::unforwarded(version, body, reply).await;
+        // Every attempt, retries included, within the request's deadline.
+        let timeout = self.up.request_timeout;
+        let deadline = tokio::time::Instant::from_std(started) + timeout;
+        // The endpoint of the attempt in flight, and when it began.
+        let mut current = None;
+        let attempts = self.attempts(parts, body, target, |e| {
+            current = Some((e.clone(), std::time::Instant::now()));
+        });
+        let failed = match tokio::time::timeout_at(deadline, attempts).await {
+            Ok(Ok((status, resp))) => {
+                if let Some((e, _)) = &current {
+                    record.peer_addr(e.address());
+                }
+                record.finish(status);
+                return resp;
+            }
+            Ok(Err(f)) => f,
+            Err(_) => {
+                // The attempt cut short counts as an answer that took this long.
+                if let Some((e, at)) = &current {
+                    self.pool.timed_out(e, at.elapsed());
+                }
+                forward::Failed {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    reason: "timeout",
+                    message: format!(
+                        "mayfly: no answer from the upstream within its request_timeout ({} ms)",
+                        timeout.as_millis()
+                    ),
+                }
             }
         };
-        let req = Request::from_parts(parts, body.boxed());
-        match sender.send_request(req).await {
-            Ok(resp) => {
-                let (status, resp) = super::checks::relay(resp);
-                record.finish(status);
-                resp
-            }
-            Err(e) => {
-                m.request(Direction::Outbound, "upstream_error");
-                record.finish(StatusCode::BAD_GATEWAY);
-                info!(error = %e, "upstream request failed");
-                local_reply(
-                    grpc,
-                    StatusCode::BAD_GATEWAY,
-                    GRPC_UNAVAILABLE,
-                    &format!("mayfly: upstream request failed: {e}"),
-                    None,
-                )
-            }
+        m.request(Direction::Outbound, failed.reason);
+        info!(error = %failed.message, status = failed.status.as_u16(), "upstream request failed");
+        if let Some((e, _)) = &current {
+            record.peer_addr(e.address());
         }
+        record.error(failed.reason);
+        record.finish(failed.status);
+        let code = if failed.status == StatusCode::GATEWAY_TIMEOUT {
+            GRPC_DEADLINE_EXCEEDED
+        } else {
+            GRPC_UNAVAILABLE
+        };
+        local_reply(grpc, failed.status, code, &failed.message, None)
     }
 }
 
