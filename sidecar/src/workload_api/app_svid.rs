@@ -43,6 +43,27 @@ pub struct AppSvid {
     renew_at: OffsetDateTime,
 }
 
+impl AppSvid {
+    /// An SVID as [`maintain`] would publish it, for the tests of what is sent when.
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        id: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        key: SecretKey,
+        serial: &str,
+    ) -> Self {
+        let far = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        Self {
+            id,
+            chain,
+            key,
+            serial: serial.to_owned(),
+            not_after: far,
+            renew_at: far,
+        }
+    }
+}
+
 /// What the Workload API hands out: the app's SVID (none yet, or after it expired without
 /// renewal) and the trust bundles.
 #[derive(Clone, Default)]
@@ -152,7 +173,14 @@ pub async fn maintain(
                     Ok(svid) => {
                         info!(serial = %svid.serial, not_after = %svid.not_after.unix_timestamp(), "SVID for the app installed (Workload API)");
                         failures = 0;
-                        out.send_modify(|p| p.svid = Some(Arc::new(svid)));
+                        // With the bundle it verifies against, never ahead of it.
+                        let bundles = identity.bundles.load_full();
+                        out.send_modify(|p| {
+                            p.svid = Some(Arc::new(svid));
+                            if !same_roots(&p.bundles, &bundles) {
+                                p.bundles = bundles;
+                            }
+                        });
                         continue;
                     }
                     Err(e) => {

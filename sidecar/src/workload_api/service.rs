@@ -87,6 +87,30 @@ fn svid_response(svid: &AppSvid, bundles: &BundleSet) -> pb::X509svidResponse {
     }
 }
 
+/// What a FetchX509SVID stream sent last.
+struct Sent {
+    serial: String,
+    bundles: Arc<BundleSet>,
+}
+
+/// What a FetchX509SVID stream sends next, and why (`start`, `rotation`, `bundle`): nothing
+/// while no SVID is held or the bundle of its trust domain is not known yet (an SVID is never
+/// handed out ahead of the bundle it verifies against), nor when nothing changed.
+fn next_push<'a>(
+    now: &'a Published,
+    sent: Option<&Sent>,
+) -> Option<(&'a Arc<AppSvid>, &'static str)> {
+    let svid = now.svid.as_ref()?;
+    now.bundles.get(svid.id.trust_domain())?;
+    let push = match sent {
+        None => "start",
+        Some(s) if s.serial != svid.serial => "rotation",
+        Some(s) if !Arc::ptr_eq(&s.bundles, &now.bundles) => "bundle",
+        Some(_) => return None,
+    };
+    Some((svid, push))
+}
+
 impl WorkloadApi {
     /// A service handing out what `state` publishes.
     pub fn new(
@@ -187,37 +211,25 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let (audit, metrics) = (self.audit.clone(), self.metrics.clone());
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
-            let mut sent: Option<(String, Arc<BundleSet>)> = None;
+            let mut sent: Option<Sent> = None;
             loop {
                 let now = state.borrow_and_update().clone();
-                if let Some(svid) = &now.svid {
-                    let changed = match &sent {
-                        None => true,
-                        Some((serial, b)) => {
-                            *serial != svid.serial || !Arc::ptr_eq(b, &now.bundles)
-                        }
-                    };
-                    if changed {
-                        let push = match &sent {
-                            None => "start",
-                            Some((serial, _)) if *serial != svid.serial => "rotation",
-                            Some(_) => "bundle",
-                        };
-                        if let Err(s) =
-                            Self::record_svid(&audit, &metrics, &caller, svid, push).await
-                        {
-                            let _ = tx.send(Err(s)).await;
-                            return;
-                        }
-                        if tx
-                            .send(Ok(svid_response(svid, &now.bundles)))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        sent = Some((svid.serial.clone(), now.bundles.clone()));
+                if let Some((svid, push)) = next_push(&now, sent.as_ref()) {
+                    if let Err(s) = Self::record_svid(&audit, &metrics, &caller, svid, push).await {
+                        let _ = tx.send(Err(s)).await;
+                        return;
                     }
+                    if tx
+                        .send(Ok(svid_response(svid, &now.bundles)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    sent = Some(Sent {
+                        serial: svid.serial.clone(),
+                        bundles: now.bundles.clone(),
+                    });
                 }
                 tokio::select! {
                     r = state.changed() => if r.is_err() { return },
@@ -284,5 +296,51 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         self.admit(&req, "ValidateJWTSVID")?;
         Err(Status::unimplemented(JWT_LATER))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mayfly_ca::keys::SecretKey;
+    use mayfly_ca::testing::{Leaf, TestCa};
+
+    use super::*;
+
+    fn svid(ca: &TestCa, serial: &str) -> Arc<AppSvid> {
+        let (chain, _) = ca.leaf(&Leaf::new("spiffe://mayfly.test/orders"));
+        Arc::new(AppSvid::for_tests(
+            mayfly_ca::id::parse_id("spiffe://mayfly.test/orders").unwrap(),
+            chain,
+            SecretKey::generate().unwrap(),
+            serial,
+        ))
+    }
+
+    #[test]
+    fn an_svid_is_pushed_at_start_at_rotation_and_with_a_new_bundle_but_never_ahead_of_its_bundle()
+    {
+        let ca = TestCa::new("mayfly.test");
+        let mut now = Published {
+            svid: Some(svid(&ca, "01")),
+            bundles: Arc::new(BundleSet::default()),
+        };
+        // The bundle of the SVID's trust domain is not known yet: nothing is handed out.
+        assert!(next_push(&now, None).is_none());
+        now.bundles = Arc::new(BundleSet::single(ca.bundle()));
+        assert_eq!(next_push(&now, None).unwrap().1, "start");
+        let sent = Sent {
+            serial: "01".into(),
+            bundles: now.bundles.clone(),
+        };
+        assert!(next_push(&now, Some(&sent)).is_none(), "nothing changed");
+        let bundle_changed = Published {
+            svid: now.svid.clone(),
+            bundles: Arc::new(BundleSet::single(ca.bundle())),
+        };
+        assert_eq!(next_push(&bundle_changed, Some(&sent)).unwrap().1, "bundle");
+        now.svid = Some(svid(&ca, "02"));
+        assert_eq!(next_push(&now, Some(&sent)).unwrap().1, "rotation");
+        now.svid = None;
+        assert!(next_push(&now, Some(&sent)).is_none());
     }
 }
