@@ -1,8 +1,8 @@
 //! The SPIFFE Workload API beside the sidecar, driven by clients mayfly did not write: the
 //! `spiffe` crate's `X509Source` (sees the rotation), py-spiffe's `WorkloadApiClient` (an SVID
-//! whose chain `openssl verify` accepts against the fetched bundle), a caller the configuration
-//! does not allow (PermissionDenied, audited, counted) and a raw tonic client without the
-//! security header (InvalidArgument).
+//! whose chain `openssl verify` accepts against the fetched bundle; PermissionDenied for a uid
+//! and gid not allowed), a process of another OS user (`setpriv` to `nobody`: refused and
+//! audited with its uid) and a raw tonic client without the security header (InvalidArgument).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -207,7 +207,7 @@ client.close()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_caller_whose_uid_and_gid_are_not_allowed_is_refused_audited_and_counted() {
+async fn py_spiffe_from_a_uid_and_gid_not_allowed_gets_permission_denied_audited_and_counted() {
     // Only `nobody` may call; the test (another uid) calls through a socket whose mode lets
     // it connect, so only the peer-credential check stands between it and the SVID.
     let s = setup(
@@ -263,54 +263,18 @@ except Exception as e:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_without_the_security_header_is_invalid_argument_and_jwt_is_not_served_yet() {
     let s = setup(None, &format!("allowed_uids = [{}]", uid())).await;
-    let socket = s.socket.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://workload.api")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    let call = async |path: &'static str, header: bool| {
-        let mut grpc = tonic::client::Grpc::new(channel.clone());
-        grpc.ready().await.unwrap();
-        let mut req = tonic::Request::new(());
-        if header {
-            req.metadata_mut()
-                .insert("workload.spiffe.io", "true".parse().unwrap());
-        }
-        let codec = tonic_prost::ProstCodec::<(), ()>::default();
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
-        match grpc.server_streaming(req, path, codec).await {
-            Ok(resp) => {
-                let mut stream = resp.into_inner();
-                match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
-                    Ok(Ok(Some(()))) => Ok(()),
-                    Ok(Ok(None)) => Err(tonic::Status::unknown("stream ended")),
-                    Ok(Err(s)) => Err(s),
-                    Err(_) => Err(tonic::Status::deadline_exceeded("no message")),
-                }
-            }
-            Err(s) => Err(s),
-        }
-    };
     for path in [
         "/SpiffeWorkloadAPI/FetchX509SVID",
         "/SpiffeWorkloadAPI/FetchX509Bundles",
     ] {
-        let e = call(path, false).await.unwrap_err();
+        let e = raw_call(&s.socket, path, false).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{path}: {e:?}");
         assert_eq!(e.message(), "security header missing from request");
-        call(path, true)
+        raw_call(&s.socket, path, true)
             .await
             .unwrap_or_else(|e| panic!("{path} with the header: {e:?}"));
     }
-    let e = call("/SpiffeWorkloadAPI/FetchJWTBundles", true)
+    let e = raw_call(&s.socket, "/SpiffeWorkloadAPI/FetchJWTBundles", true)
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
@@ -323,6 +287,121 @@ async fn a_request_without_the_security_header_is_invalid_argument_and_jwt_is_no
             .await
             >= 2.0
     );
+}
+
+/// A raw tonic call of a server-streaming Workload API method on `socket`, with or without the
+/// security header: Ok once a first message arrives.
+async fn raw_call(socket: &Path, path: &'static str, header: bool) -> Result<(), tonic::Status> {
+    let socket = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::try_from("http://workload.api")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut req = tonic::Request::new(());
+    if header {
+        req.metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().unwrap());
+    }
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    let mut stream = grpc.server_streaming(req, path, codec).await?.into_inner();
+    match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+        Ok(Ok(Some(()))) => Ok(()),
+        Ok(Ok(None)) => Err(tonic::Status::unknown("stream ended")),
+        Ok(Err(s)) => Err(s),
+        Err(_) => Err(tonic::Status::deadline_exceeded("no message")),
+    }
+}
+
+/// The environment variable that makes [`helper_fetch_x509_svid_as_whoever_runs_it`] run.
+const HELPER_SOCKET: &str = "MAYFLY_TEST_WORKLOAD_SOCKET";
+
+/// Not a test of its own: this test binary runs it again as `nobody` (setpriv) so that a
+/// process of another user calls the Workload API. Prints `RESULT <code>: <message>`.
+#[tokio::test]
+#[ignore = "a helper that another test runs as another OS user"]
+async fn helper_fetch_x509_svid_as_whoever_runs_it() {
+    let socket = std::env::var(HELPER_SOCKET).expect("run by a_process_of_another_user_...");
+    match raw_call(Path::new(&socket), "/SpiffeWorkloadAPI/FetchX509SVID", true).await {
+        Ok(()) => println!("RESULT Ok: an SVID"),
+        Err(s) => println!("RESULT {:?}: {}", s.code(), s.message()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_of_another_user_is_refused_with_permission_denied_and_audited() {
+    let s = setup(
+        None,
+        &format!("allowed_uids = [{}]\nmode = \"0666\"", uid()),
+    )
+    .await;
+    assert_ne!(uid(), 65534, "the test runs as another user than nobody");
+    // nobody must reach the socket: only the peer-credential check stands in its way.
+    std::fs::set_permissions(s.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let socket = s.socket.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(exe)
+            .args([
+                "--exact",
+                "helper_fetch_x509_svid_as_whoever_runs_it",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(HELPER_SOCKET, socket)
+            .output()
+            .expect("setpriv (util-linux) is required for this test")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result = stdout
+        .lines()
+        .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
+        .unwrap_or_else(|| {
+            panic!(
+                "the helper did not run as nobody:\n{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(
+        result.starts_with("PermissionDenied: no identity issued"),
+        "{result}"
+    );
+    let audited = eventually(Duration::from_secs(10), async || {
+        spool(s.tmp.path()).contains("\"kind\":\"workload_api.denied\"")
+    })
+    .await;
+    let text = spool(s.tmp.path());
+    assert!(audited, "{text}");
+    let denied = text
+        .lines()
+        .find(|l| l.contains("workload_api.denied"))
+        .unwrap();
+    assert!(
+        denied.contains("\"uid\":65534") && denied.contains("\"gid\":65534"),
+        "{denied}"
+    );
+    assert!(!text.contains("workload_api.svid"), "{text}");
+    // The same call from an allowed user gets its SVID.
+    raw_call(&s.socket, "/SpiffeWorkloadAPI/FetchX509SVID", true)
+        .await
+        .unwrap();
 }
 
 /// Every audit record the sidecar wrote (its JSON-lines sink: the spool itself is emptied
