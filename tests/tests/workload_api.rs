@@ -136,6 +136,14 @@ async fn the_spiffe_crate_x509_source_gets_the_apps_own_svid_and_sees_it_rotate_
             .await
             >= 1.0
     );
+    // SIGTERM with a stream open: the sidecar ends the stream and exits cleanly (`stop` kills
+    // it after 20 s, which would not be a success), and removes its socket.
+    let mut sidecar = s.sidecar;
+    let status = tokio::task::spawn_blocking(move || sidecar.proc.stop())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!s.socket.exists(), "the socket file is removed at exit");
     source.shutdown().await;
 }
 
