@@ -17,6 +17,7 @@ pub mod register;
 pub mod retry;
 pub mod splice;
 pub mod upstreams;
+pub mod workload_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +49,9 @@ pub enum StartError {
     /// The control plane address is unusable.
     #[error("control plane: {0}")]
     ControlPlane(#[from] mayfly_ca::client::ClientError),
+    /// The Workload API socket cannot be opened.
+    #[error(transparent)]
+    WorkloadApi(#[from] workload_api::BindError),
 }
 
 /// A started sidecar.
@@ -99,6 +103,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics.clone(),
     )?;
     let admin = reserve("admin", cfg.admin)?.listen()?;
+    let workload_socket = cfg
+        .workload_api
+        .as_ref()
+        .map(workload_api::bind)
+        .transpose()?;
     let held = Held::reserve(&cfg.inbound, &cfg.outbound)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (hard_tx, hard_rx) = watch::channel(false);
@@ -147,6 +156,19 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     tasks.push(tokio::spawn(
         identity.clone().refresh_bundles(stop_rx.clone()),
     ));
+    if let (Some(wl), Some(listener)) = (cfg.workload_api.clone(), workload_socket) {
+        let parts = workload_api::Parts {
+            identity: identity.clone(),
+            client: mayfly_ca::client::CaClient::new(
+                cfg.control_plane.address.clone(),
+                cfg.spiffe_id.trust_domain().clone(),
+            )?,
+            ttl: cfg.control_plane.svid_ttl,
+            audit: auditor.clone(),
+            metrics: metrics.clone(),
+        };
+        tasks.extend(workload_api::start(wl, listener, parts, stop_rx.clone()));
+    }
     tasks.push(tokio::spawn(policy.clone().watch_file(stop_rx.clone())));
     tasks.push(tokio::spawn(policy.clone().grant_clock(stop_rx.clone())));
     if cfg.policy_file.is_none() {

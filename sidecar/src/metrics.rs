@@ -288,6 +288,24 @@ pub struct Metrics {
     pub audit_dropped: Counter,
     /// The dropped total already counted in `audit_dropped`.
     audit_dropped_seen: AtomicU64,
+    /// X.509-SVIDs handed to the app over the Workload API, by push (start, rotation, bundle).
+    pub workload_api_svids: Family<PushLabels, Counter>,
+    /// Workload API calls refused, by reason.
+    pub workload_api_refusals: Family<ReasonLabels, Counter>,
+}
+
+/// Labels of an SVID handed out over the Workload API.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushLabels {
+    /// start (a stream's first message), rotation (a new SVID), bundle (new trust bundles).
+    pub push: String,
+}
+
+/// Labels of a refusal.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Short reason.
+    pub reason: String,
 }
 
 impl Default for Metrics {
@@ -320,6 +338,8 @@ impl Metrics {
             audit_spool_bytes: Gauge::default(),
             audit_dropped: Counter::default(),
             audit_dropped_seen: AtomicU64::new(0),
+            workload_api_svids: Family::default(),
+            workload_api_refusals: Family::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -404,6 +424,16 @@ impl Metrics {
             m.audit_dropped.clone(),
         );
         m.upstream.register(&mut r);
+        r.register(
+            "workload_api_svids",
+            "X.509-SVIDs handed to the app over the Workload API, by push",
+            m.workload_api_svids.clone(),
+        );
+        r.register(
+            "workload_api_refusals",
+            "Workload API calls refused, by reason",
+            m.workload_api_refusals.clone(),
+        );
         Self { registry: r, ..m }
     }
 
@@ -457,6 +487,24 @@ impl Metrics {
         family
             .get_or_create(&FailLabels {
                 direction,
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts an SVID handed to the app over the Workload API.
+    pub fn workload_api_svid(&self, push: &str) {
+        self.workload_api_svids
+            .get_or_create(&PushLabels {
+                push: push.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a refused Workload API call.
+    pub fn workload_api_refused(&self, reason: &str) {
+        self.workload_api_refusals
+            .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
             })
             .inc();

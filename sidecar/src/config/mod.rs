@@ -11,9 +11,11 @@ use serde::Deserialize;
 
 mod audit;
 mod raw;
+mod workload_api;
 
 pub use audit::{AuditConfig, Durability, Sink, WhenFull};
 use raw::{Raw, RawInbound};
+pub use workload_api::WorkloadApiConfig;
 
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +200,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// The audit trail.
     pub audit: AuditConfig,
+    /// The SPIFFE Workload API for the local app (`[workload_api]`); `None`: off.
+    pub workload_api: Option<WorkloadApiConfig>,
 }
 
 /// The variable systemd sets to the unit's `StateDirectory=` (several are joined with `:`;
@@ -517,7 +521,9 @@ impl Config {
             return Err(c.bad("runtime.worker_threads", "must be between 1 and 64"));
         }
         let audit = raw.audit.check(&c, &spiffe_id, state_dir, rel)?;
+        let workload_api = raw.workload_api.map(|w| w.check(&c, rel)).transpose()?;
         Ok(Config {
+            workload_api,
             audit,
             spiffe_id,
             control_plane: ControlPlane {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::audit::RawAudit;
+use super::workload_api::RawWorkloadApi;
 use super::{AppProtocol, Protocol, UnderscoreHeaders};
 
 #[derive(Debug, Deserialize)]
@@ -27,6 +28,7 @@ pub(super) struct Raw {
     pub(super) runtime: RawRuntime,
     #[serde(default)]
     pub(super) audit: RawAudit,
+    pub(super) workload_api: Option<RawWorkloadApi>,
 }
 
 #[derive(Debug, Deserialize)]

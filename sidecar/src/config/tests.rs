@@ -327,3 +327,55 @@ fn remote_is_one_address_a_list_or_a_dns_name_and_anything_else_is_refused() {
         assert!(e.to_string().contains("outbound[0].remote"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn the_workload_api_is_off_by_default_and_its_section_needs_allowed_callers() {
+    let c = Config::parse(GOOD, "s.toml", Path::new("/etc/mayfly")).unwrap();
+    assert_eq!(c.workload_api, None);
+    let on = format!("{GOOD}\n[workload_api]\nsocket = \"wl.sock\"\nallowed_uids = [1000]\n");
+    let w = Config::parse(&on, "s.toml", Path::new("/run/mayfly"))
+        .unwrap()
+        .workload_api
+        .unwrap();
+    assert_eq!(w.socket, Path::new("/run/mayfly/wl.sock"));
+    assert_eq!(w.mode, 0o660);
+    assert!(w.allows(1000, 5) && w.allows(1000, 1000) && !w.allows(1001, 1000));
+    let by_group =
+        format!("{GOOD}\n[workload_api]\nsocket = \"/s\"\nallowed_gids = [7]\nmode = \"0600\"\n");
+    let w = Config::parse(&by_group, "s.toml", Path::new("."))
+        .unwrap()
+        .workload_api
+        .unwrap();
+    assert_eq!(w.mode, 0o600);
+    assert!(w.allows(1, 7) && !w.allows(7, 1));
+    let octal =
+        format!("{GOOD}\n[workload_api]\nsocket = \"/s\"\nallowed_gids = [7]\nmode = 0o666\n");
+    assert_eq!(
+        Config::parse(&octal, "s.toml", Path::new("."))
+            .unwrap()
+            .workload_api
+            .unwrap()
+            .mode,
+        0o666
+    );
+    let e = err(&format!("{GOOD}\n[workload_api]\nsocket = \"/s\"\n"));
+    assert!(
+        e.contains("`workload_api.allowed_uids`") && e.contains("allowed_gids"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{GOOD}\n[workload_api]\nsocket = \"/s\"\nallowed_uids = [0]\nmode = 660\n"
+    ));
+    assert!(
+        e.contains("`workload_api.mode`") && e.contains("octal"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{GOOD}\n[workload_api]\nsocket = \"/s\"\nallowed_uids = [0]\nmode = \"rw\"\n"
+    ));
+    assert!(e.contains("`workload_api.mode`"), "{e}");
+    let e = err(&format!(
+        "{GOOD}\n[workload_api]\nsocket = \"/s\"\nallowed_uids = [-1]\n"
+    ));
+    assert!(e.contains("allowed_uids"), "{e}");
+}
