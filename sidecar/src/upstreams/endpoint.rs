@@ -2,7 +2,7 @@
 //! (ejected after a failure for a backoff that grows with consecutive failures) and its
 //! peak-EWMA latency estimate, and the choice among endpoints that skips ejected ones.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,10 @@ pub(crate) const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// loopback replicas got 280 and 20 of 300 sequential requests). Above it, the slower
 /// endpoint is avoided in proportion.
 pub(crate) const LATENCY_FLOOR: Duration = Duration::from_millis(50);
+/// Orders the choices of every endpoint of this process: an endpoint's `last_chosen` is the
+/// value this had when it was last chosen (0: never).
+static CHOICES: AtomicU64 = AtomicU64::new(1);
+
 /// How fast a peak-EWMA estimate forgets a slow answer (tower's and Finagle's `decay`).
 pub(crate) const DECAY: Duration = Duration::from_secs(10);
 
@@ -73,6 +77,8 @@ struct State {
 pub struct Endpoint {
     address: String,
     outstanding: AtomicUsize,
+    /// When it was last chosen, in [`CHOICES`] order: breaks ties between equal loads.
+    last_chosen: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -93,6 +99,7 @@ impl Endpoint {
         Arc::new(Self {
             address,
             outstanding: AtomicUsize::new(0),
+            last_chosen: AtomicU64::new(0),
             state: Mutex::new(State {
                 failures: 0,
                 ejected_until: None,
@@ -149,10 +156,17 @@ impl Endpoint {
     }
 
     /// The load the choice compares: the peak-EWMA latency (at least [`LATENCY_FLOOR`]) times
-    /// (outstanding + 1).
-    fn load(&self, now: Instant) -> f64 {
+    /// (outstanding + 1); between equal loads, the endpoint chosen less recently is the less
+    /// loaded. Without that tie-break, sequential requests to identical replicas (every load
+    /// equal) went to whichever of the two drawn came first: a fair coin, whose 300-request
+    /// shares stray beyond 20 % of a third in about 3 % of runs; with it, the most recently
+    /// chosen endpoint loses every tie, and shares stay within a few requests of each other.
+    fn load(&self, now: Instant) -> (f64, u64) {
         let rtt = self.state().rtt.estimate(now);
-        rtt.max(LATENCY_FLOOR.as_nanos() as f64) * (self.outstanding() + 1) as f64
+        (
+            rtt.max(LATENCY_FLOOR.as_nanos() as f64) * (self.outstanding() + 1) as f64,
+            self.last_chosen.load(Ordering::Relaxed),
+        )
     }
 
     /// Its state as `/upstreams` shows it.
@@ -179,6 +193,9 @@ impl Target {
     /// Counts one more outstanding connection or request on `endpoint`.
     pub fn new(endpoint: Arc<Endpoint>) -> Self {
         endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
+        endpoint
+            .last_chosen
+            .store(CHOICES.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
         Self { endpoint }
     }
 
@@ -208,8 +225,8 @@ pub(super) fn two_of(n: usize, r: u64) -> (usize, usize) {
 }
 
 /// Power of two choices over `items` by `load`: the less loaded of two distinct entries drawn
-/// by the random `r` (the first on a tie; `r` is called only then); the only entry when there
-/// is one; `None` when there is none.
+/// by the random `r` (the first on a tie; `r` is called only then; [`Endpoint`] loads break
+/// ties by recency themselves); the only entry when there is one; `None` when there is none.
 pub fn p2c<T, L: PartialOrd>(
     items: &[T],
     mut load: impl FnMut(&T) -> L,
