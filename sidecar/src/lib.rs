@@ -49,6 +49,9 @@ pub enum StartError {
     /// The control plane address is unusable.
     #[error("control plane: {0}")]
     ControlPlane(#[from] mayfly_ca::client::ClientError),
+    /// An inbound's `advertise` cannot be made an address (an environment variable unset).
+    #[error("{0}")]
+    Advertise(String),
     /// The Workload API socket cannot be opened.
     #[error(transparent)]
     WorkloadApi(#[from] workload_api::BindError),
@@ -197,7 +200,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let inbound_addr = inbound_addrs.first().copied();
     let mut advertised = Vec::new();
     for (i, bound) in cfg.inbound.iter().zip(&inbound_addrs) {
-        match i.advertised(*bound) {
+        match i
+            .advertised(*bound, |k| std::env::var(k).ok())
+            .map_err(StartError::Advertise)?
+        {
             Some(a) => advertised.push(a),
             None => tracing::warn!(
                 listen = %i.listen,

@@ -376,10 +376,16 @@ pub struct Sidecar {
 impl Sidecar {
     /// Writes `config` to `<dir>/<name>.toml` and starts `mayfly-sidecar run`.
     pub fn start(dir: &Path, name: &str, config: &str) -> Self {
+        Self::start_with_env(dir, name, config, &[])
+    }
+
+    /// [`Sidecar::start`] with `env` set on the process.
+    pub fn start_with_env(dir: &Path, name: &str, config: &str, env: &[(&str, &str)]) -> Self {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, config).unwrap();
         let mut cmd = Command::new(bin("mayfly-sidecar"));
         cmd.args(["run", "--config", path.to_str().unwrap()]);
+        cmd.envs(env.iter().copied());
         let mut proc = Proc::spawn(
             cmd,
             &[

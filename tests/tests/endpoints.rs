@@ -225,30 +225,69 @@ async fn a_sidecar_killed_with_sigkill_leaves_the_registry_within_its_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wildcard_listener_registers_its_advertised_address_or_warns_once_without_one() {
+async fn a_wildcard_listener_must_say_what_to_advertise_and_may_read_it_from_the_environment() {
     let tmp = Arc::new(tempfile::tempdir().unwrap());
     let ca = Ca::start(&tmp);
-    let wildcard = |c: String| {
-        c.replace(
-            "listen = \"127.0.0.1:0\"\napp",
-            "listen = \"0.0.0.0:0\"\napp",
-        )
-    };
-    let silent = orders(&ca, tmp.path(), "silent", wildcard).await;
-    silent.wait_ready().await;
-    let named = orders(&ca, tmp.path(), "named", |c| {
-        wildcard(c).replace(
-            "[inbound]\n",
-            "[inbound]\nadvertise = \"orders-1.orders.svc:15443\"\n",
-        )
-    })
-    .await;
+    let app = echo_app("orders-app").await;
+    let token = ca.token_file("spiffe://mayfly.local/orders", &tmp.path().join("o.token"));
+    let pol = tmp.path().join("policy.toml");
+    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
+    let config = Spec {
+        me: "orders",
+        ca: &ca.addr,
+        token: &token,
+        policy: &pol,
+        inbound_app: Some(&app),
+        outbound: &[],
+        svid_ttl: None,
+        extra: "[audit]\nspool_dir = \"orders-audit\"\n",
+    }
+    .toml()
+    .replace(
+        "listen = \"127.0.0.1:0\"\napp",
+        "listen = \"0.0.0.0:0\"\napp",
+    );
+    // Without `advertise`, peers could not dial it: `check` and `run` refuse, saying so.
+    let path = tmp.path().join("silent.toml");
+    std::fs::write(&path, &config).unwrap();
+    let out = Command::new(bin("mayfly-sidecar"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("inbound.advertise") && err.contains("required"),
+        "{err}"
+    );
+    // `${NAME}` is read at start: unset, the sidecar refuses to start and names it.
+    let templated = config.replace(
+        "[inbound]\n",
+        "[inbound]\nadvertise = \"${MAYFLY_TEST_HOST_IP}:15443\"\n",
+    );
+    let path = tmp.path().join("unset.toml");
+    std::fs::write(&path, &templated).unwrap();
+    let out = Command::new(bin("mayfly-sidecar"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("MAYFLY_TEST_HOST_IP")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("MAYFLY_TEST_HOST_IP is not set"), "{err}");
+    // Set, it is the address registered under the sidecar's ID.
+    let named = Sidecar::start_with_env(
+        tmp.path(),
+        "named",
+        &templated,
+        &[("MAYFLY_TEST_HOST_IP", "10.9.8.7")],
+    );
     named.wait_ready().await;
-    let want = vec![pair("orders", "orders-1.orders.svc:15443")];
+    let want = vec![pair("orders", "10.9.8.7:15443")];
     let seen = eventually(Duration::from_secs(10), async || listed(&ca) == want);
     assert!(seen.await, "{:?}\n{}", listed(&ca), named.proc.log());
-    let log = silent.proc.log();
-    assert_eq!(log.matches("without `advertise`").count(), 1, "{log}");
 }
 
 /// `web`'s sidecar with an outbound to `orders` (by SPIFFE ID, no `remote`), following

@@ -58,6 +58,9 @@ pub const ANNOTATION_OUTBOUND: &str = "mayfly.io/outbound";
 pub const ANNOTATION_SPIFFE_ID: &str = "mayfly.io/spiffe-id";
 /// The environment variable that carries the sidecar's configuration.
 pub const CONFIG_ENV: &str = "MAYFLY_SIDECAR_CONFIG_TOML";
+/// The environment variable that carries the pod's IP (downward API): the address each
+/// inbound advertises to peers (`advertise = "${MAYFLY_POD_IP}:PORT"`).
+pub const POD_IP_ENV: &str = "MAYFLY_POD_IP";
 /// Inbound mTLS port (of the first app port; the next ones get the ports after it).
 pub const INBOUND_PORT: u16 = 15443;
 /// Admin port (`/healthz`, `/readyz`, `/metrics`; the kubelet probes it).

@@ -5,7 +5,7 @@ use serde_json::{Map, Value, json};
 use crate::{
     ADMIN_PORT, ANNOTATION_APP_PORT, ANNOTATION_APP_PORTS, ANNOTATION_OUTBOUND,
     ANNOTATION_PROTOCOL, AUDIT_DIR, AUDIT_SPOOL_DIR, CONFIG_ENV, CONTAINER_NAME, INBOUND_PORT,
-    InjectOptions, MAX_APP_PORTS, POLICY_DIR, Reason, TOKEN_DIR,
+    InjectOptions, MAX_APP_PORTS, POD_IP_ENV, POLICY_DIR, Reason, TOKEN_DIR,
 };
 
 const TOKEN_VOLUME: &str = "mayfly-token";
@@ -176,6 +176,12 @@ fn config_toml(
         let mtls = mtls_port(n).ok_or(Reason::NoMtlsPort)?;
         let mut t = toml::Table::new();
         t.insert("listen".into(), format!("0.0.0.0:{mtls}").into());
+        // Peers find this pod by its SPIFFE ID at the pod's IP, which the sidecar reads
+        // from the downward API at start.
+        t.insert(
+            "advertise".into(),
+            format!("${{{POD_IP_ENV}}}:{mtls}").into(),
+        );
         t.insert("app".into(), format!("127.0.0.1:{p}").into());
         if let Some(proto) = protocol {
             t.insert("protocol".into(), proto.into());
@@ -330,7 +336,10 @@ pub(super) fn plan(
         "restartPolicy": "Always",
         // JSON lines: what log collectors on Kubernetes parse.
         "args": ["run", "--config-env", CONFIG_ENV, "--log-format", "json"],
-        "env": [{ "name": CONFIG_ENV, "value": config }],
+        "env": [
+            { "name": CONFIG_ENV, "value": config },
+            { "name": POD_IP_ENV, "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+        ],
         "ports": container_ports,
         // Native sidecar: the next containers start once this probe passes, i.e. once an
         // SVID and a policy are held (up to 5 minutes; fail closed after that).

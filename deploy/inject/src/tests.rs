@@ -118,6 +118,20 @@ fn a_deployment_gets_a_native_sidecar_that_attests_with_its_service_account() {
     };
     assert_eq!(inbound.listen.to_string(), "0.0.0.0:15443");
     assert_eq!(inbound.app.to_string(), "127.0.0.1:8080");
+    // Registered with the control plane at the pod's IP, from the downward API.
+    assert_eq!(inbound.advertise.as_deref(), Some("${MAYFLY_POD_IP}:15443"));
+    let bound = "0.0.0.0:15443".parse().unwrap();
+    let ip = |k: &str| (k == POD_IP_ENV).then(|| "10.244.1.7".to_owned());
+    assert_eq!(
+        inbound.advertised(bound, ip).unwrap().as_deref(),
+        Some("10.244.1.7:15443")
+    );
+    let env = c["env"].as_array().unwrap();
+    assert!(
+        env.iter().any(|e| e["name"] == POD_IP_ENV
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"),
+        "{env:?}"
+    );
     assert_eq!(cfg.outbound.len(), 1);
     assert_eq!(cfg.outbound[0].listen.to_string(), "127.0.0.1:15002");
     assert_eq!(cfg.outbound[0].remote.as_deref(), Some("db.shop.svc:15443"));

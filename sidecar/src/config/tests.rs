@@ -6,7 +6,7 @@ spiffe_id = "spiffe://mayfly.local/orders"
 address = "127.0.0.1:8443"
 token_file = "token"
 [inbound]
-listen = "0.0.0.0:15443"
+listen = "10.0.0.5:15443"
 app = "127.0.0.1:8080"
 [[outbound]]
 name = "db"
@@ -41,7 +41,7 @@ fn several_inbound_listeners_parse_and_one_inbound_table_still_does() {
     assert_eq!(one.inbound[0].app.to_string(), "127.0.0.1:8080");
     let head = "spiffe_id = \"spiffe://mayfly.local/orders\"\n[control_plane]\naddress = \"127.0.0.1:8443\"\ntoken_file = \"token\"\n";
     let two = format!(
-        "{head}[[inbound]]\nlisten = \"0.0.0.0:15443\"\napp = \"127.0.0.1:8080\"\n[[inbound]]\nlisten = \"0.0.0.0:15444\"\napp = \"127.0.0.1:9090\"\nprotocol = \"http\"\n"
+        "{head}[[inbound]]\nlisten = \"10.0.0.5:15443\"\napp = \"127.0.0.1:8080\"\n[[inbound]]\nlisten = \"10.0.0.5:15444\"\napp = \"127.0.0.1:9090\"\nprotocol = \"http\"\n"
     );
     let c = Config::parse(&two, "s.toml", Path::new(".")).unwrap();
     let got: Vec<(String, String, Protocol)> = c
@@ -53,12 +53,12 @@ fn several_inbound_listeners_parse_and_one_inbound_table_still_does() {
         got,
         [
             (
-                "0.0.0.0:15443".into(),
+                "10.0.0.5:15443".into(),
                 "127.0.0.1:8080".into(),
                 Protocol::Tcp
             ),
             (
-                "0.0.0.0:15444".into(),
+                "10.0.0.5:15444".into(),
                 "127.0.0.1:9090".into(),
                 Protocol::Http
             ),
@@ -128,7 +128,7 @@ fn errors_name_the_key_and_the_reason() {
     assert!(
         err(&GOOD.replace("orders\"\n[control", "Orders!\"\n[control")).contains("`spiffe_id`")
     );
-    let e = err(&GOOD.replace("0.0.0.0:15443", "nowhere"));
+    let e = err(&GOOD.replace("10.0.0.5:15443", "nowhere"));
     assert!(
         e.contains("`inbound.listen`") && e.contains("nowhere"),
         "{e}"
@@ -255,28 +255,56 @@ fn a_spool_directory_that_cannot_be_created_is_a_config_error_naming_the_key() {
 
 #[test]
 fn the_advertised_address_is_advertise_or_a_specific_listen_address_and_never_a_wildcard() {
-    let wildcard = Config::parse(GOOD, "s.toml", Path::new(".")).unwrap();
-    let bound: std::net::SocketAddr = "0.0.0.0:15443".parse().unwrap();
-    assert_eq!(wildcard.inbound[0].advertised(bound), None);
-    let specific: std::net::SocketAddr = "10.0.0.5:15443".parse().unwrap();
+    let env = |k: &str| (k == "POD_IP").then(|| "10.1.2.3".to_owned());
+    let specific = Config::parse(GOOD, "s.toml", Path::new(".")).unwrap();
+    let bound: std::net::SocketAddr = "10.0.0.5:15443".parse().unwrap();
     assert_eq!(
-        wildcard.inbound[0].advertised(specific).as_deref(),
+        specific.inbound[0]
+            .advertised(bound, env)
+            .unwrap()
+            .as_deref(),
         Some("10.0.0.5:15443")
     );
-    let text = GOOD.replace(
-        "app = \"127.0.0.1:8080\"",
-        "app = \"127.0.0.1:8080\"\nadvertise = \"orders-0.orders.svc:15443\"",
+    // A wildcard listener must say what to advertise: `check` refuses it without.
+    let wildcard = GOOD.replace("10.0.0.5:15443", "0.0.0.0:15443");
+    let e = err(&wildcard);
+    assert!(
+        e.contains("`inbound.advertise`") && e.contains("required") && e.contains("wildcard"),
+        "{e}"
     );
-    let c = Config::parse(&text, "s.toml", Path::new(".")).unwrap();
+    let with = |a: &str| {
+        wildcard.replace(
+            "app = \"127.0.0.1:8080\"",
+            &format!("app = \"127.0.0.1:8080\"\nadvertise = \"{a}\""),
+        )
+    };
+    let c = Config::parse(&with("orders-0.orders.svc:15443"), "s.toml", Path::new(".")).unwrap();
+    let wild: std::net::SocketAddr = "0.0.0.0:15443".parse().unwrap();
     assert_eq!(
-        c.inbound[0].advertised(bound).as_deref(),
+        c.inbound[0].advertised(wild, env).unwrap().as_deref(),
         Some("orders-0.orders.svc:15443")
     );
-    for bad in ["0.0.0.0:15443", "orders", "orders:0"] {
-        let e = err(&GOOD.replace(
-            "app = \"127.0.0.1:8080\"",
-            &format!("app = \"127.0.0.1:8080\"\nadvertise = \"{bad}\""),
-        ));
+    // `${NAME}` is read from the environment at start; `check` accepts it unset.
+    let c = Config::parse(&with("${POD_IP}:15443"), "s.toml", Path::new(".")).unwrap();
+    assert_eq!(
+        c.inbound[0].advertised(wild, env).unwrap().as_deref(),
+        Some("10.1.2.3:15443")
+    );
+    let unset = c.inbound[0].advertised(wild, |_| None).unwrap_err();
+    assert!(unset.contains("POD_IP is not set"), "{unset}");
+    let wild_var = c.inbound[0]
+        .advertised(wild, |_| Some("0.0.0.0".into()))
+        .unwrap_err();
+    assert!(wild_var.contains("wildcard"), "{wild_var}");
+    for bad in [
+        "0.0.0.0:15443",
+        "orders",
+        "orders:0",
+        "${POD_IP:15443",
+        "${1X}:1",
+        "${}:1",
+    ] {
+        let e = err(&with(bad));
         assert!(e.contains("`inbound.advertise`"), "{bad}: {e}");
     }
 }
