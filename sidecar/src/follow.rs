@@ -1,7 +1,8 @@
 //! Following the control plane's watch stream: held while this sidecar has an SVID, every
-//! snapshot handed to the caller, reconnected with the bounded, jittered schedule of
-//! [`retry::reconnect_delay`] (reset by a snapshot, cut short when an SVID arrives) until
-//! shutdown. The policy (`policy::PolicyState::follow_control_plane`) and, for a sidecar with a
+//! snapshot handed to the caller, reconnected at once when a stream that delivered snapshots
+//! ends (the client starts with another control-plane replica when it broke), otherwise with
+//! the bounded, jittered schedule of [`retry::reconnect_delay`] (reset by a snapshot, cut short
+//! when an SVID arrives) until shutdown. The policy (`policy::PolicyState::follow_control_plane`) and, for a sidecar with a
 //! local policy file, the upstream endpoints (`upstreams::Upstreams::follow`) both ride on it.
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub async fn follow(
     let mut ready = identity.watch_ready();
     loop {
         let mut ended = None;
+        let mut delivered = false;
         if identity.ready() {
             let (tx, mut rx) = tokio::sync::mpsc::channel(4);
             let fut = client.watch_with_endpoints(
@@ -42,17 +44,25 @@ pub async fn follow(
                     r = &mut fut => break r,
                     Some(snap) = rx.recv() => {
                         failures = 0;
+                        delivered = true;
                         on_snapshot(&snap);
                     }
                     _ = shutdown.changed() => return,
                 }
             };
             while let Ok(snap) = rx.try_recv() {
+                delivered = true;
                 on_snapshot(&snap);
             }
             ended = result.err();
         }
-        let backoff = retry::reconnect_delay(failures, random_unit());
+        // A stream that was serving ended (its replica went away, or our SVID's NotAfter came):
+        // follow again at once; the backoff is for attempts that fail.
+        let backoff = if delivered {
+            Duration::ZERO
+        } else {
+            retry::reconnect_delay(failures, random_unit())
+        };
         if let Some(e) = &ended {
             on_interrupted(e, backoff);
         }

@@ -13,7 +13,7 @@ mod audit;
 mod raw;
 
 pub use audit::{AuditConfig, Durability, Sink, WhenFull};
-use raw::{Raw, RawInbound};
+use raw::{Raw, RawAddresses, RawInbound};
 
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +106,8 @@ pub enum TokenSource {
 /// The control plane.
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
-    /// `host:port`.
+    /// `host:port`, or the replicas' addresses separated by commas (see
+    /// [`ControlPlane::addresses`]).
     pub address: String,
     /// The join token.
     pub token: TokenSource,
@@ -211,6 +212,36 @@ fn state_directory() -> Result<Option<PathBuf>, ConfigError> {
     }
 }
 
+/// Whether `a` is `HOST:PORT` (a name, an IPv4 address or `[IPv6]`, and a port from 1), the
+/// reason if not.
+fn check_host_port(a: &str) -> Result<(), &'static str> {
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return Err("is not HOST:PORT");
+    };
+    if !matches!(port.parse::<u16>(), Ok(p) if p > 0) {
+        return Err("has no valid port (HOST:PORT, port 1-65535)");
+    }
+    let host = match host.strip_prefix('[') {
+        Some(v6) => match v6.strip_suffix(']') {
+            Some(ip) if ip.parse::<std::net::Ipv6Addr>().is_ok() => return Ok(()),
+            _ => return Err("has a bad IPv6 address (write [ADDR]:PORT)"),
+        },
+        None => host,
+    };
+    let name_char = |ch: char| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' || ch == '_';
+    if host.is_empty() || !host.chars().all(name_char) {
+        return Err("has no valid host (a DNS name or an IP address, then :PORT)");
+    }
+    Ok(())
+}
+
+impl ControlPlane {
+    /// The control plane's addresses: one, or one per replica (a name may resolve to several).
+    pub fn addresses(&self) -> Vec<String> {
+        self.address.split(',').map(str::to_owned).collect()
+    }
+}
+
 struct Ctx<'a> {
     path: &'a str,
 }
@@ -227,6 +258,33 @@ impl Ctx<'_> {
     fn addr(&self, key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
         v.parse()
             .map_err(|_| self.bad(key, format!("{v:?} is not an IP:port address")))
+    }
+
+    /// `control_plane.address`: one `HOST:PORT` or a non-empty list of them.
+    fn control_plane_addresses(&self, raw: RawAddresses) -> Result<Vec<String>, ConfigError> {
+        const KEY: &str = "control_plane.address";
+        let (list, listed) = match raw {
+            RawAddresses::One(a) => (vec![a], false),
+            RawAddresses::Many(l) => (l, true),
+        };
+        if list.is_empty() {
+            return Err(self.bad(KEY, "the list is empty: give at least one HOST:PORT"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, a) in list.iter().enumerate() {
+            let key = if listed {
+                format!("{KEY}[{i}]")
+            } else {
+                KEY.to_owned()
+            };
+            if let Err(why) = check_host_port(a) {
+                return Err(self.bad(key, format!("{a:?} {why}")));
+            }
+            if !seen.insert(a.as_str()) {
+                return Err(self.bad(key, format!("{a:?} is listed twice")));
+            }
+        }
+        Ok(list)
     }
 
     fn dur(&self, key: &str, v: Option<&str>, dflt: Duration) -> Result<Duration, ConfigError> {
@@ -407,11 +465,8 @@ impl Config {
             }
             (_, None) => None,
         };
-        let raw_address = cp.address;
+        let raw_address = c.control_plane_addresses(cp.address)?.join(",");
         let raw_svid_ttl = cp.svid_ttl;
-        if raw_address.trim().is_empty() {
-            return Err(c.bad("control_plane.address", "must be host:port"));
-        }
         let svid_ttl = match raw_svid_ttl.as_deref() {
             None => None,
             Some(s) => {
