@@ -15,6 +15,18 @@ use tokio::sync::watch;
 use crate::identity::{Identity, random_unit};
 use crate::retry;
 
+/// How long to wait before following again: at once after a stream that delivered snapshots
+/// ended (its replica went away, or our SVID's NotAfter came; the client starts with another
+/// replica), else the reconnect schedule after `failures` failed attempts: the backoff is for
+/// attempts that fail, not for a stream that served.
+fn next_delay(delivered: bool, failures: u32, jitter: f64) -> Duration {
+    if delivered {
+        Duration::ZERO
+    } else {
+        retry::reconnect_delay(failures, jitter)
+    }
+}
+
 /// Follows the stream for the endpoints of `upstreams` until `shutdown`: `on_snapshot` gets
 /// every snapshot, `on_interrupted` each end of the stream with the delay before the next try.
 pub async fn follow(
@@ -56,13 +68,7 @@ pub async fn follow(
             }
             ended = result.err();
         }
-        // A stream that was serving ended (its replica went away, or our SVID's NotAfter came):
-        // follow again at once; the backoff is for attempts that fail.
-        let backoff = if delivered {
-            Duration::ZERO
-        } else {
-            retry::reconnect_delay(failures, random_unit())
-        };
+        let backoff = next_delay(delivered, failures, random_unit());
         if let Some(e) = &ended {
             on_interrupted(e, backoff);
         }
@@ -72,5 +78,18 @@ pub async fn follow(
             _ = shutdown.changed() => return,
         }
         failures = failures.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_that_served_is_followed_again_at_once_and_failed_attempts_back_off() {
+        assert_eq!(next_delay(true, 0, 1.0), Duration::ZERO);
+        assert_eq!(next_delay(true, 7, 1.0), Duration::ZERO);
+        assert!(next_delay(false, 0, 0.0) >= retry::BOOTSTRAP_BASE / 2);
+        assert!(next_delay(false, 30, 1.0) <= retry::BOOTSTRAP_CAP);
     }
 }

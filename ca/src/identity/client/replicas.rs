@@ -237,6 +237,29 @@ mod tests {
     }
 
     #[test]
+    fn a_name_counts_once_per_address_it_resolves_to_and_is_shown_with_it() {
+        let r = Replicas::new(vec!["localhost:1".into(), "127.0.0.1:1".into()]).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (c, unresolved) = rt.block_on(r.candidates());
+        assert!(unresolved.is_empty());
+        let v4 = c
+            .iter()
+            .find(|c| c.addr.to_string() == "127.0.0.1:1")
+            .unwrap();
+        assert_eq!(v4.to_string(), "localhost:1 (127.0.0.1:1)");
+        assert_eq!(
+            c.iter()
+                .filter(|c| c.addr.to_string() == "127.0.0.1:1")
+                .count(),
+            1,
+            "an address listed twice is tried once"
+        );
+    }
+
+    #[test]
     fn no_address_is_an_error_and_one_failure_keeps_its_own_error() {
         assert!(matches!(
             Replicas::new(vec![" ".into()]),
