@@ -37,6 +37,74 @@ async fn not_tls() -> (String, Arc<AtomicU64>) {
     (addr, seen)
 }
 
+/// A TLS server (a certificate of another CA: first contact does not check it) that answers
+/// every request `503`, as a replica without its database does; counts requests.
+async fn unavailable() -> (String, Arc<AtomicU64>) {
+    use tokio_rustls::rustls;
+    let (chain, key) = mayfly_ca::testing::TestCa::new("mayfly.local").control_plane_svid();
+    let mut cfg =
+        rustls::ServerConfig::builder_with_provider(mayfly_ca::identity::crypto::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key.private_key_der())
+            .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (tls, seen) = (tls.clone(), s2.clone());
+            tokio::spawn(async move {
+                let Ok(s) = tls.accept(s).await else { return };
+                let svc = hyper::service::service_fn(move |_req| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let body =
+                            r#"{"error":"the store is unavailable","reason":"store_unavailable"}"#;
+                        let mut resp = hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        ));
+                        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_answering_503_is_passed_over_for_the_next_and_alone_its_refusal_is_returned() {
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let ca = Ca::start(&tmp);
+    let pin = ca.pin();
+    let td = parse_trust_domain("mayfly.local").unwrap();
+    let (sick, asked) = unavailable().await;
+    let client = CaClient::with_addresses(vec![sick.clone(), ca.addr.clone()], td.clone()).unwrap();
+    client.fetch_pinned_root(&pin).await.unwrap();
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        client.address_in_use().map(|a| a.to_string()),
+        Some(ca.addr.clone())
+    );
+    // Alone, its answer is the error, as with one address before.
+    let alone = CaClient::new(sick, td).unwrap();
+    match alone.fetch_pinned_root(&pin).await {
+        Err(ClientError::Refused { status, reason, .. }) => {
+            assert_eq!((status, reason.as_str()), (503, "store_unavailable"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_moves_past_replicas_that_refuse_or_fail_tls_and_remembers_the_one_that_answered()
  {
