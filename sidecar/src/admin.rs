@@ -70,6 +70,9 @@ fn handle(s: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/metrics" => {
             s.metrics.svid_expiry.set(s.ready.identity.expires_in());
+            let client = s.ready.identity.client();
+            s.metrics
+                .control_plane_reached(client.address_in_use(), client.failovers());
             let accept = req
                 .headers()
                 .get(http::header::ACCEPT)

@@ -101,6 +101,12 @@ impl Identity {
         }))
     }
 
+    /// The control-plane client: every task that talks to the control plane uses a clone, so
+    /// that all of them share which replica answered last.
+    pub fn client(&self) -> &CaClient {
+        &self.client
+    }
+
     /// Whether an SVID is held and has not expired.
     pub fn ready(&self) -> bool {
         self.creds

@@ -115,14 +115,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (hard_tx, hard_rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(cfg.limits.max_connections));
-    let ca_client = mayfly_ca::client::CaClient::new(
-        cfg.control_plane.address.clone(),
-        cfg.spiffe_id.trust_domain().clone(),
-    )?;
+    // One client, shared: renewal, the watch, audit delivery and registration fail over together.
+    let ca_client = identity.client().clone();
     let (auditor, audit_task) = audit::start(
         cfg.audit.clone(),
         identity.clone(),
-        Some(ca_client),
+        Some(ca_client.clone()),
         metrics.clone(),
         hard_rx.clone(),
     )?;
@@ -175,24 +173,16 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     tasks.push(tokio::spawn(policy.clone().watch_file(stop_rx.clone())));
     tasks.push(tokio::spawn(policy.clone().grant_clock(stop_rx.clone())));
     if cfg.policy_file.is_none() {
-        let client = mayfly_ca::client::CaClient::new(
-            cfg.control_plane.address.clone(),
-            cfg.spiffe_id.trust_domain().clone(),
-        )?;
         tasks.push(tokio::spawn(policy.clone().follow_control_plane(
             identity.clone(),
-            client,
+            ca_client.clone(),
             upstreams.clone(),
             stop_rx.clone(),
         )));
     } else if !cfg.outbound.is_empty() {
-        let client = mayfly_ca::client::CaClient::new(
-            cfg.control_plane.address.clone(),
-            cfg.spiffe_id.trust_domain().clone(),
-        )?;
         tasks.push(tokio::spawn(upstreams.clone().follow(
             identity.clone(),
-            client,
+            ca_client.clone(),
             stop_rx.clone(),
         )));
     }
@@ -212,14 +202,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         }
     }
     let registration = (!advertised.is_empty())
-        .then(|| {
-            mayfly_ca::client::CaClient::new(
-                cfg.control_plane.address.clone(),
-                cfg.spiffe_id.trust_domain().clone(),
-            )
-        })
-        .transpose()?
-        .map(|client| register::Registration::start(client, readiness.clone(), advertised));
+        .then(|| register::Registration::start(ca_client, readiness.clone(), advertised));
     let outbound_addrs = held.outbound_addrs();
     let (failed_tx, failed) = watch::channel(None);
     tasks.push(tokio::spawn(open_when_ready(

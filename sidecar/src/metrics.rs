@@ -94,6 +94,13 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+/// Labels of the control-plane address in use.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AddressLabels {
+    /// `IP:PORT`.
+    pub address: String,
+}
+
 /// Labels of why connections ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndLabels {
@@ -288,6 +295,12 @@ pub struct Metrics {
     pub audit_dropped: Counter,
     /// The dropped total already counted in `audit_dropped`.
     audit_dropped_seen: AtomicU64,
+    /// 1 for the control-plane address in use (the replica that answered last).
+    pub control_plane_address: Family<AddressLabels, Gauge>,
+    /// Changes of the control-plane address in use to another replica.
+    pub control_plane_failovers: Counter,
+    /// The failover total already counted in `control_plane_failovers`.
+    failovers_seen: AtomicU64,
     /// X.509-SVIDs handed to the app over the Workload API, by push (start, rotation, bundle).
     pub workload_api_svids: Family<PushLabels, Counter>,
     /// Workload API calls refused, by reason.
@@ -340,6 +353,9 @@ impl Metrics {
             audit_dropped_seen: AtomicU64::new(0),
             workload_api_svids: Family::default(),
             workload_api_refusals: Family::default(),
+            control_plane_address: Family::default(),
+            control_plane_failovers: Counter::default(),
+            failovers_seen: AtomicU64::new(0),
             registry: Registry::default(),
         };
         r.register(
@@ -434,7 +450,40 @@ impl Metrics {
             "Workload API calls refused, by reason",
             m.workload_api_refusals.clone(),
         );
+        r.register(
+            "control_plane_address",
+            "1 for the control-plane replica address in use (the one that answered last)",
+            m.control_plane_address.clone(),
+        );
+        r.register(
+            "control_plane_failovers",
+            "Times the control-plane address in use changed to another replica",
+            m.control_plane_failovers.clone(),
+        );
         Self { registry: r, ..m }
+    }
+
+    /// Shows `in_use` as the control-plane address and brings `control_plane_failovers` up to
+    /// `failovers`, the client's running count.
+    pub fn control_plane_reached(&self, in_use: Option<std::net::SocketAddr>, failovers: u64) {
+        let address = in_use.map(|a| a.to_string());
+        let shown = address.as_ref().is_some_and(|a| {
+            self.control_plane_address
+                .get(&AddressLabels { address: a.clone() })
+                .is_some_and(|g| g.get() == 1)
+        });
+        if !shown {
+            self.control_plane_address.clear();
+            if let Some(address) = address {
+                self.control_plane_address
+                    .get_or_create(&AddressLabels { address })
+                    .set(1);
+            }
+        }
+        let before = self.failovers_seen.fetch_max(failovers, Ordering::Relaxed);
+        if failovers > before {
+            self.control_plane_failovers.inc_by(failovers - before);
+        }
     }
 
     /// Counts a connection's decision, or the failure of an allowed one (see the module doc).

@@ -10,11 +10,12 @@ use mayfly_ca::id::{SpiffeId, parse_workload_id};
 use serde::Deserialize;
 
 mod audit;
+mod inbound;
 mod raw;
 mod workload_api;
 
 pub use audit::{AuditConfig, Durability, Sink, WhenFull};
-use raw::{Raw, RawInbound};
+use raw::{Raw, RawAddresses};
 pub use workload_api::WorkloadApiConfig;
 
 /// Why the configuration is unusable.
@@ -108,7 +109,8 @@ pub enum TokenSource {
 /// The control plane.
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
-    /// `host:port`.
+    /// `host:port`, or the replicas' addresses separated by commas (see
+    /// [`ControlPlane::addresses`]).
     pub address: String,
     /// The join token.
     pub token: TokenSource,
@@ -225,6 +227,36 @@ fn state_directory() -> Result<Option<PathBuf>, ConfigError> {
     }
 }
 
+/// Whether `a` is `HOST:PORT` (a name, an IPv4 address or `[IPv6]`, and a port from 1), the
+/// reason if not.
+fn check_host_port(a: &str) -> Result<(), &'static str> {
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return Err("is not HOST:PORT");
+    };
+    if !matches!(port.parse::<u16>(), Ok(p) if p > 0) {
+        return Err("has no valid port (HOST:PORT, port 1-65535)");
+    }
+    let host = match host.strip_prefix('[') {
+        Some(v6) => match v6.strip_suffix(']') {
+            Some(ip) if ip.parse::<std::net::Ipv6Addr>().is_ok() => return Ok(()),
+            _ => return Err("has a bad IPv6 address (write [ADDR]:PORT)"),
+        },
+        None => host,
+    };
+    let name_char = |ch: char| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' || ch == '_';
+    if host.is_empty() || !host.chars().all(name_char) {
+        return Err("has no valid host (a DNS name or an IP address, then :PORT)");
+    }
+    Ok(())
+}
+
+impl ControlPlane {
+    /// The control plane's addresses: one, or one per replica (a name may resolve to several).
+    pub fn addresses(&self) -> Vec<String> {
+        self.address.split(',').map(str::to_owned).collect()
+    }
+}
+
 struct Ctx<'a> {
     path: &'a str,
 }
@@ -243,6 +275,33 @@ impl Ctx<'_> {
             .map_err(|_| self.bad(key, format!("{v:?} is not an IP:port address")))
     }
 
+    /// `control_plane.address`: one `HOST:PORT` or a non-empty list of them.
+    fn control_plane_addresses(&self, raw: RawAddresses) -> Result<Vec<String>, ConfigError> {
+        const KEY: &str = "control_plane.address";
+        let (list, listed) = match raw {
+            RawAddresses::One(a) => (vec![a], false),
+            RawAddresses::Many(l) => (l, true),
+        };
+        if list.is_empty() {
+            return Err(self.bad(KEY, "the list is empty: give at least one HOST:PORT"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, a) in list.iter().enumerate() {
+            let key = if listed {
+                format!("{KEY}[{i}]")
+            } else {
+                KEY.to_owned()
+            };
+            if let Err(why) = check_host_port(a) {
+                return Err(self.bad(key, format!("{a:?} {why}")));
+            }
+            if !seen.insert(a.as_str()) {
+                return Err(self.bad(key, format!("{a:?} is listed twice")));
+            }
+        }
+        Ok(list)
+    }
+
     fn dur(&self, key: &str, v: Option<&str>, dflt: Duration) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(dflt),
@@ -257,127 +316,6 @@ impl Ctx<'_> {
     fn id(&self, key: &str, v: &str) -> Result<SpiffeId, ConfigError> {
         parse_workload_id(v).map_err(|e| self.bad(key, e))
     }
-
-    /// The inbound listeners: one `[inbound]` table (keys named `inbound.listen`), or an
-    /// `[[inbound]]` array of them (keys named `inbound[1].listen`), each on its own address.
-    fn inbound(&self, raw: Option<toml::Value>) -> Result<Vec<Inbound>, ConfigError> {
-        let (tables, single) = match raw {
-            None => (Vec::new(), false),
-            Some(t @ toml::Value::Table(_)) => (vec![t], true),
-            Some(toml::Value::Array(a)) => (a, false),
-            Some(_) => {
-                return Err(self.bad(
-                    "inbound",
-                    "must be an [inbound] table or [[inbound]] tables",
-                ));
-            }
-        };
-        let mut out: Vec<Inbound> = Vec::with_capacity(tables.len());
-        for (n, t) in tables.into_iter().enumerate() {
-            let name = if single {
-                "inbound".to_owned()
-            } else {
-                format!("inbound[{n}]")
-            };
-            let key = |k: &str| format!("{name}.{k}");
-            let i: RawInbound = t
-                .try_into()
-                .map_err(|e: toml::de::Error| self.bad(&name, e.message().trim_end()))?;
-            let listen = self.addr(&key("listen"), &i.listen)?;
-            if listen.port() != 0 && out.iter().any(|o| o.listen == listen) {
-                return Err(self.bad(
-                    key("listen"),
-                    format!("{listen} is used by another [[inbound]] listener"),
-                ));
-            }
-            match &i.advertise {
-                Some(a) => {
-                    // Checked as it will be once its variables are set (to a documentation
-                    // address): `check` may run where they are not, as injection's does.
-                    let shown = expand(a, |_| Some("192.0.2.1".to_owned()))
-                        .map_err(|e| self.bad(key("advertise"), e))?;
-                    mayfly_ca::api::check_endpoint(&shown)
-                        .map_err(|e| self.bad(key("advertise"), e))?;
-                }
-                None if listen.ip().is_unspecified() => {
-                    return Err(self.bad(
-                        key("advertise"),
-                        format!(
-                            "required: {} listens on the wildcard address {listen}, which peers \
-                             cannot dial; set the address they dial, e.g. advertise = \
-                             \"10.0.0.2:{}\" (this host's address), or \"${{POD_IP}}:{}\" from \
-                             an environment variable",
-                            key("listen"),
-                            listen.port(),
-                            listen.port()
-                        ),
-                    ));
-                }
-                None => {}
-            }
-            out.push(Inbound {
-                listen,
-                app: self.addr(&key("app"), &i.app)?,
-                protocol: i.protocol,
-                app_protocol: i.app_protocol,
-                advertise: i.advertise,
-            });
-        }
-        Ok(out)
-    }
-}
-
-impl Inbound {
-    /// The address to register for this listener, bound at `bound` (the listen address with
-    /// its port resolved): `advertise` with its `${NAME}` variables read by `var`, else
-    /// `bound` unless it is a wildcard.
-    pub fn advertised(
-        &self,
-        bound: SocketAddr,
-        var: impl Fn(&str) -> Option<String>,
-    ) -> Result<Option<String>, String> {
-        match &self.advertise {
-            Some(a) => {
-                let e = expand(a, var).map_err(|e| format!("inbound.advertise = {a:?}: {e}"))?;
-                mayfly_ca::api::check_endpoint(&e)
-                    .map_err(|err| format!("inbound.advertise = {a:?} gave {e:?}: {err}"))?;
-                Ok(Some(e))
-            }
-            None if bound.ip().is_unspecified() => Ok(None),
-            None => Ok(Some(bound.to_string())),
-        }
-    }
-}
-
-/// `text` with every `${NAME}` replaced by `var(NAME)`: an unset or empty variable, a bad
-/// name or an unclosed `${` is an error.
-pub fn expand(text: &str, var: impl Fn(&str) -> Option<String>) -> Result<String, String> {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find("${") {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| "`${` without its closing `}`".to_owned())?;
-        let name = &after[..end];
-        let ok = name
-            .bytes()
-            .enumerate()
-            .all(|(i, b)| b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit()));
-        if name.is_empty() || !ok {
-            return Err(format!(
-                "`${{{name}}}`: a variable name is letters, digits and `_`, not starting with a digit"
-            ));
-        }
-        match var(name) {
-            Some(v) if !v.is_empty() => out.push_str(&v),
-            _ => return Err(format!("the environment variable {name} is not set")),
-        }
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
 }
 
 impl Config {
@@ -484,11 +422,8 @@ impl Config {
             }
             (_, None) => None,
         };
-        let raw_address = cp.address;
+        let raw_address = c.control_plane_addresses(cp.address)?.join(",");
         let raw_svid_ttl = cp.svid_ttl;
-        if raw_address.trim().is_empty() {
-            return Err(c.bad("control_plane.address", "must be host:port"));
-        }
         let svid_ttl = match raw_svid_ttl.as_deref() {
             None => None,
             Some(s) => {

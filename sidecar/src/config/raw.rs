@@ -34,12 +34,48 @@ pub(super) struct Raw {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawControlPlane {
-    pub(super) address: String,
+    pub(super) address: RawAddresses,
     pub(super) token_file: Option<PathBuf>,
     pub(super) token_env: Option<String>,
     pub(super) k8s_token_file: Option<PathBuf>,
     pub(super) ca_pin: Option<String>,
     pub(super) svid_ttl: Option<String>,
+}
+
+/// `address = "HOST:PORT"` or `address = ["HOST:PORT", ...]`.
+#[derive(Debug)]
+pub(super) enum RawAddresses {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for RawAddresses {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = RawAddresses;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"HOST:PORT\" or a list of them, [\"HOST:PORT\", ...]")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawAddresses, E> {
+                Ok(RawAddresses::One(v.to_owned()))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawAddresses, A::Error> {
+                let mut list = Vec::new();
+                while let Some(a) = seq.next_element::<String>()? {
+                    list.push(a);
+                }
+                Ok(RawAddresses::Many(list))
+            }
+        }
+        d.deserialize_any(Either)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -407,3 +407,62 @@ fn the_workload_api_is_off_by_default_and_its_section_needs_allowed_callers() {
     ));
     assert!(e.contains("allowed_uids"), "{e}");
 }
+
+#[test]
+fn the_control_plane_address_is_one_address_or_a_list_of_replicas() {
+    let one = Config::parse(GOOD, "s.toml", Path::new(".")).unwrap();
+    assert_eq!(one.control_plane.addresses(), ["127.0.0.1:8443"]);
+    let list = GOOD.replace(
+        "address = \"127.0.0.1:8443\"",
+        "address = [\"127.0.0.1:8443\", \"ca-2.example:8443\", \"[::1]:9443\"]",
+    );
+    let c = Config::parse(&list, "s.toml", Path::new(".")).unwrap();
+    assert_eq!(
+        c.control_plane.addresses(),
+        ["127.0.0.1:8443", "ca-2.example:8443", "[::1]:9443"]
+    );
+    let name = GOOD.replace("127.0.0.1:8443", "mayfly-ca.mayfly-system.svc:8443");
+    let c = Config::parse(&name, "s.toml", Path::new(".")).unwrap();
+    assert_eq!(
+        c.control_plane.addresses(),
+        ["mayfly-ca.mayfly-system.svc:8443"]
+    );
+}
+
+#[test]
+fn a_bad_control_plane_address_or_an_empty_list_is_refused_with_the_entry_named() {
+    let with = |a: &str| GOOD.replace("address = \"127.0.0.1:8443\"", &format!("address = {a}"));
+    let e = err(&with("[]"));
+    assert!(
+        e.contains("`control_plane.address`") && e.contains("empty"),
+        "{e}"
+    );
+    let e = err(&with("\"\""));
+    assert!(
+        e.contains("`control_plane.address`") && e.contains("HOST:PORT"),
+        "{e}"
+    );
+    let e = err(&with("[\"127.0.0.1:8443\", \"ca-2.example\"]"));
+    assert!(
+        e.contains("`control_plane.address[1]`") && e.contains("\"ca-2.example\""),
+        "{e}"
+    );
+    let e = err(&with("[\"127.0.0.1:8443\", \"ca 2:8443\"]"));
+    assert!(
+        e.contains("`control_plane.address[1]`") && e.contains("host"),
+        "{e}"
+    );
+    let e = err(&with("\"127.0.0.1:0\""));
+    assert!(e.contains("port"), "{e}");
+    let e = err(&with("[\"127.0.0.1:8443\", \"127.0.0.1:8443\"]"));
+    assert!(e.contains("twice"), "{e}");
+    let e = err(&with("\"127.0.0.1:8443,127.0.0.1:8444\""));
+    assert!(e.contains("`control_plane.address`"), "{e}");
+    let e = err(&with("[1]"));
+    assert!(
+        e.contains("address") && e.contains("expected a string"),
+        "{e}"
+    );
+    let e = err(&with("8443"));
+    assert!(e.contains("address") && e.contains("HOST:PORT"), "{e}");
+}

@@ -1,5 +1,5 @@
 //! The sidecar's audit deliveries to the control plane: one kept-open mTLS connection, replaced
-//! when the SVID rotates.
+//! when the SVID rotates, and moved to another replica when its replica fails.
 
 use std::sync::Arc;
 
@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::Full;
 
+use super::replicas::{Candidate, fails_over};
 use super::{CALL_TIMEOUT, CaClient, ClientError, send};
 use crate::identity::api;
 use crate::identity::tls::Credentials;
@@ -15,7 +16,8 @@ use crate::identity::verify::SharedBundles;
 /// Audit deliveries over one kept-open mTLS connection (HTTP/1.1 keep-alive): one TLS
 /// handshake per SVID rather than per batch, so a delivery does not stall the sidecar's data
 /// path for a handshake. The connection is replaced when our SVID rotates, when the control
-/// plane closes it, and after any error.
+/// plane closes it, and after any error; a replica that fails (no connection, a broken
+/// exchange, a server error) is left for the next address at once.
 pub struct AuditSession {
     client: CaClient,
     bundles: SharedBundles,
@@ -28,6 +30,10 @@ struct KeptConn {
     driver: tokio::task::JoinHandle<()>,
     /// The SVID current when the connection was made.
     svid: Arc<crate::identity::tls::Svid>,
+    /// The replica it goes to.
+    to: Candidate,
+    /// Whether an exchange on it has succeeded (a later failure may be an idle close).
+    used: bool,
 }
 
 impl Drop for KeptConn {
@@ -39,7 +45,7 @@ impl Drop for KeptConn {
 impl std::fmt::Debug for AuditSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditSession")
-            .field("addr", &self.client.addr)
+            .field("addr", &self.client.replicas.shown())
             .field("connected", &self.conn.is_some())
             .finish()
     }
@@ -57,14 +63,20 @@ impl AuditSession {
 
     /// Delivers audit records (JSON lines); returns the highest seq the control plane has
     /// stored for that chain. A kept connection that fails (the server may close an idle one
-    /// at any moment) is replaced and the batch sent once more; redelivery is safe, the control
-    /// plane skips records it has.
+    /// at any moment) is replaced and the batch sent once more, and so is one whose replica
+    /// fails, to another replica; redelivery is safe, the control plane skips records it has.
     pub async fn post(&mut self, lines: Bytes) -> Result<u64, ClientError> {
         let reused = self.keep_if_current();
-        match self.post_once(lines.clone()).await {
-            Err(_) if reused => self.post_once(lines).await,
-            r => r,
+        // Each replica once, and once more for a kept connection the server had closed.
+        let attempts = self.client.replicas.len() + usize::from(reused);
+        let mut r = self.post_once(lines.clone()).await;
+        for _ in 1..attempts {
+            match &r {
+                Err(e) if fails_over(e) => r = self.post_once(lines.clone()).await,
+                _ => break,
+            }
         }
+        r
     }
 
     /// Whether there is a kept connection still worth using: open, made with the current SVID.
@@ -88,11 +100,14 @@ impl AuditSession {
         let tls = self
             .client
             .verified_tls(self.bundles.clone(), self.creds.clone())?;
-        let (sender, driver) = self.client.open(tls).await?;
+        let ((sender, driver), to) = self.client.open(tls).await?;
+        self.client.replicas.answered(&to);
         Ok(KeptConn {
             sender,
             driver,
             svid,
+            to,
+            used: false,
         })
     }
 
@@ -104,10 +119,20 @@ impl AuditSession {
         let (status, body) = match r {
             Ok(x) => x,
             Err(e) => {
-                self.conn = None;
+                self.drop_conn(&e);
                 return Err(e);
             }
         };
+        if status.is_server_error() {
+            let e = CaClient::refused(status, &body);
+            if let Some(c) = self.conn.take() {
+                self.client.replicas.demote(&c.to, &e);
+            }
+            return Err(e);
+        }
+        if let Some(c) = self.conn.as_mut() {
+            c.used = true;
+        }
         let acked = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("acked").and_then(serde_json::Value::as_u64));
@@ -117,6 +142,17 @@ impl AuditSession {
                 "audit answer without \"acked\"".into(),
             )),
             _ => Err(CaClient::refused(status, &body)),
+        }
+    }
+
+    /// Drops the kept connection after `e`; a replica that failed on a fresh connection is
+    /// tried last next time (a used one may just have been closed while idle).
+    fn drop_conn(&mut self, e: &ClientError) {
+        if let Some(c) = self.conn.take()
+            && !c.used
+            && fails_over(e)
+        {
+            self.client.replicas.demote(&c.to, e);
         }
     }
 

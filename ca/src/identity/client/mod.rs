@@ -1,6 +1,10 @@
 //! The control-plane client a sidecar uses: first contact pinned by the join token, SVID
 //! bootstrap with the token, renewal over mTLS with the current SVID; audit deliveries over a
 //! kept-open connection in [`AuditSession`] (its own file, `audit_session.rs`).
+//!
+//! A control plane may run as several replicas: the client knows every address (`replicas.rs`)
+//! and moves to the next at once when one does not connect, fails its handshake, breaks the
+//! exchange or answers with a server error, remembering the one that answered last.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +24,12 @@ use tokio_rustls::TlsConnector;
 
 mod audit_session;
 mod endpoints;
+mod replicas;
+mod watch;
 
 pub use audit_session::AuditSession;
+pub use replicas::CONNECT_TIMEOUT;
+use replicas::{Candidate, Replicas, all_failed, fails_over};
 
 use crate::identity::api::{self, ErrorBody, SvidRequest, SvidResponse};
 use crate::identity::bundle::{BundleError, BundleSet, TrustBundle};
@@ -89,6 +97,24 @@ pub enum ClientError {
     /// CSR construction failed.
     #[error("cannot build CSR: {0}")]
     Csr(String),
+    /// No control-plane address was given.
+    #[error("no control-plane address: give at least one HOST:PORT")]
+    NoAddress,
+    /// Every control-plane address was tried and none answered.
+    #[error("no control-plane replica answered: {}", tried_list(tried))]
+    NoReplica {
+        /// Each address tried, with why it failed.
+        tried: Vec<(String, Box<ClientError>)>,
+    },
+}
+
+/// `A: why; B: why`.
+fn tried_list(tried: &[(String, Box<ClientError>)]) -> String {
+    tried
+        .iter()
+        .map(|(a, e)| format!("{a}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl ClientError {
@@ -98,6 +124,7 @@ impl ClientError {
         match self {
             ClientError::Connect { .. } | ClientError::Timeout(_) | ClientError::Http(_) => true,
             ClientError::Refused { status, .. } => *status >= 500 || *status == 429,
+            ClientError::NoReplica { tried } => tried.iter().any(|(_, e)| e.is_transient()),
             _ => false,
         }
     }
@@ -216,21 +243,32 @@ async fn send(
     Ok((status, body))
 }
 
-/// A client for one control plane.
+/// A client for one control plane, at one address or several (its replicas). Clones share
+/// which address answered last.
 #[derive(Debug, Clone)]
 pub struct CaClient {
-    addr: String,
+    replicas: Arc<Replicas>,
     trust_domain: TrustDomain,
     ca_id: SpiffeId,
 }
 
 impl CaClient {
-    /// A client for the control plane at `addr` (`host:port`) serving `trust_domain`.
+    /// A client for the control plane at `addr` serving `trust_domain`: one `host:port`, or
+    /// several separated by commas (replicas, tried in turn; a name may resolve to several).
     pub fn new(addr: impl Into<String>, trust_domain: TrustDomain) -> Result<Self, ClientError> {
+        let addr = addr.into();
+        Self::with_addresses(addr.split(',').map(str::to_owned).collect(), trust_domain)
+    }
+
+    /// A client for the control plane's replicas at `addrs` (each `host:port`).
+    pub fn with_addresses(
+        addrs: Vec<String>,
+        trust_domain: TrustDomain,
+    ) -> Result<Self, ClientError> {
         let ca_id = parse_id(&format!("spiffe://{}{}", trust_domain, api::CA_ID_PATH))
             .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
         Ok(Self {
-            addr: addr.into(),
+            replicas: Arc::new(Replicas::new(addrs)?),
             trust_domain,
             ca_id,
         })
@@ -241,6 +279,18 @@ impl CaClient {
         &self.ca_id
     }
 
+    /// The address that answered last (`None` before the first answer).
+    pub fn address_in_use(&self) -> Option<std::net::SocketAddr> {
+        self.replicas.in_use()
+    }
+
+    /// How often the address in use changed to another replica.
+    pub fn failovers(&self) -> u64 {
+        self.replicas.failovers()
+    }
+
+    /// One request, to each address in turn until one answers with anything but a server
+    /// error; each address gets [`CONNECT_TIMEOUT`] to connect and [`CALL_TIMEOUT`] in all.
     async fn call(
         &self,
         tls: ClientConfig,
@@ -248,38 +298,84 @@ impl CaClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        tokio::time::timeout(CALL_TIMEOUT, self.call_inner(tls, method, path, body))
+        let (candidates, mut tried) = self.replicas.candidates().await;
+        let body = Bytes::from(body.unwrap_or_default());
+        for c in candidates {
+            let attempt = tokio::time::timeout(
+                CALL_TIMEOUT,
+                self.call_at(&c, tls.clone(), method.clone(), path, body.clone()),
+            )
             .await
-            .map_err(|_| ClientError::Timeout(CALL_TIMEOUT))?
+            .map_err(|_| ClientError::Timeout(CALL_TIMEOUT))
+            .and_then(|r| r);
+            let e = match attempt {
+                Ok((status, body)) if status.is_server_error() => Self::refused(status, &body),
+                Ok(answer) => {
+                    self.replicas.answered(&c);
+                    return Ok(answer);
+                }
+                Err(e) if fails_over(&e) => e,
+                Err(e) => return Err(e),
+            };
+            if self.replicas.len() > 1 {
+                tracing::warn!(address = %c, error = %e, "control plane replica failed: trying the next");
+            }
+            tried.push((c.to_string(), e));
+        }
+        Err(all_failed(tried))
     }
 
-    async fn call_inner(
+    async fn call_at(
         &self,
+        c: &Candidate,
         tls: ClientConfig,
         method: Method,
         path: &str,
-        body: Option<Vec<u8>>,
+        body: Bytes,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        let (mut sender, driver) = self.open(tls).await?;
-        let r = send(
-            &mut sender,
-            method,
-            path,
-            "application/json",
-            Bytes::from(body.unwrap_or_default()),
-        )
-        .await;
+        let (mut sender, driver) = self.open_at(c, tls).await?;
+        let r = send(&mut sender, method, path, "application/json", body).await;
         driver.abort();
         r
     }
 
-    /// A verified TLS connection to the control plane, speaking HTTP/1.1; the task driving it
-    /// ends when the sender is dropped or the handle aborted.
-    async fn open(&self, tls: ClientConfig) -> Result<Http1, ClientError> {
-        let tcp = TcpStream::connect(&self.addr)
+    /// A verified TLS connection to the first address that gives one (see [`Self::call`] for
+    /// the order), and which address that is.
+    async fn open(&self, tls: ClientConfig) -> Result<(Http1, Candidate), ClientError> {
+        let (candidates, mut tried) = self.replicas.candidates().await;
+        for c in candidates {
+            match self.open_at(&c, tls.clone()).await {
+                Ok(conn) => return Ok((conn, c)),
+                Err(e) => {
+                    if self.replicas.len() > 1 {
+                        tracing::warn!(address = %c, error = %e, "cannot connect to a control plane replica: trying the next");
+                    }
+                    tried.push((c.to_string(), e));
+                }
+            }
+        }
+        Err(all_failed(tried))
+    }
+
+    /// A verified TLS connection to `c`, speaking HTTP/1.1, within [`CONNECT_TIMEOUT`]; the
+    /// task driving it ends when the sender is dropped or the handle aborted.
+    async fn open_at(&self, c: &Candidate, tls: ClientConfig) -> Result<Http1, ClientError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect(c, tls))
+            .await
+            .map_err(|_| ClientError::Connect {
+                addr: c.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {CONNECT_TIMEOUT:?}"),
+                ),
+            })?
+    }
+
+    async fn connect(c: &Candidate, tls: ClientConfig) -> Result<Http1, ClientError> {
+        let tcp = TcpStream::connect(c.addr)
             .await
             .map_err(|source| ClientError::Connect {
-                addr: self.addr.clone(),
+                addr: c.to_string(),
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
@@ -287,7 +383,7 @@ impl CaClient {
             .connect(dial_name(), tcp)
             .await
             .map_err(|e| ClientError::Tls {
-                addr: self.addr.clone(),
+                addr: c.to_string(),
                 reason: describe_tls_error(&e),
             })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -421,81 +517,6 @@ impl CaClient {
     ) -> Result<IssuedChain, ClientError> {
         let tls = self.verified_tls(bundles, current)?;
         self.request_svid(tls, key, id, Bootstrap::None, ttl).await
-    }
-
-    /// Follows `GET /v1/watch` over mTLS, sending each snapshot to `out`, until the stream
-    /// ends or fails (the caller reconnects).
-    pub async fn watch(
-        &self,
-        bundles: SharedBundles,
-        current: Arc<Credentials>,
-        out: tokio::sync::mpsc::Sender<api::Snapshot>,
-    ) -> Result<(), ClientError> {
-        self.watch_with_endpoints(bundles, current, &[], out).await
-    }
-
-    /// [`CaClient::watch`], with the live endpoints of `upstreams` (SPIFFE IDs) in every
-    /// snapshot, and a snapshot whenever they change.
-    pub async fn watch_with_endpoints(
-        &self,
-        bundles: SharedBundles,
-        current: Arc<Credentials>,
-        upstreams: &[String],
-        out: tokio::sync::mpsc::Sender<api::Snapshot>,
-    ) -> Result<(), ClientError> {
-        let tls = self.verified_tls(bundles, current)?;
-        let (mut sender, driver) = tokio::time::timeout(CALL_TIMEOUT, self.open(tls))
-            .await
-            .map_err(|_| ClientError::Timeout(CALL_TIMEOUT))??;
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(api::WATCH_PATH)
-            .header(http::header::HOST, "mayfly-ca")
-            .header(api::UPSTREAMS_HEADER, upstreams.join(","))
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), 64 * 1024)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            driver.abort();
-            return Err(Self::refused(status, &body));
-        }
-        let mut body = resp.into_body();
-        let mut buf: Vec<u8> = Vec::new();
-        // A heartbeat arrives every 15 s: silence for 45 s means the stream is dead.
-        loop {
-            let frame = match tokio::time::timeout(Duration::from_secs(45), body.frame()).await {
-                Err(_) => break Err(ClientError::Timeout(Duration::from_secs(45))),
-                Ok(None) => break Ok(()),
-                Ok(Some(Err(e))) => break Err(ClientError::Http(e.to_string())),
-                Ok(Some(Ok(f))) => f,
-            };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            buf.extend_from_slice(&data);
-            if buf.len() > 16 << 20 {
-                break Err(ClientError::BadAnswer("watch snapshot over 16 MiB".into()));
-            }
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                let snap: api::Snapshot = serde_json::from_slice(&line[..line.len() - 1])
-                    .map_err(|e| ClientError::BadAnswer(format!("watch snapshot: {e}")))?;
-                if out.send(snap).await.is_err() {
-                    driver.abort();
-                    return Ok(());
-                }
-            }
-        }
-        .inspect(|_| driver.abort())
     }
 
     /// A session for audit deliveries over one kept-open mTLS connection (see
