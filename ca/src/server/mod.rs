@@ -24,6 +24,7 @@ pub mod datadir;
 pub mod distribution;
 pub mod http;
 pub mod metrics;
+pub mod migrate;
 pub mod policy;
 pub mod registry;
 pub mod store;

@@ -434,7 +434,7 @@ pub trait Store: Send + Sync {
     /// Stores a free-form setting.
     fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
 
-    /// Stores a new token.
+    /// Stores a new token, as given (its use and revocation times too: how a store is copied).
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     /// A token by its public ID, without spending it (tokens are spent by
     /// [`Store::log_issued_with_event`]).
