@@ -233,6 +233,16 @@ impl Postgres {
     /// Starts a stopped server again on the same port and data (without TLS); returns once
     /// it accepts connections.
     pub fn restart(&mut self) {
+        self.restart_with(false);
+    }
+
+    /// As [`Postgres::restart`], with `fsync = on`: commits are durable, as in production
+    /// (for benchmarks; tests run without fsync).
+    pub fn restart_durable(&mut self) {
+        self.restart_with(true);
+    }
+
+    fn restart_with(&mut self, fsync: bool) {
         assert!(self.child.is_none(), "the server is running");
         let log = std::fs::OpenOptions::new()
             .append(true)
@@ -243,7 +253,8 @@ impl Postgres {
             .args(["-D", data.to_str().unwrap()])
             .args(["-p", &self.port.to_string()])
             .args(["-k", self.dir.path().to_str().unwrap()])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg(if fsync { "fsync=on" } else { "fsync=off" })
             .args(["-c", "max_connections=200"])
             .stdout(Stdio::null())
             .stderr(log)
