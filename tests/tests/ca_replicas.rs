@@ -333,3 +333,52 @@ async fn a_rotation_due_on_two_replicas_at_once_is_made_by_one_and_served_by_bot
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_two_replicas_have_different_policy_files_the_last_published_wins_logged_and_audited()
+{
+    let pg = Postgres::start();
+    let url = pg.create_db();
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap();
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let (file_a, file_b) = (tmp.path().join("a.toml"), tmp.path().join("b.toml"));
+    std::fs::write(&file_a, central_policy(false)).unwrap();
+    std::fs::write(&file_b, central_policy(true)).unwrap();
+    // B starts last: its file is the last published.
+    let (a, _b) = two_replicas(
+        &tmp,
+        &url,
+        &["--policy", file_a.to_str().unwrap()],
+        &["--policy", file_b.to_str().unwrap()],
+    );
+    let superseded = eventually(Duration::from_secs(10), async || {
+        pg.psql(
+            db,
+            "SELECT count(*) FROM audit WHERE kind = 'policy.superseded'",
+        ) == "1"
+    })
+    .await;
+    assert!(superseded, "{}", log(&a));
+    assert!(
+        log(&a).contains("supersedes this replica's --policy file"),
+        "{}",
+        log(&a)
+    );
+    // What A now serves is what B published last.
+    let version = |kind: &str| -> String {
+        let line = pg.psql(
+            db,
+            &format!("SELECT line FROM audit WHERE kind = '{kind}' ORDER BY id DESC LIMIT 1"),
+        );
+        let v: Value = serde_json::from_str(&line).unwrap();
+        v["version"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(version("policy.superseded"), version("policy.published"));
+    assert_eq!(
+        pg.psql(
+            db,
+            "SELECT count(*) FROM audit WHERE kind = 'policy.published'"
+        ),
+        "2"
+    );
+}

@@ -210,36 +210,37 @@ impl Registry {
         now: OffsetDateTime,
     ) -> Result<Vec<String>, RegistryError> {
         let addresses = checked(addresses)?;
-        let mut map = self.lock();
         // Expired entries stay until `sweep` reports them; they count as absent here.
         let live = |map: &BTreeMap<(String, String), Lease>, a: &String| {
             map.get(&(id.to_owned(), a.clone()))
                 .filter(|l| l.until > now)
                 .copied()
         };
-        let new: Vec<String> = addresses
-            .iter()
-            .filter(|a| live(&map, a).is_none())
-            .cloned()
-            .collect();
-        let of_id = map
-            .range((id.to_owned(), String::new())..)
-            .take_while(|((i, _), _)| i == id)
-            .filter(|(_, l)| l.until > now)
-            .count();
-        if of_id + new.len() > MAX_PER_ID {
-            return Err(RegistryError::IdFull {
-                id: id.to_owned(),
-                max: MAX_PER_ID,
-            });
+        {
+            let map = self.lock();
+            let new = addresses.iter().filter(|a| live(&map, a).is_none()).count();
+            let of_id = map
+                .range((id.to_owned(), String::new())..)
+                .take_while(|((i, _), _)| i == id)
+                .filter(|(_, l)| l.until > now)
+                .count();
+            if of_id + new > MAX_PER_ID {
+                return Err(RegistryError::IdFull {
+                    id: id.to_owned(),
+                    max: MAX_PER_ID,
+                });
+            }
+            if map.len() + new > MAX_TOTAL {
+                return Err(RegistryError::Full { max: MAX_TOTAL });
+            }
         }
-        if map.len() + new.len() > MAX_TOTAL {
-            return Err(RegistryError::Full { max: MAX_TOTAL });
-        }
-        // The store says what is new: another replica may have registered it meanwhile.
+        // The store says what is new: another replica may have registered it meanwhile. It
+        // is called without the lock, which watch streams take to read the copy: a slow or
+        // absent database never stalls them.
         let new = self
             .store
             .register_endpoints(id, &addresses, ms(until), ms(now))?;
+        let mut map = self.lock();
         for a in addresses {
             let since = live(&map, &a).map_or(now, |l| l.since);
             map.insert((id.to_owned(), a), Lease { since, until });
@@ -257,8 +258,8 @@ impl Registry {
         now: OffsetDateTime,
     ) -> Result<Vec<String>, RegistryError> {
         let addresses = checked(addresses)?;
-        let mut map = self.lock();
         let removed = self.store.remove_endpoints(id, &addresses, ms(now))?;
+        let mut map = self.lock();
         let mut changed = !removed.is_empty();
         for a in addresses {
             changed |= map
