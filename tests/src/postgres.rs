@@ -218,6 +218,73 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// Stops the server (immediate shutdown, as a crash would) and waits for it to exit; its
+    /// data stays for [`Postgres::restart`].
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+        let _ = child.wait();
+    }
+
+    /// Starts a stopped server again on the same port and data (without TLS); returns once
+    /// it accepts connections.
+    pub fn restart(&mut self) {
+        self.restart_with(false);
+    }
+
+    /// As [`Postgres::restart`], with `fsync = on`: commits are durable, as in production
+    /// (for benchmarks; tests run without fsync).
+    pub fn restart_durable(&mut self) {
+        self.restart_with(true);
+    }
+
+    fn restart_with(&mut self, fsync: bool) {
+        assert!(self.child.is_none(), "the server is running");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("postgres.log"))
+            .unwrap();
+        let data = self.dir.path().join("data");
+        let child = as_nobody(&self.bin.join("postgres"))
+            .args(["-D", data.to_str().unwrap()])
+            .args(["-p", &self.port.to_string()])
+            .args(["-k", self.dir.path().to_str().unwrap()])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+            .arg(if fsync { "fsync=on" } else { "fsync=off" })
+            .args(["-c", "max_connections=200"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !Command::new(self.bin.join("pg_isready"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "mayfly",
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not restart in 60s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// Runs openssl with `args` in `dir`.
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")

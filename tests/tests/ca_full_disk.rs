@@ -223,7 +223,7 @@ async fn a_control_plane_restarted_on_a_full_disk_says_so_and_recovers_by_itself
     assert!(m.contains("mayfly_ca_store_writable 0"), "{m}");
     // What cannot be recorded is refused (an SVID is never handed out unlogged).
     for _ in 0..3 {
-        assert_eq!(renew(&cp.api, &web), "500");
+        assert_eq!(renew(&cp.api, &web), "503");
     }
 
     // Space returns: it recovers by itself.

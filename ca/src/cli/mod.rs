@@ -12,6 +12,7 @@ mod endpoints;
 mod grant;
 mod policy;
 mod run;
+mod store;
 mod svid;
 mod token;
 
@@ -151,6 +152,9 @@ enum Cmd {
     /// The sidecars' registered endpoints (through the admin socket).
     #[command(subcommand)]
     Endpoints(endpoints::EndpointsCmd),
+    /// The store itself: copy an SQLite store into PostgreSQL.
+    #[command(subcommand)]
+    Store(store::StoreCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on standard output.
     Completions {
         /// The shell.
@@ -179,6 +183,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Audit(cmd) => audit::run(cmd).await,
         Cmd::Grant(cmd) => grant::run(cmd).await,
         Cmd::Endpoints(cmd) => endpoints::run(cmd).await,
+        Cmd::Store(cmd) => store::run(cmd),
         Cmd::Completions { shell } => {
             use std::io::Write;
             // Into memory first: clap_complete panics on a failed write (a closed pipe).

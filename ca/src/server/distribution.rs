@@ -453,16 +453,24 @@ impl Distribution {
         cache.good.clone()
     }
 
-    /// Polls the policy file every second; reloads and pushes on change.
+    /// Polls the policy file every second; on a change, validates it, puts it in force here
+    /// and publishes it to the store, where every other replica picks it up (the last
+    /// published wins). A publication the store refuses (it is down) is retried every second.
     pub async fn watch_file(self: Arc<Self>, ca: Arc<Ca>, mut stop: watch::Receiver<bool>) {
         let Some(file) = self.file.clone() else {
             return;
         };
         let mut last = std::fs::read(&file).ok();
+        let mut unpublished: Option<Arc<LoadedPolicy>> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = stop.changed() => return,
+            }
+            if let Some(p) = unpublished.clone()
+                && super::sync::publish(&ca, &file, p).await
+            {
+                unpublished = None;
             }
             let now = std::fs::read(&file).ok();
             if now == last {
@@ -477,8 +485,12 @@ impl Distribution {
                         "policy.loaded",
                         json!({ "version": p.version, "file": file.display().to_string() }),
                     );
-                    self.policy.store(Some(Arc::new(p)));
+                    let p = Arc::new(p);
+                    self.policy.store(Some(p.clone()));
                     self.bump();
+                    if !super::sync::publish(&ca, &file, p.clone()).await {
+                        unpublished = Some(p);
+                    }
                 }
                 Err(e) => {
                     error!(

@@ -291,12 +291,21 @@ async fn endpoints(
         .endpoint_lease
         .min(super::registry::MAX_LEASE)
         .min(Duration::try_from(peer.not_after - now).unwrap_or_default());
-    let result = if put {
-        ca.registry
-            .register(&id, &parsed.endpoints, now + lease, now)
-    } else {
-        ca.registry.remove(&id, &parsed.endpoints, now)
-    };
+    // The registry is in the store: blocking work.
+    let (ca2, id2, addresses) = (ca.clone(), id.clone(), parsed.endpoints.clone());
+    let result = tokio::task::spawn_blocking(move || {
+        if put {
+            ca2.registry.register(&id2, &addresses, now + lease, now)
+        } else {
+            ca2.registry.remove(&id2, &addresses, now)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(super::registry::RegistryError::Store(format!(
+            "registry task failed: {e}"
+        )))
+    });
     let changed = match result {
         Ok(c) => c,
         Err(e) => {

@@ -24,9 +24,11 @@ pub mod datadir;
 pub mod distribution;
 pub mod http;
 pub mod metrics;
+pub mod migrate;
 pub mod policy;
 pub mod registry;
 pub mod store;
+pub mod sync;
 #[cfg(test)]
 mod tests;
 
@@ -39,7 +41,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::identity::bundle::{DEFAULT_REFRESH_HINT, TrustBundle};
 use crate::identity::duration::format_duration;
@@ -379,10 +381,14 @@ impl Running {
 /// runs), then spawns the API, admin socket, metrics and rotation tasks.
 pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
     let (dd, store, authorities) = open_with(&opts.data_dir, &opts.store)?;
+    // Read before any shared state is loaded: whatever other replicas change after it is
+    // taken by the follower.
+    let baseline = store.changes()?;
     let dist =
         distribution::Distribution::new(opts.policy_file.clone()).map_err(ServerError::Policy)?;
     let ca = Ca::start(store, authorities, opts.settings.clone(), dist.clone())
         .map_err(ServerError::Start)?;
+    sync::start(&ca)?;
     let listener = TcpListener::bind(opts.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -435,6 +441,7 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
     )));
     tasks.push(tokio::spawn(keep_audit(ca.clone(), rx.clone())));
     tasks.push(tokio::spawn(sweep_endpoints(ca.clone(), rx.clone())));
+    tasks.push(tokio::spawn(sync::follow(ca.clone(), baseline, rx.clone())));
     tasks.push(tokio::spawn(maintain(ca.clone(), rx)));
     info!(api = %api_addr, trust_domain = %ca.bundle().trust_domain(), id = %ca.ca_id(), "control plane started");
     Ok(Running {
@@ -499,8 +506,23 @@ async fn sweep_endpoints(ca: Arc<Ca>, mut shutdown: watch::Receiver<bool>) {
     let mut changes = ca.registry.subscribe();
     loop {
         changes.borrow_and_update();
-        let now = OffsetDateTime::now_utc();
-        let gone = ca.registry.sweep(now);
+        let ca2 = ca.clone();
+        let swept =
+            tokio::task::spawn_blocking(move || ca2.registry.sweep(OffsetDateTime::now_utc()))
+                .await;
+        let gone = match swept {
+            Ok(Ok(gone)) => gone,
+            Ok(Err(e)) => {
+                // This replica's copy was swept; the store's rows go at a later sweep (here
+                // or on another replica).
+                debug!(error = %e, "cannot sweep expired endpoints from the store");
+                Vec::new()
+            }
+            Err(e) => {
+                error!(error = %e, "the endpoint sweep task failed");
+                Vec::new()
+            }
+        };
         if !gone.is_empty() {
             for (id, a) in &gone {
                 info!(spiffe_id = %id, endpoint = %a, "endpoint lease ended without refresh");

@@ -74,7 +74,12 @@ pub(super) fn load(file: &PathBuf) -> Result<LoadedPolicy, PolicyFileError> {
         path: file.clone(),
         source,
     })?;
-    let loaded = Policy::from_toml_at(&src, &file.display().to_string(), OffsetDateTime::now_utc())
+    parse(src, &file.display().to_string())
+}
+
+/// Validates a policy's source; `origin` names it in diagnostics.
+pub(super) fn parse(src: String, origin: &str) -> Result<LoadedPolicy, PolicyFileError> {
+    let loaded = Policy::from_toml_at(&src, origin, OffsetDateTime::now_utc())
         .map_err(PolicyFileError::Invalid)?;
     Ok(LoadedPolicy {
         version: loaded.policy.version().to_owned(),
@@ -116,6 +121,17 @@ impl Distribution {
             .as_ref()
             .map(|p| p.settings)
             .unwrap_or_default()
+    }
+
+    /// Puts `p` in force and tells every watcher.
+    pub(super) fn set(&self, p: LoadedPolicy) {
+        self.policy.store(Some(Arc::new(p)));
+        self.bump();
+    }
+
+    /// The policy file this replica publishes, if any.
+    pub fn file(&self) -> Option<&PathBuf> {
+        self.file.as_ref()
     }
 
     /// The version in force.

@@ -8,10 +8,13 @@
 //! refreshed (a replica killed with -9) leaves by itself. Every function takes `now`, so the
 //! clock is the caller's (tests inject one).
 //!
-//! In memory, one control plane replica; issue #19 moves it into the store.
+//! The entries live in the store, shared by every replica: registration, refresh, removal and
+//! the sweep work from any of them. Each replica keeps a copy of the rows, written through on
+//! its own changes and reloaded ([`Registry::reload`]) when the store's endpoint change counter
+//! moves, so watch streams read memory, and keep their last view while the store is down.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -20,6 +23,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::identity::api::{self, EndpointError};
+use crate::server::store::{Store, StoreError};
 
 /// Default lease of a registration (`mayfly-ca run --endpoint-lease`).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
@@ -62,13 +66,30 @@ pub enum RegistryError {
         /// The limit.
         max: usize,
     },
+    /// The store cannot be written now (the database is down or full): try again later.
+    #[error("store cannot write: {0}")]
+    Unavailable(String),
+    /// The store failed.
+    #[error("{0}")]
+    Store(String),
+}
+
+impl From<StoreError> for RegistryError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unwritable(why) => RegistryError::Unavailable(why),
+            other => RegistryError::Store(other.to_string()),
+        }
+    }
 }
 
 impl RegistryError {
-    /// HTTP status: 400 for a bad request, 429 while full.
+    /// HTTP status: 400 for a bad request, 429 while full, 503 while the store cannot write.
     pub fn status(&self) -> u16 {
         match self {
             RegistryError::IdFull { .. } | RegistryError::Full { .. } => 429,
+            RegistryError::Unavailable(_) => 503,
+            RegistryError::Store(_) => 500,
             _ => 400,
         }
     }
@@ -79,6 +100,8 @@ impl RegistryError {
             RegistryError::Empty | RegistryError::TooMany { .. } => "bad_request",
             RegistryError::Address(_) => "bad_endpoint",
             RegistryError::IdFull { .. } | RegistryError::Full { .. } => "registry_full",
+            RegistryError::Unavailable(_) => "store_unavailable",
+            RegistryError::Store(_) => "internal",
         }
     }
 }
@@ -105,6 +128,8 @@ struct Lease {
 /// The registry. Changes (an endpoint added or gone) bump a generation that
 /// [`Registry::subscribe`] sees.
 pub struct Registry {
+    store: Arc<dyn Store>,
+    /// The store's rows as last read or written by this replica.
     entries: Mutex<BTreeMap<(String, String), Lease>>,
     changed: watch::Sender<u64>,
     known: Gauge,
@@ -131,10 +156,32 @@ pub fn checked(addresses: &[String]) -> Result<Vec<String>, RegistryError> {
     Ok(out)
 }
 
+fn ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn from_ms(v: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(v) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// The live (ID, address) pairs of a map.
+fn live_keys(
+    map: &BTreeMap<(String, String), Lease>,
+    now: OffsetDateTime,
+) -> Vec<&(String, String)> {
+    map.iter()
+        .filter(|(_, l)| l.until > now)
+        .map(|(k, _)| k)
+        .collect()
+}
+
 impl Registry {
-    /// An empty registry that keeps `known` at the number of live endpoints.
-    pub fn new(known: Gauge) -> Self {
+    /// A registry on `store` that keeps `known` at the number of live endpoints; empty until
+    /// [`Registry::reload`].
+    pub fn new(store: Arc<dyn Store>, known: Gauge) -> Self {
         Self {
+            store,
             entries: Mutex::new(BTreeMap::new()),
             changed: watch::channel(0).0,
             known,
@@ -163,32 +210,37 @@ impl Registry {
         now: OffsetDateTime,
     ) -> Result<Vec<String>, RegistryError> {
         let addresses = checked(addresses)?;
-        let mut map = self.lock();
         // Expired entries stay until `sweep` reports them; they count as absent here.
         let live = |map: &BTreeMap<(String, String), Lease>, a: &String| {
             map.get(&(id.to_owned(), a.clone()))
                 .filter(|l| l.until > now)
                 .copied()
         };
-        let new: Vec<String> = addresses
-            .iter()
-            .filter(|a| live(&map, a).is_none())
-            .cloned()
-            .collect();
-        let of_id = map
-            .range((id.to_owned(), String::new())..)
-            .take_while(|((i, _), _)| i == id)
-            .filter(|(_, l)| l.until > now)
-            .count();
-        if of_id + new.len() > MAX_PER_ID {
-            return Err(RegistryError::IdFull {
-                id: id.to_owned(),
-                max: MAX_PER_ID,
-            });
+        {
+            let map = self.lock();
+            let new = addresses.iter().filter(|a| live(&map, a).is_none()).count();
+            let of_id = map
+                .range((id.to_owned(), String::new())..)
+                .take_while(|((i, _), _)| i == id)
+                .filter(|(_, l)| l.until > now)
+                .count();
+            if of_id + new > MAX_PER_ID {
+                return Err(RegistryError::IdFull {
+                    id: id.to_owned(),
+                    max: MAX_PER_ID,
+                });
+            }
+            if map.len() + new > MAX_TOTAL {
+                return Err(RegistryError::Full { max: MAX_TOTAL });
+            }
         }
-        if map.len() + new.len() > MAX_TOTAL {
-            return Err(RegistryError::Full { max: MAX_TOTAL });
-        }
+        // The store says what is new: another replica may have registered it meanwhile. It
+        // is called without the lock, which watch streams take to read the copy: a slow or
+        // absent database never stalls them.
+        let new = self
+            .store
+            .register_endpoints(id, &addresses, ms(until), ms(now))?;
+        let mut map = self.lock();
         for a in addresses {
             let since = live(&map, &a).map_or(now, |l| l.since);
             map.insert((id.to_owned(), a), Lease { since, until });
@@ -206,15 +258,15 @@ impl Registry {
         now: OffsetDateTime,
     ) -> Result<Vec<String>, RegistryError> {
         let addresses = checked(addresses)?;
+        let removed = self.store.remove_endpoints(id, &addresses, ms(now))?;
         let mut map = self.lock();
-        let removed: Vec<String> = addresses
-            .into_iter()
-            .filter(|a| {
-                map.remove(&(id.to_owned(), a.clone()))
-                    .is_some_and(|l| l.until > now)
-            })
-            .collect();
-        self.settle(&map, !removed.is_empty());
+        let mut changed = !removed.is_empty();
+        for a in addresses {
+            changed |= map
+                .remove(&(id.to_owned(), a))
+                .is_some_and(|l| l.until > now);
+        }
+        self.settle(&map, changed);
         Ok(removed)
     }
 
@@ -233,12 +285,37 @@ impl Registry {
         gone
     }
 
-    /// Drops the endpoints whose lease ended by `now`; returns them as (ID, address).
-    pub fn sweep(&self, now: OffsetDateTime) -> Vec<(String, String)> {
+    /// Drops the endpoints whose lease ended by `now`, here and in the store; returns those
+    /// this call removed from the store, as (ID, address): each expiry is reported by one
+    /// replica. When the store fails, this replica's copy is swept all the same.
+    pub fn sweep(&self, now: OffsetDateTime) -> Result<Vec<(String, String)>, RegistryError> {
+        let swept = self.store.sweep_endpoints(ms(now));
         let mut map = self.lock();
-        let gone = Self::drop_expired(&mut map, now);
-        self.settle(&map, !gone.is_empty());
-        gone
+        let local = Self::drop_expired(&mut map, now);
+        let changed = !local.is_empty() || swept.as_ref().is_ok_and(|g| !g.is_empty());
+        self.settle(&map, changed);
+        Ok(swept?)
+    }
+
+    /// Replaces this replica's copy with the store's rows (another replica changed them);
+    /// watchers are told when the set of live endpoints changed.
+    pub fn reload(&self, now: OffsetDateTime) -> Result<(), RegistryError> {
+        let rows = self.store.endpoints()?;
+        let fresh: BTreeMap<(String, String), Lease> = rows
+            .into_iter()
+            .map(|r| {
+                let lease = Lease {
+                    since: from_ms(r.since_ms),
+                    until: from_ms(r.until_ms),
+                };
+                ((r.spiffe_id, r.address), lease)
+            })
+            .collect();
+        let mut map = self.lock();
+        let changed = live_keys(&map, now) != live_keys(&fresh, now);
+        *map = fresh;
+        self.settle(&map, changed);
+        Ok(())
     }
 
     /// When the next lease ends, if any endpoint is registered.
@@ -306,7 +383,8 @@ mod tests {
 
     fn registry() -> (Registry, Gauge) {
         let g = Gauge::default();
-        (Registry::new(g.clone()), g)
+        let store = Arc::new(crate::server::store::SqliteStore::in_memory().unwrap());
+        (Registry::new(store, g.clone()), g)
     }
 
     #[test]
@@ -330,9 +408,9 @@ mod tests {
         let live = r.list(t(45));
         assert_eq!(live[0].registered_at, t(0).unix_timestamp());
         assert_eq!(r.next_expiry(), Some(t(50)));
-        assert!(r.sweep(t(49)).is_empty());
+        assert!(r.sweep(t(49)).unwrap().is_empty());
         assert_eq!(
-            r.sweep(t(50)),
+            r.sweep(t(50)).unwrap(),
             vec![(A.to_owned(), "10.0.0.5:15443".to_owned())]
         );
         assert_eq!(known.get(), 0);
@@ -416,7 +494,56 @@ mod tests {
         rx.borrow_and_update();
         r.register(A, &addrs(&["10.0.0.5:1"]), t(20), t(5)).unwrap();
         assert!(!rx.has_changed().unwrap());
-        r.sweep(t(20));
+        r.sweep(t(20)).unwrap();
         assert!(rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn registries_on_one_store_share_entries_and_each_expiry_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.db");
+        let open = || -> Arc<dyn Store> {
+            Arc::new(crate::server::store::SqliteStore::open(&path).unwrap())
+        };
+        let (a, b) = (
+            Registry::new(open(), Gauge::default()),
+            Registry::new(open(), Gauge::default()),
+        );
+        let mut rx = b.subscribe();
+        a.register(A, &addrs(&["10.0.0.5:1"]), t(10), t(0)).unwrap();
+        // A refresh through the other replica keeps it one registration, not a new one.
+        b.reload(t(1)).unwrap();
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        assert_eq!(b.addresses_of([A], t(1))[A], addrs(&["10.0.0.5:1"]));
+        assert!(
+            b.register(A, &addrs(&["10.0.0.5:1"]), t(20), t(2))
+                .unwrap()
+                .is_empty()
+        );
+        a.reload(t(3)).unwrap();
+        assert_eq!(
+            a.list(t(15)).len(),
+            1,
+            "the refresh reached the other replica"
+        );
+        // A reload that changes no live entry wakes nobody.
+        b.reload(t(3)).unwrap();
+        assert!(!rx.has_changed().unwrap());
+        // Both sweep: the expiry is reported once, and both forget it.
+        let mut gone = a.sweep(t(20)).unwrap();
+        gone.extend(b.sweep(t(20)).unwrap());
+        assert_eq!(gone, vec![(A.to_owned(), "10.0.0.5:1".to_owned())]);
+        assert!(a.list(t(0)).is_empty() && b.list(t(0)).is_empty());
+        // A removal through one replica reaches the other.
+        a.register(B, &addrs(&["10.0.0.7:1"]), t(40), t(21))
+            .unwrap();
+        b.reload(t(22)).unwrap();
+        assert_eq!(
+            b.remove(B, &addrs(&["10.0.0.7:1"]), t(23)).unwrap().len(),
+            1
+        );
+        a.reload(t(24)).unwrap();
+        assert!(a.list(t(24)).is_empty());
     }
 }

@@ -49,6 +49,9 @@ impl IngestError {
             IngestError::Malformed(..) => 400,
             IngestError::NotYours { .. } | IngestError::Reserved(_) => 403,
             IngestError::Conflict(_) => 409,
+            // The database is down or full: nothing was stored; the sidecar keeps the records
+            // spooled and delivers them again.
+            IngestError::Store(StoreError::Unwritable(_)) => 503,
             IngestError::Store(_) => 500,
         }
     }
@@ -62,6 +65,7 @@ impl IngestError {
             IngestError::Reserved(_) => "reserved_chain",
             IngestError::Conflict(AuditConflict::Gap { .. }) => "audit_gap",
             IngestError::Conflict(AuditConflict::Diverged { .. }) => "audit_diverged",
+            IngestError::Store(StoreError::Unwritable(_)) => "store_unavailable",
             IngestError::Store(_) => "internal",
         }
     }

@@ -4,6 +4,7 @@
 //! holds for them is defined below it too ([`Pending`] here, the
 //! [`Distribution`](super::policy::Distribution) in `policy`).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,9 +97,12 @@ pub enum Refusal {
     /// The CSR is not acceptable.
     #[error(transparent)]
     Issue(#[from] IssueError),
-    /// The store failed.
-    #[error("internal error: {0}")]
+    /// The store failed (an unwritable one says so: `store cannot write: ...`).
+    #[error("{}", store_refusal(.0))]
     Store(#[from] StoreError),
+    /// Another replica kept rotating the authorities while this one tried.
+    #[error("the CA authorities kept changing under concurrent rotations; retrying")]
+    RotationContended,
     /// The Kubernetes service-account token is not acceptable.
     #[error(transparent)]
     K8s(#[from] super::attest::AttestError),
@@ -119,10 +123,13 @@ impl Refusal {
                 | IssueError::BadId(crate::identity::id::IdError::Reserved(_)),
             ) => 403,
             Refusal::Issue(IssueError::CsrTooLarge(_)) => 413,
+            // The database is down or full: nothing was spent or logged, try again later.
+            Refusal::Store(StoreError::Unwritable(_)) => 503,
             Refusal::Issue(
                 IssueError::NoSigner | IssueError::SignerExpired(_) | IssueError::Sign(_),
             )
-            | Refusal::Store(_) => 500,
+            | Refusal::Store(_)
+            | Refusal::RotationContended => 500,
             Refusal::Issue(_) => 400,
         }
     }
@@ -135,9 +142,17 @@ impl Refusal {
             Refusal::TokenFormat(_) => "token_malformed",
             Refusal::ForeignPeer(_) => "foreign_peer",
             Refusal::Issue(e) => e.reason(),
-            Refusal::Store(_) => "internal",
+            Refusal::Store(StoreError::Unwritable(_)) => "store_unavailable",
+            Refusal::Store(_) | Refusal::RotationContended => "internal",
             Refusal::K8s(e) => e.reason(),
         }
+    }
+}
+
+fn store_refusal(e: &StoreError) -> String {
+    match e {
+        StoreError::Unwritable(_) => e.to_string(),
+        other => format!("internal error: {other}"),
     }
 }
 
@@ -145,6 +160,9 @@ impl Refusal {
 pub struct Ca {
     store: Arc<dyn Store>,
     authorities: Mutex<Authorities>,
+    /// The store's authorities change counter that `authorities` reflects: a rotation is saved
+    /// only if it still holds (another replica rotated otherwise).
+    authorities_seen: AtomicI64,
     bundle: ArcSwap<TrustBundle>,
     bundles: SharedBundles,
     jwks: ArcSwap<String>,
@@ -184,19 +202,29 @@ impl Ca {
         let bundle = Self::make_bundle(&authorities, now)?;
         let metrics = Metrics::new();
         let ca = Arc::new(Self {
-            store,
             bundles: Arc::new(ArcSwap::from_pointee(BundleSet::single(bundle.clone()))),
             jwks: ArcSwap::from_pointee(bundle.to_jwks()),
             bundle: ArcSwap::from_pointee(bundle),
             authorities: Mutex::new(authorities),
+            authorities_seen: AtomicI64::new(0),
             creds: Credentials::new(),
             ca_id,
             settings,
-            registry: super::registry::Registry::new(metrics.endpoints_known.clone()),
+            registry: super::registry::Registry::new(
+                store.clone(),
+                metrics.endpoints_known.clone(),
+            ),
+            store,
             metrics,
             dist,
             pending: Pending::default(),
         });
+        // The counter is read before the set, so a rotation by another replica in between is
+        // seen as one when this replica next saves.
+        ca.reload_authorities()?;
+        ca.registry
+            .reload(now)
+            .map_err(|e| Refusal::Store(StoreError::Db(e.to_string())))?;
         ca.rotate(now)?;
         ca.renew_own_svid(now)?;
         Ok(ca)
@@ -249,40 +277,87 @@ impl Ca {
 
     /// Advances authority rotation to `now`, persisting and publishing any change.
     /// Returns when the next change is due.
+    ///
+    /// With several replicas, one rotates: the change is saved only if no other replica
+    /// saved a set since this one's (compare-and-set in the store); the loser discards its
+    /// change, loads the winner's set and ticks that instead.
     pub fn rotate(&self, now: OffsetDateTime) -> Result<OffsetDateTime, Refusal> {
-        let mut a = self.authorities.lock().map_err(|_| lock_err())?;
-        let before = a.clone();
-        let changes = a
-            .tick(now)
-            .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))?;
-        if !changes.is_empty() {
-            // A change that cannot be saved (a full disk) is not made: the next tick makes it
-            // again and saves it, instead of running on authorities the store never learns of.
-            if let Err(e) = self.store.save_authorities(&a) {
-                *a = before;
-                return Err(e.into());
-            }
-            for c in &changes {
-                match c {
-                    Change::EmergencyRoot(id) => warn!(
-                        authority = %id,
-                        "the active root had expired with no successor; a new root was made: sidecars must bootstrap again"
-                    ),
-                    other => info!(change = %other, "CA rotation"),
+        for _ in 0..3 {
+            let mut a = self.authorities.lock().map_err(|_| lock_err())?;
+            let mut next = a.clone();
+            let changes = next
+                .tick(now)
+                .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))?;
+            if !changes.is_empty() {
+                // A change that cannot be saved (a full disk) is not made: the next tick makes
+                // it again and saves it, instead of running on authorities the store never
+                // learns of.
+                let seen = self.authorities_seen.load(Ordering::SeqCst);
+                match self.store.replace_authorities(&next, seen)? {
+                    Some(n) => {
+                        self.authorities_seen.store(n, Ordering::SeqCst);
+                        *a = next;
+                    }
+                    None => {
+                        drop(a);
+                        info!("another replica rotated the CA authorities first; taking its set");
+                        self.reload_authorities()?;
+                        continue;
+                    }
                 }
-                self.event_at(
-                    now,
-                    "ca.rotation",
-                    serde_json::json!({ "change": c.to_string() }),
-                );
+                for c in &changes {
+                    match c {
+                        Change::EmergencyRoot(id) => warn!(
+                            authority = %id,
+                            "the active root had expired with no successor; a new root was made: sidecars must bootstrap again"
+                        ),
+                        other => info!(change = %other, "CA rotation"),
+                    }
+                    self.event_at(
+                        now,
+                        "ca.rotation",
+                        serde_json::json!({ "change": c.to_string() }),
+                    );
+                }
             }
+            self.publish(&a, now)?;
+            return Ok(a.next_change_at(now));
         }
-        let bundle = Self::make_bundle(&a, now)?;
-        if bundle.roots() != self.bundle.load().roots() {
+        Err(Refusal::RotationContended)
+    }
+
+    /// Takes the store's authority set (another replica rotated): the bundle served and the
+    /// signer follow it. Returns whether the bundle's roots changed.
+    pub fn reload_authorities(&self) -> Result<bool, Refusal> {
+        let seen = self.store.changes()?.authorities;
+        let config = self.authorities.lock().map_err(|_| lock_err())?.config();
+        let loaded = self
+            .store
+            .load_authorities(config)?
+            .ok_or(StoreError::NotInitialised)?;
+        let mut a = self.authorities.lock().map_err(|_| lock_err())?;
+        *a = loaded;
+        self.authorities_seen.store(seen, Ordering::SeqCst);
+        self.publish(&a, OffsetDateTime::now_utc())
+    }
+
+    /// The store's authorities change counter this replica's set reflects.
+    pub fn authorities_seen(&self) -> i64 {
+        self.authorities_seen.load(Ordering::SeqCst)
+    }
+
+    /// Serves the bundle of `a` at `now` and updates the authority metrics; returns whether
+    /// the bundle's roots changed.
+    fn publish(&self, a: &Authorities, now: OffsetDateTime) -> Result<bool, Refusal> {
+        let bundle = Self::make_bundle(a, now)?;
+        let changed = bundle.roots() != self.bundle.load().roots();
+        if changed {
             self.jwks.store(Arc::new(bundle.to_jwks()));
             self.bundles
                 .store(Arc::new(BundleSet::single(bundle.clone())));
             self.bundle.store(Arc::new(bundle));
+            // Watch streams push the new bundle at once.
+            self.dist.bump();
         }
         self.metrics.authority_expiry.clear();
         for x in a.all() {
@@ -298,7 +373,7 @@ impl Ca {
                 })
                 .set(x.not_after.unix_timestamp());
         }
-        Ok(a.next_change_at(now))
+        Ok(changed)
     }
 
     /// Issues a new SVID for the control plane itself. Returns its expiry.

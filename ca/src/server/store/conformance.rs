@@ -338,6 +338,160 @@ pub fn settings_replace_and_a_probe_write_succeeds(s: &dyn Store) {
     assert_eq!(s.list_issued(10).unwrap()[0].serial, "aa");
 }
 
+fn authorities() -> Authorities {
+    Authorities::init(
+        parse_trust_domain("mayfly.local").unwrap(),
+        AuthorityConfig::default(),
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap()
+}
+
+fn addrs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Each write of shared state moves its change counter (and a write that changes nothing
+/// does not), so replicas polling the counters see every change.
+pub fn change_counters_move_with_each_shared_write(s: &dyn Store) {
+    let c0 = s.changes().unwrap();
+    s.insert_grant("g1", GrantState::Pending, 0, "{}").unwrap();
+    let c1 = s.changes().unwrap();
+    assert!(c1.grants > c0.grants, "{c0:?} {c1:?}");
+    assert!(
+        !s.update_grant("g1", GrantState::Active, GrantState::Revoked, 0, "{}")
+            .unwrap()
+    );
+    assert_eq!(s.changes().unwrap(), c1, "a refused decision is no change");
+    assert!(
+        s.update_grant("g1", GrantState::Pending, GrantState::Active, 9, "{}")
+            .unwrap()
+    );
+    let c2 = s.changes().unwrap();
+    assert!(c2.grants > c1.grants);
+    assert!(s.expire_grants(10).unwrap().len() == 1);
+    let c3 = s.changes().unwrap();
+    assert!(c3.grants > c2.grants);
+    assert_eq!(
+        s.register_endpoints("spiffe://mayfly.local/a", &addrs(&["10.0.0.1:1"]), 5_000, 0)
+            .unwrap(),
+        addrs(&["10.0.0.1:1"])
+    );
+    let c4 = s.changes().unwrap();
+    assert!(c4.endpoints > c3.endpoints);
+    s.register_endpoints(
+        "spiffe://mayfly.local/a",
+        &addrs(&["10.0.0.1:1"]),
+        9_000,
+        1_000,
+    )
+    .unwrap();
+    assert_eq!(s.changes().unwrap(), c4, "a lease refresh is no change");
+    let now = OffsetDateTime::now_utc();
+    assert!(s.publish_policy("v1", "# one", now, "test").unwrap());
+    let c5 = s.changes().unwrap();
+    assert!(c5.policy > c4.policy);
+    assert!(!s.publish_policy("v1", "# one", now, "test").unwrap());
+    assert_eq!(
+        s.changes().unwrap(),
+        c5,
+        "the same version again is no change"
+    );
+    s.save_authorities(&authorities()).unwrap();
+    let c6 = s.changes().unwrap();
+    assert!(c6.authorities > c5.authorities);
+    assert_eq!(
+        (c6.grants, c6.endpoints, c6.policy),
+        (c5.grants, c5.endpoints, c5.policy)
+    );
+}
+
+/// An endpoint keeps its first registration time while refreshed; removal and the sweep
+/// report only what was there, each once.
+pub fn endpoints_are_leased_refreshed_removed_and_swept_once(s: &dyn Store) {
+    const A: &str = "spiffe://mayfly.local/a";
+    const B: &str = "spiffe://mayfly.local/b";
+    let new = s
+        .register_endpoints(A, &addrs(&["10.0.0.1:1", "10.0.0.2:1"]), 10_000, 0)
+        .unwrap();
+    assert_eq!(new.len(), 2);
+    s.register_endpoints(B, &addrs(&["10.0.0.3:1"]), 30_000, 0)
+        .unwrap();
+    // Refreshed before its lease ends: not new, first registration kept.
+    assert!(
+        s.register_endpoints(A, &addrs(&["10.0.0.1:1"]), 20_000, 5_000)
+            .unwrap()
+            .is_empty()
+    );
+    // Re-registered after its lease ended: new again, from now.
+    assert_eq!(
+        s.register_endpoints(A, &addrs(&["10.0.0.2:1"]), 25_000, 12_000)
+            .unwrap(),
+        addrs(&["10.0.0.2:1"])
+    );
+    let rows = s.endpoints().unwrap();
+    assert_eq!(rows.len(), 3);
+    let one = rows.iter().find(|r| r.address == "10.0.0.1:1").unwrap();
+    assert_eq!(
+        (one.spiffe_id.as_str(), one.since_ms, one.until_ms),
+        (A, 0, 20_000)
+    );
+    let two = rows.iter().find(|r| r.address == "10.0.0.2:1").unwrap();
+    assert_eq!(two.since_ms, 12_000);
+    // Only the caller's own, and only what was there.
+    assert!(
+        s.remove_endpoints(B, &addrs(&["10.0.0.1:1"]), 13_000)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.remove_endpoints(A, &addrs(&["10.0.0.1:1", "10.0.0.9:1"]), 13_000)
+            .unwrap(),
+        addrs(&["10.0.0.1:1"])
+    );
+    assert!(s.sweep_endpoints(24_999).unwrap().is_empty());
+    assert_eq!(
+        s.sweep_endpoints(25_000).unwrap(),
+        vec![(A.to_owned(), "10.0.0.2:1".to_owned())]
+    );
+    assert!(
+        s.sweep_endpoints(25_000).unwrap().is_empty(),
+        "reported once"
+    );
+    assert_eq!(s.endpoints().unwrap().len(), 1);
+}
+
+/// The newest published policy is the one served; publishing it again changes nothing.
+pub fn the_newest_published_policy_is_served(s: &dyn Store) {
+    assert_eq!(s.policy().unwrap(), None);
+    let now = OffsetDateTime::now_utc();
+    assert!(s.publish_policy("v1", "# one", now, "a").unwrap());
+    assert!(s.publish_policy("v2", "# two", now, "b").unwrap());
+    let p = s.policy().unwrap().unwrap();
+    assert_eq!((p.version.as_str(), p.source.as_str()), ("v2", "# two"));
+    assert_eq!(p.published_by, "b");
+    assert_eq!(p.published_at, now.unix_timestamp());
+    // Going back to an older version is a new publication, and wins.
+    assert!(s.publish_policy("v1", "# one", now, "a").unwrap());
+    assert_eq!(s.policy().unwrap().unwrap().version, "v1");
+}
+
+/// An authority set is replaced only over the one it was derived from.
+pub fn authorities_are_replaced_only_over_the_set_seen(s: &dyn Store) {
+    let a = authorities();
+    s.save_authorities(&a).unwrap();
+    let seen = s.changes().unwrap().authorities;
+    let b = authorities();
+    let n = s.replace_authorities(&b, seen).unwrap().unwrap();
+    assert_eq!(s.changes().unwrap().authorities, n);
+    assert_eq!(s.replace_authorities(&a, seen).unwrap(), None, "stale");
+    let now = s
+        .load_authorities(AuthorityConfig::default())
+        .unwrap()
+        .unwrap();
+    assert_eq!(now.signer().unwrap().cert, b.signer().unwrap().cert);
+}
+
 /// Every single-store case, by name.
 pub fn cases() -> Vec<(&'static str, Case)> {
     vec![
@@ -369,6 +523,22 @@ pub fn cases() -> Vec<(&'static str, Case)> {
         (
             "settings_replace_and_a_probe_write_succeeds",
             settings_replace_and_a_probe_write_succeeds,
+        ),
+        (
+            "change_counters_move_with_each_shared_write",
+            change_counters_move_with_each_shared_write,
+        ),
+        (
+            "endpoints_are_leased_refreshed_removed_and_swept_once",
+            endpoints_are_leased_refreshed_removed_and_swept_once,
+        ),
+        (
+            "the_newest_published_policy_is_served",
+            the_newest_published_policy_is_served,
+        ),
+        (
+            "authorities_are_replaced_only_over_the_set_seen",
+            authorities_are_replaced_only_over_the_set_seen,
         ),
     ]
 }
@@ -474,6 +644,52 @@ pub fn a_racing_approve_and_revoke_on_two_replicas_have_one_winner(a: &dyn Store
     }
 }
 
+/// Two replicas rotating at once over the same set: exactly one saves.
+pub fn a_rotation_racing_on_two_replicas_is_saved_once(a: &dyn Store, b: &dyn Store) {
+    for _ in 0..5 {
+        let seen = a.changes().unwrap().authorities;
+        let sets = [authorities(), authorities()];
+        let outcomes = race(2, |i| {
+            let s = if i == 0 { a } else { b };
+            s.replace_authorities(&sets[i], seen).unwrap()
+        });
+        assert_eq!(
+            outcomes.iter().filter(|o| o.is_some()).count(),
+            1,
+            "{outcomes:?}"
+        );
+        let winner = usize::from(outcomes[0].is_none());
+        // Read through the winner (the test's replicas may hold different KEKs).
+        let stored = [a, b][winner]
+            .load_authorities(AuthorityConfig::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            stored.signer().unwrap().cert,
+            sets[winner].signer().unwrap().cert
+        );
+        assert_eq!(Some(b.changes().unwrap().authorities), outcomes[winner]);
+    }
+}
+
+/// An endpoint registered through one replica is seen by the other, and its expiry swept by
+/// both at once is reported once.
+pub fn an_endpoint_expiry_swept_by_two_replicas_is_reported_once(a: &dyn Store, b: &dyn Store) {
+    for round in 0..5i64 {
+        let base = round * 100_000;
+        let list: Vec<String> = (1..=10).map(|p| format!("10.0.0.1:{p}")).collect();
+        a.register_endpoints("spiffe://mayfly.local/a", &list, base + 1_000, base)
+            .unwrap();
+        assert_eq!(b.endpoints().unwrap().len(), 10);
+        let swept = race(4, |i| {
+            let s = if i % 2 == 0 { a } else { b };
+            s.sweep_endpoints(base + 1_000).unwrap()
+        });
+        assert_eq!(swept.iter().map(Vec::len).sum::<usize>(), 10, "{swept:?}");
+        assert!(a.endpoints().unwrap().is_empty());
+    }
+}
+
 /// Every replica case, by name.
 pub fn replica_cases() -> Vec<(&'static str, ReplicaCase)> {
     vec![
@@ -488,6 +704,14 @@ pub fn replica_cases() -> Vec<(&'static str, ReplicaCase)> {
         (
             "a_racing_approve_and_revoke_on_two_replicas_have_one_winner",
             a_racing_approve_and_revoke_on_two_replicas_have_one_winner,
+        ),
+        (
+            "a_rotation_racing_on_two_replicas_is_saved_once",
+            a_rotation_racing_on_two_replicas_is_saved_once,
+        ),
+        (
+            "an_endpoint_expiry_swept_by_two_replicas_is_reported_once",
+            an_endpoint_expiry_swept_by_two_replicas_is_reported_once,
         ),
     ]
 }

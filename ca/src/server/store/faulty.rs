@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use time::OffsetDateTime;
 
 use super::{
-    AuditConflict, AuditFilter, AuditRow, EventRecord, GrantState, IssuedRecord, SqliteStore,
-    Store, StoreError, TokenClaim, TokenRecord, TokenRefusal,
+    AuditConflict, AuditFilter, AuditRow, Changes, EndpointRow, EventRecord, GrantState,
+    IssuedRecord, PublishedPolicy, SqliteStore, Store, StoreError, TokenClaim, TokenRecord,
+    TokenRefusal,
 };
 use crate::identity::id::TrustDomain;
 use crate::identity::signing::authority::{Authorities, AuthorityConfig};
@@ -179,6 +180,49 @@ impl Store for FaultyStore {
     }
     fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<Vec<u8>>, StoreError> {
         self.inner.audit_query(filter)
+    }
+    fn changes(&self) -> Result<Changes, StoreError> {
+        self.inner.changes()
+    }
+    fn replace_authorities(&self, a: &Authorities, seen: i64) -> Result<Option<i64>, StoreError> {
+        self.check(&self.fail_authorities_save, "save authorities")?;
+        self.inner.replace_authorities(a, seen)
+    }
+    fn register_endpoints(
+        &self,
+        id: &str,
+        addresses: &[String],
+        until_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner
+            .register_endpoints(id, addresses, until_ms, now_ms)
+    }
+    fn remove_endpoints(
+        &self,
+        id: &str,
+        addresses: &[String],
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner.remove_endpoints(id, addresses, now_ms)
+    }
+    fn sweep_endpoints(&self, now_ms: i64) -> Result<Vec<(String, String)>, StoreError> {
+        self.inner.sweep_endpoints(now_ms)
+    }
+    fn endpoints(&self) -> Result<Vec<EndpointRow>, StoreError> {
+        self.inner.endpoints()
+    }
+    fn publish_policy(
+        &self,
+        version: &str,
+        source: &str,
+        at: OffsetDateTime,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        self.inner.publish_policy(version, source, at, by)
+    }
+    fn policy(&self) -> Result<Option<PublishedPolicy>, StoreError> {
+        self.inner.policy()
     }
     fn unwritable(&self) -> Option<String> {
         self.inner.unwritable()

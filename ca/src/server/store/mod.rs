@@ -357,6 +357,47 @@ impl std::str::FromStr for GrantState {
     }
 }
 
+/// How often each kind of shared state has changed: counters in the store that every write of
+/// that state bumps in its own transaction. A replica that polls them (one small read) learns
+/// of another replica's changes; see [`Store::changes`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Grants inserted, decided or expired.
+    pub grants: i64,
+    /// Endpoints registered, removed or swept (a lease refresh is not a change).
+    pub endpoints: i64,
+    /// Policies published.
+    pub policy: i64,
+    /// Authority sets saved (rotation).
+    pub authorities: i64,
+}
+
+/// One stored endpoint registration (see `server::registry`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointRow {
+    /// The SPIFFE ID it serves.
+    pub spiffe_id: String,
+    /// The address peers dial.
+    pub address: String,
+    /// First registered (Unix ms).
+    pub since_ms: i64,
+    /// Its lease ends (Unix ms).
+    pub until_ms: i64,
+}
+
+/// A policy as published to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedPolicy {
+    /// Content hash.
+    pub version: String,
+    /// TOML source.
+    pub source: String,
+    /// When it was published (Unix seconds).
+    pub published_at: i64,
+    /// Who published it (the replica's description).
+    pub published_by: String,
+}
+
 /// Filters of `audit query`.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
@@ -393,7 +434,7 @@ pub trait Store: Send + Sync {
     /// Stores a free-form setting.
     fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
 
-    /// Stores a new token.
+    /// Stores a new token, as given (its use and revocation times too: how a store is copied).
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     /// A token by its public ID, without spending it (tokens are spent by
     /// [`Store::log_issued_with_event`]).
@@ -492,6 +533,52 @@ pub trait Store: Send + Sync {
     fn audit_after(&self, after_id: i64, limit: u32) -> Result<Vec<(i64, Vec<u8>)>, StoreError>;
     /// Records matching a filter, oldest first.
     fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<Vec<u8>>, StoreError>;
+
+    /// The change counters of shared state (one small read; replicas poll it).
+    fn changes(&self) -> Result<Changes, StoreError>;
+    /// Replaces the stored authority set only if no other set was saved since the one whose
+    /// [`Changes::authorities`] counter was `seen` (compare-and-set: of replicas rotating at
+    /// once, one saves and the others are told `None` and reload). Returns the new counter.
+    fn replace_authorities(
+        &self,
+        authorities: &Authorities,
+        seen: i64,
+    ) -> Result<Option<i64>, StoreError>;
+
+    /// Registers or refreshes `addresses` under `id` with a lease until `until_ms`; an entry
+    /// live at `now_ms` keeps its first registration time. Returns the addresses that were not
+    /// live before (only those count as a change).
+    fn register_endpoints(
+        &self,
+        id: &str,
+        addresses: &[String],
+        until_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Removes `addresses` from under `id`; returns those that were live at `now_ms`.
+    fn remove_endpoints(
+        &self,
+        id: &str,
+        addresses: &[String],
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Deletes the entries whose lease ended by `now_ms` and returns them as (ID, address):
+    /// each is returned once, ever, whichever replica sweeps.
+    fn sweep_endpoints(&self, now_ms: i64) -> Result<Vec<(String, String)>, StoreError>;
+    /// Every stored entry (expired ones too, until swept), by ID and address.
+    fn endpoints(&self) -> Result<Vec<EndpointRow>, StoreError>;
+
+    /// Publishes a policy, unless the newest published one has this version already; returns
+    /// whether it was published.
+    fn publish_policy(
+        &self,
+        version: &str,
+        source: &str,
+        at: OffsetDateTime,
+        by: &str,
+    ) -> Result<bool, StoreError>;
+    /// The newest published policy, if any.
+    fn policy(&self) -> Result<Option<PublishedPolicy>, StoreError>;
 
     /// Why the store cannot write now (the last write failed for lack of space or an I/O
     /// error, and none has succeeded since), or `None` while it can.

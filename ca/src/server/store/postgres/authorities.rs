@@ -114,6 +114,21 @@ pub(super) fn load_authorities(
 }
 
 pub(super) fn save_authorities(s: &PostgresStore, a: &Authorities) -> Result<(), StoreError> {
+    save(s, a, None).map(|_| ())
+}
+
+pub(super) fn replace_authorities(
+    s: &PostgresStore,
+    a: &Authorities,
+    seen: i64,
+) -> Result<Option<i64>, StoreError> {
+    save(s, a, Some(seen))
+}
+
+/// Replaces the authority set and bumps its change counter, in one transaction; with `seen`,
+/// only if the counter still says `seen` (its row is locked first, so a concurrent save on
+/// another replica waits, then sees the new counter and is refused). Returns the new counter.
+fn save(s: &PostgresStore, a: &Authorities, seen: Option<i64>) -> Result<Option<i64>, StoreError> {
     let td = a.trust_domain().as_str().to_owned();
     let mut rows: Vec<AuthorityRow> = Vec::new();
     for x in a.all() {
@@ -136,6 +151,17 @@ pub(super) fn save_authorities(s: &PostgresStore, a: &Authorities) -> Result<(),
     s.run(true, move |db| async move {
         let mut c = db.client().await?;
         let tx = c.transaction().await.map_err(|e| db.err(e))?;
+        let n: i64 = tx
+            .query_one(
+                "SELECT n FROM mayfly_changes WHERE topic = 'authorities' FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(|e| db.err(e))?
+            .get(0);
+        if seen.is_some_and(|seen| seen != n) {
+            return Ok(None);
+        }
         tx.execute("DELETE FROM authorities", &[])
             .await
             .map_err(|e| db.err(e))?;
@@ -158,7 +184,14 @@ pub(super) fn save_authorities(s: &PostgresStore, a: &Authorities) -> Result<(),
             .await
             .map_err(|e| db.err(e))?;
         }
-        tx.commit().await.map_err(|e| db.err(e))
+        tx.execute(
+            "UPDATE mayfly_changes SET n = n + 1 WHERE topic = 'authorities'",
+            &[],
+        )
+        .await
+        .map_err(|e| db.err(e))?;
+        tx.commit().await.map_err(|e| db.err(e))?;
+        Ok(Some(n + 1))
     })
 }
 

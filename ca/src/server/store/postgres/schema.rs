@@ -33,6 +33,27 @@ const MIGRATIONS: &[&str] = &[
         id TEXT PRIMARY KEY, state TEXT NOT NULL, expires BIGINT NOT NULL, body TEXT NOT NULL,
         created BIGINT NOT NULL DEFAULT (extract(epoch FROM now())::bigint));
      CREATE INDEX grants_by_state ON grants (state, expires);",
+    // 2: what replicas share and how they learn of each other's changes: change counters
+    // (grants bump theirs by trigger, one bump per row changed; endpoints, policies and
+    // authorities in the writing transaction), the endpoint registry with leases, and the
+    // published policies.
+    "CREATE TABLE mayfly_changes (topic TEXT PRIMARY KEY, n BIGINT NOT NULL);
+     INSERT INTO mayfly_changes (topic, n)
+        VALUES ('grants', 0), ('endpoints', 0), ('policy', 0), ('authorities', 0);
+     CREATE FUNCTION mayfly_bump() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE mayfly_changes SET n = n + 1 WHERE topic = TG_ARGV[0];
+            RETURN NULL;
+        END $$;
+     CREATE TRIGGER grants_changed AFTER INSERT OR UPDATE OR DELETE ON grants
+        FOR EACH ROW EXECUTE FUNCTION mayfly_bump('grants');
+     CREATE TABLE endpoints (
+        spiffe_id TEXT NOT NULL, address TEXT NOT NULL, since_ms BIGINT NOT NULL,
+        until_ms BIGINT NOT NULL, PRIMARY KEY (spiffe_id, address));
+     CREATE INDEX endpoints_by_expiry ON endpoints (until_ms);
+     CREATE TABLE policies (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, version TEXT NOT NULL,
+        source TEXT NOT NULL, published_at BIGINT NOT NULL, published_by TEXT NOT NULL);",
 ];
 
 /// The newest schema version this binary knows.

@@ -77,8 +77,9 @@ pub(super) fn insert_token(s: &PostgresStore, t: &TokenRecord) -> Result<(), Sto
     s.run(true, |db| async move {
         let c = db.client().await?;
         c.execute(
-            "INSERT INTO join_tokens (id, hash, spiffe_id, created_at, expires_at, created_by)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO join_tokens
+               (id, hash, spiffe_id, created_at, expires_at, created_by, used_at, revoked_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             &[
                 &t.id,
                 &t.hash,
@@ -86,6 +87,8 @@ pub(super) fn insert_token(s: &PostgresStore, t: &TokenRecord) -> Result<(), Sto
                 &ts(t.created_at),
                 &ts(t.expires_at),
                 &t.created_by,
+                &t.used_at.map(ts),
+                &t.revoked_at.map(ts),
             ],
         )
         .await

@@ -95,38 +95,77 @@ pub(super) fn load_authorities(
 pub(super) fn save_authorities(s: &SqliteStore, a: &Authorities) -> Result<(), StoreError> {
     s.with(|c| {
         let tx = c.transaction().map_err(db)?;
-        tx.execute("DELETE FROM authorities", []).map_err(db)?;
-        for x in a.all() {
-            tx.execute(
-                "INSERT INTO authorities (id, role, state, cert, key, parent, not_before, not_after)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    x.id,
-                    role_str(x.role),
-                    state_str(x.state),
-                    x.cert.as_ref(),
-                    x.key.pkcs8(),
-                    x.parent,
-                    ts(x.not_before),
-                    ts(x.not_after)
-                ],
-            )
-            .map_err(db)?;
-        }
-        tx.execute(
-            "INSERT INTO settings (key, value) VALUES ('trust_domain', ?1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            params![a.trust_domain().as_str()],
-        )
-        .map_err(db)?;
-        tx.execute(
-            "INSERT INTO settings (key, value) VALUES ('bundle_sequence', ?1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            params![a.bundle_sequence().to_string()],
-        )
-        .map_err(db)?;
+        save_in(&tx, a)?;
         tx.commit().map_err(db)
     })
+}
+
+/// Saves `a` only if the authorities' change counter is still `seen`; returns the new counter.
+pub(super) fn replace_authorities(
+    s: &SqliteStore,
+    a: &Authorities,
+    seen: i64,
+) -> Result<Option<i64>, StoreError> {
+    s.with(|c| {
+        // IMMEDIATE: the write lock is taken before the counter is read, so no other process
+        // on the file can save in between.
+        let tx = c
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let now: i64 = tx
+            .query_row(
+                "SELECT n FROM changes WHERE topic = 'authorities'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if now != seen {
+            return Ok(None);
+        }
+        let n = save_in(&tx, a)?;
+        tx.commit().map_err(db)?;
+        Ok(Some(n))
+    })
+}
+
+/// Replaces the authority set inside `tx` and bumps its change counter; returns the counter.
+fn save_in(tx: &rusqlite::Transaction<'_>, a: &Authorities) -> Result<i64, StoreError> {
+    tx.execute("DELETE FROM authorities", []).map_err(db)?;
+    for x in a.all() {
+        tx.execute(
+            "INSERT INTO authorities (id, role, state, cert, key, parent, not_before, not_after)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                x.id,
+                role_str(x.role),
+                state_str(x.state),
+                x.cert.as_ref(),
+                x.key.pkcs8(),
+                x.parent,
+                ts(x.not_before),
+                ts(x.not_after)
+            ],
+        )
+        .map_err(db)?;
+    }
+    tx.execute(
+        "INSERT INTO settings (key, value) VALUES ('trust_domain', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![a.trust_domain().as_str()],
+    )
+    .map_err(db)?;
+    tx.execute(
+        "INSERT INTO settings (key, value) VALUES ('bundle_sequence', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![a.bundle_sequence().to_string()],
+    )
+    .map_err(db)?;
+    tx.query_row(
+        "UPDATE changes SET n = n + 1 WHERE topic = 'authorities' RETURNING n",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(db)
 }
 
 pub(super) fn trust_domain(s: &SqliteStore) -> Result<Option<TrustDomain>, StoreError> {

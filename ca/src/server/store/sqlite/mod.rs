@@ -8,6 +8,7 @@ mod authorities;
 mod grants;
 mod issued;
 mod schema;
+mod shared;
 mod tokens;
 
 use std::path::Path;
@@ -17,8 +18,8 @@ use rusqlite::Connection;
 use time::OffsetDateTime;
 
 use super::{
-    AuditConflict, AuditFilter, AuditRow, EventRecord, GrantState, IssuedRecord, Store, StoreError,
-    TokenClaim, TokenRecord, TokenRefusal,
+    AuditConflict, AuditFilter, AuditRow, Changes, EndpointRow, EventRecord, GrantState,
+    IssuedRecord, PublishedPolicy, Store, StoreError, TokenClaim, TokenRecord, TokenRefusal,
 };
 use crate::identity::id::TrustDomain;
 use crate::identity::signing::authority::{Authorities, AuthorityConfig};
@@ -290,6 +291,55 @@ impl Store for SqliteStore {
 
     fn audit_query(&self, f: &AuditFilter) -> Result<Vec<Vec<u8>>, StoreError> {
         audit::audit_query(self, f)
+    }
+
+    fn changes(&self) -> Result<Changes, StoreError> {
+        shared::changes(self)
+    }
+
+    fn replace_authorities(&self, a: &Authorities, seen: i64) -> Result<Option<i64>, StoreError> {
+        authorities::replace_authorities(self, a, seen)
+    }
+
+    fn register_endpoints(
+        &self,
+        id: &str,
+        addresses: &[String],
+        until_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        shared::register_endpoints(self, id, addresses, until_ms, now_ms)
+    }
+
+    fn remove_endpoints(
+        &self,
+        id: &str,
+        addresses: &[String],
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        shared::remove_endpoints(self, id, addresses, now_ms)
+    }
+
+    fn sweep_endpoints(&self, now_ms: i64) -> Result<Vec<(String, String)>, StoreError> {
+        shared::sweep_endpoints(self, now_ms)
+    }
+
+    fn endpoints(&self) -> Result<Vec<EndpointRow>, StoreError> {
+        shared::endpoints(self)
+    }
+
+    fn publish_policy(
+        &self,
+        version: &str,
+        source: &str,
+        at: OffsetDateTime,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        shared::publish_policy(self, version, source, ts(at), by)
+    }
+
+    fn policy(&self) -> Result<Option<PublishedPolicy>, StoreError> {
+        shared::policy(self)
     }
 
     fn unwritable(&self) -> Option<String> {

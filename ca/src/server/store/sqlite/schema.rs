@@ -38,6 +38,25 @@ const MIGRATIONS: &[&str] = &[
         created INTEGER NOT NULL DEFAULT (unixepoch()));",
     // 4: watch snapshots and the expiry scan read only grants in force.
     "CREATE INDEX grants_by_state ON grants (state, expires);",
+    // 5: what replicas share and how they learn of each other's changes: change counters
+    // (grants bump theirs by trigger; endpoints, policies and authorities in the writing
+    // transaction), the endpoint registry with leases, and the published policies.
+    "CREATE TABLE changes (topic TEXT PRIMARY KEY, n INTEGER NOT NULL);
+     INSERT INTO changes (topic, n)
+        VALUES ('grants', 0), ('endpoints', 0), ('policy', 0), ('authorities', 0);
+     CREATE TRIGGER grants_inserted AFTER INSERT ON grants
+        BEGIN UPDATE changes SET n = n + 1 WHERE topic = 'grants'; END;
+     CREATE TRIGGER grants_updated AFTER UPDATE ON grants
+        BEGIN UPDATE changes SET n = n + 1 WHERE topic = 'grants'; END;
+     CREATE TRIGGER grants_deleted AFTER DELETE ON grants
+        BEGIN UPDATE changes SET n = n + 1 WHERE topic = 'grants'; END;
+     CREATE TABLE endpoints (
+        spiffe_id TEXT NOT NULL, address TEXT NOT NULL, since_ms INTEGER NOT NULL,
+        until_ms INTEGER NOT NULL, PRIMARY KEY (spiffe_id, address));
+     CREATE INDEX endpoints_by_expiry ON endpoints (until_ms);
+     CREATE TABLE policies (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, version TEXT NOT NULL, source TEXT NOT NULL,
+        published_at INTEGER NOT NULL, published_by TEXT NOT NULL);",
 ];
 
 /// Sets the connection's pragmas and applies the migrations the file lacks; a file from a

@@ -85,15 +85,18 @@ pub(super) const TOKEN_COLS: &str =
 pub(super) fn insert_token(s: &SqliteStore, t: &TokenRecord) -> Result<(), StoreError> {
     s.with(|c| {
         c.execute(
-            "INSERT INTO join_tokens (id, hash, spiffe_id, created_at, expires_at, created_by)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO join_tokens
+               (id, hash, spiffe_id, created_at, expires_at, created_by, used_at, revoked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 t.id,
                 t.hash,
                 t.spiffe_id,
                 ts(t.created_at),
                 ts(t.expires_at),
-                t.created_by
+                t.created_by,
+                t.used_at.map(ts),
+                t.revoked_at.map(ts)
             ],
         )
         .map(|_| ())
