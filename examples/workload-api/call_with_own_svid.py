@@ -30,6 +30,7 @@ import os
 import ssl
 import sys
 import threading
+import time
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -88,6 +89,29 @@ def uri_sans(der):
     return san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
+def fetch(socket, timeout):
+    """The app's SVID and the trust bundles. Until the sidecar has obtained the app's first
+    SVID it answers PermissionDenied "no identity issued", as the SPIFFE Workload API says:
+    a transient state, retried here (py-spiffe's one-shot fetch does not) until `timeout`."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    client = WorkloadApiClient(socket_path=socket)
+    try:
+        while True:
+            try:
+                svid = client.fetch_x509_svid(timeout=max(deadline - time.monotonic(), 0.1))
+                break
+            except Exception as e:
+                if "no identity issued" not in str(e) or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        bundles = client.fetch_x509_bundles(timeout=max(deadline - time.monotonic(), 0.1))
+        return svid, bundles
+    finally:
+        client.close()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("url", help="https://HOST:PORT/PATH of the other service's sidecar (its mTLS inbound)")
@@ -100,15 +124,11 @@ def main():
     if url.scheme != "https" or not url.hostname or not url.port:
         sys.exit(f"error: {args.url}: expected https://HOST:PORT/PATH")
 
-    client = WorkloadApiClient(socket_path=args.socket)
     try:
-        svid = client.fetch_x509_svid(timeout=args.timeout)
-        bundles = client.fetch_x509_bundles(timeout=args.timeout)
+        svid, bundles = fetch(args.socket, args.timeout)
     except Exception as e:  # py-spiffe raises its own error types for every gRPC failure
         print(f"error: no SVID from the Workload API: {e}", file=sys.stderr)
         return 2
-    finally:
-        client.close()
     bundle = bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
     if bundle is None:
         print(f"error: no bundle for {svid.spiffe_id.trust_domain}", file=sys.stderr)
