@@ -2,7 +2,8 @@
 //! `spiffe` crate's `X509Source` (sees the rotation), py-spiffe's `WorkloadApiClient` (an SVID
 //! whose chain `openssl verify` accepts against the fetched bundle; PermissionDenied for a uid
 //! and gid not allowed), a process of another OS user (`setpriv` to `nobody`: refused and
-//! audited with its uid) and a raw tonic client without the security header (InvalidArgument).
+//! audited with its uid), a raw tonic client without the security header (InvalidArgument) and
+//! one calling before the first SVID (PermissionDenied "no identity issued", at once).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -11,7 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::{Ca, Sidecar, Spec, echo_app, eventually, policy};
+use mayfly_tests::{Ca, Sidecar, Spec, echo_app, eventually, free_port, policy};
 
 const ME: &str = "spiffe://mayfly.local/orders";
 
@@ -54,12 +55,23 @@ async fn setup(svid_ttl: Option<&str>, access: &str) -> Setup {
         .toml(),
     );
     sidecar.wait_ready().await;
+    wait_for_app_svid(&sidecar).await;
     Setup {
         tmp,
         _ca: ca,
         sidecar,
         socket,
     }
+}
+
+/// Waits until the sidecar serves the app's SVID: until then FetchX509SVID answers
+/// PermissionDenied "no identity issued" (which py-spiffe's one-shot fetch does not retry).
+async fn wait_for_app_svid(sidecar: &Sidecar) {
+    let ok = eventually(Duration::from_secs(30), async || {
+        sidecar.proc.log().contains("SVID for the app installed")
+    })
+    .await;
+    assert!(ok, "no SVID for the app in 30 s:\n{}", sidecar.proc.log());
 }
 
 fn uid() -> u32 {
@@ -294,6 +306,61 @@ async fn a_request_without_the_security_header_is_invalid_argument_and_jwt_is_no
             )
             .await
             >= 2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_first_svid_fetch_x509_svid_answers_no_identity_issued_for_the_client_to_retry()
+{
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    let dir = tmp.path();
+    let ca = Ca::start(&tmp);
+    let pol = dir.join("policy.toml");
+    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
+    let tok = ca.token_file(ME, &dir.join("orders.token"));
+    let app = echo_app("orders-app").await;
+    let socket = dir.join("wl.sock");
+    // A real token, but nothing listens at the control plane's address: the sidecar runs, serves the socket and
+    // obtains no SVID, for itself or for the app.
+    let nowhere = free_port();
+    let sidecar = Sidecar::start(
+        dir,
+        "orders",
+        &Spec {
+            me: "orders",
+            ca: &nowhere,
+            token: &tok,
+            policy: &pol,
+            inbound_app: Some(&app),
+            outbound: &[],
+            svid_ttl: None,
+            extra: &format!(
+                "[workload_api]\nsocket = \"{}\"\nallowed_uids = [{}]\n",
+                socket.display(),
+                uid()
+            ),
+        }
+        .toml(),
+    );
+    let bound = eventually(Duration::from_secs(10), async || socket.exists()).await;
+    assert!(bound, "{}", sidecar.proc.log());
+    // Not a call held open until an SVID comes (raw_call gives up after 10 s with
+    // DeadlineExceeded): the answer the specification gives, which clients retry.
+    let e = raw_call(&socket, "/SpiffeWorkloadAPI/FetchX509SVID", true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().starts_with("no identity issued"), "{e:?}");
+    assert_eq!(
+        sidecar.admin_get("/readyz").await.0,
+        503,
+        "still without an SVID"
+    );
+    assert!(
+        sidecar
+            .metric("mayfly_sidecar_workload_api_refusals_total{reason=\"no_identity_yet\"}")
+            .await
+            >= 1.0
     );
 }
 

@@ -20,6 +20,10 @@
 //! - an `emptyDir` (`mayfly-audit`) at `/var/lib/mayfly/audit`, in the sidecar only, for its
 //!   audit spool (`[audit] spool_dir = "/var/lib/mayfly/audit/spool"`).
 //!
+//! - with `mayfly.io/workload-api: "true"`, the SPIFFE Workload API for the app containers
+//!   ([`workload_api`](crate::ANNOTATION_WORKLOAD_API)): a socket on an `emptyDir` at
+//!   `/run/spiffe/workload.sock`, `SPIFFE_ENDPOINT_SOCKET` set in every app container.
+//!
 //! Injection is idempotent (a pod template with the `mayfly.io/injected` annotation or a
 //! container named `mayfly-sidecar` is left alone), `mayfly.io/inject: "false"` opts out, and
 //! objects other than workloads pass through untouched.
@@ -30,6 +34,7 @@ pub mod probes;
 mod reason;
 pub mod tuning;
 pub mod webhook;
+mod workload_api;
 mod yaml;
 
 use serde_json::{Map, Value};
@@ -56,6 +61,19 @@ pub const ANNOTATION_PROTOCOL: &str = "mayfly.io/protocol";
 pub const ANNOTATION_OUTBOUND: &str = "mayfly.io/outbound";
 /// Annotation set on injected pod templates: the SPIFFE ID the pod will hold.
 pub const ANNOTATION_SPIFFE_ID: &str = "mayfly.io/spiffe-id";
+/// Annotation: `"true"` serves the SPIFFE Workload API to the app containers, on
+/// [`WORKLOAD_API_SOCKET`], to their `runAsUser` uids (or those of
+/// [`ANNOTATION_WORKLOAD_API_UIDS`]).
+pub const ANNOTATION_WORKLOAD_API: &str = "mayfly.io/workload-api";
+/// Annotation: the uids allowed to call the Workload API, `"1000, 1001"` (default: the app
+/// containers' `runAsUser`, else the pod's; a pod with a container without either is refused).
+pub const ANNOTATION_WORKLOAD_API_UIDS: &str = "mayfly.io/workload-api-uids";
+/// Where the Workload API volume is mounted, in the sidecar and in the app containers.
+pub const WORKLOAD_API_DIR: &str = "/run/spiffe";
+/// The Workload API socket.
+pub const WORKLOAD_API_SOCKET: &str = "/run/spiffe/workload.sock";
+/// `SPIFFE_ENDPOINT_SOCKET` in the app containers.
+pub const WORKLOAD_API_ENDPOINT: &str = "unix:///run/spiffe/workload.sock";
 /// The environment variable that carries the sidecar's configuration.
 pub const CONFIG_ENV: &str = "MAYFLY_SIDECAR_CONFIG_TOML";
 /// The environment variable that carries the pod's IP (downward API): the address each
@@ -317,6 +335,11 @@ pub fn inject_object(
             shape: "list",
         })
     })?;
+    if plan.workload_api {
+        containers
+            .iter_mut()
+            .for_each(workload_api::Plan::apply_to_app);
+    }
     for rw in plan.probe_rewrites {
         if let Some(probe) = containers
             .get_mut(rw.container)

@@ -5,7 +5,7 @@ use serde_json::{Map, Value, json};
 use crate::{
     ADMIN_PORT, ANNOTATION_APP_PORT, ANNOTATION_APP_PORTS, ANNOTATION_OUTBOUND,
     ANNOTATION_PROTOCOL, AUDIT_DIR, AUDIT_SPOOL_DIR, CONFIG_ENV, CONTAINER_NAME, INBOUND_PORT,
-    InjectOptions, MAX_APP_PORTS, POD_IP_ENV, POLICY_DIR, Reason, TOKEN_DIR,
+    InjectOptions, MAX_APP_PORTS, POD_IP_ENV, POLICY_DIR, Reason, TOKEN_DIR, workload_api,
 };
 
 const TOKEN_VOLUME: &str = "mayfly-token";
@@ -23,6 +23,8 @@ pub(super) struct Plan {
     pub(super) spiffe_id: String,
     pub(super) default_container: Option<String>,
     pub(super) probe_rewrites: Vec<crate::tuning::ProbeRewrite>,
+    /// The app containers get the Workload API socket and `SPIFFE_ENDPOINT_SOCKET`.
+    pub(super) workload_api: bool,
 }
 
 struct Upstream {
@@ -162,6 +164,7 @@ fn config_toml(
     app_ports: &[u16],
     protocol: Option<&str>,
     ups: &[Upstream],
+    workload_api: Option<&crate::workload_api::Plan>,
     opts: &InjectOptions,
 ) -> Result<String, Reason> {
     let mut root = toml::Table::new();
@@ -222,6 +225,9 @@ fn config_toml(
     let mut audit = toml::Table::new();
     audit.insert("spool_dir".into(), AUDIT_SPOOL_DIR.into());
     root.insert("audit".into(), audit.into());
+    if let Some(w) = workload_api {
+        root.insert("workload_api".into(), w.config().into());
+    }
     let text = toml::to_string(&root).map_err(|e| Reason::WriteConfig(e.to_string()))?;
     // The sidecar must accept what we generate: check it the same way it will.
     (opts.check_config)(&text)?;
@@ -316,12 +322,19 @@ pub(super) fn plan(
         .flatten()
     {
         if let Some(n) = v.get("name").and_then(Value::as_str)
-            && [TOKEN_VOLUME, POLICY_VOLUME, AUDIT_VOLUME].contains(&n)
+            && [
+                TOKEN_VOLUME,
+                POLICY_VOLUME,
+                AUDIT_VOLUME,
+                workload_api::VOLUME,
+            ]
+            .contains(&n)
         {
             return Err(Reason::VolumeTaken(n.to_owned()));
         }
     }
-    let config = config_toml(&spiffe_id, &app_ports, protocol, &ups, opts)?;
+    let wl = workload_api::plan(spec, annotations)?;
+    let config = config_toml(&spiffe_id, &app_ports, protocol, &ups, wl.as_ref(), opts)?;
     let mut container_ports = Vec::new();
     for n in 0..app_ports.len() {
         let mtls = mtls_port(n).ok_or(Reason::NoMtlsPort)?;
@@ -367,10 +380,15 @@ pub(super) fn plan(
         ],
     });
     let mut container = container;
+    if wl.is_some()
+        && let Some(m) = container["volumeMounts"].as_array_mut()
+    {
+        m.push(workload_api::Plan::sidecar_mount());
+    }
     crate::tuning::apply_annotations(&mut container, annotations)?;
     let (probe_rewrites, probes) = crate::tuning::plan_probes(spec)?;
     crate::tuning::probes_env(&mut container, probes);
-    let volumes = vec![
+    let mut volumes = vec![
         json!({
             "name": TOKEN_VOLUME,
             "projected": { "sources": [{ "serviceAccountToken": {
@@ -385,6 +403,9 @@ pub(super) fn plan(
         }),
         json!({ "name": AUDIT_VOLUME, "emptyDir": {} }),
     ];
+    if wl.is_some() {
+        volumes.push(workload_api::Plan::volume());
+    }
     let default_container = containers
         .first()
         .and_then(|c| c.get("name"))
@@ -396,5 +417,6 @@ pub(super) fn plan(
         spiffe_id,
         default_container,
         probe_rewrites,
+        workload_api: wl.is_some(),
     })
 }

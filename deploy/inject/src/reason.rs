@@ -3,7 +3,7 @@
 
 use crate::{
     ANNOTATION_APP_PORT, ANNOTATION_APP_PORTS, ANNOTATION_OUTBOUND, ANNOTATION_PROTOCOL,
-    MAX_APP_PORTS,
+    ANNOTATION_WORKLOAD_API, ANNOTATION_WORKLOAD_API_UIDS, MAX_APP_PORTS, WORKLOAD_API_DIR,
 };
 
 /// Why a workload cannot be injected (inside [`InjectError::Object`](crate::InjectError)).
@@ -112,6 +112,18 @@ pub enum Reason {
     /// The pod already has a volume with one of the sidecar's volume names.
     #[error("the pod already has a volume named {0}")]
     VolumeTaken(String),
+    /// The Workload API annotation is neither `"true"` nor `"false"`.
+    #[error("{key} must be \"true\" or \"false\"", key = ANNOTATION_WORKLOAD_API)]
+    WorkloadApiSwitch,
+    /// The Workload API uids annotation is not a list of uids.
+    #[error("{key}: {0} is not a list of uids such as \"1000, 1001\"", key = ANNOTATION_WORKLOAD_API_UIDS)]
+    WorkloadApiUidList(String),
+    /// An app container's uid cannot be determined, and no uids are listed.
+    #[error("{key}: container {0} has no securityContext.runAsUser, nor has the pod: the Workload API admits callers by uid; set runAsUser or list the uids in {uids}", key = ANNOTATION_WORKLOAD_API, uids = ANNOTATION_WORKLOAD_API_UIDS)]
+    WorkloadApiNoUid(String),
+    /// An app container already mounts something where the Workload API socket goes.
+    #[error("{key}: container {0} already mounts a volume at {dir}", key = ANNOTATION_WORKLOAD_API, dir = WORKLOAD_API_DIR)]
+    WorkloadApiDirTaken(String),
     /// The sidecar image annotation is not an image reference.
     #[error("{key} must be an image reference")]
     Image {

@@ -644,3 +644,144 @@ fn a_generated_configuration_the_sidecar_would_refuse_refuses_the_pod_with_its_r
     ));
     assert_eq!(p, before, "a refused pod is left as it was");
 }
+
+fn workload_api_pod(annotations: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+    "metadata": {"name": "p", "namespace": "n", "annotations": annotations},
+    "spec": {
+        "securityContext": {"runAsUser": 1000},
+        "containers": [
+            {"name": "app", "ports": [{"containerPort": 80}],
+             "env": [{"name": "A", "value": "b"}]},
+            {"name": "helper", "securityContext": {"runAsUser": 2000}},
+        ]}})
+}
+
+#[test]
+fn the_workload_api_annotation_serves_the_socket_where_the_app_containers_read_it_to_their_uids() {
+    let mut p = workload_api_pod(json!({"mayfly.io/workload-api": "true"}));
+    assert_eq!(inject_object(&mut p, &opts(), None), Ok(Outcome::Injected));
+    let spec = &p["spec"];
+    let sidecar = &spec["initContainers"][0];
+    // The configuration the sidecar will parse, with its own parser.
+    let w = sidecar_config(sidecar).workload_api.unwrap();
+    assert_eq!(w.socket, Path::new(WORKLOAD_API_SOCKET));
+    assert_eq!(w.mode, 0o666);
+    assert_eq!(
+        w.allowed_uids,
+        [1000, 2000],
+        "the pod's uid, then helper's own"
+    );
+    assert!(w.allowed_gids.is_empty());
+    let dir = w.socket.parent().unwrap().to_str().unwrap();
+    let volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "mayfly-workload-api")
+        .unwrap();
+    assert_eq!(volume["emptyDir"], json!({}));
+    let mounted_at = |c: &Value| {
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "mayfly-workload-api")
+            .cloned()
+            .unwrap_or_else(|| panic!("{c}"))
+    };
+    assert_eq!(mounted_at(sidecar)["mountPath"], dir);
+    assert_eq!(mounted_at(sidecar).get("readOnly"), None);
+    for c in spec["containers"].as_array().unwrap() {
+        assert_eq!(mounted_at(c)["mountPath"], dir, "{c}");
+        assert_eq!(mounted_at(c)["readOnly"], true, "{c}");
+        let env = c["env"].as_array().unwrap();
+        let endpoint = env
+            .iter()
+            .find(|e| e["name"] == "SPIFFE_ENDPOINT_SOCKET")
+            .unwrap();
+        assert_eq!(endpoint["value"], format!("unix://{}", w.socket.display()));
+    }
+    assert_eq!(
+        spec["containers"][0]["env"][0]["name"], "A",
+        "the app's env is kept"
+    );
+
+    // Listed uids win; an endpoint the app sets itself is left alone.
+    let mut p = workload_api_pod(json!({"mayfly.io/workload-api": "true",
+        "mayfly.io/workload-api-uids": "3000, 3001 3000"}));
+    p["spec"]["containers"][0]["env"] =
+        json!([{"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///elsewhere"}]);
+    inject_object(&mut p, &opts(), None).unwrap();
+    let w = sidecar_config(&p["spec"]["initContainers"][0])
+        .workload_api
+        .unwrap();
+    assert_eq!(w.allowed_uids, [3000, 3001]);
+    assert_eq!(
+        p["spec"]["containers"][0]["env"],
+        json!([{"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///elsewhere"}])
+    );
+
+    // Off unless asked for.
+    for ann in [json!({}), json!({"mayfly.io/workload-api": "false"})] {
+        let mut p = workload_api_pod(ann);
+        inject_object(&mut p, &opts(), None).unwrap();
+        assert!(
+            sidecar_config(&p["spec"]["initContainers"][0])
+                .workload_api
+                .is_none()
+        );
+        let text = p.to_string();
+        assert!(!text.contains("mayfly-workload-api") && !text.contains("SPIFFE_ENDPOINT_SOCKET"));
+    }
+}
+
+#[test]
+fn a_workload_api_pod_whose_callers_cannot_be_known_is_refused_with_the_reason() {
+    type Change<'a> = &'a dyn Fn(&mut Value);
+    let cases: [(Change, &str); 6] = [
+        (
+            &|p| p["spec"]["securityContext"] = json!({}),
+            "container app has no securityContext.runAsUser, nor has the pod",
+        ),
+        (
+            &|p| p["metadata"]["annotations"]["mayfly.io/workload-api"] = json!("yes"),
+            "must be \"true\" or \"false\"",
+        ),
+        (
+            &|p| p["metadata"]["annotations"]["mayfly.io/workload-api-uids"] = json!("root"),
+            "not a list of uids",
+        ),
+        (
+            &|p| p["metadata"]["annotations"]["mayfly.io/workload-api-uids"] = json!(" , "),
+            "not a list of uids",
+        ),
+        (
+            &|p| {
+                p["spec"]["containers"][1]["volumeMounts"] =
+                    json!([{"name": "x", "mountPath": "/run/spiffe/"}])
+            },
+            "container helper already mounts a volume at /run/spiffe",
+        ),
+        (
+            &|p| p["spec"]["volumes"] = json!([{"name": "mayfly-workload-api", "emptyDir": {}}]),
+            "already has a volume named mayfly-workload-api",
+        ),
+    ];
+    for (change, want) in cases {
+        let mut p = workload_api_pod(json!({"mayfly.io/workload-api": "true"}));
+        change(&mut p);
+        let before = p.clone();
+        let e = inject_object(&mut p, &opts(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("Pod/n/p: "), "{e}");
+        assert!(e.contains(want), "{want}: {e}");
+        assert_eq!(p, before, "a refused pod is left as it was");
+    }
+    // Without a uid anywhere, listing the uids is enough.
+    let mut p = workload_api_pod(json!({"mayfly.io/workload-api": "true",
+        "mayfly.io/workload-api-uids": 1000}));
+    p["spec"]["securityContext"] = json!({});
+    inject_object(&mut p, &opts(), None).unwrap();
+}

@@ -171,8 +171,8 @@ pub async fn maintain(
                     };
                 match r {
                     Ok(svid) => {
-                        info!(serial = %svid.serial, not_after = %svid.not_after.unix_timestamp(), "SVID for the app installed (Workload API)");
                         failures = 0;
+                        let (serial, not_after) = (svid.serial.clone(), svid.not_after);
                         // With the bundle it verifies against, never ahead of it.
                         let bundles = identity.bundles.load_full();
                         out.send_modify(|p| {
@@ -181,6 +181,8 @@ pub async fn maintain(
                                 p.bundles = bundles;
                             }
                         });
+                        // Once served: from this line on, FetchX509SVID hands it out.
+                        info!(%serial, not_after = %not_after.unix_timestamp(), "SVID for the app installed (Workload API)");
                         continue;
                     }
                     Err(e) => {

@@ -28,6 +28,11 @@ use crate::metrics::Metrics;
 /// The metadata every Workload API request carries (SPIFFE Workload Endpoint §4.1).
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
+/// What `PermissionDenied` says to FetchX509SVID before the app's first SVID (SPIFFE
+/// Workload Endpoint: "no identity issued", which clients retry).
+pub const NO_IDENTITY_YET: &str =
+    "no identity issued: the sidecar has not obtained the app's SVID yet (retry)";
+
 /// What `Unimplemented` says for the JWT-SVID methods.
 pub const JWT_LATER: &str =
     "JWT-SVIDs are not served yet: they come in a later release of mayfly (X.509-SVIDs are)";
@@ -206,6 +211,17 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = self.admit(&req, "FetchX509SVID")?;
+        // Nothing to hand out yet (the sidecar is still obtaining the app's SVID): answer as
+        // the specification says, so that the client retries, rather than hold the call open.
+        if next_push(&self.state.borrow(), None).is_none() {
+            self.metrics.workload_api_refused("no_identity_yet");
+            info!(
+                uid = caller.uid,
+                pid = caller.pid,
+                "Workload API: no SVID for the app yet"
+            );
+            return Err(Status::permission_denied(NO_IDENTITY_YET));
+        }
         let mut state = self.state.clone();
         let mut shutdown = self.shutdown.clone();
         let (audit, metrics) = (self.audit.clone(), self.metrics.clone());
