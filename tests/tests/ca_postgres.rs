@@ -198,6 +198,81 @@ async fn a_replica_with_the_wrong_kek_refuses_to_start_and_says_so() {
 }
 
 #[test]
+fn store_rekey_seals_the_ca_keys_under_a_new_kek_and_the_old_one_no_longer_opens_them() {
+    let pg = Postgres::start();
+    let url = pg.create_db();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    let (ok, _, err) = ca_cli(&dir, &url, &["init", "--trust-domain", "mayfly.local"]);
+    assert!(ok, "{err}");
+    let (ok, before, err) = ca_cli(&dir, &url, &["bundle", "show"]);
+    assert!(ok, "{err}");
+    let sealed = |pg: &Postgres| {
+        pg.psql(
+            db_name(&url),
+            "SELECT encode(key_sealed, 'hex') FROM authorities ORDER BY id",
+        )
+    };
+    let sealed_before = sealed(&pg);
+    let old = dir.join("ca.kek");
+    let new = tmp.path().join("new.kek");
+    let rekey = |old: &Path, new: &Path| {
+        Command::new(bin("mayfly-ca"))
+            .args(["store", "rekey", "--store", &url, "--kek-file"])
+            .arg(old)
+            .arg("--new-kek-file")
+            .arg(new)
+            .output()
+            .unwrap()
+    };
+    // A wrong current KEK opens nothing and creates nothing.
+    let stranger = tmp.path().join("stranger.kek");
+    mayfly_ca::store::Kek::load_or_create(&stranger).unwrap();
+    let o = rekey(&stranger, &new);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("wrong --kek-file"),
+        "{err}"
+    );
+    assert!(!new.exists(), "a new KEK was left behind by a failed rekey");
+    // The right one: every key sealed again under the new KEK, created 0600.
+    let o = rekey(&old, &new);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("sealed 2 CA keys again"), "{out}");
+    let mode = std::fs::metadata(&new).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_ne!(sealed(&pg), sealed_before);
+    // The old KEK no longer opens them; the new one does, and the CA is the same.
+    let (ok, _, err) = ca_cli(&dir, &url, &["ca", "status"]);
+    assert!(!ok && err.contains("wrong --kek-file"), "{err}");
+    let new_str = new.to_str().unwrap();
+    let (ok, after, err) = ca_cli(&dir, &url, &["bundle", "show", "--kek-file", new_str]);
+    assert!(ok, "{err}");
+    assert_eq!(after, before, "the trust bundle changed");
+    // The rotation is on the control plane's chain, which still verifies.
+    let (ok, out, err) = ca_cli(
+        &dir,
+        &url,
+        &[
+            "audit",
+            "query",
+            "--kind",
+            "kek.rotated",
+            "--kek-file",
+            new_str,
+        ],
+    );
+    assert!(ok && out.contains("kek.rotated"), "{out}{err}");
+    let (ok, out, err) = ca_cli(&dir, &url, &["audit", "verify", "--kek-file", new_str]);
+    assert!(ok, "{out}{err}");
+}
+
+#[test]
 fn store_urls_that_cannot_be_opened_get_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");

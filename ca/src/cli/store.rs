@@ -1,4 +1,5 @@
 //! `mayfly-ca store migrate`: an SQLite store copied into an empty PostgreSQL database.
+//! `mayfly-ca store rekey`: the CA keys in PostgreSQL sealed again under a new KEK.
 
 use std::path::PathBuf;
 
@@ -27,16 +28,38 @@ pub(super) enum StoreCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Seal the CA keys in a PostgreSQL store again under a new key-encryption key, in one
+    /// transaction. Stop the replicas first (or restart each with the new file right after):
+    /// a replica holding the old KEK can no longer open the keys.
+    Rekey {
+        /// The PostgreSQL database: `postgres://USER:PASSWORD@HOST:PORT/DB`.
+        #[arg(long, env = "MAYFLY_STORE", hide_env_values = true)]
+        store: String,
+        /// The KEK the keys are sealed under now.
+        #[arg(long, env = "MAYFLY_KEK_FILE")]
+        kek_file: PathBuf,
+        /// The new KEK (0600; created when absent). Keep the old one until every replica
+        /// runs with this one.
+        #[arg(long)]
+        new_kek_file: PathBuf,
+    },
 }
 
 /// Runs `mayfly-ca store ...`.
 pub(super) fn run(cmd: StoreCmd) -> Result<()> {
-    let StoreCmd::Migrate {
-        from,
-        to,
-        kek_file,
-        json,
-    } = cmd;
+    let (from, to, kek_file, json) = match cmd {
+        StoreCmd::Migrate {
+            from,
+            to,
+            kek_file,
+            json,
+        } => (from, to, kek_file, json),
+        StoreCmd::Rekey {
+            store,
+            kek_file,
+            new_kek_file,
+        } => return rekey(&store, &kek_file, &new_kek_file),
+    };
     let from_path = match from.parse::<StoreUrl>().context("--from")? {
         StoreUrl::Sqlite(p) => p,
         StoreUrl::Postgres(_) => bail!("--from must be an SQLite store (sqlite:PATH)"),
@@ -89,4 +112,36 @@ pub(super) fn run(cmd: StoreCmd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `mayfly-ca store rekey`.
+fn rekey(store: &str, old: &std::path::Path, new: &std::path::Path) -> Result<()> {
+    let url = match store.parse::<StoreUrl>().context("--store")? {
+        StoreUrl::Postgres(u) => u,
+        StoreUrl::Sqlite(_) => {
+            bail!("--store must be a PostgreSQL database: SQLite stores keep no sealed keys")
+        }
+    };
+    if std::fs::canonicalize(old).ok() == std::fs::canonicalize(new).ok() && new.exists() {
+        bail!("--new-kek-file must be another file than --kek-file");
+    }
+    let old_kek = Kek::load(old)?;
+    let (new_kek, created) = Kek::load_or_create(new)?;
+    match server::rekey(&url, old_kek, new_kek) {
+        Ok(n) => {
+            println!(
+                "sealed {n} CA keys again under {}{}: give every replica this file (--kek-file) and restart it, then retire {}",
+                new.display(),
+                if created { " (created)" } else { "" },
+                old.display()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_file(new); // it sealed nothing that stays
+            }
+            Err(e.into())
+        }
+    }
 }

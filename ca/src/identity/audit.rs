@@ -36,6 +36,8 @@ pub const KINDS: &[&str] = &[
     "checkpoint",
     "checkpoint.rechained",
     "gap",
+    "workload_api.svid",
+    "workload_api.denied",
     // The control plane.
     "ca.init",
     "ca.rotation",
@@ -50,6 +52,9 @@ pub const KINDS: &[&str] = &[
     "admin.refused",
     "policy.loaded",
     "policy.refused",
+    "policy.published",
+    "policy.superseded",
+    "kek.rotated",
     "grant.requested",
     "grant.activated",
     "grant.approved",

@@ -457,3 +457,25 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
         tasks,
     })
 }
+
+/// `mayfly-ca store rekey`: opens the CA keys in the PostgreSQL store at `url` with `old`
+/// and seals them again under `new`, in one transaction (every replica must then run with
+/// the new KEK file); records `kek.rotated` on the control plane's chain. Returns how many
+/// keys were sealed again.
+pub fn rekey(url: &str, old: Kek, new: Kek) -> Result<usize, ServerError> {
+    let from = store::PostgresStore::open(url, old)?;
+    let cfg = authority_config(&from)?;
+    let auth = from
+        .load_authorities(cfg)?
+        .ok_or(ServerError::Store(StoreError::NotInitialised))?;
+    drop(from);
+    let to = store::PostgresStore::open(url, new)?;
+    to.save_authorities(&auth)?;
+    // Read back under the new KEK before saying it is done.
+    to.load_authorities(cfg)?
+        .ok_or(ServerError::Store(StoreError::NotInitialised))?;
+    let n = auth.all().len();
+    let detail = serde_json::json!({ "keys": n }).to_string();
+    to.append_event(OffsetDateTime::now_utc(), "kek.rotated", &detail)?;
+    Ok(n)
+}
