@@ -8,71 +8,24 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::{
-    Ca, Sidecar, Spec, echo_app, eventually, http_app, http_get, policy, round_trip,
-};
+use mayfly_tests::replicas::{self, upstream};
+use mayfly_tests::{Ca, Sidecar, echo_app, eventually, http_app, http_get, round_trip};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 
 /// A replica of `orders` (its own sidecar in front of its own app, named `name`).
 async fn replica(ca: &Ca, dir: &Path, name: &'static str, http: bool) -> Sidecar {
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
     let app = if http {
         http_app(name).await
     } else {
         echo_app(name).await
     };
-    let token = ca.token_file(
-        "spiffe://mayfly.local/orders",
-        &dir.join(format!("{name}.token")),
-    );
-    let mut config = Spec {
-        me: "orders",
-        ca: &ca.addr,
-        token: &token,
-        policy: &pol,
-        inbound_app: Some(&app),
-        outbound: &[],
-        svid_ttl: None,
-        extra: &format!("[audit]\nspool_dir = \"{name}-audit\"\n"),
-    }
-    .toml();
-    if http {
-        config = config.replace("app = ", "protocol = \"http\"\napp = ");
-    }
-    Sidecar::start(dir, name, &config)
+    replicas::replica(ca, dir, name, &app, http)
 }
 
 /// `web`'s sidecar with an outbound to `orders` by SPIFFE ID only.
 fn web(ca: &Ca, dir: &Path, http: bool) -> Sidecar {
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
-    let token = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
-    let protocol = if http { "protocol = \"http\"\n" } else { "" };
-    let extra = format!(
-        "[[outbound]]\nname = \"orders\"\nlisten = \"127.0.0.1:0\"\nspiffe_id = \"spiffe://mayfly.local/orders\"\n{protocol}\n[audit]\nspool_dir = \"web-audit\"\n"
-    );
-    let config = Spec {
-        me: "web",
-        ca: &ca.addr,
-        token: &token,
-        policy: &pol,
-        inbound_app: None,
-        outbound: &[],
-        svid_ttl: None,
-        extra: &extra,
-    }
-    .toml();
-    Sidecar::start(dir, "web", &config)
-}
-
-/// `web`'s `/upstreams` entry for `orders`.
-async fn upstream(web: &Sidecar) -> Value {
-    let (status, body) = web.admin_get("/upstreams").await;
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    v["upstreams"][0].clone()
+    replicas::client(ca, dir, if http { "protocol = \"http\"\n" } else { "" })
 }
 
 async fn endpoint_count(web: &Sidecar) -> usize {
