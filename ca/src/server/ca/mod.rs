@@ -106,6 +106,9 @@ pub enum Refusal {
     /// The Kubernetes service-account token is not acceptable.
     #[error(transparent)]
     K8s(#[from] super::attest::AttestError),
+    /// A JWT-SVID cannot be minted as asked.
+    #[error(transparent)]
+    Jwt(#[from] crate::identity::jwt::JwtError),
 }
 
 impl Refusal {
@@ -116,6 +119,8 @@ impl Refusal {
             | Refusal::Token(_)
             | Refusal::TokenFormat(_)
             | Refusal::K8s(_) => 401,
+            Refusal::Jwt(crate::identity::jwt::JwtError::Audience(_)) => 400,
+            Refusal::Jwt(_) => 500,
             Refusal::ForeignPeer(_) => 403,
             Refusal::Issue(
                 IssueError::WrongId { .. }
@@ -145,6 +150,8 @@ impl Refusal {
             Refusal::Store(StoreError::Unwritable(_)) => "store_unavailable",
             Refusal::Store(_) | Refusal::RotationContended => "internal",
             Refusal::K8s(e) => e.reason(),
+            Refusal::Jwt(crate::identity::jwt::JwtError::Audience(_)) => "bad_audience",
+            Refusal::Jwt(_) => "internal",
         }
     }
 }
@@ -237,6 +244,7 @@ impl Ca {
             a.bundle_sequence(),
             DEFAULT_REFRESH_HINT,
         )
+        .map(|b| b.with_jwt_keys(a.bundle_jwt_keys(now)))
         .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))
     }
 
@@ -350,7 +358,10 @@ impl Ca {
     /// the bundle's roots changed.
     fn publish(&self, a: &Authorities, now: OffsetDateTime) -> Result<bool, Refusal> {
         let bundle = Self::make_bundle(a, now)?;
-        let changed = bundle.roots() != self.bundle.load().roots();
+        let changed = {
+            let served = self.bundle.load();
+            bundle.roots() != served.roots() || bundle.jwt_keys() != served.jwt_keys()
+        };
         if changed {
             self.jwks.store(Arc::new(bundle.to_jwks()));
             self.bundles
@@ -364,10 +375,7 @@ impl Ca {
             self.metrics
                 .authority_expiry
                 .get_or_create(&AuthorityLabel {
-                    role: match x.role {
-                        Role::Root => "root".into(),
-                        Role::Intermediate => "intermediate".into(),
-                    },
+                    role: x.role.to_string(),
                     id: x.id.clone(),
                     state: x.state.to_string(),
                 })
@@ -633,6 +641,42 @@ impl Ca {
                                  "expires_at": rec.expires_at.unix_timestamp() }),
         );
         Ok((token, rec))
+    }
+
+    /// Handles `POST /v1/jwtsvid`: a JWT-SVID for the authenticated caller's own SPIFFE ID,
+    /// living at most 5 minutes and never past the caller's SVID. Counted and audited
+    /// (`jwt.minted`, with the audiences).
+    pub fn mint_jwt(
+        &self,
+        caller: &SvidInfo,
+        audience: &[String],
+    ) -> Result<crate::identity::jwt::MintedJwt, Refusal> {
+        let now = OffsetDateTime::now_utc();
+        if caller.id.trust_domain() != self.bundle.load().trust_domain() {
+            return Err(Refusal::ForeignPeer(caller.id.to_string()));
+        }
+        let (minted, kid) = {
+            let a = self.authorities.lock().map_err(|_| lock_err())?;
+            let key = a.jwt_signer().ok_or(crate::identity::jwt::JwtError::Mint(
+                "no active JWT key".into(),
+            ))?;
+            let minted =
+                crate::identity::jwt::mint(key, &caller.id, audience, now, caller.not_after)?;
+            (minted, key.kid().unwrap_or_default().to_owned())
+        };
+        self.metrics.jwt_issued.inc();
+        info!(spiffe_id = %caller.id, audience = ?audience, kid = %kid, "JWT-SVID minted");
+        self.event_at(
+            now,
+            "jwt.minted",
+            serde_json::json!({
+                "spiffe_id": caller.id.to_string(),
+                "audience": audience,
+                "kid": kid,
+                "expires_at": minted.expires_at.unix_timestamp(),
+            }),
+        );
+        Ok(minted)
     }
 
     fn active_root_pin(&self) -> Option<String> {
