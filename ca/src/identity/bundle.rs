@@ -266,6 +266,21 @@ impl TrustBundle {
         serde_json::to_string_pretty(&jwks).unwrap_or_default()
     }
 
+    /// The JWT bundle: a JWK Set of the JWT-SVID keys alone, as the Workload API's
+    /// FetchJWTBundles hands it out (what go-spiffe, py-spiffe and the `spiffe` crate parse).
+    pub fn jwt_jwks(&self) -> String {
+        let keys: Vec<serde_json::Value> = self
+            .jwt_keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "kty": "EC", "crv": k.crv, "x": k.x, "y": k.y, "kid": k.kid,
+                })
+            })
+            .collect();
+        serde_json::json!({ "keys": keys }).to_string()
+    }
+
     /// Reads a SPIFFE JWK Set. `jwt-svid` entries must have a `kid`; EC ones are kept as
     /// [`JwtKey`]s (others cannot verify an ES256/ES384 token and are skipped). An empty `keys`
     /// yields an empty bundle (every key revoked).

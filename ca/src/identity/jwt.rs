@@ -186,7 +186,16 @@ pub fn validate(
     v.set_required_spec_claims(&["exp", "aud", "sub"]);
     v.leeway = LEEWAY_SECS;
     let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &dk, &v)
-        .map_err(|e| JwtError::Invalid(e.to_string()))?;
+        .map_err(|e| {
+        use jsonwebtoken::errors::ErrorKind;
+        JwtError::Invalid(match e.kind() {
+            ErrorKind::InvalidAudience => format!("its audience does not include {audience:?}"),
+            ErrorKind::ExpiredSignature => "it has expired".into(),
+            ErrorKind::InvalidSignature => "its signature does not verify".into(),
+            ErrorKind::MissingRequiredClaim(c) => format!("it has no {c:?} claim"),
+            _ => e.to_string(),
+        })
+    })?;
     Ok((id, data.claims))
 }
 

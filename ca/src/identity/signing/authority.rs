@@ -31,15 +31,16 @@ use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::identity::bundle::JwtKey;
 use crate::identity::id::{TrustDomain, TrustDomainId};
 use crate::identity::keys::{KeyError, SecretKey, random_serial};
 
+mod display;
+mod jwt_keys;
+pub use jwt_keys::JWT_KEY_TTL;
+use jwt_keys::make_jwt_key;
+
 /// How far NotBefore is backdated on every certificate mayfly signs, for clock skew.
 pub const BACKDATE: Duration = Duration::from_secs(30);
-
-/// Lifetime of a JWT signing key: it signs for 5/6 of it and stays in the bundle to the end.
-pub const JWT_KEY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Lifetimes of the authorities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,16 +84,6 @@ pub enum State {
     Old,
 }
 
-impl std::fmt::Display for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            State::Prepared => "prepared",
-            State::Active => "active",
-            State::Old => "old",
-        })
-    }
-}
-
 /// One CA: its certificate, its key, and its place in the rotation.
 #[derive(Debug, Clone)]
 pub struct Authority {
@@ -127,14 +118,6 @@ impl Authority {
     /// When this authority's successor takes over.
     pub fn hand_over_at(&self) -> OffsetDateTime {
         self.not_before + self.life() * 5 / 6
-    }
-
-    /// The JWT `kid` of a [`Role::Jwt`] key.
-    pub fn kid(&self) -> Option<&str> {
-        match self.role {
-            Role::Jwt => self.id.strip_prefix("jwt-"),
-            _ => None,
-        }
     }
 
     /// An rcgen issuer for signing with this authority.
@@ -175,29 +158,6 @@ pub enum Change {
     /// The active root had expired with no successor: a new root was made. Sidecars holding only
     /// the old bundle must bootstrap again.
     EmergencyRoot(String),
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Root => "root",
-            Role::Intermediate => "intermediate",
-            Role::Jwt => "jwt",
-        })
-    }
-}
-
-impl std::fmt::Display for Change {
-    /// `prepared intermediate <id>`, as logs and `ca.rotation` events say it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Change::Prepared(r, id) => write!(f, "prepared {r} {id}"),
-            Change::Activated(r, id) => write!(f, "activated {r} {id}"),
-            Change::Retired(r, id) => write!(f, "retired {r} {id}"),
-            Change::Removed(r, id) => write!(f, "removed {r} {id}"),
-            Change::EmergencyRoot(id) => write!(f, "emergency root {id}"),
-        }
-    }
 }
 
 /// All authorities of one trust domain.
@@ -320,23 +280,6 @@ fn make_intermediate(
     })
 }
 
-/// A JWT signing key: its `kid` is the first 16 bytes (hex) of its public key's SHA-256.
-fn make_jwt_key(now: OffsetDateTime, state: State) -> Result<Authority, AuthorityError> {
-    let key = SecretKey::generate()?;
-    let spki = rcgen::PublicKeyData::subject_public_key_info(&key.key_pair()?);
-    let kid = hex::encode(&crate::identity::keys::sha256(&spki)[..16]);
-    Ok(Authority {
-        id: format!("jwt-{kid}"),
-        role: Role::Jwt,
-        state,
-        cert: CertificateDer::from(spki),
-        key,
-        parent: None,
-        not_before: now - to_time(BACKDATE),
-        not_after: now + to_time(JWT_KEY_TTL),
-    })
-}
-
 fn authority_id(role: Role, cert: &[u8]) -> String {
     let serial = crate::identity::svid::validity(cert)
         .ok()
@@ -416,17 +359,7 @@ impl Authorities {
                 )));
             }
         }
-        // None in a store written before JWT-SVIDs: the first tick makes one.
-        let jwt = s
-            .list
-            .iter()
-            .filter(|a| a.role == Role::Jwt && a.state == State::Active)
-            .count();
-        if jwt > 1 {
-            return Err(AuthorityError::Inconsistent(format!(
-                "{jwt} active JWT keys, expected at most 1"
-            )));
-        }
+        s.check_jwt_keys()?;
         Ok(s)
     }
 
@@ -472,20 +405,6 @@ impl Authorities {
             .iter()
             .filter(|a| a.role == Role::Root && a.not_after > now)
             .map(|a| a.cert.clone())
-            .collect()
-    }
-
-    /// The key that signs JWT-SVIDs now.
-    pub fn jwt_signer(&self) -> Option<&Authority> {
-        self.active(Role::Jwt)
-    }
-
-    /// The JWT keys published in the trust bundle: every one not yet expired, whatever its state.
-    pub fn bundle_jwt_keys(&self, now: OffsetDateTime) -> Vec<JwtKey> {
-        self.list
-            .iter()
-            .filter(|a| a.role == Role::Jwt && a.not_after > now)
-            .filter_map(|a| JwtKey::from_spki(a.kid()?, &a.cert))
             .collect()
     }
 
@@ -655,137 +574,5 @@ impl Authorities {
             ));
         }
         Ok(())
-    }
-
-    /// JWT keys: the intermediates' schedule on [`JWT_KEY_TTL`]. Every new key enters the bundle
-    /// (a new `spiffe_sequence`) when it is made, before it signs anything.
-    fn tick_jwt(
-        &mut self,
-        now: OffsetDateTime,
-        changes: &mut Vec<Change>,
-    ) -> Result<(), AuthorityError> {
-        let active = self.active_index(Role::Jwt);
-        let prepared = self
-            .list
-            .iter()
-            .position(|a| a.role == Role::Jwt && a.state == State::Prepared);
-        let expired = active.is_none_or(|ai| self.list[ai].not_after <= now);
-        if expired {
-            // No usable key (a store from before JWT-SVIDs, or a server stopped past the
-            // key's life): a prepared one takes over, or a new one is made at once.
-            if let Some(ai) = active {
-                self.list[ai].state = State::Old;
-                changes.push(Change::Retired(Role::Jwt, self.list[ai].id.clone()));
-            }
-            if let Some(pi) = prepared {
-                self.list[pi].state = State::Active;
-                changes.push(Change::Activated(Role::Jwt, self.list[pi].id.clone()));
-            } else {
-                let key = make_jwt_key(now, State::Active)?;
-                changes.push(Change::Activated(Role::Jwt, key.id.clone()));
-                self.list.push(key);
-                self.bundle_sequence += 1;
-            }
-            return Ok(());
-        }
-        let Some(ai) = active else {
-            return Ok(());
-        };
-        if prepared.is_none() && now >= self.list[ai].prepare_successor_at() {
-            let key = make_jwt_key(now, State::Prepared)?;
-            changes.push(Change::Prepared(Role::Jwt, key.id.clone()));
-            self.list.push(key);
-            self.bundle_sequence += 1;
-        } else if let Some(pi) = prepared
-            && now >= self.list[ai].hand_over_at()
-        {
-            self.list[ai].state = State::Old;
-            self.list[pi].state = State::Active;
-            changes.push(Change::Retired(Role::Jwt, self.list[ai].id.clone()));
-            changes.push(Change::Activated(Role::Jwt, self.list[pi].id.clone()));
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use crate::identity::id::parse_trust_domain;
-
-    fn fresh(now: OffsetDateTime) -> Authorities {
-        Authorities::init(
-            parse_trust_domain("mayfly.local").unwrap(),
-            AuthorityConfig::default(),
-            now,
-        )
-        .unwrap()
-    }
-
-    fn kids(a: &Authorities, now: OffsetDateTime) -> Vec<String> {
-        a.bundle_jwt_keys(now).into_iter().map(|k| k.kid).collect()
-    }
-
-    #[test]
-    fn a_jwt_key_is_in_the_bundle_before_it_signs_and_after_it_stops() {
-        let t0 = OffsetDateTime::now_utc();
-        let mut a = fresh(t0);
-        let first = a.jwt_signer().unwrap().kid().unwrap().to_owned();
-        assert_eq!(kids(&a, t0), vec![first.clone()]);
-        // Half-life: the successor is published (a new bundle sequence) but does not sign.
-        let t = t0 + time::Duration::days(3) + time::Duration::hours(13);
-        let seq = a.bundle_sequence();
-        let c = a.tick(t).unwrap();
-        assert!(
-            c.iter()
-                .any(|c| matches!(c, Change::Prepared(Role::Jwt, _))),
-            "{c:?}"
-        );
-        assert_eq!(a.jwt_signer().unwrap().kid().unwrap(), first);
-        assert_eq!(kids(&a, t).len(), 2);
-        assert!(a.bundle_sequence() > seq);
-        // 5/6: the successor signs; the first stays published.
-        let t = t0 + time::Duration::days(5) + time::Duration::hours(21);
-        a.tick(t).unwrap();
-        let second = a.jwt_signer().unwrap().kid().unwrap().to_owned();
-        assert_ne!(second, first);
-        assert!(kids(&a, t).contains(&first), "the old key left too soon");
-        // A token the first key signed last lives 5 minutes; the key outlives it by far.
-        let last_signed = t;
-        let old = a.all().iter().find(|x| x.kid() == Some(&first)).unwrap();
-        assert!(old.not_after > last_signed + time::Duration::hours(1));
-        // Expired: it leaves the bundle.
-        let t = t0 + time::Duration::days(7) + time::Duration::minutes(1);
-        a.tick(t).unwrap();
-        assert_eq!(kids(&a, t), vec![second]);
-    }
-
-    #[test]
-    fn a_set_stored_before_jwt_keys_gets_one_at_the_first_tick() {
-        let t0 = OffsetDateTime::now_utc();
-        let a = fresh(t0);
-        let without: Vec<Authority> = a
-            .all()
-            .iter()
-            .filter(|x| x.role != Role::Jwt)
-            .cloned()
-            .collect();
-        let mut b = Authorities::from_parts(
-            a.trust_domain().clone(),
-            a.config(),
-            without,
-            a.bundle_sequence(),
-        )
-        .unwrap();
-        assert!(b.jwt_signer().is_none());
-        let c = b.tick(t0).unwrap();
-        assert!(
-            matches!(c.as_slice(), [Change::Activated(Role::Jwt, _)]),
-            "{c:?}"
-        );
-        assert!(b.jwt_signer().is_some());
-        assert_eq!(b.bundle_jwt_keys(t0).len(), 1);
-        assert!(b.bundle_sequence() > a.bundle_sequence());
     }
 }
