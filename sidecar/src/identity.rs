@@ -428,7 +428,7 @@ impl Identity {
         let cur = self.bundles.load();
         let changed = cur
             .get(b.trust_domain())
-            .map(|c| c.roots() != b.roots())
+            .map(|c| c.roots() != b.roots() || c.jwt_keys() != b.jwt_keys())
             .unwrap_or(true);
         if changed {
             info!(
