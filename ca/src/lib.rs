@@ -32,7 +32,8 @@ pub mod testing;
 
 pub use identity::signing::{authority, issue};
 pub use identity::{
-    api, audit, bundle, client, duration, exposition, id, keys, report, svid, tls, token, verify,
+    api, audit, bundle, client, duration, exposition, id, jwt, keys, report, svid, tls, token,
+    verify,
 };
 
 #[cfg(feature = "server")]

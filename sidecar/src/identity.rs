@@ -428,7 +428,7 @@ impl Identity {
         let cur = self.bundles.load();
         let changed = cur
             .get(b.trust_domain())
-            .map(|c| c.roots() != b.roots())
+            .map(|c| c.roots() != b.roots() || c.jwt_keys() != b.jwt_keys())
             .unwrap_or(true);
         if changed {
             info!(
@@ -485,6 +485,31 @@ mod tests {
             not_after: now - time::Duration::hours(1),
             ..Leaf::new(id)
         }
+    }
+
+    #[test]
+    fn a_bundle_whose_jwt_keys_alone_changed_is_taken() {
+        let ca = TestCa::new("mayfly.test");
+        let id = identity();
+        id.install_bundle(ca.bundle());
+        assert!(
+            id.bundles
+                .load()
+                .iter()
+                .next()
+                .unwrap()
+                .jwt_keys()
+                .is_empty()
+        );
+        let key = mayfly_ca::bundle::JwtKey {
+            kid: "k1".into(),
+            crv: "P-256".into(),
+            x: "eA".into(),
+            y: "eQ".into(),
+        };
+        id.install_bundle(ca.bundle().with_jwt_keys(vec![key.clone()]));
+        let td = mayfly_ca::id::parse_trust_domain("mayfly.test").unwrap();
+        assert_eq!(id.bundles.load().get(&td).unwrap().jwt_keys(), [key]);
     }
 
     #[test]

@@ -243,7 +243,7 @@ fn store_rekey_seals_the_ca_keys_under_a_new_kek_and_the_old_one_no_longer_opens
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(out.contains("sealed 2 CA keys again"), "{out}");
+    assert!(out.contains("sealed 3 CA keys again"), "{out}");
     let mode = std::fs::metadata(&new).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     assert_ne!(sealed(&pg), sealed_before);

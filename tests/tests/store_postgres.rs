@@ -84,7 +84,9 @@ fn ca_keys_in_postgresql_are_sealed_and_open_only_with_their_kek() {
         db,
         "SELECT encode(key_sealed, 'hex') FROM authorities ORDER BY id",
     );
-    assert_eq!(stored.lines().count(), 2);
+    // Root, intermediate and the JWT-SVID key: all sealed alike.
+    assert_eq!(stored.lines().count(), 3);
+    assert!(a.jwt_signer().is_some());
     for x in a.all() {
         let der = hex(x.key.pkcs8());
         // Not the DER, nor any 16-byte stretch of it.
@@ -101,6 +103,10 @@ fn ca_keys_in_postgresql_are_sealed_and_open_only_with_their_kek() {
     assert_eq!(
         b.signer().unwrap().key.pkcs8(),
         a.signer().unwrap().key.pkcs8()
+    );
+    assert_eq!(
+        b.jwt_signer().unwrap().key.pkcs8(),
+        a.jwt_signer().unwrap().key.pkcs8()
     );
     let wrong = PostgresStore::open(&url, Kek::generate()).unwrap();
     let e = wrong.load_authorities(Default::default()).unwrap_err();

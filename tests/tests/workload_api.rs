@@ -4,6 +4,9 @@
 //! and gid not allowed), a process of another OS user (`setpriv` to `nobody`: refused and
 //! audited with its uid), a raw tonic client without the security header (InvalidArgument) and
 //! one calling before the first SVID (PermissionDenied "no identity issued", at once).
+//! JWT-SVIDs: the `spiffe` crate's client and `JwtSource`, and py-spiffe, fetch a token for an
+//! audience and validate it through ValidateJWTSVID and against the fetched JWT bundle; a token
+//! for another audience is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -281,11 +284,12 @@ except Exception as e:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_without_the_security_header_is_invalid_argument_and_jwt_is_not_served_yet() {
+async fn a_request_without_the_security_header_is_invalid_argument() {
     let s = setup(None, &format!("allowed_uids = [{}]", uid())).await;
     for path in [
         "/SpiffeWorkloadAPI/FetchX509SVID",
         "/SpiffeWorkloadAPI/FetchX509Bundles",
+        "/SpiffeWorkloadAPI/FetchJWTBundles",
     ] {
         let e = raw_call(&s.socket, path, false).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{path}: {e:?}");
@@ -294,18 +298,123 @@ async fn a_request_without_the_security_header_is_invalid_argument_and_jwt_is_no
             .await
             .unwrap_or_else(|e| panic!("{path} with the header: {e:?}"));
     }
-    let e = raw_call(&s.socket, "/SpiffeWorkloadAPI/FetchJWTBundles", true)
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
-    assert!(e.message().contains("later release"), "{e:?}");
     assert!(
         s.sidecar
             .metric(
                 "mayfly_sidecar_workload_api_refusals_total{reason=\"security_header_missing\"}"
             )
             .await
-            >= 2.0
+            >= 3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spiffe_crate_fetches_a_jwt_svid_that_validates_through_the_sidecar_and_the_jwt_bundle_for_its_audience_only()
+ {
+    let s = setup(None, &format!("allowed_uids = [{}]", uid())).await;
+    let endpoint = format!("unix://{}", s.socket.display());
+    let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+        .await
+        .unwrap();
+    let svid = client.fetch_jwt_svid(["billing"], None).await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), ME);
+    assert_eq!(svid.audience(), ["billing".to_owned()]);
+    // Validated by the sidecar, for its audience only.
+    let ok = client
+        .validate_jwt_token("billing", svid.token())
+        .await
+        .unwrap();
+    assert_eq!(ok.spiffe_id().to_string(), ME);
+    let e = client
+        .validate_jwt_token("payments", svid.token())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(r#"audience does not include "payments""#),
+        "{e}"
+    );
+    // Validated offline against the fetched JWT bundle.
+    let bundles = client.fetch_jwt_bundles().await.unwrap();
+    let td = spiffe::TrustDomain::new("mayfly.local").unwrap();
+    let bundle = bundles.get(&td).expect("the JWT bundle of mayfly.local");
+    assert!(bundle.find_jwt_authority(svid.key_id()).is_some());
+    spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["billing"]).unwrap();
+    assert!(spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["payments"]).is_err());
+    // Another SPIFFE ID than the workload's own: refused.
+    let other = spiffe::SpiffeId::new("spiffe://mayfly.local/admin").unwrap();
+    assert!(
+        client
+            .fetch_jwt_svid(["billing"], Some(&other))
+            .await
+            .is_err()
+    );
+    // The JwtSource does the same through its own stream of bundles.
+    let source = spiffe::JwtSource::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .unwrap();
+    let fetched = source.fetch_jwt_svid(["billing", "db"]).await.unwrap();
+    assert_eq!(fetched.spiffe_id().to_string(), ME);
+    let set = source.bundle_set().unwrap();
+    spiffe::JwtSvid::parse_and_validate(fetched.token(), &*set, &["db"]).unwrap();
+    source.shutdown().await;
+    // Audited and counted.
+    let audited = eventually(Duration::from_secs(10), async || {
+        spool(s.tmp.path()).contains("\"kind\":\"workload_api.jwt_svid\"")
+    })
+    .await;
+    assert!(audited, "{}", spool(s.tmp.path()));
+    assert!(
+        s.sidecar
+            .metric("mayfly_sidecar_workload_api_refusals_total{reason=\"jwt_invalid\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_spiffe_fetches_a_jwt_svid_and_validates_it_against_the_fetched_jwt_bundles() {
+    let s = setup(None, &format!("allowed_uids = [{}]", uid())).await;
+    let script = r#"
+import sys
+from spiffe import WorkloadApiClient, JwtSvid
+from spiffe.spiffe_id.spiffe_id import TrustDomain
+client = WorkloadApiClient(socket_path="unix://" + sys.argv[1])
+svid = client.fetch_jwt_svid(audience={"billing"}, timeout=10)
+bundles = client.fetch_jwt_bundles(timeout=10)
+bundle = bundles.get_bundle_for_trust_domain(TrustDomain("mayfly.local"))
+ok = JwtSvid.parse_and_validate(svid.token, bundle, {"billing"})
+print(svid.spiffe_id, ok.spiffe_id, sorted(ok.audience))
+try:
+    JwtSvid.parse_and_validate(svid.token, bundle, {"payments"})
+    print("payments accepted")
+except Exception as e:
+    print("payments refused")
+try:
+    client.validate_jwt_svid(svid.token, "payments", timeout=10)
+    print("sidecar accepted payments")
+except Exception as e:
+    print("sidecar refused payments")
+print(client.validate_jwt_svid(svid.token, "billing", timeout=10).spiffe_id)
+client.close()
+"#;
+    let sock = s.socket.to_str().unwrap().to_owned();
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || python(script, &[&sock]))
+        .await
+        .unwrap();
+    assert!(ok, "py-spiffe failed:\n{stderr}\n{}", s.sidecar.proc.log());
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("{ME} {ME} ['billing']").as_str(),
+            "payments refused",
+            "sidecar refused payments",
+            ME
+        ],
+        "{stderr}"
     );
 }
 

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 pub const BUNDLE_PATH: &str = "/v1/bundle";
 /// `POST`: a CSR in, an SVID out.
 pub const SVID_PATH: &str = "/v1/svid";
+/// `POST`: a [`JwtSvidRequest`] in, over mTLS; a [`JwtSvidResponse`] out: a JWT-SVID for the
+/// client certificate's SPIFFE ID (never one named in the body), living at most 5 minutes.
+pub const JWTSVID_PATH: &str = "/v1/jwtsvid";
 /// `POST`: audit records (JSON lines) from a sidecar, over mTLS; answers `{"acked": seq}`.
 pub const AUDIT_PATH: &str = "/v1/audit";
 /// The largest audit batch accepted, in bytes.
@@ -228,4 +231,23 @@ mod tests {
                 .contains("260")
         );
     }
+}
+
+/// Body of `POST /v1/jwtsvid`. Other fields (a `spiffe_id`) are ignored: the token is for the
+/// caller's certificate's ID.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JwtSvidRequest {
+    /// The audiences (1 to 8 non-empty strings).
+    pub audience: Vec<String>,
+}
+
+/// Answer to `POST /v1/jwtsvid`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JwtSvidResponse {
+    /// The SPIFFE ID the token names (`sub`).
+    pub spiffe_id: String,
+    /// The JWT-SVID (compact JWS).
+    pub token: String,
+    /// Its `exp` (unix seconds).
+    pub expires_at: i64,
 }

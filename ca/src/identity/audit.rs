@@ -37,6 +37,7 @@ pub const KINDS: &[&str] = &[
     "checkpoint.rechained",
     "gap",
     "workload_api.svid",
+    "workload_api.jwt_svid",
     "workload_api.denied",
     // The control plane.
     "ca.init",
@@ -44,6 +45,7 @@ pub const KINDS: &[&str] = &[
     "svid.issued",
     "svid.refused",
     "svid.minted",
+    "jwt.minted",
     "token.created",
     "token.used",
     "token.refused",

@@ -65,11 +65,40 @@ pub enum BundleError {
     Empty,
 }
 
-/// The roots of one trust domain.
+/// A JWT-SVID signing key of a bundle (a `jwt-svid` JWK): an EC public key under its `kid`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtKey {
+    /// The key ID tokens name in their header.
+    pub kid: String,
+    /// `P-256` or `P-384`.
+    pub crv: String,
+    /// The X coordinate, base64url.
+    pub x: String,
+    /// The Y coordinate, base64url.
+    pub y: String,
+}
+
+impl JwtKey {
+    /// The JWK form of a SubjectPublicKeyInfo (DER) of an EC key.
+    pub fn from_spki(kid: &str, spki: &[u8]) -> Option<Self> {
+        use x509_parser::prelude::FromDer;
+        let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).ok()?;
+        let (crv, x, y) = ec_point(&info.subject_public_key.data)?;
+        Some(Self {
+            kid: kid.to_owned(),
+            crv: crv.to_owned(),
+            x,
+            y,
+        })
+    }
+}
+
+/// The roots of one trust domain, and its JWT-SVID keys.
 #[derive(Debug, Clone)]
 pub struct TrustBundle {
     trust_domain: TrustDomain,
     roots: Vec<CertificateDer<'static>>,
+    jwt_keys: Vec<JwtKey>,
     anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
     sequence: u64,
     refresh_hint: Duration,
@@ -106,7 +135,11 @@ struct Jwk {
 fn ec_coordinates(cert: &[u8]) -> Option<(&'static str, String, String)> {
     use x509_parser::prelude::FromDer;
     let (_, c) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
-    let pk = &c.public_key().subject_public_key.data;
+    ec_point(&c.public_key().subject_public_key.data)
+}
+
+/// The curve and base64url coordinates of an uncompressed EC point.
+fn ec_point(pk: &[u8]) -> Option<(&'static str, String, String)> {
     let (crv, n) = match pk.len() {
         65 => ("P-256", 32),
         97 => ("P-384", 48),
@@ -152,6 +185,7 @@ impl TrustBundle {
         Ok(Self {
             trust_domain,
             roots,
+            jwt_keys: Vec::new(),
             anchors,
             sequence,
             refresh_hint,
@@ -166,6 +200,17 @@ impl TrustBundle {
     /// The root certificates.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
+    }
+
+    /// The same bundle publishing `keys` as its JWT-SVID keys.
+    pub fn with_jwt_keys(mut self, keys: Vec<JwtKey>) -> Self {
+        self.jwt_keys = keys;
+        self
+    }
+
+    /// The JWT-SVID keys.
+    pub fn jwt_keys(&self) -> &[JwtKey] {
+        &self.jwt_keys
     }
 
     /// The roots as webpki trust anchors.
@@ -203,6 +248,15 @@ impl TrustBundle {
                     x5c: Some(vec![STANDARD.encode(r)]),
                 }
             })
+            .chain(self.jwt_keys.iter().map(|k| Jwk {
+                use_: Some("jwt-svid".into()),
+                kty: Some("EC".into()),
+                crv: Some(k.crv.clone()),
+                x: Some(k.x.clone()),
+                y: Some(k.y.clone()),
+                kid: Some(k.kid.clone()),
+                x5c: None,
+            }))
             .collect();
         let jwks = Jwks {
             keys,
@@ -212,20 +266,47 @@ impl TrustBundle {
         serde_json::to_string_pretty(&jwks).unwrap_or_default()
     }
 
-    /// Reads a SPIFFE JWK Set. `jwt-svid` entries are checked for a `kid` and skipped (mayfly uses X.509-SVIDs only);
-    /// an empty `keys` yields an empty bundle (every key revoked).
+    /// The JWT bundle: a JWK Set of the JWT-SVID keys alone, as the Workload API's
+    /// FetchJWTBundles hands it out (what go-spiffe, py-spiffe and the `spiffe` crate parse).
+    pub fn jwt_jwks(&self) -> String {
+        let keys: Vec<serde_json::Value> = self
+            .jwt_keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "kty": "EC", "crv": k.crv, "x": k.x, "y": k.y, "kid": k.kid,
+                })
+            })
+            .collect();
+        serde_json::json!({ "keys": keys }).to_string()
+    }
+
+    /// Reads a SPIFFE JWK Set. `jwt-svid` entries must have a `kid`; EC ones are kept as
+    /// [`JwtKey`]s (others cannot verify an ES256/ES384 token and are skipped). An empty `keys`
+    /// yields an empty bundle (every key revoked).
     pub fn from_jwks(trust_domain: TrustDomain, json: &str) -> Result<Self, BundleError> {
         let jwks: Jwks =
             serde_json::from_str(json).map_err(|e| BundleError::Json(e.to_string()))?;
         let mut roots = Vec::new();
+        let mut jwt_keys = Vec::new();
         for (index, key) in jwks.keys.iter().enumerate() {
             match key.use_.as_deref() {
                 Some("x509-svid") => {}
                 Some("jwt-svid") => {
-                    if key.kid.is_none() {
+                    let Some(kid) = key.kid.clone() else {
                         return Err(BundleError::Json(format!(
                             "jwt-svid key #{index} has no kid"
                         )));
+                    };
+                    if let (Some("EC"), Some(crv), Some(x), Some(y)) =
+                        (key.kty.as_deref(), &key.crv, &key.x, &key.y)
+                    {
+                        jwt_keys.push(JwtKey {
+                            kid,
+                            crv: crv.clone(),
+                            x: x.clone(),
+                            y: y.clone(),
+                        });
                     }
                     continue;
                 }
@@ -249,7 +330,7 @@ impl TrustBundle {
                 })?;
             roots.push(CertificateDer::from(der));
         }
-        Self::new(
+        Ok(Self::new(
             trust_domain,
             roots,
             jwks.spiffe_sequence.unwrap_or(0),
@@ -257,7 +338,8 @@ impl TrustBundle {
                 jwks.spiffe_refresh_hint
                     .unwrap_or(DEFAULT_REFRESH_HINT.as_secs()),
             ),
-        )
+        )?
+        .with_jwt_keys(jwt_keys))
     }
 
     /// The roots as concatenated PEM.

@@ -17,6 +17,7 @@ pub mod crypto;
 pub mod duration;
 pub mod exposition;
 pub mod id;
+pub mod jwt;
 pub mod keys;
 pub mod report;
 pub mod signing;

@@ -227,6 +227,7 @@ pub async fn handle(
         }
         (&Method::POST, api::SVID_PATH) => svid(ca.clone(), peer, addr, req).await,
         (&Method::POST, api::AUDIT_PATH) => audit(ca.clone(), peer, req).await,
+        (&Method::POST, api::JWTSVID_PATH) => jwt_svid(ca.clone(), peer, req).await,
         (&Method::GET, api::WATCH_PATH) => return watch(ca.clone(), peer, req.headers()),
         (&Method::PUT | &Method::DELETE, api::ENDPOINTS_PATH) => {
             endpoints(ca.clone(), peer, req).await
@@ -235,6 +236,7 @@ pub async fn handle(
             _,
             api::BUNDLE_PATH
             | api::SVID_PATH
+            | api::JWTSVID_PATH
             | api::AUDIT_PATH
             | api::WATCH_PATH
             | api::ENDPOINTS_PATH,
@@ -242,7 +244,11 @@ pub async fn handle(
         _ => error(404, "not_found", format!("no such endpoint: {path}")),
     };
     let label = match path.as_str() {
-        api::BUNDLE_PATH | api::SVID_PATH | api::AUDIT_PATH | api::ENDPOINTS_PATH => path,
+        api::BUNDLE_PATH
+        | api::SVID_PATH
+        | api::JWTSVID_PATH
+        | api::AUDIT_PATH
+        | api::ENDPOINTS_PATH => path,
         _ => "other".to_owned(),
     };
     ca.metrics
@@ -341,6 +347,62 @@ async fn endpoints(
         serde_json::to_string(&serde_json::json!({ "spiffe_id": id, "removed": changed }))
     };
     json_response(StatusCode::OK, body.unwrap_or_default())
+}
+
+/// `POST /v1/jwtsvid`: a JWT-SVID for the caller's certificate's SPIFFE ID (a `spiffe_id` in
+/// the body is ignored).
+async fn jwt_svid(
+    ca: Arc<Ca>,
+    peer: Option<SvidInfo>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let Some(peer) = peer else {
+        ca.metrics.refuse("unauthenticated");
+        return error(
+            401,
+            "unauthenticated",
+            "a JWT-SVID needs mTLS with your current SVID".into(),
+        );
+    };
+    let body = match read_body(&ca, req.into_body(), api::MAX_BODY, "request body").await {
+        Ok(b) => b,
+        Err(refused) => return refused,
+    };
+    let parsed: api::JwtSvidRequest = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            ca.metrics.refuse("bad_request");
+            return error(
+                400,
+                "bad_request",
+                format!("expected {{\"audience\": [\"...\"]}}: {e}"),
+            );
+        }
+    };
+    let ca2 = ca.clone();
+    // Signing and the audit event's write are blocking work.
+    let result = tokio::task::spawn_blocking(move || {
+        ca2.mint_jwt(&peer, &parsed.audience).map(|m| (m, peer))
+    })
+    .await;
+    match result {
+        Ok(Ok((minted, peer))) => {
+            let resp = api::JwtSvidResponse {
+                spiffe_id: peer.id.to_string(),
+                token: minted.token,
+                expires_at: minted.expires_at.unix_timestamp(),
+            };
+            json_response(
+                StatusCode::OK,
+                serde_json::to_string(&resp).unwrap_or_default(),
+            )
+        }
+        Ok(Err(refusal)) => {
+            ca.metrics.refuse(refusal.reason());
+            error(refusal.status(), refusal.reason(), refusal.to_string())
+        }
+        Err(e) => error(500, "internal", format!("JWT-SVID task failed: {e}")),
+    }
 }
 
 async fn audit(

@@ -44,6 +44,8 @@ pub struct Metrics {
     registry: Registry,
     /// SVIDs issued.
     pub issued: Family<KindLabel, Counter>,
+    /// JWT-SVIDs minted.
+    pub jwt_issued: Counter,
     /// Requests refused.
     pub refused: Family<ReasonLabel, Counter>,
     /// Seconds until each authority expires.
@@ -80,6 +82,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("mayfly_ca");
         let issued = Family::<KindLabel, Counter>::default();
         let refused = Family::<ReasonLabel, Counter>::default();
+        let jwt_issued = Counter::default();
         let authority_expiry = Family::<AuthorityLabel, Gauge>::default();
         let latency = Family::<PathLabel, Histogram>::new_with_constructor(|| {
             Histogram::new([
@@ -114,6 +117,11 @@ impl Metrics {
             "svids_issued",
             "SVIDs issued, by how they were obtained",
             issued.clone(),
+        );
+        registry.register(
+            "jwt_svids_issued",
+            "JWT-SVIDs minted for sidecars (POST /v1/jwtsvid)",
+            jwt_issued.clone(),
         );
         registry.register(
             "requests_refused",
@@ -165,6 +173,7 @@ impl Metrics {
             audit_records,
             registry,
             issued,
+            jwt_issued,
             refused,
             authority_expiry,
             latency,

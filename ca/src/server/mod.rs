@@ -46,7 +46,7 @@ use tracing::info;
 
 use crate::identity::bundle::{DEFAULT_REFRESH_HINT, TrustBundle};
 use crate::identity::duration::format_duration;
-use crate::identity::signing::authority::{Authorities, AuthorityConfig, Role};
+use crate::identity::signing::authority::{Authorities, AuthorityConfig};
 use crate::server::store::{Kek, SqliteStore, Store, StoreError, StoreUrl};
 pub use ca::{Ca, CaSettings};
 pub use datadir::DataDir;
@@ -298,6 +298,7 @@ pub fn bundle_of(a: &Authorities) -> Result<TrustBundle, ServerError> {
         a.bundle_sequence(),
         DEFAULT_REFRESH_HINT,
     )
+    .map(|b| b.with_jwt_keys(a.bundle_jwt_keys(OffsetDateTime::now_utc())))
     .map_err(ServerError::Bundle)
 }
 
@@ -311,7 +312,7 @@ pub fn status_json(a: &Authorities) -> serde_json::Value {
             let left = x.not_after - now;
             json!({
                 "id": x.id,
-                "role": match x.role { Role::Root => "root", Role::Intermediate => "intermediate" },
+                "role": x.role.to_string(),
                 "state": x.state.to_string(),
                 "subject": crate::identity::svid::subject(&x.cert).unwrap_or_default(),
                 "not_before": x.not_before.unix_timestamp(),

@@ -177,7 +177,7 @@ pub async fn maintain(
                         let bundles = identity.bundles.load_full();
                         out.send_modify(|p| {
                             p.svid = Some(Arc::new(svid));
-                            if !same_roots(&p.bundles, &bundles) {
+                            if !same_bundles(&p.bundles, &bundles) {
                                 p.bundles = bundles;
                             }
                         });
@@ -220,7 +220,7 @@ pub async fn follow_bundles(
     loop {
         let now = identity.bundles.load_full();
         out.send_if_modified(|p| {
-            if same_roots(&p.bundles, &now) {
+            if same_bundles(&p.bundles, &now) {
                 false
             } else {
                 p.bundles = now.clone();
@@ -232,6 +232,11 @@ pub async fn follow_bundles(
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// Whether two bundle sets hold the same roots and JWT keys in the same trust domains.
+fn same_bundles(a: &BundleSet, b: &BundleSet) -> bool {
+    same_roots(a, b) && super::jwt::same_jwt_keys(a, b)
 }
 
 /// Whether two bundle sets trust the same roots in the same trust domains.

@@ -2,8 +2,8 @@
 //! SPIFFE Workload API specification and its `workload.proto` define it. The app gets an
 //! X.509-SVID of the sidecar's own SPIFFE ID with a key of its own ([`app_svid`]), pushed again
 //! at every rotation, and the trust bundles; every call is checked against the caller's unix
-//! peer credentials ([`service`]). JWT-SVIDs come in a later release: their methods answer
-//! `Unimplemented`.
+//! peer credentials ([`service`]). JWT-SVIDs of the same SPIFFE ID are minted by the control
+//! plane (at most 5 minutes of life), and validated against the JWT bundles ([`jwt`]).
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 pub mod app_svid;
 pub mod authority;
 pub mod conn;
+pub mod jwt;
 pub mod service;
 
 /// The stubs generated from `proto/workload.proto` (server side).
@@ -89,6 +90,10 @@ pub fn start(
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let (tx, rx) = watch::channel(app_svid::Published::default());
+    let jwt = Arc::new(jwt::JwtSource::new(
+        parts.identity.clone(),
+        parts.client.clone(),
+    ));
     let maintain = tokio::spawn(app_svid::maintain(
         parts.identity.clone(),
         parts.client,
@@ -108,6 +113,7 @@ pub fn start(
         parts.audit,
         parts.metrics,
         shutdown.clone(),
+        jwt,
     );
     let serve = tokio::spawn(serve(svc, listener, socket, shutdown));
     vec![maintain, bundles, serve]

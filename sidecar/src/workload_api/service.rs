@@ -3,7 +3,8 @@
 //! `allowed_uids` / `allowed_gids` (else `PermissionDenied`, an audit record and a count), then
 //! the request must carry the `workload.spiffe.io: true` metadata (else `InvalidArgument`, as
 //! the specification says). The streams send the current state at once and again at every
-//! rotation or bundle change.
+//! rotation or bundle change. JWT-SVIDs are minted by the control plane for the sidecar's own
+//! SPIFFE ID ([`super::jwt`]).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -18,8 +19,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::app_svid::{AppSvid, Published};
+use super::app_svid::{AppSvid, Published, same_roots};
 use super::conn::PeerCred;
+use super::jwt::{FetchError, JwtSource, jwt_bundles, same_jwt_keys, validate_in};
 use super::pb;
 use crate::audit::Auditor;
 use crate::config::WorkloadApiConfig;
@@ -32,10 +34,6 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 /// Workload Endpoint: "no identity issued", which clients retry).
 pub const NO_IDENTITY_YET: &str =
     "no identity issued: the sidecar has not obtained the app's SVID yet (retry)";
-
-/// What `Unimplemented` says for the JWT-SVID methods.
-pub const JWT_LATER: &str =
-    "JWT-SVIDs are not served yet: they come in a later release of mayfly (X.509-SVIDs are)";
 
 impl PeerCred {
     fn fields(&self, method: &str) -> Map<String, Value> {
@@ -55,6 +53,7 @@ pub struct WorkloadApi {
     audit: Arc<Auditor>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    jwt: Arc<JwtSource>,
 }
 
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -110,7 +109,7 @@ fn next_push<'a>(
     let push = match sent {
         None => "start",
         Some(s) if s.serial != svid.serial => "rotation",
-        Some(s) if !Arc::ptr_eq(&s.bundles, &now.bundles) => "bundle",
+        Some(s) if !same_roots(&s.bundles, &now.bundles) => "bundle",
         Some(_) => return None,
     };
     Some((svid, push))
@@ -124,6 +123,7 @@ impl WorkloadApi {
         audit: Arc<Auditor>,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
+        jwt: Arc<JwtSource>,
     ) -> Self {
         Self {
             cfg,
@@ -131,6 +131,7 @@ impl WorkloadApi {
             audit,
             metrics,
             shutdown,
+            jwt,
         }
     }
 
@@ -269,7 +270,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             let mut sent: Option<Arc<BundleSet>> = None;
             loop {
                 let now = state.borrow_and_update().bundles.clone();
-                let fresh = sent.as_ref().is_none_or(|b| !Arc::ptr_eq(b, &now));
+                let fresh = sent.as_ref().is_none_or(|b| !same_roots(b, &now));
                 if fresh && now.iter().next().is_some() {
                     let msg = pb::X509BundlesResponse {
                         crl: Vec::new(),
@@ -294,8 +295,36 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        self.admit(&req, "FetchJWTSVID")?;
-        Err(Status::unimplemented(JWT_LATER))
+        let caller = self.admit(&req, "FetchJWTSVID")?;
+        let r = req.into_inner();
+        let (token, cached) = match self.jwt.fetch(&r.audience, &r.spiffe_id).await {
+            Ok(t) => t,
+            Err(e @ FetchError::Invalid(_)) => {
+                self.metrics.workload_api_refused("jwt_bad_request");
+                return Err(Status::invalid_argument(e.to_string()));
+            }
+            Err(e @ FetchError::Unavailable(_)) => {
+                self.metrics.workload_api_refused("jwt_unavailable");
+                warn!(error = %e, "Workload API: no JWT-SVID for the app");
+                return Err(Status::unavailable(e.to_string()));
+            }
+        };
+        let mut f = caller.fields("FetchJWTSVID");
+        f.insert("audience".into(), json!(r.audience));
+        f.insert("cached".into(), json!(cached));
+        self.audit
+            .record("workload_api.jwt_svid", f)
+            .await
+            .map_err(|e| Status::unavailable(format!("the JWT-SVID cannot be audited: {e}")))?;
+        self.metrics.workload_api_svid("jwt");
+        info!(uid = caller.uid, pid = caller.pid, audience = ?r.audience, cached, "Workload API: JWT-SVID handed to the app");
+        Ok(Response::new(pb::JwtsvidResponse {
+            svids: vec![pb::Jwtsvid {
+                spiffe_id: self.jwt.id().to_string(),
+                svid: token,
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles(
@@ -303,15 +332,65 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         self.admit(&req, "FetchJWTBundles")?;
-        Err(Status::unimplemented(JWT_LATER))
+        let mut state = self.state.clone();
+        let mut shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut sent: Option<Arc<BundleSet>> = None;
+            loop {
+                let now = state.borrow_and_update().bundles.clone();
+                let fresh = sent.as_ref().is_none_or(|b| !same_jwt_keys(b, &now));
+                if fresh && now.iter().next().is_some() {
+                    let msg = pb::JwtBundlesResponse {
+                        bundles: jwt_bundles(&now),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                    sent = Some(now);
+                }
+                tokio::select! {
+                    r = state.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn validate_jwtsvid(
         &self,
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        self.admit(&req, "ValidateJWTSVID")?;
-        Err(Status::unimplemented(JWT_LATER))
+        let caller = self.admit(&req, "ValidateJWTSVID")?;
+        let r = req.into_inner();
+        if r.svid.is_empty() {
+            self.metrics.workload_api_refused("jwt_bad_request");
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let bundles = self.state.borrow().bundles.clone();
+        let mut f = caller.fields("ValidateJWTSVID");
+        f.insert("audience".into(), json!(r.audience));
+        match validate_in(&bundles, &r.svid, &r.audience) {
+            Ok((id, claims)) => {
+                f.insert("spiffe_id".into(), json!(id.to_string()));
+                f.insert("valid".into(), json!(true));
+                self.audit.emit("workload_api.jwt_validated", f);
+                Ok(Response::new(pb::ValidateJwtsvidResponse {
+                    spiffe_id: id.to_string(),
+                    claims: Some(claims),
+                }))
+            }
+            Err(e) => {
+                self.metrics.workload_api_refused("jwt_invalid");
+                f.insert("valid".into(), json!(false));
+                f.insert("error".into(), json!(e.to_string()));
+                self.audit.emit("workload_api.jwt_validated", f);
+                info!(uid = caller.uid, pid = caller.pid, error = %e, "Workload API: JWT-SVID refused");
+                Err(Status::invalid_argument(e.to_string()))
+            }
+        }
     }
 }
 
@@ -349,9 +428,15 @@ mod tests {
             bundles: now.bundles.clone(),
         };
         assert!(next_push(&now, Some(&sent)).is_none(), "nothing changed");
-        let bundle_changed = Published {
+        // A new set with the same roots (the JWT keys changed) is no new X.509 bundle.
+        let same = Published {
             svid: now.svid.clone(),
             bundles: Arc::new(BundleSet::single(ca.bundle())),
+        };
+        assert!(next_push(&same, Some(&sent)).is_none(), "same roots");
+        let bundle_changed = Published {
+            svid: now.svid.clone(),
+            bundles: Arc::new(BundleSet::single(TestCa::new("mayfly.test").bundle())),
         };
         assert_eq!(next_push(&bundle_changed, Some(&sent)).unwrap().1, "bundle");
         now.svid = Some(svid(&ca, "02"));

@@ -24,6 +24,7 @@ use tokio_rustls::TlsConnector;
 
 mod audit_session;
 mod endpoints;
+mod jwt;
 mod replicas;
 mod watch;
 

@@ -14,6 +14,12 @@
 //!   SVID an intermediate signs and its expiry: more than the 60-minute SVID TTL cap, so an
 //!   SVID is never cut short by its issuer's expiry.
 //!
+//! - **JWT keys** sign JWT-SVIDs (ES256). They are not certificates: each is a P-256 key with a
+//!   `kid`, published in the trust bundle as a `jwt-svid` JWK from the moment it is prepared. They
+//!   follow the same schedule on their own lifetime ([`JWT_KEY_TTL`], 7 days): prepared at 1/2,
+//!   active at 5/6, and kept in the bundle until they expire, 1/6 of a lifetime after they stop
+//!   signing: far more than the 5-minute JWT-SVID cap, so a token outlives no key in the bundle.
+//!
 //! [`Authorities::tick`] moves the state machine; it is a pure function of the current time.
 
 use std::time::Duration;
@@ -27,6 +33,11 @@ use time::OffsetDateTime;
 
 use crate::identity::id::{TrustDomain, TrustDomainId};
 use crate::identity::keys::{KeyError, SecretKey, random_serial};
+
+mod display;
+mod jwt_keys;
+pub use jwt_keys::JWT_KEY_TTL;
+use jwt_keys::make_jwt_key;
 
 /// How far NotBefore is backdated on every certificate mayfly signs, for clock skew.
 pub const BACKDATE: Duration = Duration::from_secs(30);
@@ -57,6 +68,8 @@ pub enum Role {
     Root,
     /// Signs SVIDs; signed by a root.
     Intermediate,
+    /// Signs JWT-SVIDs; its public key is published in the bundle under its `kid`.
+    Jwt,
 }
 
 /// Where an authority is in its life.
@@ -71,16 +84,6 @@ pub enum State {
     Old,
 }
 
-impl std::fmt::Display for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            State::Prepared => "prepared",
-            State::Active => "active",
-            State::Old => "old",
-        })
-    }
-}
-
 /// One CA: its certificate, its key, and its place in the rotation.
 #[derive(Debug, Clone)]
 pub struct Authority {
@@ -90,7 +93,7 @@ pub struct Authority {
     pub role: Role,
     /// Rotation state.
     pub state: State,
-    /// The CA certificate.
+    /// The CA certificate; for a [`Role::Jwt`] key, its SubjectPublicKeyInfo (DER).
     pub cert: CertificateDer<'static>,
     /// The CA's private key (never leaves the control plane).
     pub key: SecretKey,
@@ -157,28 +160,6 @@ pub enum Change {
     EmergencyRoot(String),
 }
 
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Root => "root",
-            Role::Intermediate => "intermediate",
-        })
-    }
-}
-
-impl std::fmt::Display for Change {
-    /// `prepared intermediate <id>`, as logs and `ca.rotation` events say it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Change::Prepared(r, id) => write!(f, "prepared {r} {id}"),
-            Change::Activated(r, id) => write!(f, "activated {r} {id}"),
-            Change::Retired(r, id) => write!(f, "retired {r} {id}"),
-            Change::Removed(r, id) => write!(f, "removed {r} {id}"),
-            Change::EmergencyRoot(id) => write!(f, "emergency root {id}"),
-        }
-    }
-}
-
 /// All authorities of one trust domain.
 #[derive(Debug, Clone)]
 pub struct Authorities {
@@ -213,7 +194,7 @@ fn ca_params(
         .push(DnType::OrganizationName, "mayfly");
     let cn = match role {
         Role::Root => format!("mayfly root CA {td}"),
-        Role::Intermediate => format!("mayfly intermediate CA {td}"),
+        Role::Intermediate | Role::Jwt => format!("mayfly intermediate CA {td}"),
     };
     p.distinguished_name.push(DnType::CommonName, cn);
     // A unique subject per CA (as SPIRE does): rotation never yields two CAs with one name.
@@ -227,7 +208,7 @@ fn ca_params(
         .push(DnType::CustomDnType(vec![2, 5, 4, 5]), serial_value);
     p.is_ca = match role {
         Role::Root => IsCa::Ca(BasicConstraints::Unconstrained),
-        Role::Intermediate => IsCa::Ca(BasicConstraints::Constrained(0)),
+        Role::Intermediate | Role::Jwt => IsCa::Ca(BasicConstraints::Constrained(0)),
     };
     p.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
@@ -307,6 +288,7 @@ fn authority_id(role: Role, cert: &[u8]) -> String {
     let prefix = match role {
         Role::Root => "root",
         Role::Intermediate => "int",
+        Role::Jwt => "jwt",
     };
     format!("{prefix}-{}", &serial[..serial.len().min(12)])
 }
@@ -343,10 +325,11 @@ impl Authorities {
             now,
             State::Active,
         )?;
+        let jwt = make_jwt_key(now, State::Active)?;
         Ok(Self {
             trust_domain,
             config,
-            list: vec![root, int],
+            list: vec![root, int, jwt],
             bundle_sequence: 1,
         })
     }
@@ -376,6 +359,7 @@ impl Authorities {
                 )));
             }
         }
+        s.check_jwt_keys()?;
         Ok(s)
     }
 
@@ -448,6 +432,7 @@ impl Authorities {
         let mut changes = Vec::new();
         self.tick_roots(now, &mut changes)?;
         self.tick_intermediates(now, &mut changes)?;
+        self.tick_jwt(now, &mut changes)?;
         // Remove what has expired (never the active ones: tick_* replaced them above).
         let before = self.list.len();
         let mut removed = Vec::new();
@@ -460,7 +445,7 @@ impl Authorities {
         });
         if removed
             .iter()
-            .any(|c| matches!(c, Change::Removed(Role::Root, _)))
+            .any(|c| matches!(c, Change::Removed(Role::Root | Role::Jwt, _)))
         {
             self.bundle_sequence += 1;
         }

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use time::OffsetDateTime;
 use tracing::{debug, info, warn};
 
+mod jwt;
 mod pending;
 mod refusal;
 mod settings;
@@ -148,6 +149,7 @@ impl Ca {
             a.bundle_sequence(),
             DEFAULT_REFRESH_HINT,
         )
+        .map(|b| b.with_jwt_keys(a.bundle_jwt_keys(now)))
         .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))
     }
 
@@ -261,7 +263,10 @@ impl Ca {
     /// the bundle's roots changed.
     fn publish(&self, a: &Authorities, now: OffsetDateTime) -> Result<bool, Refusal> {
         let bundle = Self::make_bundle(a, now)?;
-        let changed = bundle.roots() != self.bundle.load().roots();
+        let changed = {
+            let served = self.bundle.load();
+            bundle.roots() != served.roots() || bundle.jwt_keys() != served.jwt_keys()
+        };
         if changed {
             self.jwks.store(Arc::new(bundle.to_jwks()));
             self.bundles
@@ -275,10 +280,7 @@ impl Ca {
             self.metrics
                 .authority_expiry
                 .get_or_create(&AuthorityLabel {
-                    role: match x.role {
-                        Role::Root => "root".into(),
-                        Role::Intermediate => "intermediate".into(),
-                    },
+                    role: x.role.to_string(),
                     id: x.id.clone(),
                     state: x.state.to_string(),
                 })

@@ -45,6 +45,9 @@ pub enum Refusal {
     /// The Kubernetes service-account token is not acceptable.
     #[error(transparent)]
     K8s(#[from] crate::server::attest::AttestError),
+    /// A JWT-SVID cannot be minted as asked.
+    #[error(transparent)]
+    Jwt(#[from] crate::identity::jwt::JwtError),
 }
 
 impl Refusal {
@@ -55,6 +58,8 @@ impl Refusal {
             | Refusal::Token(_)
             | Refusal::TokenFormat(_)
             | Refusal::K8s(_) => 401,
+            Refusal::Jwt(crate::identity::jwt::JwtError::Audience(_)) => 400,
+            Refusal::Jwt(_) => 500,
             Refusal::ForeignPeer(_) => 403,
             Refusal::Issue(
                 IssueError::WrongId { .. }
@@ -84,6 +89,8 @@ impl Refusal {
             Refusal::Store(StoreError::Unwritable(_)) => "store_unavailable",
             Refusal::Store(_) | Refusal::RotationContended => "internal",
             Refusal::K8s(e) => e.reason(),
+            Refusal::Jwt(crate::identity::jwt::JwtError::Audience(_)) => "bad_audience",
+            Refusal::Jwt(_) => "internal",
         }
     }
 }

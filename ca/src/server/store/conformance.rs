@@ -78,13 +78,24 @@ pub fn authorities_round_trip(s: &dyn Store) {
         .unwrap();
     assert_eq!(b.trust_domain(), a.trust_domain());
     assert_eq!(s.trust_domain().unwrap().as_ref(), Some(a.trust_domain()));
-    assert_eq!(b.all().len(), 2);
+    assert_eq!(b.all().len(), 3);
     assert_eq!(b.bundle_sequence(), a.bundle_sequence());
     assert_eq!(b.signer().unwrap().cert, a.signer().unwrap().cert);
     assert_eq!(
         b.signer().unwrap().key.pkcs8(),
         a.signer().unwrap().key.pkcs8()
     );
+    // The JWT key: same kid, same key, same place in its rotation, same JWK in the bundle.
+    let (ja, jb) = (a.jwt_signer().unwrap(), b.jwt_signer().unwrap());
+    assert_eq!(jb.kid(), ja.kid());
+    assert!(jb.kid().is_some_and(|k| k.len() == 32), "{:?}", jb.kid());
+    assert_eq!(jb.key.pkcs8(), ja.key.pkcs8());
+    assert_eq!(
+        (jb.state, jb.not_after.unix_timestamp()),
+        (ja.state, ja.not_after.unix_timestamp())
+    );
+    let now = OffsetDateTime::now_utc();
+    assert_eq!(b.bundle_jwt_keys(now), a.bundle_jwt_keys(now));
 }
 
 /// Tokens are single use; each refusal says why and writes nothing.

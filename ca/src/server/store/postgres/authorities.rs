@@ -19,6 +19,7 @@ fn role_str(r: Role) -> &'static str {
     match r {
         Role::Root => "root",
         Role::Intermediate => "intermediate",
+        Role::Jwt => "jwt",
     }
 }
 
@@ -83,6 +84,7 @@ pub(super) fn load_authorities(
         let role = match role.as_str() {
             "root" => Role::Root,
             "intermediate" => Role::Intermediate,
+            "jwt" => Role::Jwt,
             other => return Err(StoreError::Corrupt(format!("authority role {other:?}"))),
         };
         let state = match state.as_str() {
