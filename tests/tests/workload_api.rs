@@ -626,3 +626,63 @@ fn x509_not_after(der: &[u8]) -> i64 {
 fn public_key(der: &[u8]) -> String {
     x509(der, "DER", &["-pubkey"])
 }
+
+/// The README's Workload API section: its `python` and `rust` blocks.
+fn readme_snippets() -> (String, String) {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = &readme[readme.find("### Workload API").unwrap()..];
+    let block = |lang: &str| {
+        let start = section.find(&format!("```{lang}\n")).unwrap() + lang.len() + 4;
+        section[start..start + section[start..].find("```").unwrap()].to_owned()
+    };
+    (block("python"), block("rust"))
+}
+
+/// The socket path the README's snippets use.
+const README_SOCKET: &str = "unix:///run/mayfly/workload.sock";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_workload_api_snippets_run_as_written() {
+    let s = setup(None, &format!("allowed_uids = [{}]", uid())).await;
+    let endpoint = format!("unix://{}", s.socket.display());
+    let (py, rust) = readme_snippets();
+    // The Python snippet, with this test's socket.
+    let script = py.replace(README_SOCKET, &endpoint);
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || python(&script, &[]))
+        .await
+        .unwrap();
+    assert!(ok, "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first().copied(), Some(ME), "{stdout}");
+    assert_eq!(
+        lines.get(1).map(|t| t.split('.').count()),
+        Some(3),
+        "a JWT: {stdout}"
+    );
+    // The Rust snippet: the same calls as below, and the README says exactly these.
+    assert_eq!(
+        rust,
+        r#"// spiffe = { version = "0.19", features = ["x509-source", "jwt-source"] }
+let endpoint = "unix:///run/mayfly/workload.sock";
+let source = spiffe::X509Source::builder().endpoint(endpoint).build().await?;
+let svid = source.svid()?; // the app's own, rotated in the background
+let client = spiffe::WorkloadApiClient::connect_to(endpoint).await?;
+let jwt = client.fetch_jwt_svid(["billing"], None).await?; // for audience "billing"
+"#
+    );
+    let run = async {
+        let endpoint = endpoint.as_str();
+        let source = spiffe::X509Source::builder()
+            .endpoint(endpoint)
+            .build()
+            .await?;
+        let svid = source.svid()?; // the app's own, rotated in the background
+        let client = spiffe::WorkloadApiClient::connect_to(endpoint).await?;
+        let jwt = client.fetch_jwt_svid(["billing"], None).await?; // for audience "billing"
+        Ok::<_, Box<dyn std::error::Error>>((svid, jwt))
+    };
+    let (svid, jwt) = run.await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), ME);
+    assert_eq!(jwt.audience(), ["billing".to_owned()]);
+}
