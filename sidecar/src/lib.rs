@@ -17,6 +17,7 @@ pub mod register;
 pub mod retry;
 pub mod splice;
 pub mod upstreams;
+pub mod user;
 pub mod workload_api;
 
 use std::net::SocketAddr;

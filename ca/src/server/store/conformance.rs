@@ -6,7 +6,7 @@
 use time::OffsetDateTime;
 
 use super::{AuditConflict, AuditFilter, AuditRow, GrantState, IssuedRecord, Store, TokenClaim};
-use super::{StoreError, TokenRecord, TokenRefusal};
+use super::{StoreError, TokenRecord, TokenRefusal, UserSession};
 use crate::identity::id::parse_trust_domain;
 use crate::identity::signing::authority::{Authorities, AuthorityConfig};
 
@@ -503,6 +503,35 @@ pub fn authorities_are_replaced_only_over_the_set_seen(s: &dyn Store) {
     assert_eq!(now.signer().unwrap().cert, b.signer().unwrap().cert);
 }
 
+/// A sign-in is found by its SPIFFE ID and replaced by the next one of the same person.
+pub fn a_user_session_is_kept_per_person_and_replaced_by_the_next(s: &dyn Store) {
+    let id = "spiffe://mayfly.local/user/alice";
+    assert_eq!(s.user_session(id).unwrap(), None);
+    let first = UserSession {
+        spiffe_id: id.into(),
+        issuer: "https://idp.example".into(),
+        subject: "alice".into(),
+        groups: vec!["oncall".into(), "db-admins".into()],
+        signed_in_at: 1_000,
+        expires_at: 4_600,
+    };
+    s.put_user_session(&first).unwrap();
+    assert_eq!(s.user_session(id).unwrap().as_ref(), Some(&first));
+    assert!(first.is_valid_at(4_599) && !first.is_valid_at(4_600));
+    let next = UserSession {
+        groups: vec![],
+        signed_in_at: 5_000,
+        expires_at: 8_600,
+        ..first.clone()
+    };
+    s.put_user_session(&next).unwrap();
+    assert_eq!(s.user_session(id).unwrap(), Some(next));
+    assert_eq!(
+        s.user_session("spiffe://mayfly.local/user/bob").unwrap(),
+        None
+    );
+}
+
 /// Every single-store case, by name.
 pub fn cases() -> Vec<(&'static str, Case)> {
     vec![
@@ -550,6 +579,10 @@ pub fn cases() -> Vec<(&'static str, Case)> {
         (
             "authorities_are_replaced_only_over_the_set_seen",
             authorities_are_replaced_only_over_the_set_seen,
+        ),
+        (
+            "a_user_session_is_kept_per_person_and_replaced_by_the_next",
+            a_user_session_is_kept_per_person_and_replaced_by_the_next,
         ),
     ]
 }

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::{
     AuditConflict, AuditFilter, AuditRow, Changes, EndpointRow, EventRecord, GrantState,
     IssuedRecord, PublishedPolicy, SqliteStore, Store, StoreError, TokenClaim, TokenRecord,
-    TokenRefusal,
+    TokenRefusal, UserSession,
 };
 use crate::identity::id::TrustDomain;
 use crate::identity::signing::authority::{Authorities, AuthorityConfig};
@@ -223,6 +223,12 @@ impl Store for FaultyStore {
     }
     fn policy(&self) -> Result<Option<PublishedPolicy>, StoreError> {
         self.inner.policy()
+    }
+    fn put_user_session(&self, session: &UserSession) -> Result<(), StoreError> {
+        self.inner.put_user_session(session)
+    }
+    fn user_session(&self, spiffe_id: &str) -> Result<Option<UserSession>, StoreError> {
+        self.inner.user_session(spiffe_id)
     }
     fn unwritable(&self) -> Option<String> {
         self.inner.unwritable()

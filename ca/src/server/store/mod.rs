@@ -14,10 +14,12 @@ pub(crate) mod faulty;
 pub mod kek;
 mod postgres;
 mod sqlite;
+mod users;
 
 pub use kek::Kek;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+pub use users::UserSession;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -579,6 +581,11 @@ pub trait Store: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// The newest published policy, if any.
     fn policy(&self) -> Result<Option<PublishedPolicy>, StoreError>;
+
+    /// Records a person's sign-in, replacing the previous one of the same SPIFFE ID.
+    fn put_user_session(&self, session: &UserSession) -> Result<(), StoreError>;
+    /// The latest sign-in of a user SPIFFE ID, valid or not.
+    fn user_session(&self, spiffe_id: &str) -> Result<Option<UserSession>, StoreError>;
 
     /// Why the store cannot write now (the last write failed for lack of space or an I/O
     /// error, and none has succeeded since), or `None` while it can.

@@ -23,6 +23,7 @@ mod issued;
 mod schema;
 mod shared;
 mod tokens;
+mod users;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,6 +36,7 @@ use super::kek::Kek;
 use super::{
     AuditConflict, AuditFilter, AuditRow, Changes, EndpointRow, EventRecord, GrantState,
     IssuedRecord, PublishedPolicy, Store, StoreError, TokenClaim, TokenRecord, TokenRefusal,
+    UserSession,
 };
 use crate::identity::id::TrustDomain;
 use crate::identity::signing::authority::{Authorities, AuthorityConfig};
@@ -460,6 +462,14 @@ impl Store for PostgresStore {
 
     fn policy(&self) -> Result<Option<PublishedPolicy>, StoreError> {
         shared::policy(self)
+    }
+
+    fn put_user_session(&self, session: &UserSession) -> Result<(), StoreError> {
+        users::put_user_session(self, session)
+    }
+
+    fn user_session(&self, spiffe_id: &str) -> Result<Option<UserSession>, StoreError> {
+        users::user_session(self, spiffe_id)
     }
 
     fn unwritable(&self) -> Option<String> {

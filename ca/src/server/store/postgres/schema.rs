@@ -54,6 +54,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE policies (
         id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, version TEXT NOT NULL,
         source TEXT NOT NULL, published_at BIGINT NOT NULL, published_by TEXT NOT NULL);",
+    // 3: people's sign-ins (the groups an ID token carried when it was exchanged).
+    "CREATE TABLE user_sessions (
+        spiffe_id TEXT PRIMARY KEY, expires_at BIGINT NOT NULL, body TEXT NOT NULL);",
 ];
 
 /// The newest schema version this binary knows.

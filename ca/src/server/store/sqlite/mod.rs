@@ -10,6 +10,7 @@ mod issued;
 mod schema;
 mod shared;
 mod tokens;
+mod users;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -20,6 +21,7 @@ use time::OffsetDateTime;
 use super::{
     AuditConflict, AuditFilter, AuditRow, Changes, EndpointRow, EventRecord, GrantState,
     IssuedRecord, PublishedPolicy, Store, StoreError, TokenClaim, TokenRecord, TokenRefusal,
+    UserSession,
 };
 use crate::identity::id::TrustDomain;
 use crate::identity::signing::authority::{Authorities, AuthorityConfig};
@@ -340,6 +342,14 @@ impl Store for SqliteStore {
 
     fn policy(&self) -> Result<Option<PublishedPolicy>, StoreError> {
         shared::policy(self)
+    }
+
+    fn put_user_session(&self, session: &UserSession) -> Result<(), StoreError> {
+        users::put_user_session(self, session)
+    }
+
+    fn user_session(&self, spiffe_id: &str) -> Result<Option<UserSession>, StoreError> {
+        users::user_session(self, spiffe_id)
     }
 
     fn unwritable(&self) -> Option<String> {

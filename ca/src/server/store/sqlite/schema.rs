@@ -57,6 +57,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE policies (
         id INTEGER PRIMARY KEY AUTOINCREMENT, version TEXT NOT NULL, source TEXT NOT NULL,
         published_at INTEGER NOT NULL, published_by TEXT NOT NULL);",
+    // 6: people's sign-ins (the groups an ID token carried when it was exchanged).
+    "CREATE TABLE user_sessions (
+        spiffe_id TEXT PRIMARY KEY, expires_at INTEGER NOT NULL, body TEXT NOT NULL);",
 ];
 
 /// Sets the connection's pragmas and applies the migrations the file lacks; a file from a
