@@ -124,7 +124,7 @@ fn postgresql_migrations_are_versioned_and_a_newer_schema_is_refused() {
     drop(PostgresStore::open(&url, Kek::generate()).unwrap());
     drop(PostgresStore::open(&url, Kek::generate()).unwrap()); // idempotent
     let db = url.rsplit('/').next().unwrap().split('?').next().unwrap();
-    assert_eq!(pg.psql(db, "SELECT version FROM mayfly_schema"), "2");
+    assert_eq!(pg.psql(db, "SELECT version FROM mayfly_schema"), "3");
     pg.psql(db, "UPDATE mayfly_schema SET version = 99");
     let e = PostgresStore::open(&url, Kek::generate()).unwrap_err();
     assert!(matches!(e, StoreError::TooNew { found: 99, .. }), "{e}");
