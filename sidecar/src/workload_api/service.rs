@@ -179,6 +179,38 @@ impl WorkloadApi {
         }
     }
 
+    /// A bundle stream (FetchX509Bundles, FetchJWTBundles): the bundles at once, then again
+    /// whenever `same` says they changed, until the caller hangs up or the sidecar stops.
+    /// Nothing is sent while no bundle is known.
+    fn bundle_stream<T: Send + 'static>(
+        &self,
+        same: fn(&BundleSet, &BundleSet) -> bool,
+        message: fn(&BundleSet) -> T,
+    ) -> Out<T> {
+        let mut state = self.state.clone();
+        let mut shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut sent: Option<Arc<BundleSet>> = None;
+            loop {
+                let now = state.borrow_and_update().bundles.clone();
+                let fresh = sent.as_ref().is_none_or(|b| !same(b, &now));
+                if fresh && now.iter().next().is_some() {
+                    if tx.send(Ok(message(&now))).await.is_err() {
+                        return;
+                    }
+                    sent = Some(now);
+                }
+                tokio::select! {
+                    r = state.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+
     /// Records an SVID handed to the app, and counts it.
     async fn record_svid(
         audit: &Auditor,
@@ -263,32 +295,12 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         self.admit(&req, "FetchX509Bundles")?;
-        let mut state = self.state.clone();
-        let mut shutdown = self.shutdown.clone();
-        let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(async move {
-            let mut sent: Option<Arc<BundleSet>> = None;
-            loop {
-                let now = state.borrow_and_update().bundles.clone();
-                let fresh = sent.as_ref().is_none_or(|b| !same_roots(b, &now));
-                if fresh && now.iter().next().is_some() {
-                    let msg = pb::X509BundlesResponse {
-                        crl: Vec::new(),
-                        bundles: bundles_der(&now),
-                    };
-                    if tx.send(Ok(msg)).await.is_err() {
-                        return;
-                    }
-                    sent = Some(now);
-                }
-                tokio::select! {
-                    r = state.changed() => if r.is_err() { return },
-                    _ = tx.closed() => return,
-                    _ = shutdown.wait_for(|s| *s) => return,
-                }
+        Ok(Response::new(self.bundle_stream(same_roots, |now| {
+            pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: bundles_der(now),
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        })))
     }
 
     async fn fetch_jwtsvid(
@@ -332,31 +344,11 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         self.admit(&req, "FetchJWTBundles")?;
-        let mut state = self.state.clone();
-        let mut shutdown = self.shutdown.clone();
-        let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(async move {
-            let mut sent: Option<Arc<BundleSet>> = None;
-            loop {
-                let now = state.borrow_and_update().bundles.clone();
-                let fresh = sent.as_ref().is_none_or(|b| !same_jwt_keys(b, &now));
-                if fresh && now.iter().next().is_some() {
-                    let msg = pb::JwtBundlesResponse {
-                        bundles: jwt_bundles(&now),
-                    };
-                    if tx.send(Ok(msg)).await.is_err() {
-                        return;
-                    }
-                    sent = Some(now);
-                }
-                tokio::select! {
-                    r = state.changed() => if r.is_err() { return },
-                    _ = tx.closed() => return,
-                    _ = shutdown.wait_for(|s| *s) => return,
-                }
+        Ok(Response::new(self.bundle_stream(same_jwt_keys, |now| {
+            pb::JwtBundlesResponse {
+                bundles: jwt_bundles(now),
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        })))
     }
 
     async fn validate_jwtsvid(
