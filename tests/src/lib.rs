@@ -18,14 +18,23 @@ pub mod postgres;
 pub mod replicas;
 
 /// The path of a workspace binary, building it once if `cargo test` has not yet.
+///
+/// With `MAYFLY_TEST_BINS=workspace` (what `.ci/run` sets) the binaries are built by
+/// `cargo build --workspace --bins --tests`: the same selection as `cargo test --workspace`,
+/// so the same features are unified and nothing is compiled a second time (the narrow build
+/// below leaves out dev-dependencies' features, which rebuilds the whole graph once more).
+/// Without it, only the three binaries are built: the fast path for running one test file.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>
     let path = dir.join(name);
     BUILT.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args([
+        let whole = std::env::var("MAYFLY_TEST_BINS").is_ok_and(|v| v == "workspace");
+        let args: &[&str] = if whole {
+            &["build", "--workspace", "--bins", "--tests", "--locked"]
+        } else {
+            &[
                 "build",
                 "--bin",
                 "mayfly-ca",
@@ -33,7 +42,10 @@ pub fn bin(name: &str) -> PathBuf {
                 "mayfly-sidecar",
                 "--bin",
                 "quickstart",
-            ])
+            ]
+        };
+        let status = Command::new(env!("CARGO"))
+            .args(args)
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .status()
             .expect("cargo build");
