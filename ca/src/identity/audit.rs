@@ -38,6 +38,7 @@ pub const KINDS: &[&str] = &[
     "gap",
     "workload_api.svid",
     "workload_api.jwt_svid",
+    "workload_api.jwt_validated",
     "workload_api.denied",
     // The control plane.
     "ca.init",

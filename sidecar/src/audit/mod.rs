@@ -112,6 +112,16 @@ fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
+/// Every kind written must be one `audit query --kind` accepts (a kind missing from
+/// [`mayfly_ca::audit::KINDS`] could never be queried): checked in debug builds, which the
+/// end-to-end tests run.
+fn debug_assert_listed(kind: &str) {
+    debug_assert!(
+        mayfly_ca::audit::KINDS.contains(&kind),
+        "audit kind {kind:?} is not in mayfly_ca::audit::KINDS: list it there and in the README"
+    );
+}
+
 impl Auditor {
     /// Whether new traffic may be admitted (false only when fail-closed and full).
     pub fn admits(&self) -> bool {
@@ -120,6 +130,7 @@ impl Auditor {
 
     /// Records an event. Never blocks the data path.
     pub fn emit(&self, kind: &'static str, fields: Map<String, Value>) {
+        debug_assert_listed(kind);
         let ev = Event {
             kind,
             ts_ms: now_ms(),
@@ -160,6 +171,7 @@ impl Auditor {
         kind: &'static str,
         fields: Map<String, Value>,
     ) -> Result<oneshot::Receiver<Result<u64, NotDurable>>, NotDurable> {
+        debug_assert_listed(kind);
         let (tx, rx) = oneshot::channel();
         let ev = Event {
             kind,

@@ -345,6 +345,11 @@ impl Ca {
     /// Records a control-plane event that happened at `at`. One that cannot be stored is
     /// counted, and recorded as lost (a `gap` on the chain) once the store can write again.
     fn event_at(&self, at: OffsetDateTime, kind: &str, detail: serde_json::Value) {
+        // A kind missing from KINDS could never be queried (`audit query --kind`).
+        debug_assert!(
+            crate::identity::audit::KINDS.contains(&kind),
+            "audit kind {kind:?} is not in KINDS: list it there and in the README"
+        );
         if let Err(e) = self.store.append_event(at, kind, &detail.to_string()) {
             self.pending
                 .lost(kind, (at.unix_timestamp_nanos() / 1_000_000) as i64);
