@@ -43,7 +43,19 @@ async fn head(
     })
 }
 
+/// The advisory lock that orders audit appends across every chain and replica ("audit"
+/// in ASCII, beside the migration lock's "mayfly").
+const AUDIT_ORDER_LOCK: i64 = 0x6175_6469_74;
+
+/// Stores one row. The first insert of a transaction takes [`AUDIT_ORDER_LOCK`] until commit,
+/// so ids are taken in commit order: without it a transaction could take id 9, commit after
+/// another's id 10, and a follower reading by id (`audit_after`: `audit tail --follow`, the
+/// console's live view) would have moved past 9 for good. Taken after the chain lock, as
+/// every caller does, and never followed by another chain lock: no deadlock.
 async fn insert(db: &Db, c: &tokio_postgres::Client, r: &AuditRow) -> Result<(), StoreError> {
+    c.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_ORDER_LOCK])
+        .await
+        .map_err(|e| db.err(e))?;
     c.execute(
         "INSERT INTO audit (chain, seq, prev, hash, source, ts_ms, kind, line)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
