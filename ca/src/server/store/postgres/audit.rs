@@ -45,7 +45,7 @@ async fn head(
 
 /// The advisory lock that orders audit appends across every chain and replica ("audit"
 /// in ASCII, beside the migration lock's "mayfly").
-const AUDIT_ORDER_LOCK: i64 = 0x6175_6469_74;
+const AUDIT_ORDER_LOCK: i64 = 0x61_7564_6974;
 
 /// Stores one row. The first insert of a transaction takes [`AUDIT_ORDER_LOCK`] until commit,
 /// so ids are taken in commit order: without it a transaction could take id 9, commit after
