@@ -1,4 +1,5 @@
-//! `mayfly-ca policy check|explain`: validate a policy file and explain a decision.
+//! `mayfly-ca policy check|explain|replay`: validate a policy file, explain a decision, and
+//! replay the recorded decisions of a window against a candidate.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use clap::Subcommand;
 use mayfly_policy::{DecidedBy, Diagnostic, HttpRequest, Loaded, Policy, Request, normalize_path};
 use serde_json::{Value, json};
 
-use super::Reported;
+use super::{ExitWith, Reported, StoreArg};
 
 /// Policy subcommands.
 #[derive(Subcommand)]
@@ -56,6 +57,25 @@ pub(crate) enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// What-if: replay the decisions recorded in the audit store against a candidate policy
+    /// and report the flows that would change and the allow rules nothing used. Exit status:
+    /// 0 nothing would change, 1 something would change, 2 error.
+    Replay {
+        /// The candidate policy file.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The window: a duration ago (such as 24h) or an RFC 3339 time.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// The control plane's data directory.
+        #[arg(long, env = "MAYFLY_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print the report as JSON on standard output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn diag_json(d: &Diagnostic) -> Value {
@@ -71,7 +91,7 @@ fn diag_json(d: &Diagnostic) -> Value {
 /// Loads a policy. Each diagnostic is printed once, as `file:line:col: severity: message` on
 /// stderr (it already says "error"), or, with `json`, as the JSON report on stdout; warnings
 /// are left to the caller when the policy loads.
-fn load(file: &PathBuf, now: time::OffsetDateTime, json: bool) -> Result<Loaded> {
+pub(super) fn load(file: &PathBuf, now: time::OffsetDateTime, json: bool) -> Result<Loaded> {
     let src =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let name = file.display().to_string();
@@ -114,6 +134,24 @@ fn decided_by_json(d: &DecidedBy) -> Value {
 pub(crate) fn run(cmd: PolicyCmd) -> Result<()> {
     let now = time::OffsetDateTime::now_utc();
     match cmd {
+        PolicyCmd::Replay {
+            policy,
+            since,
+            data_dir,
+            store,
+            json,
+        } => match super::replay::run(&policy, &since, &data_dir, &store, json, now) {
+            Ok(changed) => match changed {
+                true => Err(ExitWith(1).into()),
+                false => Ok(()),
+            },
+            Err(e) => {
+                if !e.is::<Reported>() {
+                    eprintln!("error: {}", mayfly_ca::report::report(e.as_ref()));
+                }
+                Err(ExitWith(2).into())
+            }
+        },
         PolicyCmd::Check { file, json } => {
             let Loaded {
                 policy: p,
