@@ -89,6 +89,20 @@ fn table(r: &ReplayReport, file: &str) -> String {
             let _ = writeln!(s, "  {n}");
         }
     }
+    for rule in &r.removed_rules {
+        let _ = match rule.matched {
+            0 => writeln!(
+                s,
+                "removed {} rule `{}` matched nothing in the window: unused",
+                rule.action, rule.name
+            ),
+            n => writeln!(
+                s,
+                "removed {} rule `{}` matched {n} requests in the window",
+                rule.action, rule.name
+            ),
+        };
+    }
     if !r.header_rules.is_empty() {
         let _ = writeln!(
             s,

@@ -81,6 +81,17 @@ pub struct FlowChange {
     pub example_decision_id: String,
 }
 
+/// A rule of the policy in force that the candidate no longer has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemovedRule {
+    /// Its name.
+    pub name: String,
+    /// `allow` or `deny`.
+    pub action: String,
+    /// Replayed requests it matched in the window.
+    pub matched: u64,
+}
+
 /// What the candidate would change in the window.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ReplayReport {
@@ -101,6 +112,9 @@ pub struct ReplayReport {
     /// The candidate's allow rules no replayed request matched (standing privilege nobody
     /// used in the window).
     pub unused_allow_rules: Vec<String>,
+    /// The rules of the policy in force (the newest published in the store) that the candidate
+    /// drops, each with the number of replayed requests it matched (0: nobody used it).
+    pub removed_rules: Vec<RemovedRule>,
     /// The candidate's rules with a `headers` condition: headers are not recorded, so they were
     /// evaluated as if no header was sent.
     pub header_rules: Vec<String>,
@@ -247,6 +261,8 @@ pub(crate) fn replay_records(
         ..ReplayReport::default()
     };
     let mut used: BTreeSet<String> = BTreeSet::new();
+    let baseline = published.map(Engine::new);
+    let mut baseline_used: BTreeMap<String, u64> = BTreeMap::new();
     let mut changes: BTreeMap<(Change, Flow), Tally> = BTreeMap::new();
     for v in records {
         let Some(rec) = v.as_object().and_then(read) else {
@@ -277,6 +293,9 @@ pub(crate) fn replay_records(
             _ => {
                 for r in engine.matching_rules(&req) {
                     used.insert(r.name().to_owned());
+                }
+                for r in baseline.iter().flat_map(|b| b.matching_rules(&req)) {
+                    *baseline_used.entry(r.name().to_owned()).or_default() += 1;
                 }
                 let d = engine.decide(&req, &[]);
                 (d.allow, Some(d.decided_by))
@@ -340,6 +359,18 @@ pub(crate) fn replay_records(
         .iter()
         .filter(|r| r.action() == mayfly_policy::Action::Allow && !used.contains(r.name()))
         .map(|r| r.name().to_owned())
+        .collect();
+    let kept: BTreeSet<&str> = candidate.rules().iter().map(|r| r.name()).collect();
+    report.removed_rules = published
+        .map(Policy::rules)
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| !kept.contains(r.name()))
+        .map(|r| RemovedRule {
+            name: r.name().to_owned(),
+            action: r.action().to_string(),
+            matched: baseline_used.get(r.name()).copied().unwrap_or(0),
+        })
         .collect();
     report
 }

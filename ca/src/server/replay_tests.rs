@@ -155,3 +155,26 @@ fn the_same_decisions_change_nothing() {
     assert!(!r.changes_anything(), "{:?}", r.changes);
     assert_eq!(r.unchanged, 2);
 }
+
+#[test]
+fn rules_the_candidate_drops_are_reported_with_what_they_matched() {
+    let in_force = policy(&format!(
+        "{CANDIDATE}\n[[rule]]\nname = \"web-writes\"\nfrom = [\"{WEB}\"]\nto = [\"{ORDERS}\"]\nmethods = [\"POST\"]\n"
+    ));
+    let records = [
+        http("d-1", "GET", "/orders/1", "allow", "web-reads-orders"),
+        http("d-2", "POST", "/orders/1", "allow", "web-writes"),
+    ];
+    // Dropping an unused rule changes nothing, and says it was unused.
+    let unused_gone = policy(CANDIDATE.split("[[rule]]\nname = \"nobody").next().unwrap());
+    let mut both_gone = replay_records(&records, &unused_gone, Some(&in_force));
+    let got: Vec<_> = both_gone
+        .removed_rules
+        .iter()
+        .map(|r| (r.name.as_str(), r.matched))
+        .collect();
+    assert_eq!(got, [("nobody-uses-this", 0), ("web-writes", 1)]);
+    assert_eq!(both_gone.changes.len(), 1, "{:?}", both_gone.changes);
+    both_gone = replay_records(&records[..1], &unused_gone, Some(&in_force));
+    assert!(!both_gone.changes_anything());
+}
