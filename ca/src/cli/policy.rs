@@ -91,7 +91,7 @@ fn diag_json(d: &Diagnostic) -> Value {
 /// Loads a policy. Each diagnostic is printed once, as `file:line:col: severity: message` on
 /// stderr (it already says "error"), or, with `json`, as the JSON report on stdout; warnings
 /// are left to the caller when the policy loads.
-pub(super) fn load(file: &PathBuf, now: time::OffsetDateTime, json: bool) -> Result<Loaded> {
+fn load(file: &PathBuf, now: time::OffsetDateTime, json: bool) -> Result<Loaded> {
     let src =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let name = file.display().to_string();

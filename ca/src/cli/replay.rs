@@ -7,7 +7,8 @@ use mayfly_ca::duration::parse_duration;
 use mayfly_ca::server::replay::{ReplayReport, replay};
 use time::OffsetDateTime;
 
-use super::StoreArg;
+use super::{Reported, StoreArg};
+use mayfly_policy::Policy;
 
 /// `--since`: a duration ago, or an RFC 3339 time.
 fn since_arg(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime> {
@@ -29,7 +30,18 @@ pub(super) fn run(
     now: OffsetDateTime,
 ) -> Result<bool> {
     let since = since_arg(since, now)?;
-    let candidate = super::policy::load(policy, now, json)?.policy;
+    let src = std::fs::read_to_string(policy)
+        .with_context(|| format!("cannot read {}", policy.display()))?;
+    let name = policy.display().to_string();
+    // Each diagnostic once, as `file:line:col: severity: message`.
+    let loaded = Policy::from_toml_at(&src, &name, now).map_err(|e| {
+        eprintln!("{e}");
+        Reported
+    })?;
+    for w in &loaded.warnings {
+        eprintln!("{w}");
+    }
+    let candidate = loaded.policy;
     let (_, store, _) = store.open(data_dir)?;
     let report = replay(store.as_ref(), &candidate, since).context("policy replay")?;
     if json {
