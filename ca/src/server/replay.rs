@@ -1,6 +1,6 @@
 //! Policy what-if: the recorded decisions of a window replayed against a candidate policy.
 //!
-//! Every decision the sidecars recorded (`http.request`, `connection.open`,
+//! Every decision the sidecars recorded (`http.request`; for TCP `connection.open` and
 //! `connection.denied`) is put to the candidate again with what the record says: caller,
 //! callee, port, source IP, method and path, at the time it was made. Decisions a JIT grant
 //! allowed are kept as they were (the grant was in force then; the record does not say whether
@@ -60,7 +60,7 @@ pub struct Flow {
     pub caller: String,
     /// The callee's SPIFFE ID.
     pub callee: String,
-    /// The HTTP method, `*` for a whole HTTP connection, absent for TCP.
+    /// The HTTP method, absent for TCP.
     pub method: Option<String>,
     /// HTTP: the path pattern of the rule that decides (the candidate's, else the published
     /// policy's rule named in the record), else the path as recorded. TCP: `port N` (or `*`).
@@ -176,8 +176,8 @@ struct Recorded<'a> {
     decision_id: &'a str,
     port: Option<u16>,
     source_ip: Option<IpAddr>,
-    /// `None` for TCP; `Some(None)` for a whole HTTP connection; else method and path.
-    http: Option<Option<(&'a str, &'a str)>>,
+    /// Method and path; `None` for TCP.
+    http: Option<(&'a str, &'a str)>,
     at: OffsetDateTime,
 }
 
@@ -197,8 +197,8 @@ fn read(r: &Map<String, Value>) -> Option<Recorded<'_>> {
         _ => return None,
     };
     let http = match (s("protocol"), kind) {
-        (Some("http"), "http.request") => Some(Some((s("method")?, s("path")?))),
-        (Some("http"), _) => Some(None),
+        (Some("http"), "http.request") => Some((s("method")?, s("path")?)),
+        (Some("http"), _) => return None,
         _ => None,
     };
     // The inbound side decides with the caller's address; egress decisions have none.
@@ -265,6 +265,11 @@ pub(crate) fn replay_records(
     let mut baseline_used: BTreeMap<String, u64> = BTreeMap::new();
     let mut changes: BTreeMap<(Change, Flow), Tally> = BTreeMap::new();
     for v in records {
+        // A denied HTTP connection: each request on it has its own `http.request` record
+        // (answered 403 with the connection's decision ID), replayed one by one instead.
+        if v["protocol"] == "http" && v["kind"] != "http.request" {
+            continue;
+        }
         let Some(rec) = v.as_object().and_then(read) else {
             report.unreadable += 1;
             continue;
@@ -280,28 +285,21 @@ pub(crate) fn replay_records(
             destination: rec.callee,
             port: rec.port,
             source_ip: rec.source_ip,
-            http: rec.http.flatten().map(|(method, path)| HttpRequest {
+            http: rec.http.map(|(method, path)| HttpRequest {
                 method,
                 path,
                 headers: &[],
             }),
             now: rec.at,
         };
-        let (allow, decided_by) = match rec.http {
-            // A whole HTTP connection was refused: would the candidate let any request in?
-            Some(None) => (engine.may_allow_any(&req, &[]), None),
-            _ => {
-                for r in engine.matching_rules(&req) {
-                    used.insert(r.name().to_owned());
-                }
-                for r in baseline.iter().flat_map(|b| b.matching_rules(&req)) {
-                    *baseline_used.entry(r.name().to_owned()).or_default() += 1;
-                }
-                let d = engine.decide(&req, &[]);
-                (d.allow, Some(d.decided_by))
-            }
-        };
-        if allow == rec.allow {
+        for r in engine.matching_rules(&req) {
+            used.insert(r.name().to_owned());
+        }
+        for r in baseline.iter().flat_map(|b| b.matching_rules(&req)) {
+            *baseline_used.entry(r.name().to_owned()).or_default() += 1;
+        }
+        let d = engine.decide(&req, &[]);
+        if d.allow == rec.allow {
             report.unchanged += 1;
             continue;
         }
@@ -316,10 +314,9 @@ pub(crate) fn replay_records(
                 rec.port
                     .map_or_else(|| "*".to_owned(), |p| format!("port {p}")),
             ),
-            Some(None) => (Some("*".to_owned()), "*".to_owned()),
-            Some(Some((method, path))) => {
-                let new_rule = match &decided_by {
-                    Some(DecidedBy::Rule(n)) => Some(n.as_ref()),
+            Some((method, path)) => {
+                let new_rule = match &d.decided_by {
+                    DecidedBy::Rule(n) => Some(n.as_ref()),
                     _ => None,
                 };
                 let old = published.filter(|p| Some(p.version()) == rec.policy_version);

@@ -178,3 +178,20 @@ fn rules_the_candidate_drops_are_reported_with_what_they_matched() {
     both_gone = replay_records(&records[..1], &unused_gone, Some(&in_force));
     assert!(!both_gone.changes_anything());
 }
+
+#[test]
+fn a_denied_http_connection_is_replayed_through_its_requests_only() {
+    let mut conn = http("d-9", "GET", "/orders/1", "deny", "default");
+    let o = conn.as_object_mut().unwrap();
+    o.insert("kind".into(), "connection.denied".into());
+    o.remove("method");
+    o.remove("path");
+    let request = http("d-9", "GET", "/orders/1", "deny", "default");
+    let r = replay_records(&[conn, request], &policy(CANDIDATE), None);
+    assert_eq!(r.decisions, 1);
+    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+    assert_eq!(
+        (r.changes[0].change, r.changes[0].count),
+        (Change::DenyToAllow, 1)
+    );
+}
