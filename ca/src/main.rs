@@ -28,6 +28,9 @@ fn main() -> ExitCode {
     match rt.block_on(cli::dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<cli::Reported>() => ExitCode::FAILURE,
+        Err(e) if e.is::<cli::ExitWith>() => {
+            ExitCode::from(e.downcast_ref::<cli::ExitWith>().map_or(1, |x| x.0))
+        }
         Err(e) => {
             eprintln!("error: {}", report(&e));
             ExitCode::FAILURE

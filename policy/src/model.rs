@@ -128,6 +128,20 @@ impl Rule {
     pub fn pos(&self) -> Pos {
         self.pos
     }
+    /// True if the rule has a `headers` condition (headers are not in the audit trail, so a
+    /// replay of recorded requests cannot evaluate it).
+    pub fn has_headers(&self) -> bool {
+        self.headers.is_some()
+    }
+    /// The rule's ports condition, if any.
+    pub fn ports(&self) -> Option<&[u16]> {
+        self.ports.as_deref()
+    }
+    /// The first of the rule's path patterns that matches `path` (`None` without a `paths`
+    /// condition or when none matches).
+    pub fn path_pattern_for(&self, path: &str) -> Option<&crate::PathPattern> {
+        self.paths.as_ref()?.iter().find(|p| p.matches(path))
+    }
     /// True if the rule has a `methods`, `paths` or `headers` condition.
     pub fn has_http(&self) -> bool {
         self.methods.is_some() || self.paths.is_some() || self.headers.is_some()

@@ -16,6 +16,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+mod peer;
+pub use peer::{MeshMetrics, PeerClassLabels, PeerLabels, PeerSeries};
+
 /// Traffic direction.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
@@ -258,6 +261,8 @@ impl UpstreamMetrics {
 pub struct Metrics {
     /// Per upstream and endpoint.
     pub upstream: UpstreamMetrics,
+    /// Request latency and outcomes by peer (the `mayfly_` families).
+    pub mesh: MeshMetrics,
     registry: Registry,
     /// Connections by direction and decision.
     pub connections: Family<ConnLabels, Counter>,
@@ -333,6 +338,7 @@ impl Metrics {
         let mut r = Registry::with_prefix("mayfly_sidecar");
         let m = Self {
             upstream: UpstreamMetrics::new(),
+            mesh: MeshMetrics::new(),
             connections: Family::default(),
             requests: Family::default(),
             request_failures: Family::default(),
@@ -569,11 +575,7 @@ impl Metrics {
 
     /// OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        peer::encode_all(&self.registry, &self.mesh)
     }
 
     /// The exposition in `format`.
@@ -654,6 +656,31 @@ mod tests {
             1.0,
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_peers_requests_count_by_decision_and_class_in_mesh_buckets() {
+        let m = Metrics::new();
+        let web = m.mesh.peer(Direction::Inbound, "spiffe://mayfly.local/web");
+        web.observe(true, 200, 0.0007);
+        web.observe(true, 503, 0.2);
+        web.observe(false, 403, 0.0001);
+        let text = m.encode_as(Format::Text);
+        let peer = "direction=\"inbound\",peer=\"spiffe://mayfly.local/web\"";
+        for line in [
+            format!("mayfly_requests_total{{{peer},decision=\"allow\",class=\"2xx\"}} 1"),
+            format!("mayfly_requests_total{{{peer},decision=\"allow\",class=\"5xx\"}} 1"),
+            format!("mayfly_requests_total{{{peer},decision=\"deny\",class=\"4xx\"}} 1"),
+            format!("mayfly_request_duration_seconds_bucket{{le=\"0.0005\",{peer}}} 1"),
+            format!("mayfly_request_duration_seconds_bucket{{le=\"0.001\",{peer}}} 2"),
+            format!("mayfly_request_duration_seconds_bucket{{le=\"10.0\",{peer}}} 3"),
+            format!("mayfly_request_duration_seconds_count{{{peer}}} 3"),
+        ] {
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+        assert!(text.contains("\nmayfly_build_info{version=\""), "{text}");
+        assert!(text.contains("\nprocess_open_fds "), "{text}");
+        assert!(m.encode().ends_with("# EOF\n"));
     }
 
     #[test]

@@ -238,8 +238,12 @@ impl Ca {
         );
         let mut cmd = Command::new(bin("mayfly-ca"));
         cmd.args(["run", "--data-dir", dir.to_str().unwrap()])
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
-            .args(extra);
+            .args(["--listen", "127.0.0.1:0"]);
+        // Off unless the test asks for a metrics listener of its own.
+        if !extra.contains(&"--metrics-listen") {
+            cmd.args(["--metrics-listen", "off"]);
+        }
+        cmd.args(extra);
         let mut p = Proc::spawn(cmd, &["mayfly-ca listening"]);
         let addr = p.addr("mayfly-ca listening");
         Self {
@@ -319,9 +323,11 @@ impl Ca {
             self.dir.to_str().unwrap(),
             "--listen",
             listen,
-            "--metrics-listen",
-            "off",
         ]);
+        // Off unless the test asks for a metrics listener of its own.
+        if !self.extra.iter().any(|a| a == "--metrics-listen") {
+            cmd.args(["--metrics-listen", "off"]);
+        }
         cmd.args(&self.extra);
         let mut p = Proc::spawn(cmd, &["mayfly-ca listening"]);
         let _ = p.addr("mayfly-ca listening");

@@ -11,6 +11,7 @@ mod ca;
 mod endpoints;
 mod grant;
 mod policy;
+mod replay;
 mod run;
 mod store;
 mod svid;
@@ -203,6 +204,19 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<()> {
 /// stdout): `main` exits 1 without a second message.
 #[derive(Debug)]
 pub(crate) struct Reported;
+
+/// The command ran, printed its result, and chose its exit status (`policy replay`: 1 when
+/// something would change, 2 on an error it has printed).
+#[derive(Debug)]
+pub(crate) struct ExitWith(pub(crate) u8);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
 
 impl std::fmt::Display for Reported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -1,4 +1,5 @@
-//! `mayfly-ca policy check|explain`: validate a policy file and explain a decision.
+//! `mayfly-ca policy check|explain|replay`: validate a policy file, explain a decision, and
+//! replay the recorded decisions of a window against a candidate.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use clap::Subcommand;
 use mayfly_policy::{DecidedBy, Diagnostic, HttpRequest, Loaded, Policy, Request, normalize_path};
 use serde_json::{Value, json};
 
-use super::Reported;
+use super::{ExitWith, Reported, StoreArg};
 
 /// Policy subcommands.
 #[derive(Subcommand)]
@@ -53,6 +54,25 @@ pub(crate) enum PolicyCmd {
         at: Option<String>,
         /// Print JSON on standard output: the request, each rule or grant considered and the
         /// decision.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What-if: replay the decisions recorded in the audit store against a candidate policy
+    /// and report the flows that would change and the allow rules nothing used. Exit status:
+    /// 0 nothing would change, 1 something would change, 2 error.
+    Replay {
+        /// The candidate policy file.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The window: a duration ago (such as 24h) or an RFC 3339 time.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// The control plane's data directory.
+        #[arg(long, env = "MAYFLY_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print the report as JSON on standard output.
         #[arg(long)]
         json: bool,
     },
@@ -114,6 +134,24 @@ fn decided_by_json(d: &DecidedBy) -> Value {
 pub(crate) fn run(cmd: PolicyCmd) -> Result<()> {
     let now = time::OffsetDateTime::now_utc();
     match cmd {
+        PolicyCmd::Replay {
+            policy,
+            since,
+            data_dir,
+            store,
+            json,
+        } => match super::replay::run(&policy, &since, &data_dir, &store, json, now) {
+            Ok(changed) => match changed {
+                true => Err(ExitWith(1).into()),
+                false => Ok(()),
+            },
+            Err(e) => {
+                if !e.is::<Reported>() {
+                    eprintln!("error: {}", mayfly_ca::report::report(e.as_ref()));
+                }
+                Err(ExitWith(2).into())
+            }
+        },
         PolicyCmd::Check { file, json } => {
             let Loaded {
                 policy: p,

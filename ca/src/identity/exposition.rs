@@ -92,3 +92,114 @@ pub fn openmetrics_to_text(om: &str) -> String {
     }
     out
 }
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`: 100 in the Linux ABI on
+/// every architecture we build for).
+const USER_HZ: f64 = 100.0;
+
+/// `mayfly_build_info{version,git}` (1) and the standard process metrics read from `/proc`
+/// (`process_cpu_seconds_total`, `process_resident_memory_bytes`, `process_open_fds`,
+/// `process_start_time_seconds`), as OpenMetrics lines (no `# EOF`). A value `/proc` does
+/// not give (another OS, a restricted mount) is left out, never guessed.
+pub fn runtime_metrics(version: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let git = option_env!("MAYFLY_GIT_COMMIT")
+        .map(|g| format!(",git=\"{g}\""))
+        .unwrap_or_default();
+    let _ = write!(
+        out,
+        "# HELP mayfly_build_info The running build: version (and git commit when known), value 1\n\
+         # TYPE mayfly_build_info gauge\nmayfly_build_info{{version=\"{version}\"{git}}} 1\n"
+    );
+    let stat = std::fs::read_to_string("/proc/self/stat").ok();
+    // Fields after the command name (which may hold spaces, hence the last `)`), from field 3.
+    let fields: Vec<&str> = stat
+        .as_deref()
+        .and_then(|s| s.rsplit_once(')'))
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        let _ = write!(
+            out,
+            "# HELP process_cpu_seconds Total user and system CPU time spent in seconds\n\
+             # TYPE process_cpu_seconds counter\nprocess_cpu_seconds_total {}\n",
+            (utime + stime) as f64 / USER_HZ
+        );
+    }
+    let rss_kb = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        });
+    if let Some(kb) = rss_kb {
+        let _ = write!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes\n\
+             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}\n",
+            kb * 1024
+        );
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let _ = write!(
+            out,
+            "# HELP process_open_fds Number of open file descriptors\n\
+             # TYPE process_open_fds gauge\nprocess_open_fds {}\n",
+            dir.count()
+        );
+    }
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    });
+    if let (Some(boot), Some(start)) = (boot, field(22)) {
+        let _ = write!(
+            out,
+            "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds\n\
+             # TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {}\n",
+            boot as f64 + start as f64 / USER_HZ
+        );
+    }
+    out
+}
+
+/// Adds `extra` (OpenMetrics lines) to an OpenMetrics exposition, before its `# EOF`.
+pub fn append_metrics(om: &mut String, extra: &str) {
+    let eof = om.strip_suffix("# EOF\n").map(str::len);
+    match eof {
+        Some(at) => om.insert_str(at, extra),
+        None => om.push_str(extra),
+    }
+}
+
+#[cfg(test)]
+mod runtime_tests {
+    #[test]
+    fn runtime_metrics_are_read_from_proc_and_go_before_eof() {
+        let extra = super::runtime_metrics("1.2.3");
+        assert!(
+            extra.contains("mayfly_build_info{version=\"1.2.3\""),
+            "{extra}"
+        );
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            let line = extra.lines().find(|l| l.starts_with(name));
+            let value: f64 = line.unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+            assert!(value > 0.0, "{name}{value}");
+        }
+        let mut om = "# TYPE a gauge\na 1\n# EOF\n".to_owned();
+        super::append_metrics(&mut om, &extra);
+        assert!(
+            om.ends_with("# EOF\n")
+                && om.starts_with("# TYPE a gauge\na 1\n# HELP mayfly_build_info")
+        );
+    }
+}

@@ -196,6 +196,10 @@ impl Metrics {
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
+        crate::exposition::append_metrics(
+            &mut out,
+            &crate::exposition::runtime_metrics(env!("CARGO_PKG_VERSION")),
+        );
         out
     }
 }

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod policy;
 pub mod registry;
+pub mod replay;
 pub mod store;
 pub mod sync;
 mod tasks;

@@ -103,3 +103,14 @@ impl fmt::Display for Explanation {
         write!(f, "decision: {}", self.decision)
     }
 }
+
+impl Engine {
+    /// Every rule that matches `req` on its own (file order, dry-run rules too), whether or not
+    /// it decides: what a replay of recorded traffic needs to tell which rules are used.
+    pub fn matching_rules(&self, req: &Request<'_>) -> Vec<&crate::model::Rule> {
+        self.rules
+            .iter()
+            .filter(|r| check_rule_full(r, req, Scope::Request).is_ok())
+            .collect()
+    }
+}

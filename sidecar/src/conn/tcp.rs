@@ -161,6 +161,9 @@ pub async fn inbound_conn(
         "tcp",
     );
     verdict.audit_into(&mut fields);
+    if let Some(p) = port {
+        fields.insert("port".into(), p.into());
+    }
     if !verdict.permits() {
         return record_denial(&shared, Direction::Inbound, &verdict, fields).await;
     }
@@ -332,6 +335,9 @@ async fn outbound_conn(up: Upstream, app: TcpStream) {
         "tcp",
     );
     verdict.audit_into(&mut fields);
+    if let Some(p) = up.up.port {
+        fields.insert("port".into(), p.into());
+    }
     if !verdict.permits() {
         return record_denial(&shared, Direction::Outbound, &verdict, fields).await;
     }

@@ -60,6 +60,8 @@ struct Ctx {
     peer_serial: String,
     /// The connection-level denial every request on this connection is answered with.
     refused: Option<Refusal>,
+    /// The peer's request metrics.
+    series: Arc<crate::metrics::PeerSeries>,
 }
 
 impl Ctx {
@@ -124,6 +126,9 @@ async fn refuse_conn(
         "http",
     );
     verdict.audit_into(&mut fields);
+    if let Some(p) = port {
+        fields.insert("port".into(), p.into());
+    }
     info!(decision = verdict.decision_id(), by = %verdict.by(), "inbound connection denied by policy: every request on it is answered 403");
     let recorded = shared.audit.record("connection.denied", fields).await;
     if let Err(e) = &recorded {
@@ -171,6 +176,7 @@ pub async fn serve_conn(
         peer_addr: addr.to_string(),
         peer_serial: peer.serial.clone(),
         refused: refused.clone(),
+        series: m.mesh.peer(Direction::Inbound, &peer_id),
         version: match cfg.app_protocol {
             AppProtocol::Http1 => http::Version::HTTP_11,
             AppProtocol::Http2 => http::Version::HTTP_2,
@@ -329,6 +335,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
         },
     );
     let mut record = ctx.record(req.method(), &path, &verdict, started);
+    record.context(ctx.port, req.headers(), &ctx.series);
     if !verdict.permits() {
         let reply = match record.finish_unforwarded(StatusCode::FORBIDDEN).await {
             Ok(()) => super::reply::denied(grpc, &verdict),

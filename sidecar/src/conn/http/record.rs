@@ -13,10 +13,14 @@ pub(crate) struct RequestRecord<'a> {
     started: std::time::Instant,
     /// The decision is recorded already (strict): `finish` records only the outcome.
     decided: bool,
+    /// Whether the policy allowed it (dry-run denials count as denials).
+    allowed: bool,
+    /// The peer's request series, counted when the outcome is known.
+    series: Option<std::sync::Arc<crate::metrics::PeerSeries>>,
 }
 
 /// The fields an `http.response` record repeats from its `http.request` record.
-const RESPONSE_FIELDS: [&str; 8] = [
+const RESPONSE_FIELDS: [&str; 9] = [
     "error",
     "direction",
     "local_id",
@@ -25,6 +29,7 @@ const RESPONSE_FIELDS: [&str; 8] = [
     "method",
     "path",
     "decision_id",
+    "trace_id",
 ];
 
 impl<'a> RequestRecord<'a> {
@@ -45,6 +50,26 @@ impl<'a> RequestRecord<'a> {
             fields: base,
             started,
             decided: false,
+            allowed: verdict.label() == "allow",
+            series: None,
+        }
+    }
+
+    /// The port the policy decided on (a replay needs it) and, when the request carries a W3C
+    /// `traceparent` (else a B3 trace ID), its trace ID: the decision joins the trace. The
+    /// outcome is counted in `series` (the peer's, resolved once per connection or upstream).
+    pub(crate) fn context(
+        &mut self,
+        port: Option<u16>,
+        headers: &http::HeaderMap,
+        series: &std::sync::Arc<crate::metrics::PeerSeries>,
+    ) {
+        self.series = Some(series.clone());
+        if let Some(p) = port {
+            self.fields.insert("port".into(), p.into());
+        }
+        if let Some(t) = trace_id(headers) {
+            self.fields.insert("trace_id".into(), t.into());
         }
     }
 
@@ -73,11 +98,13 @@ impl<'a> RequestRecord<'a> {
             self.fields
                 .retain(|k, _| RESPONSE_FIELDS.contains(&k.as_str()));
         }
+        let elapsed = self.started.elapsed();
+        if let Some(series) = &self.series {
+            series.observe(self.allowed, status.as_u16(), elapsed.as_secs_f64());
+        }
         self.fields.insert("status".into(), status.as_u16().into());
-        self.fields.insert(
-            "duration_ms".into(),
-            (self.started.elapsed().as_millis() as u64).into(),
-        );
+        self.fields
+            .insert("duration_ms".into(), (elapsed.as_millis() as u64).into());
     }
 
     /// Records the outcome of a forwarded request (never waits).
@@ -99,5 +126,76 @@ impl<'a> RequestRecord<'a> {
     ) -> Result<(), crate::audit::NotDurable> {
         self.outcome(status);
         self.audit.record("http.request", self.fields).await
+    }
+}
+
+/// The trace ID of `traceparent` (`VERSION-TRACEID-PARENTID-FLAGS`, 32 lowercase hex digits,
+/// not all zero), else of `b3` (`TRACEID-SPANID...`) or `x-b3-traceid` (16 or 32 hex digits).
+pub(crate) fn trace_id(headers: &http::HeaderMap) -> Option<&str> {
+    fn hex(s: &str, lens: &[usize]) -> bool {
+        lens.contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    }
+    // A trace ID of all zeros is invalid in both formats.
+    let id_ok = |s: &str, lens: &[usize]| hex(s, lens) && s.bytes().any(|b| b != b'0');
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(tp) = value("traceparent") {
+        let mut parts = tp.trim().split('-');
+        let (version, id) = (parts.next()?, parts.next()?);
+        return (hex(version, &[2]) && version != "ff" && id_ok(id, &[32])).then_some(id);
+    }
+    let b3 = value("b3").and_then(|v| v.trim().split('-').next());
+    let id = b3.or_else(|| value("x-b3-traceid").map(str::trim))?;
+    id_ok(id, &[16, 32]).then_some(id)
+}
+
+#[cfg(test)]
+mod trace_tests {
+    use super::trace_id;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn the_trace_id_comes_from_traceparent_then_b3() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            trace_id(&headers(&[
+                ("traceparent", tp),
+                ("b3", "80f198ee56343ba8-e457b5a2e4d86bd1")
+            ])),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(
+            trace_id(&headers(&[("b3", "80f198ee56343ba8-e457b5a2e4d86bd1-1")])),
+            Some("80f198ee56343ba8")
+        );
+        assert_eq!(
+            trace_id(&headers(&[(
+                "x-b3-traceid",
+                "463ac35c9f6413ad48485a3953bb6124"
+            )])),
+            Some("463ac35c9f6413ad48485a3953bb6124")
+        );
+    }
+
+    #[test]
+    fn a_malformed_or_zero_trace_id_is_not_recorded() {
+        for tp in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f35",
+            "garbage",
+        ] {
+            assert_eq!(trace_id(&headers(&[("traceparent", tp)])), None, "{tp}");
+        }
+        assert_eq!(trace_id(&http::HeaderMap::new()), None);
     }
 }

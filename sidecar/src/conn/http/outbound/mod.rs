@@ -59,6 +59,8 @@ pub struct Upstream {
     pool: Arc<Pool>,
     connector: TlsConnector,
     pools: std::sync::Mutex<HashMap<String, Slot>>,
+    /// The upstream's request metrics.
+    series: Arc<crate::metrics::PeerSeries>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +97,12 @@ impl Upstream {
             &[b"h2"],
         )?;
         let pool = shared.upstreams.pool_for(&up);
+        let series = shared
+            .metrics
+            .mesh
+            .peer(Direction::Outbound, &up.spiffe_id.to_string());
         Ok(Arc::new(Self {
+            series,
             up,
             shared,
             pool,
@@ -275,6 +282,7 @@ impl Upstream {
             &verdict,
             started,
         );
+        record.context(self.up.port, req.headers(), &self.series);
         if !verdict.permits() {
             let reply = match record.finish_unforwarded(StatusCode::FORBIDDEN).await {
                 Ok(()) => super::reply::denied(grpc, &verdict),
