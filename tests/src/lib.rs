@@ -668,6 +668,7 @@ pub async fn in_process_control_plane(
         admin_socket: None,
         admin_group: None,
         store: Default::default(),
+        console: None,
     })
     .await?)
 }
