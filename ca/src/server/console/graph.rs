@@ -160,7 +160,7 @@ pub fn svg(mesh: &Mesh, window: Window) -> Markup {
             defs {
                 marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8"
                     markerHeight="8" orient="auto-start-reverse" {
-                    path d="M 0 0 L 10 5 L 0 10 z" fill="#555" {}
+                    path d="M 0 0 L 10 5 L 0 10 z" fill="#2e7d32" {}
                 }
                 marker id="arrow-denied" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8"
                     markerHeight="8" orient="auto-start-reverse" {

@@ -152,7 +152,7 @@ pub fn identities(rows: &[IdentityRow]) -> String {
                             td { @if r.endpoints.is_empty() { "none registered" }
                                  @else { @for e in &r.endpoints { code { (e) } " " } } }
                             td { @match r.svid_expiry {
-                                Some(t) => span.countdown data-expires=(t) { (ts_text(t)) },
+                                Some(t) => span data-expires=(t) { (ts_text(t)) },
                                 None => "unknown",
                             } }
                             td { @match &r.policy_version { Some(v) => code { (v) }, None => "unknown" } }
