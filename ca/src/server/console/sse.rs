@@ -114,16 +114,17 @@ fn event(d: &Decision) -> Bytes {
     Bytes::from(format!("event: decision\ndata: {json}\n\n"))
 }
 
-/// `GET /live/events?identity=ID&decision=allow|deny`: new decisions as server-sent events.
-pub fn events(
-    state: &State,
+/// The event stream of one live view: a greeting, then each decision from `rx` that passes
+/// the filters, a comment every [`KEEPALIVE`]; it ends on shutdown, or as soon as the view has
+/// fallen more than the broadcast buffer behind.
+pub fn stream(
+    rx: broadcast::Receiver<Arc<Decision>>,
+    stop: watch::Receiver<bool>,
     identity: Option<String>,
     decision: Option<String>,
-) -> Response<RespBody> {
-    let rx = state.live.subscribe();
-    let stop = state.shutdown.clone();
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
     let filters = Arc::new((identity, decision));
-    let stream = futures_util::stream::unfold(
+    futures_util::stream::unfold(
         (rx, stop, true),
         move |(mut rx, mut stop, first): (broadcast::Receiver<Arc<Decision>>, _, bool)| {
             let filters = filters.clone();
@@ -155,6 +156,20 @@ pub fn events(
                 }
             }
         },
+    )
+}
+
+/// `GET /live/events?identity=ID&decision=allow|deny`: new decisions as server-sent events.
+pub fn events(
+    state: &State,
+    identity: Option<String>,
+    decision: Option<String>,
+) -> Response<RespBody> {
+    let stream = stream(
+        state.live.subscribe(),
+        state.shutdown.clone(),
+        identity,
+        decision,
     );
     let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed());
     let h = r.headers_mut();

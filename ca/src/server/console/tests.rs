@@ -159,3 +159,63 @@ fn hostile_ids_and_reasons_are_shown_as_text_on_every_page() {
     assert!(html.contains("16m40s"), "{html}");
     assert_escaped(&pages::live(Some(HOSTILE), Some("deny")));
 }
+
+async fn next_text(
+    s: &mut (
+             impl futures_util::Stream<
+        Item = Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    > + Unpin
+         ),
+) -> Option<String> {
+    use futures_util::StreamExt;
+    let frame = tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
+        .await
+        .unwrap()?;
+    let data = frame.unwrap().into_data().unwrap();
+    Some(String::from_utf8(data.to_vec()).unwrap())
+}
+
+fn decided(source: &str, peer: &str, decision: &str) -> std::sync::Arc<Decision> {
+    std::sync::Arc::new(Decision::parse(&line(source, "inbound", peer, decision, "")).unwrap())
+}
+
+#[tokio::test]
+async fn a_live_view_gets_only_the_decisions_its_filters_pass() {
+    let (tx, _) = tokio::sync::broadcast::channel(super::state::BUFFER);
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let s = super::sse::stream(
+        tx.subscribe(),
+        stop,
+        Some("spiffe://td/db".into()),
+        Some("deny".into()),
+    );
+    let mut s = Box::pin(s);
+    assert!(next_text(&mut s).await.unwrap().contains(": connected"));
+    tx.send(decided("spiffe://td/db", "spiffe://td/orders", "allow"))
+        .unwrap();
+    tx.send(decided("spiffe://td/orders", "spiffe://td/web", "deny"))
+        .unwrap();
+    tx.send(decided("spiffe://td/db", "spiffe://td/web", "deny"))
+        .unwrap();
+    let event = next_text(&mut s).await.unwrap();
+    assert!(event.starts_with("event: decision\ndata: {"), "{event}");
+    let json: serde_json::Value =
+        serde_json::from_str(event.lines().nth(1).unwrap().trim_start_matches("data: ")).unwrap();
+    assert_eq!(json["caller"], "spiffe://td/web");
+    assert_eq!(json["callee"], "spiffe://td/db");
+    assert_eq!(json["decision"], "deny");
+}
+
+#[tokio::test]
+async fn a_live_view_that_falls_behind_is_dropped_and_never_holds_up_the_sender() {
+    let (tx, _) = tokio::sync::broadcast::channel(super::state::BUFFER);
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let mut s = Box::pin(super::sse::stream(tx.subscribe(), stop, None, None));
+    assert!(next_text(&mut s).await.unwrap().contains(": connected"));
+    let d = decided("spiffe://td/db", "spiffe://td/web", "deny");
+    // The view reads nothing while more than its buffer is sent: sending never waits for it.
+    for _ in 0..super::state::BUFFER + 10 {
+        tx.send(d.clone()).unwrap();
+    }
+    assert_eq!(next_text(&mut s).await, None, "the lagging view ends");
+}
