@@ -196,7 +196,7 @@ impl Drop for Browser {
     }
 }
 
-/// `mayfly-ca run` on an initialised data directory with console flags; its stderr is read
+/// `mayfly-ca run` on an initialised data directory with console flags (and `--metrics-listen`); its stderr is read
 /// until the `mayfly-ca console on URL` line (or the process exits).
 pub struct ConsoleCa {
     pub child: Child,
@@ -211,7 +211,7 @@ impl ConsoleCa {
         let mut child = Command::new(crate::bin("mayfly-ca"))
             .args(["run", "--data-dir"])
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+            .args(["--listen", "127.0.0.1:0"])
             .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

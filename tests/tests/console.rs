@@ -318,6 +318,8 @@ fn over_tls_the_console_opens_only_for_an_allowed_spiffe_id() {
     let ca = ConsoleCa::start(
         &data,
         &[
+            "--metrics-listen",
+            "off",
             "--ui-listen",
             "127.0.0.1:0",
             "--ui-tls",
@@ -341,4 +343,53 @@ fn over_tls_the_console_opens_only_for_an_allowed_spiffe_id() {
 
     let (ok, status, _) = curl_as(&graph, &alice, None);
     assert!(!ok && status != "200", "no client certificate: {status}");
+}
+
+#[test]
+fn console_pages_carry_a_strict_content_security_policy_and_their_render_time_is_measured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = init(tmp.path());
+    let ca = ConsoleCa::start(
+        &data,
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--ui-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let url = ca
+        .url
+        .clone()
+        .unwrap_or_else(|| panic!("no console:\n{}", ca.log));
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let (ok, head, _) = mayfly_tests::curl(&["-si", &format!("{url}grants")]);
+    assert!(ok, "{head}");
+    let head = head.to_lowercase();
+    for h in [
+        "content-security-policy: default-src 'none'; script-src 'self'; style-src 'self';",
+        "x-content-type-options: nosniff",
+        "referrer-policy: no-referrer",
+        "content-type: text/html; charset=utf-8",
+    ] {
+        assert!(head.contains(h), "no {h:?} in:\n{head}");
+    }
+    assert!(!head.contains("<script>"), "no inline script:\n{head}");
+    let (_, js, _) = mayfly_tests::curl(&["-si", &format!("{url}assets/console.js")]);
+    assert!(
+        js.to_lowercase().contains("content-type: text/javascript"),
+        "{js}"
+    );
+    let metrics = ca
+        .log
+        .lines()
+        .find_map(|l| l.strip_prefix("mayfly-ca metrics on "))
+        .unwrap_or_else(|| panic!("no metrics line:\n{}", ca.log))
+        .trim()
+        .to_owned();
+    let (_, text, _) = mayfly_tests::curl(&[&metrics]);
+    assert!(
+        text.contains("mayfly_ca_request_duration_seconds_count{path=\"console:/grants\"} 1"),
+        "{text}"
+    );
 }

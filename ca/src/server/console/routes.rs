@@ -17,6 +17,7 @@ pub use super::state::{Contact, RespBody, State};
 use super::{allowed, sse};
 use crate::server::audit::verify_some;
 use crate::server::ca::Ca;
+use crate::server::metrics::PathLabel;
 use crate::server::store::AuditFilter;
 use crate::svid::SvidInfo;
 
@@ -27,6 +28,9 @@ const JS: &str = include_str!("assets/console.js");
 /// or style, no framing.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
      connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// The pages whose render time is measured (`mayfly_ca_request_duration_seconds`).
+const PAGES: [&str; 5] = ["/graph", "/identities", "/live", "/grants", "/audit"];
 
 /// The most records the audit search shows.
 pub const SEARCH_LIMIT: u32 = 500;
@@ -89,6 +93,7 @@ pub async fn handle(
     }
     let q = query(&req);
     let path = req.uri().path().to_owned();
+    let start = std::time::Instant::now();
     let resp = match path.as_str() {
         "/" => {
             let mut r = respond(StatusCode::SEE_OTHER, "text/plain", String::new());
@@ -117,6 +122,18 @@ pub async fn handle(
             pages::message("Not found", "No such page."),
         ),
     };
+    if PAGES.contains(&path.as_str()) {
+        // Render time beside the API's, as `path="console:/graph"` and so on.
+        let label = PathLabel {
+            path: format!("console:{path}"),
+        };
+        state
+            .ca
+            .metrics
+            .latency
+            .get_or_create(&label)
+            .observe(start.elapsed().as_secs_f64());
+    }
     with_headers(resp)
 }
 
