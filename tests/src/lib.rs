@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+pub mod console;
 pub mod mesh;
 pub mod netns;
 pub mod postgres;
@@ -686,6 +687,7 @@ pub async fn in_process_control_plane(
         admin_socket: None,
         admin_group: None,
         store: Default::default(),
+        console: None,
     })
     .await?)
 }

@@ -264,6 +264,7 @@ fn replica_options(data: PathBuf, url: &str, kek: &Path) -> mayfly_ca::server::R
             url: Some(url.parse().unwrap()),
             kek_file: Some(kek.to_path_buf()),
         },
+        console: None,
     }
 }
 

@@ -64,6 +64,17 @@ pub(super) struct RunArgs {
     /// Log format on standard error: text (coloured only on a terminal) or JSON lines.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// The read-only web console: an address, or "off". Default 127.0.0.1:8445 (skipped with
+    /// a warning when that port is taken). Any address but loopback needs --ui-tls.
+    #[arg(long, env = "MAYFLY_UI_LISTEN")]
+    ui_listen: Option<String>,
+    /// Serve the console over TLS with the control plane's SVID, only to clients presenting an
+    /// SVID whose SPIFFE ID is allowed (--ui-allow).
+    #[arg(long)]
+    ui_tls: bool,
+    /// A SPIFFE ID allowed into the console over TLS (repeatable).
+    #[arg(long = "ui-allow", value_name = "SPIFFE_ID")]
+    ui_allow: Vec<String>,
     /// Kubernetes attestation: the cluster's service-account issuer JWK Set, a file
     /// (`kubectl get --raw /openid/v1/jwks`), re-read when it changes.
     #[arg(long, requires = "k8s_issuer")]
@@ -150,6 +161,21 @@ pub(super) async fn run(args: RunArgs) -> Result<()> {
                 .with_context(|| format!("--metrics-listen {s}"))?,
         ),
     };
+    let console = match args.ui_listen.as_deref() {
+        Some("off" | "") => None,
+        given => {
+            let listen = given
+                .unwrap_or(server::console::DEFAULT_LISTEN)
+                .parse::<SocketAddr>()
+                .with_context(|| format!("--ui-listen {}", given.unwrap_or_default()))?;
+            Some(server::console::ConsoleOptions {
+                listen,
+                tls: args.ui_tls,
+                allow: args.ui_allow.clone(),
+                must_bind: given.is_some(),
+            })
+        }
+    };
     let settings = CaSettings {
         svid_default_ttl: args.svid_ttl.min(args.svid_max_ttl),
         svid_max_ttl: args.svid_max_ttl,
@@ -180,6 +206,7 @@ pub(super) async fn run(args: RunArgs) -> Result<()> {
         admin_socket: args.admin_socket.clone(),
         admin_group: args.admin_group.as_deref().map(resolve_group).transpose()?,
         store: args.dir.store.options()?,
+        console,
     })
     .await
     .context("cannot start the control plane")?;
@@ -187,6 +214,10 @@ pub(super) async fn run(args: RunArgs) -> Result<()> {
     eprintln!("mayfly-ca listening on {}", running.api_addr);
     if let Some(m) = running.metrics_addr {
         eprintln!("mayfly-ca metrics on http://{m}/metrics");
+    }
+    if let Some(c) = running.console_addr {
+        let scheme = if args.ui_tls { "https" } else { "http" };
+        eprintln!("mayfly-ca console on {scheme}://{c}/");
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;

@@ -10,7 +10,7 @@
 //!   audit chain), built on the modules above.
 //! - On top of `ca`: [`distribution`] (grants, and the snapshots pushed on `GET /v1/watch`),
 //!   [`audit`] (ingest, the control plane's own chain, verification), [`http`] (the API) and
-//!   [`admin`] (the admin socket).
+//!   [`admin`] (the admin socket), and [`console`] (the read-only web console).
 //!
 //! No module refers to a sibling above it; where a piece was needed both ways it moved down
 //! (the `Distribution` type into `policy`, `Pending` into `ca`, `CaSettings`' default, which
@@ -20,6 +20,7 @@ pub mod admin;
 pub mod attest;
 pub mod audit;
 pub mod ca;
+pub mod console;
 pub mod datadir;
 pub mod distribution;
 pub mod http;
@@ -88,6 +89,9 @@ pub enum ServerError {
     /// The key-encryption key file cannot be used.
     #[error(transparent)]
     Kek(#[from] store::kek::KekError),
+    /// The console's settings are refused.
+    #[error(transparent)]
+    Console(console::ConsoleError),
     /// `init` on a store that already holds a CA.
     #[error("{0} already holds a mayfly CA: refusing to overwrite it")]
     AlreadyInitialised(String),
@@ -353,6 +357,8 @@ pub struct RunOptions {
     pub admin_group: Option<u32>,
     /// Where the store is (`--store`, `--kek-file`); default `ca.db` in the data directory.
     pub store: StoreOptions,
+    /// The web console (`--ui-listen`), or `None` for none.
+    pub console: Option<console::ConsoleOptions>,
 }
 
 /// What a started control plane exposes to its caller (tests, the binary).
@@ -361,6 +367,8 @@ pub struct Running {
     pub api_addr: SocketAddr,
     /// The metrics address actually bound.
     pub metrics_addr: Option<SocketAddr>,
+    /// The console's address actually bound.
+    pub console_addr: Option<SocketAddr>,
     /// The control plane.
     pub ca: Arc<Ca>,
     shutdown: watch::Sender<bool>,
@@ -383,6 +391,9 @@ impl Running {
 /// Starts the control plane: binds every listener (errors surface here, before anything
 /// runs), then spawns the API, admin socket, metrics and rotation tasks.
 pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
+    if let Some(c) = &opts.console {
+        c.check().map_err(ServerError::Console)?;
+    }
     let (dd, store, authorities) = open_with(&opts.data_dir, &opts.store)?;
     // Read before any shared state is loaded: whatever other replicas change after it is
     // taken by the follower.
@@ -422,6 +433,26 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let console_listener = match &opts.console {
+        Some(c) => match TcpListener::bind(c.listen).await {
+            Ok(l) => Some((l, c.clone())),
+            // The default address taken (another control plane on this machine): run without.
+            Err(e) if !c.must_bind => {
+                tracing::warn!(addr = %c.listen, error = %e, "the console's default address is taken: no console (--ui-listen ADDR to choose one)");
+                None
+            }
+            Err(source) => {
+                return Err(ServerError::Bind {
+                    addr: c.listen.to_string(),
+                    source,
+                });
+            }
+        },
+        None => None,
+    };
+    let console_addr = console_listener
+        .as_ref()
+        .and_then(|(l, _)| l.local_addr().ok());
     let (tx, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(http::serve(
@@ -437,6 +468,9 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
             l,
             rx.clone(),
         )));
+    }
+    if let Some((l, c)) = console_listener {
+        tasks.push(tokio::spawn(console::serve(ca.clone(), l, c, rx.clone())));
     }
     tasks.push(tokio::spawn(
         dist.clone().watch_file(ca.clone(), rx.clone()),
@@ -454,6 +488,7 @@ pub async fn start(opts: RunOptions) -> Result<Running, ServerError> {
     Ok(Running {
         api_addr,
         metrics_addr,
+        console_addr,
         ca,
         shutdown: tx,
         tasks,

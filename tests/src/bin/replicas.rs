@@ -45,6 +45,7 @@ fn options(data: &Path, store: server::StoreOptions) -> Result<server::RunOption
         admin_socket: None,
         admin_group: None,
         store,
+        console: None,
     })
 }
 

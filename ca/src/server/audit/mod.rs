@@ -18,4 +18,4 @@ pub use anchors::{
     ANCHOR_INTERVAL, ANCHOR_KIND, anchor, check_store, checkpoint_own, record_lost, settle,
 };
 pub use ingest::{IngestError, acked_body, ingest};
-pub use verify::{ChainReport, render, verify_all};
+pub use verify::{ChainReport, render, verify_all, verify_some};

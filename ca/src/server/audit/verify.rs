@@ -2,7 +2,7 @@
 //! checkpoints, columns equal to the lines, anchored heads still there), and a one-line
 //! rendering of a record for `audit tail` and `audit query`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use time::OffsetDateTime;
 
@@ -26,6 +26,16 @@ pub struct ChainReport {
 /// says, and every chain the control plane anchored on its own chain still there, reaching at
 /// least the anchored seq with the anchored record.
 pub fn verify_all(store: &dyn Store, bundles: &BundleSet) -> Result<Vec<ChainReport>, StoreError> {
+    verify_some(store, bundles, None)
+}
+
+/// [`verify_all`] for the chains in `only` (and the control plane's own chain, which holds
+/// the anchors): what the console re-verifies when those chains' heads moved.
+pub fn verify_some(
+    store: &dyn Store,
+    bundles: &BundleSet,
+    only: Option<&BTreeSet<String>>,
+) -> Result<Vec<ChainReport>, StoreError> {
     let own = store.own_chain()?;
     let chains = store.audit_chains()?;
     // The control plane's own chain first: it holds the anchors of the others.
@@ -43,6 +53,9 @@ pub fn verify_all(store: &dyn Store, bundles: &BundleSet) -> Result<Vec<ChainRep
     for chain in chains {
         if own.as_deref() == Some(chain.as_str()) {
             out.extend(own_report.take());
+            continue;
+        }
+        if only.is_some_and(|o| !o.contains(&chain)) {
             continue;
         }
         let source = chain.split('#').next().unwrap_or_default();
@@ -68,7 +81,10 @@ pub fn verify_all(store: &dyn Store, bundles: &BundleSet) -> Result<Vec<ChainRep
         out.push(ChainReport { chain, result });
     }
     // Anchored chains of which nothing is left.
-    for (chain, (anchored, _)) in anchors {
+    for (chain, (anchored, _)) in anchors
+        .into_iter()
+        .filter(|(c, _)| only.is_none_or(|o| o.contains(c)))
+    {
         let result = Err(ChainError::Missing {
             chain: chain.clone(),
             anchored,

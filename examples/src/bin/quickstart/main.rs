@@ -204,6 +204,8 @@ async fn keep_running(ui: &Ui, mesh: &Mesh, s: &Services) -> anyhow::Result<()> 
     let dd = mesh.data_dir();
     ui.blank();
     ui.title("The mesh is still running. Press Ctrl-C to stop it and clean up.");
+    ui.item("Console: ", &mesh.console_url);
+    ui.say("(in a browser on this machine: the mesh graph, live decisions, grants, audit)");
     ui.say("In another terminal:");
     let ttl = s.svid_ttl_secs();
     let lines: Vec<(String, String)> = vec![

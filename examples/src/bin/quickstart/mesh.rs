@@ -308,6 +308,8 @@ impl SidecarSpec<'_> {
 pub(crate) struct Mesh {
     pub(crate) bins: Bins,
     pub(crate) ca_addr: String,
+    /// The control plane's web console (`http://127.0.0.1:PORT/`).
+    pub(crate) console_url: String,
     /// Everything running; index 0 is the control plane.
     pub(crate) procs: Vec<Proc>,
     /// Every PID ever started (for the summary).
@@ -326,6 +328,7 @@ impl Mesh {
         Ok(Self {
             bins,
             ca_addr: String::new(),
+            console_url: String::new(),
             procs: Vec::new(),
             pids: Vec::new(),
             tmp,
@@ -354,7 +357,8 @@ impl Mesh {
     }
 
     /// `mayfly-ca init`, then `mayfly-ca run --policy POLICY` on 127.0.0.1:0: the control plane
-    /// validates the policy, reloads it when the file changes and pushes it to every sidecar.
+    /// validates the policy, reloads it when the file changes and pushes it to every sidecar;
+    /// its web console on another port of 127.0.0.1.
     pub(crate) async fn start_control_plane(&mut self, policy: &Path) -> anyhow::Result<()> {
         let dd = self.data_dir_str()?;
         let policy = policy.to_str().context("the policy's path is not UTF-8")?;
@@ -366,12 +370,15 @@ impl Mesh {
         }
         let mut cmd = Command::new(&self.bins.ca);
         cmd.args(["run", "--data-dir", &dd, "--listen", "127.0.0.1:0"])
-            .args(["--policy", policy, "--metrics-listen", "off"]);
+            .args(["--policy", policy, "--metrics-listen", "off"])
+            .args(["--ui-listen", "127.0.0.1:0"]);
         let mut p = Proc::spawn("mayfly-ca run", cmd)?;
         self.pids.push(p.pid());
         let addr = p.addr("mayfly-ca listening").await;
+        let console = p.addr("mayfly-ca console").await;
         self.procs.push(p);
         self.ca_addr = addr?;
+        self.console_url = console?;
         Ok(())
     }
 

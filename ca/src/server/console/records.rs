@@ -1,0 +1,142 @@
+//! Decision records as the console shows them, read from stored audit lines.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::identity::audit::Record;
+
+/// The record kinds that carry a sidecar's decision on a call.
+pub const DECISION_KINDS: [&str; 3] = ["http.request", "connection.open", "connection.denied"];
+
+/// One decision: who called whom and what the sidecar that recorded it decided.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Decision {
+    /// Unix ms.
+    pub ts_ms: i64,
+    /// Record kind.
+    pub kind: String,
+    /// The sidecar that recorded it.
+    pub source: String,
+    /// `inbound` (recorded by the callee's sidecar) or `outbound` (the caller's).
+    pub direction: String,
+    /// The calling SPIFFE ID (`unknown` when the caller showed none).
+    pub caller: String,
+    /// The called SPIFFE ID.
+    pub callee: String,
+    /// `allow`, `deny` or `dry_run_deny`.
+    pub decision: String,
+    /// The deciding rule, or `grant ID`.
+    pub rule: String,
+    /// The decision ID.
+    pub decision_id: String,
+    /// The policy version that decided, when recorded.
+    pub policy_version: String,
+    /// `METHOD PATH` of an HTTP request, empty for a connection.
+    pub request: String,
+    /// The chain (`source#epoch`) and seq of the record.
+    pub chain: String,
+    /// Seq in its chain.
+    pub seq: u64,
+}
+
+fn text(m: &Map<String, Value>, k: &str) -> String {
+    match m.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+impl Decision {
+    /// The decision in a stored line, if it is a decision record.
+    pub fn parse(line: &[u8]) -> Option<Decision> {
+        let r: Record = serde_json::from_slice(line).ok()?;
+        if !DECISION_KINDS.contains(&r.kind.as_str()) {
+            return None;
+        }
+        let f = &r.fields;
+        let decision = text(f, "decision");
+        if decision.is_empty() {
+            return None;
+        }
+        let direction = text(f, "direction");
+        let local = Some(text(f, "local_id"))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| r.source.clone());
+        let peer = Some(text(f, "peer_id"))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let (caller, callee) = if direction == "inbound" {
+            (peer, local)
+        } else {
+            (local, peer)
+        };
+        let grant = text(f, "grant");
+        let rule = if grant.is_empty() {
+            text(f, "rule")
+        } else {
+            format!("grant {grant}")
+        };
+        let method = text(f, "method");
+        let request = if method.is_empty() {
+            String::new()
+        } else {
+            format!("{method} {}", text(f, "path"))
+        };
+        Some(Decision {
+            ts_ms: r.ts_ms,
+            kind: r.kind.clone(),
+            chain: format!("{}#{}", r.source, r.epoch),
+            seq: r.seq,
+            source: r.source,
+            direction,
+            caller,
+            callee,
+            decision,
+            rule,
+            decision_id: text(f, "decision_id"),
+            policy_version: text(f, "policy_version"),
+            request,
+        })
+    }
+
+    /// Whether the decision denied the call.
+    pub fn denied(&self) -> bool {
+        self.decision != "allow"
+    }
+
+    /// Whether it matches the live view's and the search's filters: `identity` (either side),
+    /// `decision` (`allow` or `deny`; `deny` includes dry-run denials).
+    pub fn matches(&self, identity: Option<&str>, decision: Option<&str>) -> bool {
+        let id_ok = identity.is_none_or(|i| self.caller == i || self.callee == i);
+        let d_ok = match decision {
+            None => true,
+            Some("allow") => !self.denied(),
+            Some(_) => self.denied(),
+        };
+        id_ok && d_ok
+    }
+}
+
+/// The head of any stored record: its chain, seq and kind (for lines that are no decision).
+pub fn head(line: &[u8]) -> Option<(String, u64, String, i64)> {
+    let r: Record = serde_json::from_slice(line).ok()?;
+    Some((format!("{}#{}", r.source, r.epoch), r.seq, r.kind, r.ts_ms))
+}
+
+/// A time as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn format_ms(ts_ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts_ms) * 1_000_000)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_else(|_| ts_ms.to_string())
+}
