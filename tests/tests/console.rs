@@ -14,6 +14,7 @@ use mayfly_tests::console::{Browser, ConsoleCa};
 
 const WEB: &str = "spiffe://mayfly.local/web";
 const DB: &str = "spiffe://mayfly.local/db";
+const ORDERS: &str = "spiffe://mayfly.local/orders";
 
 /// Where this test's screenshots go: `target/tmp/<test>/`, kept after the run.
 fn output_dir(test: &str) -> std::path::PathBuf {
@@ -239,6 +240,56 @@ async fn a_person_sees_the_mesh_a_fresh_denial_and_a_grant_counting_down_in_a_br
     browser.screenshot(&shots.join("audit.png")).await;
     browser.goto(&format!("{console}identities")).await;
     browser.screenshot(&shots.join("identities.png")).await;
+
+    // What-if: the quickstart's policy without web-reads-orders would deny web's GETs to
+    // orders, which the recorded traffic shows, and drops a rule that was used.
+    let policy = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies/quickstart-http.toml"),
+    )
+    .unwrap();
+    let cut = policy
+        .find("[[rule]]\nname = \"web-reads-orders\"")
+        .unwrap();
+    let rest = &policy[cut + 1..];
+    let next = rest.find("[[rule]]").unwrap();
+    let candidate = format!("{}{}", &policy[..cut], &rest[next..]);
+    assert!(!candidate.contains("web-reads-orders"));
+    browser.goto(&format!("{console}replay")).await;
+    browser
+        .eval(&format!(
+            "document.getElementById('candidate').value = {}; \
+             document.getElementById('replay-form').submit(); true",
+            serde_json::to_string(&candidate).unwrap()
+        ))
+        .await;
+    let reported = mayfly_tests::eventually(Duration::from_secs(20), async || {
+        browser
+            .eval("document.getElementById('replay-summary')?.textContent ?? null")
+            .await
+            .as_str()
+            .is_some()
+    })
+    .await;
+    assert!(reported, "no what-if report");
+    let changes = browser
+        .eval("[...document.querySelectorAll('#changes tr.change')].map(r => r.textContent).join('\\n')")
+        .await;
+    let changes = changes.as_str().unwrap();
+    assert!(
+        changes.lines().any(|r| r.contains("allow -> deny")
+            && r.contains(WEB)
+            && r.contains(ORDERS)
+            && r.contains("GET")),
+        "web -> orders GET is not reported as turning to deny: {changes}"
+    );
+    let removed = browser
+        .eval("document.getElementById('removed')?.textContent ?? ''")
+        .await;
+    assert!(
+        removed.as_str().unwrap().contains("web-reads-orders"),
+        "the dropped rule is not reported: {removed}"
+    );
+    browser.screenshot(&shots.join("replay.png")).await;
     drop(browser);
     drop(qs);
 }

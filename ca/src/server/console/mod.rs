@@ -12,6 +12,7 @@
 //! - [`graph`]: the mesh graph (edges from decisions, drawn as SVG).
 //! - [`records`]: decision records read from audit lines.
 //! - [`sse`]: the live decision stream.
+//! - [`replay`]: policy what-if on the recorded decisions (a candidate pasted into a form).
 //! - [`state`]: what the pages share (the follower's findings, the verification cache).
 //!
 //! Nothing here is on the API's request path: the console has its own listener and tasks, and
@@ -20,6 +21,7 @@
 pub mod graph;
 pub mod pages;
 pub mod records;
+pub mod replay;
 pub mod routes;
 pub mod sse;
 pub mod state;

@@ -57,15 +57,17 @@ pub struct AuditPage {
     pub chains: Vec<ChainStatus>,
 }
 
-const NAV: [(&str, &str); 5] = [
+const NAV: [(&str, &str); 6] = [
     ("/graph", "Mesh"),
     ("/identities", "Identities"),
     ("/live", "Live"),
     ("/grants", "Grants"),
     ("/audit", "Audit"),
+    ("/replay", "What-if"),
 ];
 
-fn layout(title: &str, current: &str, body: Markup) -> String {
+/// The page frame: navigation, title, body.
+pub(super) fn layout(title: &str, current: &str, body: Markup) -> String {
     html! {
         (DOCTYPE)
         html lang="en" {

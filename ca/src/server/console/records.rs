@@ -140,3 +140,20 @@ pub fn format_ms(ts_ms: i64) -> String {
         })
         .unwrap_or_else(|_| ts_ms.to_string())
 }
+
+/// A time bound of the search: a duration ago (`15m`, `2h`) or a UTC time
+/// (`2026-11-30T10:00`, seconds optional).
+pub fn time_bound(s: &str) -> Result<i64, String> {
+    if let Ok(d) = crate::identity::duration::parse_duration(s) {
+        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        return Ok(now_ms - d.as_millis() as i64);
+    }
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]");
+    let fmt_s = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+    time::PrimitiveDateTime::parse(s, &fmt_s)
+        .or_else(|_| time::PrimitiveDateTime::parse(s, &fmt))
+        .map(|t| (t.assume_utc().unix_timestamp_nanos() / 1_000_000) as i64)
+        .map_err(|_| {
+            format!("{s:?} is neither a duration ago (15m, 2h) nor a UTC time (2026-11-30T10:00)")
+        })
+}

@@ -12,9 +12,9 @@ use time::OffsetDateTime;
 
 use super::graph::{self, GRAPH_LIMIT, Window};
 use super::pages::{self, AuditPage, ChainStatus, IdentityRow};
-use super::records::{DECISION_KINDS, Decision};
+use super::records::{DECISION_KINDS, Decision, time_bound};
 pub use super::state::{Contact, RespBody, State};
-use super::{allowed, sse};
+use super::{allowed, replay, sse};
 use crate::server::audit::verify_some;
 use crate::server::ca::Ca;
 use crate::server::metrics::PathLabel;
@@ -30,7 +30,14 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
      connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 /// The pages whose render time is measured (`mayfly_ca_request_duration_seconds`).
-const PAGES: [&str; 5] = ["/graph", "/identities", "/live", "/grants", "/audit"];
+const PAGES: [&str; 6] = [
+    "/graph",
+    "/identities",
+    "/live",
+    "/grants",
+    "/audit",
+    "/replay",
+];
 
 /// The most records the audit search shows.
 pub const SEARCH_LIMIT: u32 = 500;
@@ -84,7 +91,9 @@ pub async fn handle(
                 .into(),
         ));
     }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+    // The one POST: a candidate policy for the what-if, which changes nothing.
+    let replay_post = req.method() == Method::POST && req.uri().path() == "/replay";
+    if req.method() != Method::GET && req.method() != Method::HEAD && !replay_post {
         return with_headers(respond(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain; charset=utf-8",
@@ -117,6 +126,11 @@ pub async fn handle(
         ),
         "/live/events" => sse::events(&state, q.get("identity").cloned(), decision_filter(&q)),
         "/audit" => audit_page(&state, &q).await,
+        "/replay" if replay_post => {
+            let (status, page) = replay::submit(&state, req).await;
+            html(status, page)
+        }
+        "/replay" => html(StatusCode::OK, replay::form()),
         _ => html(
             StatusCode::NOT_FOUND,
             pages::message("Not found", "No such page."),
@@ -260,22 +274,6 @@ async fn grants_page(state: &Arc<State>) -> Response<RespBody> {
         ),
         Err(r) => r,
     }
-}
-
-/// A time bound of the search: a duration ago (`15m`, `2h`) or a UTC time
-/// (`2026-11-30T10:00`, seconds optional).
-fn time_bound(s: &str) -> Result<i64, String> {
-    if let Ok(d) = crate::identity::duration::parse_duration(s) {
-        return Ok(now_ms() - d.as_millis() as i64);
-    }
-    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]");
-    let fmt_s = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
-    time::PrimitiveDateTime::parse(s, &fmt_s)
-        .or_else(|_| time::PrimitiveDateTime::parse(s, &fmt))
-        .map(|t| (t.assume_utc().unix_timestamp_nanos() / 1_000_000) as i64)
-        .map_err(|_| {
-            format!("{s:?} is neither a duration ago (15m, 2h) nor a UTC time (2026-11-30T10:00)")
-        })
 }
 
 async fn audit_page(state: &Arc<State>, q: &HashMap<String, String>) -> Response<RespBody> {

@@ -219,3 +219,35 @@ async fn a_live_view_that_falls_behind_is_dropped_and_never_holds_up_the_sender(
     }
     assert_eq!(next_text(&mut s).await, None, "the lagging view ends");
 }
+
+#[test]
+fn the_what_if_page_escapes_the_candidate_and_the_report() {
+    use crate::server::replay::{Change, Flow, FlowChange, ReplayReport};
+    let hostile = "</textarea><script>alert(1)</script>";
+    let page = super::replay::ReplayPage {
+        policy: hostile.into(),
+        since: "\"><b>".into(),
+        error: Some("<i>bad</i>".into()),
+        report: Some(ReplayReport {
+            changes: vec![FlowChange {
+                flow: Flow {
+                    direction: "inbound".into(),
+                    caller: "spiffe://td/<img>".into(),
+                    callee: "spiffe://td/db".into(),
+                    method: Some("GET".into()),
+                    target: "/<x>".into(),
+                },
+                change: Change::AllowToDeny,
+                count: 3,
+                example_decision_id: "d1".into(),
+            }],
+            ..ReplayReport::default()
+        }),
+    };
+    let html = super::replay::render(&page);
+    for raw in [hostile, "\"><b>", "<i>bad</i>", "spiffe://td/<img>", "/<x>"] {
+        assert!(!html.contains(raw), "{raw} unescaped in:\n{html}");
+    }
+    assert!(html.contains("&lt;/textarea&gt;&lt;script&gt;"));
+    assert!(html.contains("allow -&gt; deny"));
+}
