@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod access;
+mod admin;
 mod connect;
 mod login;
+mod session;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +36,8 @@ enum Cmd {
     Access(access::AccessCmd),
     /// Tunnel local connections to a service with the user SVID.
     Connect(connect::ConnectArgs),
+    /// One control-plane admin operation over mTLS (needs an active admin grant).
+    Admin(admin::AdminArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
             Cmd::Status(a) => login::status(a).await,
             Cmd::Access(c) => access::run(c).await,
             Cmd::Connect(a) => connect::run(a).await,
+            Cmd::Admin(a) => admin::run(a).await,
         }
     });
     match result {
