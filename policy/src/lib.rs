@@ -33,6 +33,7 @@
 //! assert!(engine.decide(&req, &[]).allow);
 //! ```
 
+mod access;
 mod decision;
 mod diag;
 mod duration;
@@ -46,6 +47,7 @@ mod request;
 mod spiffe_id;
 mod timewin;
 
+pub use access::{AccessAsk, AccessRefusal, AccessRule, AccessTarget, find_rule};
 pub use decision::{DecidedBy, Decision, DryRun};
 pub use diag::{Diagnostic, PolicyError, Pos, Severity};
 pub use duration::{DurationError, format_duration, parse_duration};

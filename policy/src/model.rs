@@ -155,6 +155,7 @@ pub struct Policy {
     pub(crate) grants: GrantSettings,
     pub(crate) services: Vec<Service>,
     pub(crate) rules: Vec<Rule>,
+    pub(crate) access: Vec<crate::access::AccessRule>,
     pub(crate) version: Arc<str>,
     pub(crate) file: String,
 }
@@ -188,6 +189,11 @@ impl Policy {
     /// The rules, in file order.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The `[[access.rule]]`s, in file order: what people may ask for (none: nothing).
+    pub fn access(&self) -> &[crate::access::AccessRule] {
+        &self.access
     }
 
     /// Warnings that depend on the time, which loading cannot know: rules that have expired

@@ -38,7 +38,7 @@ fn unknown_keys_are_refused_everywhere() {
     refused(
         "colour = 1\n[grants]\nttl = \"1h\"\n[[service]]\nid = \"spiffe://td/db\"\nprotocol = \"tcp\"\nport = 1\n[[rule]]\nname = \"r\"\nfrom = [\"spiffe://td/a\"]\nto = [\"spiffe://td/b\"]\npath = [\"/\"]\ntime = { hour = \"09:00-10:00\" }\n",
         &[
-            "2:1: unknown key `colour`, expected one of version, mode, grants, service, rule",
+            "2:1: unknown key `colour`, expected one of version, mode, grants, service, rule, access",
             "4:1: unknown key `ttl` in [grants], expected one of max_ttl, approvals",
             "8:1: unknown key `port` in [[service]], expected one of id, protocol",
             "13:1: unknown key `path` in [[rule]], expected one of name, action, mode, from, to, ports, methods, paths, headers, source_cidrs, time, not_before, expires",

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 pub mod console;
 pub mod mesh;
 pub mod netns;
+pub mod people;
 pub mod postgres;
 pub mod replicas;
 
@@ -41,6 +42,8 @@ pub fn bin(name: &str) -> PathBuf {
                 "mayfly-ca",
                 "--bin",
                 "mayfly-sidecar",
+                "--bin",
+                "mayfly",
                 "--bin",
                 "quickstart",
             ]
@@ -78,7 +81,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, prefixes: &'static [&'static str]) -> Self {
+    /// Spawns `cmd`, collecting its stderr and the addresses of lines starting with `prefixes`.
+    pub fn spawn(mut cmd: Command, prefixes: &'static [&'static str]) -> Self {
         let mut child = cmd
             .env(
                 "RUST_LOG",

@@ -14,6 +14,8 @@ use super::StoreArg;
 
 /// Audit subcommands.
 #[derive(Subcommand)]
+// Parsed once per run: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum AuditCmd {
     /// The latest records; with --follow, keep printing new ones.
     Tail {
@@ -51,6 +53,10 @@ pub(crate) enum AuditCmd {
         /// The called side's SPIFFE ID.
         #[arg(long)]
         destination: Option<String>,
+        /// A person's (user SVID's) SPIFFE ID: records where they are the calling side, or
+        /// the requester, approver or revoker of access (access.*, admin.*, grant.*).
+        #[arg(long)]
+        user: Option<String>,
         /// allow or deny.
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(mayfly_ca::audit::DECISIONS))]
         decision: Option<String>,
@@ -136,6 +142,7 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
             until,
             source,
             destination,
+            user,
             decision,
             rule,
             grant,
@@ -144,7 +151,7 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
             json,
         } => {
             let (_, store, _) = store.open(&data_dir)?;
-            let filter = AuditFilter {
+            let mut filter = AuditFilter {
                 since_ms: since.as_deref().map(time_arg).transpose()?,
                 until_ms: until.as_deref().map(time_arg).transpose()?,
                 source,
@@ -155,7 +162,17 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
                 kind,
                 limit,
             };
-            let lines = store.audit_query(&filter)?;
+            let lines = match &user {
+                None => store.audit_query(&filter)?,
+                Some(u) => {
+                    // Matched here on each record's fields, so every other filter still applies.
+                    filter.limit = u32::MAX;
+                    let mut l = store.audit_query(&filter)?;
+                    l.retain(|line| involves(line, u));
+                    l.truncate(limit as usize);
+                    l
+                }
+            };
             // Said on standard error, so that standard output stays records only; with
             // `--json` no match is an empty stream of JSON lines.
             if lines.is_empty() && !json {
@@ -234,6 +251,29 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
     }
 }
 
+/// Whether a record involves the person `user`: as the calling side of a connection or
+/// request, or as the one who asked for, approved, denied or revoked access.
+fn involves(line: &[u8], user: &str) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return false;
+    };
+    let field = |k: &str| v.get(k).and_then(serde_json::Value::as_str) == Some(user);
+    let kind = v
+        .get("kind")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    let caller = match v.get("direction").and_then(serde_json::Value::as_str) {
+        Some("inbound") => field("peer_id"),
+        Some(_) => field("local_id"),
+        None => false,
+    };
+    let actor = ["access.", "admin.", "grant."]
+        .iter()
+        .any(|p| kind.starts_with(p))
+        && ["user", "approver", "by", "from"].iter().any(|k| field(k));
+    caller || actor
+}
+
 /// `1 record`, `2 records`.
 fn counted(n: impl Into<u64>, noun: &str) -> String {
     match n.into() {
@@ -244,6 +284,29 @@ fn counted(n: impl Into<u64>, noun: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_user_is_found_as_the_caller_or_the_actor_of_access_events_only() {
+        let alice = "spiffe://td/user/alice";
+        let yes = [
+            r#"{"kind":"connection.open","direction":"inbound","peer_id":"spiffe://td/user/alice","local_id":"spiffe://td/db"}"#,
+            r#"{"kind":"access.requested","user":"spiffe://td/user/alice"}"#,
+            r#"{"kind":"access.approved","user":"spiffe://td/user/bob","approver":"spiffe://td/user/alice"}"#,
+            r#"{"kind":"admin.operation","user":"spiffe://td/user/alice"}"#,
+        ];
+        let no = [
+            r#"{"kind":"connection.open","direction":"inbound","peer_id":"spiffe://td/web","local_id":"spiffe://td/user/alice"}"#,
+            r#"{"kind":"svid.minted","spiffe_id":"spiffe://td/user/alice","user":"spiffe://td/user/alice"}"#,
+            r#"{"kind":"access.requested","user":"spiffe://td/user/alicia"}"#,
+            "not json",
+        ];
+        for l in yes {
+            assert!(super::involves(l.as_bytes(), alice), "{l}");
+        }
+        for l in no {
+            assert!(!super::involves(l.as_bytes(), alice), "{l}");
+        }
+    }
+
     #[test]
     fn counts_are_spelled_in_the_singular_for_one() {
         assert_eq!(

@@ -251,3 +251,71 @@ pub struct JwtSvidResponse {
     /// Its `exp` (unix seconds).
     pub expires_at: i64,
 }
+
+/// `POST`: a person asks for access, an [`AccessRequest`], over mTLS with a user SVID
+/// (`spiffe://<td>/user/...`); answers the grant record, pending. `GET`: the caller's own
+/// requests and those the caller may approve.
+pub const ACCESS_PATH: &str = "/v1/access";
+/// `POST`: approve, deny or revoke a request, an [`AccessDecision`], over mTLS with a user SVID.
+pub const ACCESS_DECIDE_PATH: &str = "/v1/access/decide";
+/// `POST`: the live inbound endpoints of a service the caller holds an active grant to, an
+/// [`EndpointsLookup`] in, an [`EndpointsFound`] out (for `mayfly connect`).
+pub const ACCESS_ENDPOINTS_PATH: &str = "/v1/access/endpoints";
+/// `POST`: one admin-socket request (the same JSON, `{"op": ...}`) over mTLS, by a user SVID
+/// holding an active admin grant; answers as the admin socket does.
+pub const ADMIN_PATH: &str = "/v1/admin";
+/// The path of the reserved, unobtainable SPIFFE ID that admin grants name as their target.
+pub const ADMIN_ID_PATH: &str = "/mayfly/admin";
+
+/// A person's request for access: to a service (`to`) or the admin role (`role = "admin"`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRequest {
+    /// The service's exact SPIFFE ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// `admin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Lifetime once approved, such as `30m`.
+    pub ttl: String,
+    /// Why (required).
+    pub reason: String,
+    /// HTTP methods (empty: those of the access rule, or any).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Path patterns (empty: those of the access rule, or any).
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+/// A decision on a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessDecision {
+    /// The request's (grant's) id.
+    pub id: String,
+    /// `approve`, `deny` or `revoke`.
+    pub action: String,
+}
+
+/// Which service's endpoints `mayfly connect` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointsLookup {
+    /// The service's SPIFFE ID.
+    pub spiffe_id: String,
+}
+
+/// A service's live inbound endpoints, and the grant that lets the caller reach it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointsFound {
+    /// The service's SPIFFE ID.
+    pub spiffe_id: String,
+    /// Its sidecars' inbound addresses (`host:port`).
+    pub endpoints: Vec<String>,
+    /// The grant's id.
+    pub grant: String,
+    /// When the grant ends (Unix seconds).
+    pub expires: i64,
+}

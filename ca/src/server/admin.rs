@@ -79,6 +79,22 @@ pub struct AdminResponse {
     pub error: Option<String>,
 }
 
+impl AdminRequest {
+    /// The operation's name, as in the request's `op`.
+    pub fn op(&self) -> &'static str {
+        match self {
+            AdminRequest::TokenCreate { .. } => "token.create",
+            AdminRequest::TokenList => "token.list",
+            AdminRequest::TokenRevoke { .. } => "token.revoke",
+            AdminRequest::Status => "status",
+            AdminRequest::GrantRequest(_) => "grant.request",
+            AdminRequest::GrantDecide { .. } => "grant.decide",
+            AdminRequest::GrantList => "grant.list",
+            AdminRequest::EndpointsList => "endpoints.list",
+        }
+    }
+}
+
 fn ok(data: Value) -> AdminResponse {
     AdminResponse {
         ok: true,
@@ -120,7 +136,8 @@ pub fn user_name(uid: u32) -> String {
         .unwrap_or_else(|| format!("uid:{uid}"))
 }
 
-fn dispatch(ca: &Ca, who: &str, req: AdminRequest) -> AdminResponse {
+/// Runs one admin request as `who` (an OS user on the socket, a user SPIFFE ID over mTLS).
+pub(super) fn dispatch(ca: &Ca, who: &str, req: AdminRequest) -> AdminResponse {
     match req {
         AdminRequest::TokenCreate { spiffe_id, ttl } => {
             let ttl = match parse_duration(&ttl) {
@@ -217,9 +234,16 @@ async fn serve_conn(ca: Arc<Ca>, stream: UnixStream) {
                     debug!(user = %who, request = %line, "admin request");
                     let ca2 = ca.clone();
                     let who2 = who.clone();
-                    tokio::task::spawn_blocking(move || dispatch(&ca2, &who2, req))
-                        .await
-                        .unwrap_or_else(|e| err(format!("internal error: {e}")))
+                    tokio::task::spawn_blocking(move || {
+                        // The socket is break-glass: people use admin grants over mTLS.
+                        ca2.event(
+                            "admin.break_glass",
+                            json!({ "os_user": who2, "uid": uid, "op": req.op() }),
+                        );
+                        dispatch(&ca2, &who2, req)
+                    })
+                    .await
+                    .unwrap_or_else(|e| err(format!("internal error: {e}")))
                 }
                 Err(e) => err(format!("bad admin request: {e}")),
             }

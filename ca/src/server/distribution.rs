@@ -129,6 +129,26 @@ pub struct GrantRecord {
     pub not_before: Option<i64>,
     /// End of validity (set on activation).
     pub expires: Option<i64>,
+    /// For a person's access request (`mayfly access request`): who asked with which groups,
+    /// who must and who did approve. Absent for grants asked for on the admin socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessInfo>,
+}
+
+/// What a person's access request (`super::access`) carries beyond a grant: who asked with which groups, who must and who
+/// did approve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessInfo {
+    /// `service` or `admin`.
+    pub kind: String,
+    /// The requester's groups that the access rule named.
+    pub groups: Vec<String>,
+    /// Distinct approvals needed.
+    pub approvals_needed: u8,
+    /// Groups whose members may approve.
+    pub approver_groups: Vec<String>,
+    /// Who approved so far (user SPIFFE IDs), in order.
+    pub approved_by: Vec<String>,
 }
 
 /// A grant request from the CLI.
@@ -150,7 +170,7 @@ pub struct GrantRequest {
     pub reason: String,
 }
 
-fn parse(body: &str) -> Result<GrantRecord, GrantError> {
+pub(super) fn parse(body: &str) -> Result<GrantRecord, GrantError> {
     serde_json::from_str(body).map_err(GrantError::Unreadable)
 }
 
@@ -183,7 +203,7 @@ fn read_live(ca: &Ca) -> Result<Vec<GrantWire>, GrantError> {
         .collect()
 }
 
-fn body(g: &GrantRecord) -> Result<String, GrantError> {
+pub(super) fn body(g: &GrantRecord) -> Result<String, GrantError> {
     serde_json::to_string(g).map_err(GrantError::Encode)
 }
 
@@ -197,7 +217,7 @@ pub fn list(ca: &Ca) -> Result<Vec<GrantRecord>, GrantError> {
         .collect()
 }
 
-fn get(ca: &Ca, id: &str) -> Result<GrantRecord, GrantError> {
+pub(super) fn get(ca: &Ca, id: &str) -> Result<GrantRecord, GrantError> {
     let body = ca
         .store()
         .grant(id)?
@@ -208,7 +228,7 @@ fn get(ca: &Ca, id: &str) -> Result<GrantRecord, GrantError> {
     ))
 }
 
-fn activate(g: &mut GrantRecord) {
+pub(super) fn activate(g: &mut GrantRecord) {
     let now = OffsetDateTime::now_utc().unix_timestamp();
     g.state = GrantState::Active;
     g.not_before = Some(now);
@@ -271,6 +291,7 @@ pub fn request(
         decided_by: None,
         not_before: None,
         expires: None,
+        access: None,
     };
     if settings.approvals == 0 {
         activate(&mut g);

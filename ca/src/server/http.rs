@@ -241,6 +241,16 @@ pub async fn handle(
             | api::WATCH_PATH
             | api::ENDPOINTS_PATH,
         ) => error(405, "method_not_allowed", "method not allowed".into()),
+        (m, p) if super::user_api::serves(p) => {
+            let (m, p) = (m.clone(), p.to_owned());
+            match read_body(&ca, req.into_body(), api::MAX_BODY, "request body").await {
+                Ok(b) => {
+                    let (status, body) = super::user_api::answer(ca.clone(), peer, m, p, b).await;
+                    json_response(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body)
+                }
+                Err(refused) => refused,
+            }
+        }
         _ => error(404, "not_found", format!("no such endpoint: {path}")),
     };
     let label = match path.as_str() {

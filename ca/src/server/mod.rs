@@ -16,6 +16,9 @@
 //! (the `Distribution` type into `policy`, `Pending` into `ca`, `CaSettings`' default, which
 //! takes the API listener's connection limit, into this file).
 
+pub mod access;
+#[cfg(test)]
+mod access_tests;
 pub mod admin;
 pub mod attest;
 pub mod audit;
@@ -34,6 +37,7 @@ pub mod sync;
 mod tasks;
 #[cfg(test)]
 mod tests;
+pub mod user_api;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

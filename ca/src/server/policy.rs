@@ -25,6 +25,8 @@ pub struct LoadedPolicy {
     pub source: String,
     /// Its `[grants]` limits.
     pub settings: GrantSettings,
+    /// Its `[[access.rule]]`s: what people may ask for.
+    pub access: Vec<mayfly_policy::AccessRule>,
 }
 
 /// The policy and grants the control plane distributes.
@@ -84,6 +86,7 @@ pub(super) fn parse(src: String, origin: &str) -> Result<LoadedPolicy, PolicyFil
     Ok(LoadedPolicy {
         version: loaded.policy.version().to_owned(),
         settings: *loaded.policy.grants(),
+        access: loaded.policy.access().to_vec(),
         source: src,
     })
 }
@@ -120,6 +123,15 @@ impl Distribution {
             .load()
             .as_ref()
             .map(|p| p.settings)
+            .unwrap_or_default()
+    }
+
+    /// The policy's access rules (none without a policy: people get nothing).
+    pub fn access_rules(&self) -> Vec<mayfly_policy::AccessRule> {
+        self.policy
+            .load()
+            .as_ref()
+            .map(|p| p.access.clone())
             .unwrap_or_default()
     }
 

@@ -1,5 +1,6 @@
 //! Loading: TOML -> validated [`Policy`], collecting every error with its position.
 
+mod access;
 mod raw;
 mod rule;
 mod values;
@@ -19,7 +20,7 @@ use crate::model::{GrantSettings, Loaded, Mode, Policy, Protocol, Rule, Service}
 use crate::spiffe_id::IdPattern;
 use raw::{RawGrants, RawRule, RawService};
 
-const TOP_KEYS: &[&str] = &["version", "mode", "grants", "service", "rule"];
+const TOP_KEYS: &[&str] = &["version", "mode", "grants", "service", "rule", "access"];
 const GRANT_KEYS: &[&str] = &["max_ttl", "approvals"];
 const SERVICE_KEYS: &[&str] = &["id", "protocol"];
 const RULE_KEYS: &[&str] = &[
@@ -40,7 +41,12 @@ const RULE_KEYS: &[&str] = &[
 
 /// Reports and removes unknown keys of a table, so that the rest of it is still checked.
 /// (`deny_unknown_fields` on the raw types stays as a backstop.)
-fn drop_unknown(v: &mut Spanned<DeValue<'_>>, what: &str, allowed: &[&str], d: &mut Diags<'_>) {
+pub(super) fn drop_unknown(
+    v: &mut Spanned<DeValue<'_>>,
+    what: &str,
+    allowed: &[&str],
+    d: &mut Diags<'_>,
+) {
     if let DeValue::Table(t) = v.get_mut() {
         let mut kept = DeTable::new();
         for (k, val) in std::mem::take(t) {
@@ -84,14 +90,17 @@ impl Policy {
 }
 
 /// Deserializes one TOML value into `T`, recording a shape error (unknown key, wrong type).
-fn shaped<'i, T: Deserialize<'i>>(v: Spanned<DeValue<'i>>, d: &mut Diags<'_>) -> Option<T> {
+pub(super) fn shaped<'i, T: Deserialize<'i>>(
+    v: Spanned<DeValue<'i>>,
+    d: &mut Diags<'_>,
+) -> Option<T> {
     T::deserialize(v.into_deserializer())
         .map_err(|e| d.toml_error(&e))
         .ok()
 }
 
 /// The elements of an array of tables (`[[rule]]`), or an error if it is something else.
-fn table_array<'i>(
+pub(super) fn table_array<'i>(
     key: &str,
     v: Spanned<DeValue<'i>>,
     d: &mut Diags<'_>,
@@ -124,6 +133,7 @@ fn load(src: &str, file: &str) -> Result<Loaded, PolicyError> {
     let mut grants = GrantSettings::default();
     let mut services = Vec::new();
     let mut rules = Vec::new();
+    let mut access = Vec::new();
     for (key, value) in doc.into_inner() {
         let key_span = key.span();
         match key.get_ref().as_ref() {
@@ -167,6 +177,7 @@ fn load(src: &str, file: &str) -> Result<Loaded, PolicyError> {
                     }
                 }
             }
+            "access" => access.extend(access::load(value, &mut d)),
             other => d.error(
                 key_span,
                 format!(
@@ -191,6 +202,7 @@ fn load(src: &str, file: &str) -> Result<Loaded, PolicyError> {
         grants,
         services: services.into_iter().map(|(s, _)| s).collect(),
         rules: rules.into_iter().map(|(r, _)| r).collect(),
+        access,
         version: content_hash(src),
         file: file.to_owned(),
     };

@@ -54,3 +54,17 @@ pub(crate) struct RawRule {
     /// A TOML datetime or an RFC 3339 string.
     pub(crate) expires: Option<Spanned<toml::Value>>,
 }
+
+/// One `[[access.rule]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAccessRule {
+    pub(crate) groups: Option<SList>,
+    pub(crate) to: Option<SList>,
+    pub(crate) role: Option<Spanned<String>>,
+    pub(crate) methods: Option<SList>,
+    pub(crate) paths: Option<SList>,
+    pub(crate) max_ttl: Option<Spanned<String>>,
+    pub(crate) approvals: Option<Spanned<i64>>,
+    pub(crate) approvers: Option<SList>,
+}

@@ -138,7 +138,7 @@ fn ids(
 }
 
 /// Parses every element, recording each failure; `None` if any failed.
-fn collect<T>(
+pub(super) fn collect<T>(
     items: &[Spanned<String>],
     d: &mut Diags<'_>,
     f: impl Fn(&str) -> Result<T, String>,
@@ -175,7 +175,7 @@ fn ports(v: &Spanned<Vec<Spanned<i64>>>, d: &mut Diags<'_>) -> Option<Vec<u16>> 
     (out.len() == v.get_ref().len()).then_some(out)
 }
 
-fn methods(v: &SList, d: &mut Diags<'_>) -> Option<Vec<String>> {
+pub(super) fn methods(v: &SList, d: &mut Diags<'_>) -> Option<Vec<String>> {
     let items = non_empty("methods", v, d)?;
     collect(items, d, |m| {
         if m.is_empty()
@@ -195,7 +195,7 @@ fn methods(v: &SList, d: &mut Diags<'_>) -> Option<Vec<String>> {
     })
 }
 
-fn paths(v: &SList, d: &mut Diags<'_>) -> Option<Vec<PathPattern>> {
+pub(super) fn paths(v: &SList, d: &mut Diags<'_>) -> Option<Vec<PathPattern>> {
     let items = non_empty("paths", v, d)?;
     collect(items, d, |p| {
         PathPattern::parse(p).map_err(|e| format!("path `{p}`: {e}"))

@@ -1,4 +1,5 @@
 //! What the `mayfly` user CLI shares between its commands: the credentials a person's sign-in
-//! leaves behind ([`creds`]).
+//! leaves behind ([`creds`]) and the TLS identity they make ([`tls`]).
 
 pub mod creds;
+pub mod tls;

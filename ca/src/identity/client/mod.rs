@@ -25,6 +25,7 @@ use tokio_rustls::TlsConnector;
 mod audit_session;
 mod endpoints;
 mod jwt;
+mod people;
 mod replicas;
 mod watch;
 
