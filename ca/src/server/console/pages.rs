@@ -223,8 +223,25 @@ pub fn grants(list: &[GrantRecord], now: i64) -> String {
                                 @if !g.methods.is_empty() || !g.paths.is_empty() {
                                     br; small { (g.methods.join(",")) " " (g.paths.join(" ")) }
                                 } }
-                            td { (g.requested_by) }
-                            td { (g.decided_by.as_deref().unwrap_or("-")) }
+                            td { (g.requested_by)
+                                @if let Some(a) = &g.access {
+                                    @if !a.groups.is_empty() { br; small.groups { "as " (a.groups.join(", ")) } }
+                                } }
+                            td {
+                                @match &g.access {
+                                    // A person's request: every approver so far, of how many.
+                                    Some(a) if !a.approved_by.is_empty() => {
+                                        (a.approved_by.join(", "))
+                                        @if usize::from(a.approvals_needed) > 1 {
+                                            " (" (a.approved_by.len()) "/" (a.approvals_needed) ")"
+                                        }
+                                        @if g.state != GrantState::Active && g.state != GrantState::Pending {
+                                            @if let Some(d) = &g.decided_by { br; small { (grant_state(g)) " by " (d) } }
+                                        }
+                                    }
+                                    _ => (g.decided_by.as_deref().unwrap_or("-")),
+                                }
+                            }
                             td.reason { (g.reason) }
                             td { @match g.expires { Some(e) => (ts_text(e)), None => "-" } }
                             td {

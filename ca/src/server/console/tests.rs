@@ -152,6 +152,7 @@ fn hostile_ids_and_reasons_are_shown_as_text_on_every_page() {
         decided_by: None,
         not_before: Some(0),
         expires: Some(4_000_000_000),
+        access: None,
     };
     let html = pages::grants(&[grant], 3_999_999_000);
     assert_escaped(&html);
@@ -250,4 +251,40 @@ fn the_what_if_page_escapes_the_candidate_and_the_report() {
     }
     assert!(html.contains("&lt;/textarea&gt;&lt;script&gt;"));
     assert!(html.contains("allow -&gt; deny"));
+}
+
+#[test]
+fn a_persons_grant_shows_the_groups_it_was_asked_as_and_every_approver() {
+    use crate::server::distribution::AccessInfo;
+    let grant = GrantRecord {
+        id: "g1".into(),
+        from: "spiffe://td/user/alice".into(),
+        to: "spiffe://td/db".into(),
+        methods: vec![],
+        paths: vec![],
+        reason: "incident 42".into(),
+        ttl_secs: 600,
+        requested_by: "spiffe://td/user/alice".into(),
+        requested_at: 0,
+        state: GrantState::Active,
+        decided_by: Some("spiffe://td/user/carol".into()),
+        not_before: Some(0),
+        expires: Some(4_000_000_000),
+        access: Some(AccessInfo {
+            kind: "service".into(),
+            groups: vec!["oncall".into()],
+            approvals_needed: 2,
+            approver_groups: vec!["db-admins".into()],
+            approved_by: vec![
+                "spiffe://td/user/bob".into(),
+                "spiffe://td/user/carol".into(),
+            ],
+        }),
+    };
+    let html = pages::grants(&[grant], 3_999_999_000);
+    assert!(html.contains("as oncall"), "{html}");
+    assert!(
+        html.contains("spiffe://td/user/bob, spiffe://td/user/carol (2/2)"),
+        "{html}"
+    );
 }
