@@ -133,6 +133,27 @@ async fn held_until_cut(addr: &str, limit: Duration) -> Option<Instant> {
     None
 }
 
+/// The console's HTTP status for the person whose minted SVID is in `svid_dir`.
+fn console_status(addr: &str, svid_dir: &Path) -> String {
+    let file = |f: &str| svid_dir.join(f).display().to_string();
+    let (_, out, err) = mayfly_tests::curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--cacert",
+        &file("bundle.pem"),
+        "--cert",
+        &file("svid.pem"),
+        "--key",
+        &file("svid.key"),
+        &format!("https://{addr}/graph"),
+    ]);
+    assert!(!out.is_empty(), "curl: {err}");
+    out.trim().to_owned()
+}
+
 fn json_of(out: &str) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
@@ -263,9 +284,24 @@ async fn admin_operations_over_mtls_need_an_approved_admin_grant_and_the_socket_
     let tmp = Arc::new(tempfile::tempdir().unwrap());
     let pol = tmp.path().join("policy.toml");
     std::fs::write(&pol, POLICY).unwrap();
-    let ca = Ca::start_with(&tmp, &["--policy", pol.to_str().unwrap()]);
+    // The console over TLS, its allow list naming nobody here: only an admin grant opens it.
+    let ui = mayfly_tests::free_port();
+    let ca = Ca::start_with(
+        &tmp,
+        &[
+            "--policy",
+            pol.to_str().unwrap(),
+            "--ui-listen",
+            &ui,
+            "--ui-tls",
+            "--ui-allow",
+            "spiffe://mayfly.local/nobody",
+        ],
+    );
     let dave = sign_in(&ca, tmp.path(), "dave", &["sre"], "5m");
     let erin = sign_in(&ca, tmp.path(), "erin", &["sre-leads"], "5m");
+    let console = |name: &str| console_status(&ui, &tmp.path().join(format!("{name}-svid")));
+    assert_eq!(console("dave"), "403", "no admin grant, no console");
 
     let (ok, _, err) = dave.run(&["admin", r#"{"op": "grant.list"}"#]);
     assert!(!ok && err.contains("no active admin grant"), "{err}");
@@ -298,6 +334,8 @@ async fn admin_operations_over_mtls_need_an_approved_admin_grant_and_the_socket_
     let (ok, out, err) = dave.run(&["admin", r#"{"op": "grant.list"}"#]);
     assert!(ok, "{err}");
     assert!(out.contains(&id), "{out}");
+    assert_eq!(console("dave"), "200", "the admin grant opens the console");
+    assert_eq!(console("erin"), "403", "erin holds no admin grant");
     // Erin holds no admin grant of her own.
     let (ok, _, err) = erin.run(&["admin", r#"{"op": "token.list"}"#]);
     assert!(!ok && err.contains("no active admin grant"), "{err}");
@@ -307,6 +345,7 @@ async fn admin_operations_over_mtls_need_an_approved_admin_grant_and_the_socket_
     assert!(ok, "{err}");
     let (ok, _, err) = dave.run(&["admin", r#"{"op": "grant.list"}"#]);
     assert!(!ok && err.contains("no active admin grant"), "{err}");
+    assert_eq!(console("dave"), "403", "revoked: the console closes again");
 
     // The socket still works, and each use is recorded as break-glass with the OS user.
     let (ok, out) = ca_cli(&ca.dir, &["grant", "list"]);

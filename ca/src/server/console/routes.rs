@@ -82,12 +82,13 @@ pub async fn handle(
     peer: Option<&SvidInfo>,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
-    if !allowed(&state.opts, peer) {
+    if !allowed(&state.opts, peer) && !holds_admin_grant(&state, peer).await {
         return with_headers(respond(
             StatusCode::FORBIDDEN,
             "text/plain; charset=utf-8",
             "forbidden: this console needs a client certificate whose SPIFFE ID is on its \
-             allow list (--ui-allow)\n"
+             allow list (--ui-allow), or a person's user SVID holding an active admin grant \
+             (mayfly access request --role admin)\n"
                 .into(),
         ));
     }
@@ -149,6 +150,26 @@ pub async fn handle(
             .observe(start.elapsed().as_secs_f64());
     }
     with_headers(resp)
+}
+
+/// Over TLS, a person's user SVID (still valid) that holds an active admin grant (an approved
+/// `role = "admin"` request) opens the console as an allow-listed ID does: the admin rules of
+/// `[[access.rule]]` decide who can see the mesh, and for minutes only.
+async fn holds_admin_grant(state: &Arc<State>, peer: Option<&SvidInfo>) -> bool {
+    let Some(peer) = peer.filter(|p| state.opts.tls && p.not_after > OffsetDateTime::now_utc())
+    else {
+        return false;
+    };
+    let (ca, peer) = (state.ca.clone(), peer.clone());
+    tokio::task::spawn_blocking(move || {
+        let person = crate::server::access::person(&ca, &peer).ok()?;
+        let admin = crate::server::access::admin_target(&ca);
+        crate::server::access::active_grant(&ca, &person.id, &admin).ok()?
+    })
+    .await
+    .ok()
+    .flatten()
+    .is_some()
 }
 
 fn decision_filter(q: &HashMap<String, String>) -> Option<String> {
