@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 
 pub mod mesh;
 pub mod netns;
+pub mod oidc;
 pub mod postgres;
 pub mod replicas;
 
@@ -33,6 +34,8 @@ pub fn bin(name: &str) -> PathBuf {
                 "mayfly-sidecar",
                 "--bin",
                 "quickstart",
+                "--bin",
+                "mayfly",
             ])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .status()

@@ -66,6 +66,8 @@ pub const KINDS: &[&str] = &[
     "grant.self_approval_refused",
     "endpoint.registered",
     "endpoint.removed",
+    "user.signed_in",
+    "user.sign_in_refused",
     "audit.anchor",
 ];
 
