@@ -394,7 +394,8 @@ async fn the_user_namespace_is_for_sign_in_only() {
         .await;
     assert!(
         matches!(&renew, Err(ClientError::Refused { status: 403, reason, .. }) if reason == "user_namespace"),
-        "{renew:?}"
+        "{:?}",
+        renew.map(|c| c.serial)
     );
     let reg = client
         .register_endpoints(bundles, creds, &["127.0.0.1:9".to_owned()])
