@@ -38,7 +38,13 @@ struct World {
     bundle: PathBuf,
 }
 
+/// A provider and a control plane trusting it through `--oidc-config` (JWK Set at most 1 s old).
 fn world() -> World {
+    world_with(false)
+}
+
+/// ... or through `--oidc-issuer` and `--oidc-client-id` (`flags`).
+fn world_with(flags: bool) -> World {
     let tmp = Arc::new(tempfile::tempdir().unwrap());
     let idp = Idp::start(tmp.path(), 3600);
     let cfg = tmp.path().join("oidc.toml");
@@ -50,7 +56,14 @@ fn world() -> World {
         ),
     )
     .unwrap();
-    let ca = Ca::start_with(&tmp, &["--oidc-config", cfg.to_str().unwrap()]);
+    let ca = if flags {
+        Ca::start_with(
+            &tmp,
+            &["--oidc-issuer", &idp.issuer, "--oidc-client-id", CLIENT_ID],
+        )
+    } else {
+        Ca::start_with(&tmp, &["--oidc-config", cfg.to_str().unwrap()])
+    };
     let out = Command::new(bin("mayfly-ca"))
         .args(["bundle", "show", "--format", "pem", "--data-dir"])
         .arg(&ca.dir)
@@ -249,7 +262,7 @@ async fn a_person_signs_in_by_device_flow_and_gets_a_user_svid_of_at_most_fiftee
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_signs_in_in_a_browser_with_pkce_on_a_loopback_redirect() {
-    let w = world();
+    let w = world_with(true);
     let (mut child, url, log) = start_login(&w, &["--browser"], "To sign in, open ");
     assert!(url.contains("code_challenge_method=S256"), "{url}");
     let page = w.idp.complete_browser_flow(&url, "bob").await.unwrap();
@@ -303,6 +316,26 @@ async fn id_tokens_from_another_issuer_for_another_audience_expired_or_forged_ar
             want.1
         );
     }
+    // The code flow's nonce must come back in the token.
+    let mut with_nonce = w.claims("alice");
+    with_nonce["nonce"] = json!("sent-by-this-sign-in");
+    let (client, bundles) = w.client();
+    let id = parse_id(&format!("spiffe://{TD}/user/alice")).unwrap();
+    let key = SecretKey::generate().unwrap();
+    let r = client
+        .user_svid(
+            bundles,
+            &w.idp.sign(&with_nonce),
+            Some("another"),
+            &key,
+            &id,
+        )
+        .await;
+    assert!(
+        matches!(&r, Err(ClientError::Refused { status: 401, reason, .. }) if reason == "wrong_nonce"),
+        "{:?}",
+        r.map(|s| s.spiffe_id)
+    );
     // The issuer is recorded when it can be read.
     assert!(
         w.events("user.sign_in_refused")
