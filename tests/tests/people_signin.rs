@@ -285,6 +285,9 @@ async fn id_tokens_from_another_issuer_for_another_audience_expired_or_forged_ar
     other_issuer["iss"] = json!("http://127.0.0.1:1/other");
     let mut other_audience = w.claims("alice");
     other_audience["aud"] = json!("someone-else");
+    // Several audiences: `azp` must name this client.
+    let mut shared = w.claims("alice");
+    shared["aud"] = json!([CLIENT_ID, "another-client"]);
     let mut expired = w.claims("alice");
     expired["exp"] = json!(now() - 120);
     let good = w.idp.sign(&w.claims("alice"));
@@ -301,6 +304,7 @@ async fn id_tokens_from_another_issuer_for_another_audience_expired_or_forged_ar
             "alice",
             (401, "wrong_audience"),
         ),
+        (w.idp.sign(&shared), "alice", (401, "wrong_audience")),
         (w.idp.sign(&expired), "alice", (401, "expired")),
         (forged, "alice", (401, "bad_signature")),
         (unsigned, "alice", (401, "malformed")),
