@@ -83,6 +83,30 @@ pub(super) struct RunArgs {
     /// (`kubectl get --raw /.well-known/openid-configuration`).
     #[arg(long, requires = "k8s_jwks")]
     k8s_issuer: Option<String>,
+    /// Sign-in: an OpenID Connect issuer people sign in with (`mayfly login`); its tokens'
+    /// `iss` exactly. https, or http on loopback only.
+    #[arg(long, requires = "oidc_client_id")]
+    oidc_issuer: Option<String>,
+    /// Sign-in: the OAuth client ID of `mayfly login` at --oidc-issuer (the ID tokens' audience).
+    #[arg(long, requires = "oidc_issuer")]
+    oidc_client_id: Option<String>,
+    /// Sign-in: a TOML file of `[[oidc]]` issuers (issuer, client_id, user_claim, groups_claim,
+    /// svid_ttl, jwks_max_age, ca_file); see the README's "People: sign in".
+    #[arg(long)]
+    oidc_config: Option<PathBuf>,
+}
+
+fn oidc(args: &RunArgs) -> Result<server::oidc::Verifier> {
+    use server::oidc::{IssuerConfig, OidcConfig};
+    let mut cfg = match &args.oidc_config {
+        Some(path) => OidcConfig::load(path).context("--oidc-config")?,
+        None => OidcConfig::default(),
+    };
+    if let (Some(issuer), Some(client_id)) = (&args.oidc_issuer, &args.oidc_client_id) {
+        cfg.add(IssuerConfig::new(issuer, client_id).context("--oidc-issuer")?)
+            .context("--oidc-issuer")?;
+    }
+    server::oidc::Verifier::new(&cfg).context("OpenID Connect issuers")
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -195,6 +219,7 @@ pub(super) async fn run(args: RunArgs) -> Result<()> {
             )),
             _ => None,
         },
+        oidc: std::sync::Arc::new(oidc(&args)?),
     };
     let running = server::start(RunOptions {
         data_dir: args.dir.data_dir.clone(),

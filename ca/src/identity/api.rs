@@ -109,6 +109,65 @@ pub struct SvidResponse {
     pub serial: String,
 }
 
+/// `POST`: a person's ID token (and a CSR for a key made on their machine) exchanged for a
+/// user SVID. TLS, no client certificate needed.
+pub const USER_SVID_PATH: &str = "/v1/user/svid";
+/// `GET`, no authentication: the OpenID Connect issuers and client IDs people sign in with.
+pub const OIDC_PATH: &str = "/v1/oidc";
+
+/// `POST /v1/user/svid` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserSvidRequest {
+    /// The ID token, compact JWS.
+    pub id_token: String,
+    /// The CSR for `spiffe://<td>/user/<name>`, DER, base64 (standard alphabet).
+    pub csr: String,
+    /// The `nonce` the sign-in sent, when its flow used one (authorization code).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+}
+
+/// `POST /v1/user/svid` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserSvidResponse {
+    /// The user SVID's ID.
+    pub spiffe_id: String,
+    /// Leaf first, then intermediates; DER, base64.
+    pub chain: Vec<String>,
+    /// The trust bundle (SPIFFE JWK Set).
+    pub bundle: serde_json::Value,
+    /// The SVID's NotAfter (unix seconds).
+    pub not_after: i64,
+    /// The issuer signed in with.
+    pub issuer: String,
+    /// When the sign-in expires (the ID token's `exp`, unix seconds).
+    pub sign_in_expires: i64,
+}
+
+/// One issuer of `GET /v1/oidc`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OidcIssuer {
+    /// The issuer identifier.
+    pub issuer: String,
+    /// The client ID to sign in as.
+    pub client_id: String,
+    /// The claim naming the user: the user SVID is `spiffe://<td>/user/<its value>`.
+    #[serde(default = "default_user_claim")]
+    pub user_claim: String,
+}
+
+fn default_user_claim() -> String {
+    "sub".into()
+}
+
+/// `GET /v1/oidc` answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OidcIssuers {
+    /// Every issuer the control plane trusts (empty: sign-in is off).
+    pub issuers: Vec<OidcIssuer>,
+}
+
 /// Any error answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {

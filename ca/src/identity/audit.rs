@@ -74,6 +74,8 @@ pub const KINDS: &[&str] = &[
     "access.refused",
     "endpoint.registered",
     "endpoint.removed",
+    "user.signed_in",
+    "user.sign_in_refused",
     "audit.anchor",
 ];
 

@@ -80,6 +80,43 @@ pub fn is_reserved(id: &SpiffeId) -> bool {
     first.is_some_and(|s| s.eq_ignore_ascii_case(RESERVED_SEGMENT))
 }
 
+/// The first path segment of people's identities (`spiffe://<td>/user/<name>`): issued only in
+/// exchange for a verified sign-in with an identity provider (and by `svid mint`, the
+/// administrator's offline break-glass), never by join token, attestation or renewal.
+pub const USER_SEGMENT: &str = "user";
+
+/// Whether `id` names a person: its first path segment is `user` in any ASCII case (as for
+/// [`is_reserved`], a look-alike spelling is kept back too).
+pub fn is_user(id: &SpiffeId) -> bool {
+    let first = id.path().trim_start_matches('/').split('/').next();
+    first.is_some_and(|s| s.eq_ignore_ascii_case(USER_SEGMENT))
+}
+
+/// Why a sign-in's claim cannot name a user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} cannot be a SPIFFE path segment (1 to 255 of the letters, digits, '.', '-' and '_', not \".\" or \"..\"): map another claim with user_claim"
+)]
+pub struct NotASegment(pub String);
+
+/// The user SPIFFE ID `spiffe://<td>/user/<name>` for a sign-in's mapped claim. `name` must be
+/// one valid path segment as it is: nothing is rewritten, so two people can never be folded
+/// into one ID.
+pub fn user_id(td: &TrustDomain, name: &str) -> Result<SpiffeId, NotASegment> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if !ok {
+        return Err(NotASegment(shown(name)));
+    }
+    parse_workload_id(&format!("spiffe://{td}/{USER_SEGMENT}/{name}"))
+        .map_err(|_| NotASegment(shown(name)))
+}
+
 const SCHEME: &str = "spiffe://";
 
 fn shown(s: &str) -> String {
@@ -290,5 +327,29 @@ mod tests {
             let s = format!("spiffe://{td}/{}", segs.join("/"));
             proptest::prop_assert!(parse_workload_id(&s).is_ok(), "{}", s);
         }
+    }
+
+    #[test]
+    fn a_user_id_takes_one_valid_segment_as_it_is_and_refuses_anything_else() {
+        let td = parse_trust_domain("td").unwrap_or_else(|e| panic!("{e}"));
+        let id = user_id(&td, "alice.b-c_9").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(id.to_string(), "spiffe://td/user/alice.b-c_9");
+        assert!(is_user(&id));
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "alice@example.com",
+            "a b",
+            "é",
+            &"x".repeat(256),
+        ] {
+            assert!(user_id(&td, bad).is_err(), "{bad:?}");
+        }
+        let not = parse_id("spiffe://td/users/x").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!is_user(&not));
+        let look_alike = parse_id("spiffe://td/User/x").unwrap_or_else(|e| panic!("{e}"));
+        assert!(is_user(&look_alike));
     }
 }

@@ -19,6 +19,7 @@ pub mod exposition;
 pub mod id;
 pub mod jwt;
 pub mod keys;
+pub mod oidc;
 pub mod report;
 pub mod signing;
 pub mod svid;

@@ -27,7 +27,9 @@ use crate::api::{self, ErrorBody, SvidRequest, SvidResponse};
 use crate::svid::SvidInfo;
 use crate::verify::{SpiffeClientVerifier, describe_tls_error, peer_identity};
 
-fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+mod signin;
+
+pub(super) fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -40,7 +42,7 @@ fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 /// Reads a request body of at most `limit` bytes within the client timeout; otherwise the
 /// answer to send (408, or 413 counted as a `body_too_large` refusal). `what` names the body
 /// in the 413's text.
-async fn read_body(
+pub(super) async fn read_body(
     ca: &Ca,
     body: Incoming,
     limit: usize,
@@ -61,7 +63,7 @@ async fn read_body(
     }
 }
 
-fn error(status: u16, reason: &str, msg: String) -> Response<Full<Bytes>> {
+pub(super) fn error(status: u16, reason: &str, msg: String) -> Response<Full<Bytes>> {
     let body = serde_json::to_string(&ErrorBody {
         error: msg,
         reason: reason.to_owned(),
@@ -232,9 +234,13 @@ pub async fn handle(
         (&Method::PUT | &Method::DELETE, api::ENDPOINTS_PATH) => {
             endpoints(ca.clone(), peer, req).await
         }
+        (&Method::POST, api::USER_SVID_PATH) => signin::user_svid(ca.clone(), addr, req).await,
+        (&Method::GET, api::OIDC_PATH) => signin::issuers(&ca),
         (
             _,
             api::BUNDLE_PATH
+            | api::USER_SVID_PATH
+            | api::OIDC_PATH
             | api::SVID_PATH
             | api::JWTSVID_PATH
             | api::AUDIT_PATH
@@ -258,6 +264,7 @@ pub async fn handle(
         | api::SVID_PATH
         | api::JWTSVID_PATH
         | api::AUDIT_PATH
+        | api::USER_SVID_PATH
         | api::ENDPOINTS_PATH => path,
         _ => "other".to_owned(),
     };
@@ -282,6 +289,9 @@ async fn endpoints(
             "endpoint registration needs mTLS with a valid SVID".into(),
         );
     };
+    if let Some(refused) = signin::not_a_person(&ca, &peer.id) {
+        return refused;
+    }
     let put = req.method() == Method::PUT;
     let body = match read_body(&ca, req.into_body(), api::MAX_BODY, "request body").await {
         Ok(b) => b,

@@ -29,6 +29,7 @@ pub mod distribution;
 pub mod http;
 pub mod metrics;
 pub mod migrate;
+pub mod oidc;
 pub mod policy;
 pub mod registry;
 pub mod replay;

@@ -27,11 +27,13 @@ mod endpoints;
 mod jwt;
 mod people;
 mod replicas;
+mod user;
 mod watch;
 
 pub use audit_session::AuditSession;
 pub use replicas::CONNECT_TIMEOUT;
 use replicas::{Candidate, Replicas, all_failed, fails_over};
+pub use user::UserSvid;
 
 use crate::identity::api::{self, ErrorBody, SvidRequest, SvidResponse};
 use crate::identity::bundle::{BundleError, BundleSet, TrustBundle};

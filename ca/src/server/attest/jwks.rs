@@ -1,9 +1,8 @@
 //! JWK Sets: parsing the cluster issuer's keys (RSA, EC P-256 and P-384 signing keys) and
-//! checking a signature with one.
+//! checking a signature with one, by `jsonwebtoken` (on aws-lc-rs, the tree's one provider).
 
 use std::path::PathBuf;
 
-use aws_lc_rs::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::Value;
@@ -61,6 +60,16 @@ impl Alg {
         })
     }
 
+    fn jwt(self) -> jsonwebtoken::Algorithm {
+        match self {
+            Alg::Rs256 => jsonwebtoken::Algorithm::RS256,
+            Alg::Rs384 => jsonwebtoken::Algorithm::RS384,
+            Alg::Rs512 => jsonwebtoken::Algorithm::RS512,
+            Alg::Es256 => jsonwebtoken::Algorithm::ES256,
+            Alg::Es384 => jsonwebtoken::Algorithm::ES384,
+        }
+    }
+
     pub(super) fn name(self) -> &'static str {
         match self {
             Alg::Rs256 => "RS256",
@@ -78,17 +87,28 @@ pub(super) enum Curve {
     P384,
 }
 
-#[derive(Debug, Clone)]
-pub(super) enum KeyMaterial {
-    Rsa { n: Vec<u8>, e: Vec<u8> },
-    Ec { curve: Curve, point: Vec<u8> },
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum KeyType {
+    Rsa,
+    Ec(Curve),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(super) struct Jwk {
     pub(super) kid: Option<String>,
     pub(super) alg: Option<String>,
-    pub(super) key: KeyMaterial,
+    pub(super) kind: KeyType,
+    pub(super) key: jsonwebtoken::DecodingKey,
+}
+
+impl std::fmt::Debug for Jwk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jwk")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Jwk {
@@ -97,50 +117,17 @@ impl Jwk {
             return false;
         }
         matches!(
-            (&self.key, alg),
-            (
-                KeyMaterial::Rsa { .. },
-                Alg::Rs256 | Alg::Rs384 | Alg::Rs512
-            ) | (
-                KeyMaterial::Ec {
-                    curve: Curve::P256,
-                    ..
-                },
-                Alg::Es256
-            ) | (
-                KeyMaterial::Ec {
-                    curve: Curve::P384,
-                    ..
-                },
-                Alg::Es384
-            )
+            (self.kind, alg),
+            (KeyType::Rsa, Alg::Rs256 | Alg::Rs384 | Alg::Rs512)
+                | (KeyType::Ec(Curve::P256), Alg::Es256)
+                | (KeyType::Ec(Curve::P384), Alg::Es384)
         )
     }
 
-    pub(super) fn verify(&self, alg: Alg, msg: &[u8], sig: &[u8]) -> bool {
-        match &self.key {
-            KeyMaterial::Rsa { n, e } => {
-                let params = match alg {
-                    Alg::Rs256 => &signature::RSA_PKCS1_2048_8192_SHA256,
-                    Alg::Rs384 => &signature::RSA_PKCS1_2048_8192_SHA384,
-                    Alg::Rs512 => &signature::RSA_PKCS1_2048_8192_SHA512,
-                    _ => return false,
-                };
-                RsaPublicKeyComponents { n, e }
-                    .verify(params, msg, sig)
-                    .is_ok()
-            }
-            KeyMaterial::Ec { point, .. } => {
-                let algorithm = match alg {
-                    Alg::Es256 => &signature::ECDSA_P256_SHA256_FIXED,
-                    Alg::Es384 => &signature::ECDSA_P384_SHA384_FIXED,
-                    _ => return false,
-                };
-                UnparsedPublicKey::new(algorithm, point)
-                    .verify(msg, sig)
-                    .is_ok()
-            }
-        }
+    /// Whether `sig` (base64url, as in the token) is this key's signature of `msg` by `alg`.
+    pub(super) fn verify(&self, alg: Alg, msg: &[u8], sig: &str) -> bool {
+        self.suits(alg)
+            && jsonwebtoken::crypto::verify(sig, msg, &self.key, alg.jwt()).unwrap_or(false)
     }
 }
 
@@ -179,7 +166,7 @@ pub(super) fn parse_jwks(text: &str) -> Result<Vec<Jwk>, JwksError> {
             continue;
         }
         let bad = |m: String| JwksError::Parse(format!("keys[{i}]: {m}"));
-        let key = match s("kty") {
+        let (kind, key) = match s("kty") {
             Some("RSA") => {
                 let n = b64("n", s("n").unwrap_or_default()).map_err(|e| bad(e.to_string()))?;
                 let e = b64("e", s("e").unwrap_or_default()).map_err(|e| bad(e.to_string()))?;
@@ -188,7 +175,10 @@ pub(super) fn parse_jwks(text: &str) -> Result<Vec<Jwk>, JwksError> {
                         "keys[{i}]: RSA key without n or e"
                     )));
                 }
-                KeyMaterial::Rsa { n, e }
+                (
+                    KeyType::Rsa,
+                    jsonwebtoken::DecodingKey::from_rsa_raw_components(&n, &e),
+                )
             }
             Some("EC") => {
                 let (curve, len) = match s("crv") {
@@ -203,17 +193,19 @@ pub(super) fn parse_jwks(text: &str) -> Result<Vec<Jwk>, JwksError> {
                         "keys[{i}]: EC coordinates must be {len} bytes"
                     )));
                 }
-                let mut point = Vec::with_capacity(1 + 2 * len);
-                point.push(0x04);
-                point.extend_from_slice(&x);
-                point.extend_from_slice(&y);
-                KeyMaterial::Ec { curve, point }
+                let key = jsonwebtoken::DecodingKey::from_ec_components(
+                    s("x").unwrap_or_default(),
+                    s("y").unwrap_or_default(),
+                )
+                .map_err(|e| bad(e.to_string()))?;
+                (KeyType::Ec(curve), key)
             }
             _ => continue,
         };
         out.push(Jwk {
             kid: s("kid").map(str::to_owned),
             alg: s("alg").map(str::to_owned),
+            kind,
             key,
         });
     }

@@ -3,7 +3,7 @@
 //! A pod's sidecar sends the projected service-account token the kubelet mounts for it
 //! (audience `mayfly`, 10-minute life, refreshed by the kubelet). The control plane verifies
 //! it offline, against the cluster issuer's JWK Set (`kubectl get --raw /openid/v1/jwks`), with
-//! aws-lc-rs: no TokenReview call, so no RBAC and no API-server dependency on the issuance path.
+//! `jsonwebtoken` on aws-lc-rs: no TokenReview call, so no RBAC and no API-server dependency on the issuance path.
 //! A good token proves `spiffe://<td>/ns/<namespace>/sa/<service account>`.
 //!
 //! What is checked, in this order: shape and size, header (`alg` in RS256/384/512,
@@ -223,7 +223,8 @@ impl K8sAttestor {
             Some(Value::String(k)) => Some(k.as_str()),
             Some(_) => return Err(AttestError::Malformed("kid is not a string".into())),
         };
-        let sig = b64("signature", s).map_err(|e| AttestError::Malformed(e.to_string()))?;
+        // Checked here so a bad encoding is `malformed`, not a signature that fails.
+        b64("signature", s).map_err(|e| AttestError::Malformed(e.to_string()))?;
         let keys = self.keys();
         let candidates: Vec<&Jwk> = keys
             .iter()
@@ -237,7 +238,7 @@ impl K8sAttestor {
             }));
         }
         let signed = &token.as_bytes()[..h.len() + 1 + p.len()];
-        if !candidates.iter().any(|k| k.verify(alg, signed, &sig)) {
+        if !candidates.iter().any(|k| k.verify(alg, signed, s)) {
             return Err(AttestError::BadSignature);
         }
         // Only a signed payload is looked at.

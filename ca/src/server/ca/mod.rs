@@ -16,6 +16,7 @@ mod jwt;
 mod pending;
 mod refusal;
 mod settings;
+mod user;
 pub use refusal::{Caller, Refusal};
 pub use settings::{CaSettings, DEFAULT_MAX_CONNECTIONS};
 
@@ -23,7 +24,7 @@ pub use pending::Pending;
 
 use super::metrics::{AuthorityLabel, KindLabel, Metrics};
 use crate::identity::bundle::{BundleSet, DEFAULT_REFRESH_HINT, TrustBundle};
-use crate::identity::id::{SpiffeId, parse_id, parse_workload_id};
+use crate::identity::id::{SpiffeId, is_user, parse_id, parse_workload_id};
 use crate::identity::keys::SecretKey;
 use crate::identity::signing::authority::{Authorities, Change, Role};
 use crate::identity::signing::issue::{
@@ -60,6 +61,11 @@ pub enum TokenCreateError {
         /// This control plane's trust domain.
         trust_domain: String,
     },
+    /// The SPIFFE ID names a person: only a sign-in yields those.
+    #[error(
+        "{0} is a person's identity (/user/...): people sign in with `mayfly login`; no join token is made for it"
+    )]
+    User(String),
     /// There is no active root CA to pin.
     #[error("no active root")]
     NoActiveRoot,
@@ -454,6 +460,10 @@ impl Ca {
                 if info.id.trust_domain() != self.bundle.load().trust_domain() {
                     return Err(Refusal::ForeignPeer(info.id.to_string()));
                 }
+                // A user SVID is renewed only by a still-valid sign-in (POST /v1/user/svid).
+                if is_user(&info.id) {
+                    return Err(Refusal::UserNamespace(info.id.to_string()));
+                }
                 (info.id.clone(), format!("svid:{}", info.serial), "renewal")
             }
             Caller::Token(text) => {
@@ -471,6 +481,9 @@ impl Ca {
                 }
                 let id = parse_workload_id(&rec.spiffe_id)
                     .map_err(|e| Refusal::Store(StoreError::Corrupt(e.to_string())))?;
+                if is_user(&id) {
+                    return Err(Refusal::UserNamespace(rec.spiffe_id));
+                }
                 claim = Some(TokenClaim {
                     id: rec.id.clone(),
                     hash: token.hash(),
@@ -518,6 +531,9 @@ impl Ca {
         // The control plane's namespace is never handed out: a token for it would let its
         // holder serve sidecars as their control plane.
         let id = crate::identity::id::parse_issuable_id(id)?;
+        if is_user(&id) {
+            return Err(TokenCreateError::User(id.to_string()));
+        }
         if ttl > self.settings.token_max_ttl || ttl.is_zero() {
             return Err(TokenCreateError::Ttl {
                 max: self.settings.token_max_ttl,

@@ -48,6 +48,14 @@ pub enum Refusal {
     /// A JWT-SVID cannot be minted as asked.
     #[error(transparent)]
     Jwt(#[from] crate::identity::jwt::JwtError),
+    /// A sign-in is not acceptable.
+    #[error(transparent)]
+    SignIn(#[from] crate::server::oidc::SignInError),
+    /// A person's identity asked for something only workloads do (renewal, a join token).
+    #[error(
+        "{0} is a person's identity: it is obtained only by signing in (mayfly login), never renewed or bootstrapped"
+    )]
+    UserNamespace(String),
 }
 
 impl Refusal {
@@ -60,7 +68,8 @@ impl Refusal {
             | Refusal::K8s(_) => 401,
             Refusal::Jwt(crate::identity::jwt::JwtError::Audience(_)) => 400,
             Refusal::Jwt(_) => 500,
-            Refusal::ForeignPeer(_) => 403,
+            Refusal::ForeignPeer(_) | Refusal::UserNamespace(_) => 403,
+            Refusal::SignIn(e) => e.status(),
             Refusal::Issue(
                 IssueError::WrongId { .. }
                 | IssueError::Reserved(_)
@@ -89,6 +98,8 @@ impl Refusal {
             Refusal::Store(StoreError::Unwritable(_)) => "store_unavailable",
             Refusal::Store(_) | Refusal::RotationContended => "internal",
             Refusal::K8s(e) => e.reason(),
+            Refusal::SignIn(e) => e.reason(),
+            Refusal::UserNamespace(_) => "user_namespace",
             Refusal::Jwt(crate::identity::jwt::JwtError::Audience(_)) => "bad_audience",
             Refusal::Jwt(_) => "internal",
         }

@@ -25,6 +25,8 @@ pub struct CaSettings {
     pub endpoint_lease: Duration,
     /// Kubernetes service-account token attestation (`--k8s-jwks`, `--k8s-issuer`), if on.
     pub k8s: Option<Arc<crate::server::attest::K8sAttestor>>,
+    /// The OpenID Connect issuers people sign in with (`--oidc-*`); none by default.
+    pub oidc: Arc<crate::server::oidc::Verifier>,
 }
 
 /// Default of `--max-connections`. Each sidecar holds two long-lived connections (the watch
@@ -43,6 +45,7 @@ impl Default for CaSettings {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             endpoint_lease: crate::server::registry::DEFAULT_LEASE,
             k8s: None,
+            oidc: Arc::default(),
         }
     }
 }
