@@ -128,7 +128,7 @@ enum Cmd {
         exist_ok: bool,
     },
     /// Run the control plane.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// SVIDs for workloads outside the mesh.
     #[command(subcommand)]
     Svid(svid::SvidCmd),
@@ -175,7 +175,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<()> {
             intermediate_ttl,
             exist_ok,
         } => ca::init(&dir, &trust_domain, root_ttl, intermediate_ttl, exist_ok),
-        Cmd::Run(args) => run::run(args).await,
+        Cmd::Run(args) => run::run(*args).await,
         Cmd::Svid(cmd) => svid::run(cmd),
         Cmd::Bundle(cmd) => ca::bundle(cmd),
         Cmd::Ca(cmd) => ca::status(cmd),

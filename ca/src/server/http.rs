@@ -27,6 +27,7 @@ use crate::api::{self, ErrorBody, SvidRequest, SvidResponse};
 use crate::svid::SvidInfo;
 use crate::verify::{SpiffeClientVerifier, describe_tls_error, peer_identity};
 
+mod endpoints;
 mod signin;
 
 pub(super) fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -232,7 +233,7 @@ pub async fn handle(
         (&Method::POST, api::JWTSVID_PATH) => jwt_svid(ca.clone(), peer, req).await,
         (&Method::GET, api::WATCH_PATH) => return watch(ca.clone(), peer, req.headers()),
         (&Method::PUT | &Method::DELETE, api::ENDPOINTS_PATH) => {
-            endpoints(ca.clone(), peer, req).await
+            endpoints::endpoints(ca.clone(), peer, req).await
         }
         (&Method::POST, api::USER_SVID_PATH) => signin::user_svid(ca.clone(), addr, req).await,
         (&Method::GET, api::OIDC_PATH) => signin::issuers(&ca),
@@ -273,100 +274,6 @@ pub async fn handle(
         .get_or_create(&PathLabel { path: label })
         .observe(start.elapsed().as_secs_f64());
     resp.map(BodyExt::boxed)
-}
-
-/// `PUT` / `DELETE /v1/endpoints`: the caller's own endpoints, filed under its certificate's
-/// SPIFFE ID (the body cannot name one); a registration's lease never outlives that certificate.
-async fn endpoints(
-    ca: Arc<Ca>,
-    peer: Option<SvidInfo>,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    let Some(peer) = peer else {
-        return error(
-            401,
-            "unauthenticated",
-            "endpoint registration needs mTLS with a valid SVID".into(),
-        );
-    };
-    if let Some(refused) = signin::not_a_person(&ca, &peer.id) {
-        return refused;
-    }
-    let put = req.method() == Method::PUT;
-    let body = match read_body(&ca, req.into_body(), api::MAX_BODY, "request body").await {
-        Ok(b) => b,
-        Err(refused) => return refused,
-    };
-    let parsed: api::EndpointsRequest = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            ca.metrics.refuse("bad_request");
-            return error(
-                400,
-                "bad_request",
-                format!(
-                    "expected {{\"endpoints\": [\"HOST:PORT\", ...]}} (the SPIFFE ID is your certificate's): {e}"
-                ),
-            );
-        }
-    };
-    let id = peer.id.to_string();
-    let now = time::OffsetDateTime::now_utc();
-    let lease = ca
-        .settings()
-        .endpoint_lease
-        .min(super::registry::MAX_LEASE)
-        .min(Duration::try_from(peer.not_after - now).unwrap_or_default());
-    // The registry is in the store: blocking work.
-    let (ca2, id2, addresses) = (ca.clone(), id.clone(), parsed.endpoints.clone());
-    let result = tokio::task::spawn_blocking(move || {
-        if put {
-            ca2.registry.register(&id2, &addresses, now + lease, now)
-        } else {
-            ca2.registry.remove(&id2, &addresses, now)
-        }
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err(super::registry::RegistryError::Store(format!(
-            "registry task failed: {e}"
-        )))
-    });
-    let changed = match result {
-        Ok(c) => c,
-        Err(e) => {
-            ca.metrics.refuse(e.reason());
-            return error(e.status(), e.reason(), e.to_string());
-        }
-    };
-    if !changed.is_empty() {
-        let (kind, why) = if put {
-            ("endpoint.registered", "registered")
-        } else {
-            ("endpoint.removed", "deregistered")
-        };
-        tracing::info!(spiffe_id = %id, endpoints = %changed.join(","), "endpoint {why}");
-        let (ca2, id2, addrs) = (ca.clone(), id.clone(), changed.clone());
-        let _ = tokio::task::spawn_blocking(move || {
-            for a in addrs {
-                ca2.event(
-                    kind,
-                    serde_json::json!({ "spiffe_id": id2, "address": a, "why": why }),
-                );
-            }
-        })
-        .await;
-    }
-    let body = if put {
-        serde_json::to_string(&api::EndpointsResponse {
-            spiffe_id: id,
-            endpoints: super::registry::checked(&parsed.endpoints).unwrap_or_default(),
-            lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
-        })
-    } else {
-        serde_json::to_string(&serde_json::json!({ "spiffe_id": id, "removed": changed }))
-    };
-    json_response(StatusCode::OK, body.unwrap_or_default())
 }
 
 /// `POST /v1/jwtsvid`: a JWT-SVID for the caller's certificate's SPIFFE ID (a `spiffe_id` in
