@@ -393,7 +393,7 @@ async fn an_svid_from_the_exchange_never_outlives_the_id_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_user_namespace_is_for_sign_in_only() {
+async fn the_user_namespace_is_for_sign_in_only_and_a_person_never_acts_as_a_workload() {
     let w = world();
     // No join token for a person.
     let out = Command::new(bin("mayfly-ca"))
@@ -435,11 +435,26 @@ async fn the_user_namespace_is_for_sign_in_only() {
         renew.map(|c| c.serial)
     );
     let reg = client
-        .register_endpoints(bundles, creds, &["127.0.0.1:9".to_owned()])
+        .register_endpoints(bundles.clone(), creds.clone(), &["127.0.0.1:9".to_owned()])
         .await;
     assert!(
         matches!(&reg, Err(ClientError::Refused { status: 403, reason, .. }) if reason == "user_namespace"),
         "{reg:?}"
+    );
+    // Nor mints bearer tokens, nor follows the mesh's snapshot (endpoints, grants, policy).
+    let jwt = client
+        .fetch_jwt_svid(bundles.clone(), creds.clone(), &["db".to_owned()])
+        .await;
+    assert!(
+        matches!(&jwt, Err(ClientError::Refused { status: 403, reason, .. }) if reason == "user_namespace"),
+        "{:?}",
+        jwt.map(|_| "a JWT-SVID")
+    );
+    let (tx, _rx) = tokio::sync::mpsc::channel(4);
+    let watch = client.watch(bundles, creds, tx).await;
+    assert!(
+        matches!(&watch, Err(ClientError::Refused { status: 403, reason, .. }) if reason == "user_namespace"),
+        "{watch:?}"
     );
 
     // The administrator's offline break-glass still mints one.

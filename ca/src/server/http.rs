@@ -142,6 +142,9 @@ fn watch(ca: Arc<Ca>, peer: Option<SvidInfo>, headers: &http::HeaderMap) -> Resp
         )
         .map(BodyExt::boxed);
     };
+    if let Some(refused) = signin::not_a_person(&ca, &peer.id, "opens no watch stream") {
+        return refused.map(BodyExt::boxed);
+    }
     let ids = match upstreams(headers) {
         Ok(ids) => Arc::new(ids),
         Err(e) => return error(400, "bad_request", e).map(BodyExt::boxed),
@@ -291,6 +294,9 @@ async fn jwt_svid(
             "a JWT-SVID needs mTLS with your current SVID".into(),
         );
     };
+    if let Some(refused) = signin::not_a_person(&ca, &peer.id, "gets no JWT-SVIDs") {
+        return refused;
+    }
     let body = match read_body(&ca, req.into_body(), api::MAX_BODY, "request body").await {
         Ok(b) => b,
         Err(refused) => return refused,

@@ -27,7 +27,7 @@ pub(super) async fn endpoints(
             "endpoint registration needs mTLS with a valid SVID".into(),
         );
     };
-    if let Some(refused) = super::signin::not_a_person(&ca, &peer.id) {
+    if let Some(refused) = super::signin::not_a_person(&ca, &peer.id, "registers no endpoints") {
         return refused;
     }
     let put = req.method() == Method::PUT;

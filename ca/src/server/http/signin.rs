@@ -17,11 +17,15 @@ use crate::api::{self, OidcIssuer, OidcIssuers, UserSvidRequest, UserSvidRespons
 use crate::server::ca::Ca;
 use crate::server::oidc::peek_issuer;
 
-/// A refusal if `id` is a person's: people reach services, they never serve as one (no
-/// endpoint registration).
+/// A refusal if `id` is a person's: people reach services through their grants, they never
+/// act as a workload. `what` completes "it ...": no endpoint registration (it serves nothing),
+/// no JWT-SVIDs (a bearer token would outlive the connection a grant admits), no watch stream
+/// (the mesh's endpoints, grants and policy are a workload's to know; a person asks for one
+/// service's endpoints under a grant).
 pub(super) fn not_a_person(
     ca: &Ca,
     id: &crate::identity::id::SpiffeId,
+    what: &str,
 ) -> Option<Response<Full<Bytes>>> {
     if !crate::identity::id::is_user(id) {
         return None;
@@ -30,7 +34,7 @@ pub(super) fn not_a_person(
     Some(error(
         403,
         "user_namespace",
-        format!("{id} is a person's identity: it registers no endpoints"),
+        format!("{id} is a person's identity: it {what}"),
     ))
 }
 
