@@ -335,6 +335,20 @@ async fn admin_operations_over_mtls_need_an_approved_admin_grant_and_the_socket_
     assert!(ok, "{err}");
     assert!(out.contains(&id), "{out}");
     assert_eq!(console("dave"), "200", "the admin grant opens the console");
+    // The policy in force and the audit export, over mTLS too.
+    let (ok, out, err) = dave.run(&["admin", r#"{"op": "policy.show"}"#]);
+    assert!(ok && out.contains("access.rule"), "{out}{err}");
+    let (ok, out, err) = dave.run(&[
+        "admin",
+        r#"{"op": "audit.query", "kind": "access.approved", "limit": 10}"#,
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&id) && out.contains(erin.id.as_str()),
+        "the export shows erin's approval of {id}: {out}"
+    );
+    let (ok, _, err) = dave.run(&["admin", r#"{"op": "audit.query", "limit": 0}"#]);
+    assert!(!ok && err.contains("limit"), "{err}");
     assert_eq!(console("erin"), "403", "erin holds no admin grant");
     // Erin holds no admin grant of her own.
     let (ok, _, err) = erin.run(&["admin", r#"{"op": "token.list"}"#]);

@@ -64,7 +64,43 @@ pub enum AdminRequest {
     /// The live endpoints in the registry.
     #[serde(rename = "endpoints.list")]
     EndpointsList,
+    /// The policy in force: the newest published (version, source, when, by whom).
+    #[serde(rename = "policy.show")]
+    PolicyShow,
+    /// Audit records matching a filter, oldest first: the audit export.
+    #[serde(rename = "audit.query")]
+    AuditQuery(AuditQuery),
 }
+
+/// The filter of an `audit.query` (every field optional).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// From (Unix ms, inclusive).
+    #[serde(default)]
+    pub since_ms: Option<i64>,
+    /// Until (Unix ms, exclusive).
+    #[serde(default)]
+    pub until_ms: Option<i64>,
+    /// The calling side's SPIFFE ID.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The called side's SPIFFE ID.
+    #[serde(default)]
+    pub destination: Option<String>,
+    /// `allow` or `deny`.
+    #[serde(default)]
+    pub decision: Option<String>,
+    /// Record kind.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Most records (default 100, at most [`MAX_AUDIT_EXPORT`]).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// The most records one `audit.query` returns (page with `since_ms`).
+pub const MAX_AUDIT_EXPORT: u32 = 10_000;
 
 /// An admin answer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -91,6 +127,8 @@ impl AdminRequest {
             AdminRequest::GrantDecide { .. } => "grant.decide",
             AdminRequest::GrantList => "grant.list",
             AdminRequest::EndpointsList => "endpoints.list",
+            AdminRequest::PolicyShow => "policy.show",
+            AdminRequest::AuditQuery(_) => "audit.query",
         }
     }
 }
@@ -195,6 +233,46 @@ pub(super) fn dispatch(ca: &Ca, who: &str, req: AdminRequest) -> AdminResponse {
             Ok(a) => ok(super::status_json(&a)),
             Err(e) => err(e.to_string()),
         },
+        AdminRequest::PolicyShow => match ca.store().policy() {
+            Ok(Some(p)) => ok(json!({
+                "version": p.version, "source": p.source,
+                "published_at": p.published_at, "published_by": p.published_by,
+            })),
+            Ok(None) => err("no policy is published (start the control plane with --policy)"),
+            Err(e) => err(e.to_string()),
+        },
+        AdminRequest::AuditQuery(q) => audit_query(ca, q),
+    }
+}
+
+fn audit_query(ca: &Ca, q: AuditQuery) -> AdminResponse {
+    if let Some(d) = q.decision.as_deref()
+        && !crate::identity::audit::DECISIONS.contains(&d)
+    {
+        return err(format!("decision must be allow or deny, not {d:?}"));
+    }
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_AUDIT_EXPORT {
+        return err(format!("limit must be 1..={MAX_AUDIT_EXPORT}"));
+    }
+    let filter = crate::server::store::AuditFilter {
+        since_ms: q.since_ms,
+        until_ms: q.until_ms,
+        source: q.source,
+        destination: q.destination,
+        decision: q.decision,
+        kind: q.kind,
+        limit,
+        ..Default::default()
+    };
+    match ca.store().audit_query(&filter) {
+        Ok(lines) => ok(Value::Array(
+            lines
+                .iter()
+                .filter_map(|l| serde_json::from_slice(l).ok())
+                .collect(),
+        )),
+        Err(e) => err(e.to_string()),
     }
 }
 
