@@ -140,6 +140,31 @@ pub struct ClassLabels {
 /// Every status class an upstream response is counted under.
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 
+/// The label sets of one endpoint of one upstream, one per status class and one for its
+/// latency: built when the endpoint is first answered, so that an attempt allocates none.
+#[derive(Debug)]
+pub struct EndpointSeries {
+    endpoint: EndpointLabels,
+    classes: [ClassLabels; 6],
+}
+
+impl EndpointSeries {
+    /// The label sets of `endpoint` under `upstream`.
+    pub fn new(upstream: &str, endpoint: &str) -> Self {
+        Self {
+            endpoint: EndpointLabels {
+                upstream: upstream.to_owned(),
+                endpoint: endpoint.to_owned(),
+            },
+            classes: CLASSES.map(|class| ClassLabels {
+                upstream: upstream.to_owned(),
+                endpoint: endpoint.to_owned(),
+                class: class.to_owned(),
+            }),
+        }
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms to ~16 s.
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
@@ -206,26 +231,16 @@ impl UpstreamMetrics {
         );
     }
 
-    /// Counts an attempt's answer (`status`, or `None`: no answer) after `secs`.
-    pub fn answered(&self, upstream: &str, endpoint: &str, status: Option<u16>, secs: f64) {
+    /// Counts an attempt's answer (`status`, or `None`: no answer) after `secs`, under the
+    /// endpoint's label sets (built once per endpoint, not per attempt).
+    pub fn answered(&self, series: &EndpointSeries, status: Option<u16>, secs: f64) {
         let class = match status {
-            Some(s @ 100..=599) => CLASSES[(s / 100 - 1) as usize],
-            _ => "error",
+            Some(s @ 100..=599) => (s / 100 - 1) as usize,
+            _ => CLASSES.len() - 1,
         };
-        self.requests
-            .get_or_create(&ClassLabels {
-                upstream: upstream.to_owned(),
-                endpoint: endpoint.to_owned(),
-                class: class.to_owned(),
-            })
-            .inc();
+        self.requests.get_or_create(&series.classes[class]).inc();
         if status.is_some() {
-            self.latency
-                .get_or_create(&EndpointLabels {
-                    upstream: upstream.to_owned(),
-                    endpoint: endpoint.to_owned(),
-                })
-                .observe(secs);
+            self.latency.get_or_create(&series.endpoint).observe(secs);
         }
     }
 

@@ -59,6 +59,9 @@ pub struct Upstream {
     pool: Arc<Pool>,
     connector: TlsConnector,
     pools: std::sync::Mutex<HashMap<String, Slot>>,
+    /// Our SPIFFE ID and the upstream's, as text: built once, not per request.
+    me: String,
+    dest: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +99,8 @@ impl Upstream {
         )?;
         let pool = shared.upstreams.pool_for(&up);
         Ok(Arc::new(Self {
+            me: shared.identity.id.to_string(),
+            dest: up.spiffe_id.to_string(),
             up,
             shared,
             pool,
@@ -244,13 +249,12 @@ impl Upstream {
             Ok(p) => p,
             Err(reply) => return super::reply::unforwarded_req(req, *reply).await,
         };
-        let me = self.shared.identity.id.to_string();
-        let dest = self.up.spiffe_id.to_string();
+        let (me, dest) = (self.me.as_str(), self.dest.as_str());
         // Borrowed from the request: no per-request copies of the header block.
         let headers = super::checks::policy_headers(req.headers());
         let verdict = self.shared.policy.decide_http(
-            &me,
-            &dest,
+            me,
+            dest,
             self.up.port,
             None,
             &HttpFacts {
@@ -264,8 +268,8 @@ impl Upstream {
             &self.shared.audit,
             audit_base(
                 Direction::Outbound,
-                &me,
-                &dest,
+                me,
+                dest,
                 self.up.remote.clone(),
                 None,
                 "http",
