@@ -15,15 +15,15 @@ from pathlib import Path
 # (component, description, frame pattern): the first pattern matching a frame names it. Order
 # matters: the leaf-most match wins for the self view, so specific libraries come first.
 COMPONENTS: list[tuple[str, str, re.Pattern]] = [
-    ("kernel", "kernel: syscalls, loopback TCP, epoll, scheduler", re.compile(r"^\[kernel\]")),
+    ("kernel", "syscalls, loopback TCP, epoll, scheduler", re.compile(r"^\[kernel\]")),
     ("alloc", "allocation (malloc, free, realloc)",
      re.compile(r"^(_int_malloc|_int_free|malloc|free|cfree|realloc|_int_realloc|calloc|__libc_(malloc|free|"
                 r"calloc|realloc)|malloc_consolidate|unlink_chunk|tcache_|__rust_(alloc|dealloc|realloc)|"
                 r"alloc::alloc::|_ZN5alloc5alloc|mi_|je_|_rjem_)")),
     ("memcpy", "memcpy/memmove (buffer and header copies)", re.compile(r"^__mem(move|cpy|set)|^mem(cpy|move|set)")),
-    ("tls", "TLS: rustls record layer and AES-GCM (aws-lc-rs)",
+    ("tls", "rustls record layer and AES-GCM (aws-lc-rs)",
      re.compile(r"rustls|aws_lc|aes_|gcm_|ring::|GFp_|_aesni_|aesni_|ghash")),
-    ("audit", "audit record: JSON fields, encode, SHA-256 chain, spool write",
+    ("audit", "the audit record: JSON fields, encode, SHA-256 chain, spool write, shipping",
      re.compile(r"serde_json|sha2|sha256|mayfly_sidecar::audit|mayfly_ca::audit|conn::http::record|audit_base|"
                 r"audit_into|sha256_block")),
     ("policy", "policy decision", re.compile(r"mayfly_policy|mayfly_sidecar::policy")),
@@ -32,9 +32,9 @@ COMPONENTS: list[tuple[str, str, re.Pattern]] = [
     ("h1", "HTTP/1.1 parsing and encoding", re.compile(r"httparse|hyper::proto::h1")),
     ("hyper", "hyper/hyper-util: dispatch, client pool, bodies", re.compile(r"hyper|http_body|tower")),
     ("runtime", "tokio runtime: tasks, timers, I/O driver", re.compile(r"tokio|mio::")),
-    ("mayfly", "mayfly's proxy code (checks, headers, routing)", re.compile(r"mayfly")),
+    ("mayfly", "mayfly's own proxy code (checks, headers, routing; the task roots)", re.compile(r"mayfly")),
 ]
-OTHER = ("other", "other (libc, std, unresolved frames)")
+OTHER = ("other", "libc, std, frames the unwinder could not name")
 DESCRIPTIONS = dict([(c, d) for c, d, _ in COMPONENTS] + [OTHER])
 
 
@@ -65,7 +65,8 @@ def stacks(perf_data: Path, timeout: float = 600) -> list[list[str]]:
             continue
         sym, dso = m.group(1), m.group(2)
         sym = re.sub(r"\+0x[0-9a-f]+$", "", sym)
-        cur.append(f"[kernel] {sym}" if "kernel" in dso or dso.startswith("[") and "vdso" not in dso else sym)
+        # Only the kernel's own frames: `[unknown]` is a user frame the unwinder could not name.
+        cur.append(f"[kernel] {sym}" if "kernel.kallsyms" in dso or dso.startswith("[kernel") else sym)
     if cur:
         out.append(cur)
     return out
