@@ -368,12 +368,13 @@ impl Spool {
 
     pub(super) fn append(&mut self, r: &Record) -> Result<Vec<u8>, SpoolError> {
         let line = r.line();
-        let mut buf = line.clone();
-        buf.push(b'\n');
-        let p = self.path();
-        self.file.write_all(&buf).map_err(io(&p))?;
+        // Into the write buffer as it is, newline after: no copy of the line per record.
+        self.file
+            .write_all(&line)
+            .and_then(|()| self.file.write_all(b"\n"))
+            .map_err(|e| io(&self.path())(e))?;
         let start = self.len;
-        self.len += buf.len() as u64;
+        self.len += line.len() as u64 + 1;
         self.index.push_back((r.seq, start, self.len));
         self.state.next_seq = r.seq + 1;
         self.state.last_hash = line_hash(&line);

@@ -80,6 +80,8 @@ pub struct Endpoint {
     /// When it was last chosen, in [`CHOICES`] order: breaks ties between equal loads.
     last_chosen: AtomicU64,
     state: Mutex<State>,
+    /// Its metric label sets, under the name of the upstream it belongs to (one).
+    series: std::sync::OnceLock<crate::metrics::EndpointSeries>,
 }
 
 /// An endpoint as `/upstreams` shows it.
@@ -105,7 +107,14 @@ impl Endpoint {
                 ejected_until: None,
                 rtt: PeakEwma::new(DEFAULT_RTT, Instant::now()),
             }),
+            series: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Its metric label sets under `upstream` (the name of the upstream it belongs to).
+    pub fn series(&self, upstream: &str) -> &crate::metrics::EndpointSeries {
+        self.series
+            .get_or_init(|| crate::metrics::EndpointSeries::new(upstream, &self.address))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

@@ -213,7 +213,7 @@ impl Pool {
             e.succeeded(rtt, Instant::now());
         }
         self.um()
-            .answered(&self.name, e.address(), status, rtt.as_secs_f64());
+            .answered(e.series(&self.name), status, rtt.as_secs_f64());
     }
 
     /// An attempt on `e` got no answer within its request's deadline, after `waited`: its
@@ -221,7 +221,7 @@ impl Pool {
     pub fn timed_out(&self, e: &Endpoint, waited: Duration) {
         e.observe(waited, Instant::now());
         self.um()
-            .answered(&self.name, e.address(), None, waited.as_secs_f64());
+            .answered(e.series(&self.name), None, waited.as_secs_f64());
     }
 
     /// A TCP connection to `e` was established after `rtt`.

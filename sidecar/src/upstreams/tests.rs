@@ -329,3 +329,28 @@ fn sequential_choices_among_identical_endpoints_share_them_evenly() {
         );
     }
 }
+
+#[test]
+fn answers_are_counted_by_status_class_under_labels_built_once_per_endpoint() {
+    let metrics = Arc::new(Metrics::new());
+    let u = Upstreams::new(&outbounds(""), metrics.clone());
+    let pool = u.pool("orders").unwrap();
+    u.install(&pushed(&["10.0.0.5:1"]));
+    let t = pool.target(&[]).unwrap();
+    for status in [Some(200), Some(204), Some(503), None] {
+        pool.answered(t.endpoint(), status, Duration::from_millis(3));
+    }
+    pool.timed_out(t.endpoint(), Duration::from_millis(40));
+    let text = metrics.encode_as(crate::metrics::Format::Text);
+    for (class, n) in [("2xx", 2), ("5xx", 1), ("error", 2)] {
+        let line = format!(
+            "mayfly_sidecar_upstream_requests_total{{upstream=\"orders\",endpoint=\"10.0.0.5:1\",class=\"{class}\"}} {n}\n"
+        );
+        assert!(text.contains(&line), "{line} in {text}");
+    }
+    // Only answers with a status are timed.
+    assert!(
+        text.contains("mayfly_sidecar_upstream_request_duration_seconds_count{upstream=\"orders\",endpoint=\"10.0.0.5:1\"} 3\n"),
+        "{text}"
+    );
+}

@@ -58,24 +58,48 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Tells HTTP/2 prior knowledge (h2c) from HTTP/1 on a plaintext connection by peeking at its
 /// first bytes, within `timeout`. `None`: the client sent too little in time, or left.
+///
+/// Readiness-driven: a preface that arrives in pieces is looked at again when the next piece
+/// arrives (the socket's readiness is cleared only if nothing came in since the last peek), not
+/// on a timer.
 pub async fn sniff_h2(tcp: &tokio::net::TcpStream, timeout: std::time::Duration) -> Option<bool> {
     let fut = async {
-        let mut buf = [0u8; 24];
         loop {
-            let n = tcp.peek(&mut buf).await.ok()?;
-            if n == 0 {
-                return None;
+            let ready = tcp.ready(tokio::io::Interest::READABLE).await.ok()?;
+            match tcp.try_io(tokio::io::Interest::READABLE, || peek_preface(tcp)) {
+                Ok(verdict) => return verdict,
+                // The client closed its side after part of the preface: no more will come
+                // (and a closed side stays readable, so waiting again would spin).
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && ready.is_read_closed() => {
+                    return None;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return None,
             }
-            if buf[..n] != H2_PREFACE[..n] {
-                return Some(false);
-            }
-            if n == H2_PREFACE.len() {
-                return Some(true);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     };
     tokio::time::timeout(timeout, fut).await.ok().flatten()
+}
+
+/// One non-blocking peek at the connection's first bytes: `Some(true)` the whole HTTP/2
+/// preface, `Some(false)` anything else, `None` the client left; `WouldBlock` while what
+/// arrived so far is a prefix of the preface (or nothing did).
+fn peek_preface(tcp: &tokio::net::TcpStream) -> std::io::Result<Option<bool>> {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    let n = recv(tcp.as_raw_fd(), &mut buf, flags).map_err(std::io::Error::from)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf[..n] != H2_PREFACE[..n] {
+        return Ok(Some(false));
+    }
+    if n == H2_PREFACE.len() {
+        return Ok(Some(true));
+    }
+    Err(std::io::ErrorKind::WouldBlock.into())
 }
 
 /// A body from bytes.
@@ -170,5 +194,73 @@ mod replies {
             Some("d-2"),
         );
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+}
+
+#[cfg(test)]
+mod sniffing {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{H2_PREFACE, sniff_h2};
+
+    /// The server side of a loopback connection whose client sends `pieces`, pausing between
+    /// them, and then closes (`close`) or stays silent; and what `sniff_h2` made of it.
+    async fn sniff(
+        pieces: &'static [&'static [u8]],
+        close: bool,
+        timeout: Duration,
+    ) -> Option<bool> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.set_nodelay(true).unwrap();
+            for p in pieces {
+                c.write_all(p).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !close {
+                tokio::time::sleep(timeout * 2).await;
+            }
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        let verdict = sniff_h2(&server, timeout).await;
+        client.abort();
+        verdict
+    }
+
+    #[tokio::test]
+    async fn a_preface_that_arrives_in_pieces_is_told_as_http2() {
+        let (a, b) = H2_PREFACE.split_at(9);
+        let pieces: &'static [&'static [u8]] =
+            Box::leak(vec![a, &b[..5], &b[5..]].into_boxed_slice());
+        assert_eq!(
+            sniff(pieces, false, Duration::from_secs(10)).await,
+            Some(true)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http1_request_is_told_as_not_http2() {
+        let pieces: &'static [&'static [u8]] = &[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"];
+        assert_eq!(
+            sniff(pieces, false, Duration::from_secs(10)).await,
+            Some(false)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_mid_preface_is_neither() {
+        let pieces: &'static [&'static [u8]] = &[b"PRI * HTTP/2.0"];
+        assert_eq!(sniff(pieces, true, Duration::from_secs(10)).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stalls_mid_preface_is_cut_at_the_timeout() {
+        let pieces: &'static [&'static [u8]] = &[b"PRI * HTTP/2.0"];
+        assert_eq!(sniff(pieces, false, Duration::from_millis(300)).await, None);
     }
 }

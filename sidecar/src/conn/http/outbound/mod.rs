@@ -61,6 +61,9 @@ pub struct Upstream {
     pools: std::sync::Mutex<HashMap<String, Slot>>,
     /// The upstream's request metrics.
     series: Arc<crate::metrics::PeerSeries>,
+    /// Our SPIFFE ID and the upstream's, as text: built once, not per request.
+    me: String,
+    dest: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,12 +100,12 @@ impl Upstream {
             &[b"h2"],
         )?;
         let pool = shared.upstreams.pool_for(&up);
-        let series = shared
-            .metrics
-            .mesh
-            .peer(Direction::Outbound, &up.spiffe_id.to_string());
+        let dest = up.spiffe_id.to_string();
+        let series = shared.metrics.mesh.peer(Direction::Outbound, &dest);
         Ok(Arc::new(Self {
             series,
+            me: shared.identity.id.to_string(),
+            dest,
             up,
             shared,
             pool,
@@ -251,13 +254,12 @@ impl Upstream {
             Ok(p) => p,
             Err(reply) => return super::reply::unforwarded_req(req, *reply).await,
         };
-        let me = self.shared.identity.id.to_string();
-        let dest = self.up.spiffe_id.to_string();
+        let (me, dest) = (self.me.as_str(), self.dest.as_str());
         // Borrowed from the request: no per-request copies of the header block.
         let headers = super::checks::policy_headers(req.headers());
         let verdict = self.shared.policy.decide_http(
-            &me,
-            &dest,
+            me,
+            dest,
             self.up.port,
             None,
             &HttpFacts {
@@ -271,8 +273,8 @@ impl Upstream {
             &self.shared.audit,
             audit_base(
                 Direction::Outbound,
-                &me,
-                &dest,
+                me,
+                dest,
                 self.up.remote.clone(),
                 None,
                 "http",
