@@ -64,6 +64,29 @@ pub(super) async fn read_body(
     }
 }
 
+/// Reads a JSON request body (at most [`api::MAX_BODY`]); otherwise the answer to send: a
+/// 400 `bad_request` that says what was `expected`, or what [`read_body`] refused.
+pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
+    ca: &Ca,
+    body: Incoming,
+    expected: &str,
+) -> Result<T, Response<Full<Bytes>>> {
+    let body = read_body(ca, body, api::MAX_BODY, "request body").await?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ca.metrics.refuse("bad_request");
+        error(400, "bad_request", format!("expected {expected}: {e}"))
+    })
+}
+
+/// A CSR sent as base64 DER; otherwise a 400 `bad_csr`.
+#[allow(clippy::result_large_err)] // the error is the answer itself, sent at once
+pub(super) fn decode_csr(ca: &Ca, csr: &str) -> Result<Vec<u8>, Response<Full<Bytes>>> {
+    STANDARD.decode(csr.as_bytes()).map_err(|e| {
+        ca.metrics.refuse("bad_csr");
+        error(400, "bad_csr", format!("csr is not base64: {e}"))
+    })
+}
+
 pub(super) fn error(status: u16, reason: &str, msg: String) -> Response<Full<Bytes>> {
     let body = serde_json::to_string(&ErrorBody {
         error: msg,
@@ -297,21 +320,11 @@ async fn jwt_svid(
     if let Some(refused) = signin::not_a_person(&ca, &peer.id, "gets no JWT-SVIDs") {
         return refused;
     }
-    let body = match read_body(&ca, req.into_body(), api::MAX_BODY, "request body").await {
-        Ok(b) => b,
-        Err(refused) => return refused,
-    };
-    let parsed: api::JwtSvidRequest = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            ca.metrics.refuse("bad_request");
-            return error(
-                400,
-                "bad_request",
-                format!("expected {{\"audience\": [\"...\"]}}: {e}"),
-            );
-        }
-    };
+    let parsed: api::JwtSvidRequest =
+        match read_json(&ca, req.into_body(), r#"{"audience": ["..."]}"#).await {
+            Ok(p) => p,
+            Err(refused) => return refused,
+        };
     let ca2 = ca.clone();
     // Signing and the audit event's write are blocking work.
     let result = tokio::task::spawn_blocking(move || {
@@ -372,27 +385,13 @@ async fn svid(
     addr: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    let body = match read_body(&ca, req.into_body(), api::MAX_BODY, "request body").await {
-        Ok(b) => b,
+    let parsed: SvidRequest = match read_json(&ca, req.into_body(), "a valid SVID request").await {
+        Ok(p) => p,
         Err(refused) => return refused,
     };
-    let parsed: SvidRequest = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            ca.metrics.refuse("bad_request");
-            return error(
-                400,
-                "bad_request",
-                format!("request is not a valid SVID request: {e}"),
-            );
-        }
-    };
-    let csr = match STANDARD.decode(parsed.csr.as_bytes()) {
+    let csr = match decode_csr(&ca, &parsed.csr) {
         Ok(c) => c,
-        Err(e) => {
-            ca.metrics.refuse("bad_csr");
-            return error(400, "bad_csr", format!("csr is not base64: {e}"));
-        }
+        Err(refused) => return refused,
     };
     let caller = match (parsed.token, parsed.k8s_token, peer) {
         (Some(t), _, _) => Caller::Token(t),

@@ -21,13 +21,7 @@ impl CaClient {
         let req = JwtSvidRequest {
             audience: audience.to_vec(),
         };
-        let body = serde_json::to_vec(&req).map_err(|e| ClientError::Http(e.to_string()))?;
-        let (status, body) = self
-            .call(tls, Method::POST, api::JWTSVID_PATH, Some(body))
-            .await?;
-        if !status.is_success() {
-            return Err(Self::refused(status, &body));
-        }
-        serde_json::from_slice(&body).map_err(|e| ClientError::BadAnswer(e.to_string()))
+        self.json_call(tls, Method::POST, api::JWTSVID_PATH, Some(&req))
+            .await
     }
 }

@@ -399,6 +399,35 @@ impl CaClient {
         Ok((sender, driver))
     }
 
+    /// `method path` with an optional JSON body over `tls`; a success's body parsed as `T`, a
+    /// refusal with the control plane's reason and message.
+    async fn json_call<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        tls: ClientConfig,
+        method: Method,
+        path: &str,
+        req: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let body = req
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let (status, body) = self.call(tls, method, path, body).await?;
+        if !status.is_success() {
+            return Err(Self::refused(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::BadAnswer(e.to_string()))
+    }
+
+    /// An issued certificate chain as the control plane sends it (base64 DER, leaf first).
+    fn decode_chain(chain: &[String]) -> Result<Vec<CertificateDer<'static>>, ClientError> {
+        chain
+            .iter()
+            .map(|c| STANDARD.decode(c).map(CertificateDer::from))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::BadAnswer(format!("chain: {e}")))
+    }
+
     fn refused(status: StatusCode, body: &[u8]) -> ClientError {
         match serde_json::from_slice::<ErrorBody>(body) {
             Ok(e) => ClientError::Refused {
@@ -549,21 +578,10 @@ impl CaClient {
             k8s_token,
             ttl: ttl.map(|t| t.as_secs()),
         };
-        let body = serde_json::to_vec(&req).map_err(|e| ClientError::Http(e.to_string()))?;
-        let (status, body) = self
-            .call(tls, Method::POST, api::SVID_PATH, Some(body))
+        let resp: SvidResponse = self
+            .json_call(tls, Method::POST, api::SVID_PATH, Some(&req))
             .await?;
-        if !status.is_success() {
-            return Err(Self::refused(status, &body));
-        }
-        let resp: SvidResponse =
-            serde_json::from_slice(&body).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
-        let chain = resp
-            .chain
-            .iter()
-            .map(|c| STANDARD.decode(c).map(CertificateDer::from))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ClientError::BadAnswer(format!("chain: {e}")))?;
+        let chain = Self::decode_chain(&resp.chain)?;
         let bundle = TrustBundle::from_jwks(self.trust_domain.clone(), &resp.bundle.to_string())?;
         Ok(IssuedChain {
             chain,

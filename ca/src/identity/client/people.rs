@@ -22,17 +22,11 @@ impl CaClient {
         body: Option<&B>,
     ) -> Result<T, ClientError> {
         let tls = self.verified_tls(bundles, current)?;
-        let (method, body) = match body {
-            Some(b) => (
-                Method::POST,
-                Some(serde_json::to_vec(b).map_err(|e| ClientError::Http(e.to_string()))?),
-            ),
-            None => (Method::GET, None),
+        let method = if body.is_some() {
+            Method::POST
+        } else {
+            Method::GET
         };
-        let (status, body) = self.call(tls, method, path, body).await?;
-        if !status.is_success() {
-            return Err(Self::refused(status, &body));
-        }
-        serde_json::from_slice(&body).map_err(|e| ClientError::BadAnswer(e.to_string()))
+        self.json_call(tls, method, path, body).await
     }
 }

@@ -61,21 +61,10 @@ impl CaClient {
             csr: STANDARD.encode(csr),
             nonce: nonce.map(str::to_owned),
         };
-        let body = serde_json::to_vec(&req).map_err(|e| ClientError::Http(e.to_string()))?;
-        let (status, body) = self
-            .call(tls, Method::POST, api::USER_SVID_PATH, Some(body))
+        let resp: UserSvidResponse = self
+            .json_call(tls, Method::POST, api::USER_SVID_PATH, Some(&req))
             .await?;
-        if !status.is_success() {
-            return Err(Self::refused(status, &body));
-        }
-        let resp: UserSvidResponse =
-            serde_json::from_slice(&body).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
-        let chain = resp
-            .chain
-            .iter()
-            .map(|c| STANDARD.decode(c).map(CertificateDer::from))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ClientError::BadAnswer(format!("chain: {e}")))?;
+        let chain = Self::decode_chain(&resp.chain)?;
         let bundle = TrustBundle::from_jwks(self.trust_domain.clone(), &resp.bundle.to_string())?;
         Ok(UserSvid {
             spiffe_id: resp.spiffe_id,

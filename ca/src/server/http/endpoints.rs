@@ -8,7 +8,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use super::{error, json_response, read_body};
+use super::{error, json_response, read_json};
 use crate::api;
 use crate::server::ca::Ca;
 use crate::svid::SvidInfo;
@@ -31,22 +31,10 @@ pub(super) async fn endpoints(
         return refused;
     }
     let put = req.method() == Method::PUT;
-    let body = match read_body(&ca, req.into_body(), api::MAX_BODY, "request body").await {
-        Ok(b) => b,
-        Err(refused) => return refused,
-    };
-    let parsed: api::EndpointsRequest = match serde_json::from_slice(&body) {
+    let expected = r#"{"endpoints": ["HOST:PORT", ...]} (the SPIFFE ID is your certificate's)"#;
+    let parsed: api::EndpointsRequest = match read_json(&ca, req.into_body(), expected).await {
         Ok(p) => p,
-        Err(e) => {
-            ca.metrics.refuse("bad_request");
-            return error(
-                400,
-                "bad_request",
-                format!(
-                    "expected {{\"endpoints\": [\"HOST:PORT\", ...]}} (the SPIFFE ID is your certificate's): {e}"
-                ),
-            );
-        }
+        Err(refused) => return refused,
     };
     let id = peer.id.to_string();
     let now = time::OffsetDateTime::now_utc();

@@ -12,8 +12,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use super::{error, json_response, read_body};
-use crate::api::{self, OidcIssuer, OidcIssuers, UserSvidRequest, UserSvidResponse};
+use super::{decode_csr, error, json_response, read_json};
+use crate::api::{OidcIssuer, OidcIssuers, UserSvidRequest, UserSvidResponse};
 use crate::server::ca::Ca;
 use crate::server::oidc::peek_issuer;
 
@@ -65,27 +65,14 @@ pub(super) async fn user_svid(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let peer = addr.to_string();
-    let body = match read_body(&ca, req.into_body(), api::MAX_BODY, "request body").await {
-        Ok(b) => b,
+    let expected = r#"{"id_token": "...", "csr": "<base64 DER>"}"#;
+    let parsed: UserSvidRequest = match read_json(&ca, req.into_body(), expected).await {
+        Ok(p) => p,
         Err(refused) => return refused,
     };
-    let parsed: UserSvidRequest = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            ca.metrics.refuse("bad_request");
-            return error(
-                400,
-                "bad_request",
-                format!("expected {{\"id_token\": \"...\", \"csr\": \"<base64 DER>\"}}: {e}"),
-            );
-        }
-    };
-    let csr = match STANDARD.decode(parsed.csr.as_bytes()) {
+    let csr = match decode_csr(&ca, &parsed.csr) {
         Ok(c) => c,
-        Err(e) => {
-            ca.metrics.refuse("bad_csr");
-            return error(400, "bad_csr", format!("csr is not base64: {e}"));
-        }
+        Err(refused) => return refused,
     };
     let td = ca.bundle().trust_domain().clone();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
