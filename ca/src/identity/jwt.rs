@@ -68,6 +68,19 @@ pub struct MintedJwt {
 }
 
 /// Checks a request's audiences: 1 to [`MAX_AUDIENCES`] non-empty strings of printable text.
+/// A NumericDate claim `name` (RFC 7519 §2: seconds, possibly fractional) as found in a
+/// decoded claim set: `None` when absent, `Err(what is wrong)` when not a finite number.
+pub fn numeric_claim(name: &str, value: Option<&serde_json::Value>) -> Result<Option<i64>, String> {
+    match value {
+        None => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+            .map(Some)
+            .ok_or_else(|| format!("{name} is not a number")),
+    }
+}
+
 pub fn check_audiences(aud: &[String]) -> Result<(), JwtError> {
     if aud.is_empty() {
         return Err(JwtError::Audience(

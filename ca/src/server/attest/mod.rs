@@ -269,15 +269,8 @@ impl K8sAttestor {
         if !aud.iter().any(|a| a == AUDIENCE) {
             return Err(AttestError::WrongAudience(aud));
         }
-        let time = |name: &str| -> Result<Option<i64>, AttestError> {
-            match c.get(name) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_i64()
-                    .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
-                    .map(Some)
-                    .ok_or_else(|| AttestError::Malformed(format!("{name} is not a number"))),
-            }
+        let time = |name: &str| {
+            crate::identity::jwt::numeric_claim(name, c.get(name)).map_err(AttestError::Malformed)
         };
         let exp = time("exp")?
             .ok_or_else(|| AttestError::Malformed("no exp claim: tokens must expire".into()))?;

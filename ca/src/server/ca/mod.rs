@@ -370,6 +370,33 @@ impl Ca {
         }
     }
 
+    /// Logs an issued SVID and its `svid.issued` event in one transaction (spending `token`
+    /// in it too): an SVID that cannot be logged is never returned.
+    fn log_issued(
+        &self,
+        issued: &crate::identity::signing::issue::IssuedSvid,
+        requester: &str,
+        peer: &str,
+        now: OffsetDateTime,
+        token: Option<&crate::server::store::TokenClaim>,
+    ) -> Result<(), Refusal> {
+        let detail = serde_json::json!({
+            "spiffe_id": issued.id.to_string(), "serial": issued.serial,
+            "not_after": issued.not_after.unix_timestamp(), "requester": requester,
+            "peer": peer,
+        });
+        let rec = IssuedRecord {
+            serial: issued.serial.clone(),
+            spiffe_id: issued.id.to_string(),
+            not_after: issued.not_after,
+            issued_at: now,
+            requester: requester.to_owned(),
+        };
+        self.store
+            .log_issued_with_event(&rec, "svid.issued", &detail.to_string(), token)??;
+        Ok(())
+    }
+
     /// Handles `POST /v1/svid`: authenticates the caller, checks the CSR, signs.
     pub fn issue_svid(
         &self,
@@ -382,29 +409,12 @@ impl Ca {
         // Nothing leaves unrecorded: an SVID whose issuance cannot be logged is not returned.
         let result = self.issue_inner(csr_der, &caller, ttl, now).and_then(
             |(issued, requester, kind, token)| {
-                let detail = serde_json::json!({
-                    "spiffe_id": issued.id.to_string(), "serial": issued.serial,
-                    "not_after": issued.not_after.unix_timestamp(), "requester": requester,
-                    "peer": peer,
-                });
-                let rec = IssuedRecord {
-                    serial: issued.serial.clone(),
-                    spiffe_id: issued.id.to_string(),
-                    not_after: issued.not_after,
-                    issued_at: now,
-                    requester: requester.clone(),
-                };
                 // A join token is spent in the same transaction, or not at all.
-                self.store.log_issued_with_event(
-                    &rec,
-                    "svid.issued",
-                    &detail.to_string(),
-                    token.as_ref(),
-                )??;
+                self.log_issued(&issued, &requester, peer, now, token.as_ref())?;
                 if let Some(t) = token {
                     self.event(
                         "token.used",
-                        serde_json::json!({ "token": t.id, "spiffe_id": rec.spiffe_id }),
+                        serde_json::json!({ "token": t.id, "spiffe_id": issued.id.to_string() }),
                     );
                 }
                 Ok((issued, requester, kind))

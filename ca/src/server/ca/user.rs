@@ -12,7 +12,7 @@ use super::{Ca, Refusal, lock_err};
 use crate::identity::signing::issue::{IssueError, IssuedSvid, issue, verify_csr};
 use crate::server::metrics::KindLabel;
 use crate::server::oidc::{SignIn, SignInError};
-use crate::server::store::{IssuedRecord, UserSession};
+use crate::server::store::UserSession;
 
 impl Ca {
     /// Signs the user SVID for `sign_in` with the key of `csr_der` (which must ask for the
@@ -92,20 +92,7 @@ impl Ca {
             issue(signer, &csr, &sign_in.id, ttl, now)?
         };
         let requester = format!("oidc:{}", sign_in.issuer);
-        let detail = serde_json::json!({
-            "spiffe_id": issued.id.to_string(), "serial": issued.serial,
-            "not_after": issued.not_after.unix_timestamp(), "requester": requester,
-            "peer": peer,
-        });
-        let rec = IssuedRecord {
-            serial: issued.serial.clone(),
-            spiffe_id: issued.id.to_string(),
-            not_after: issued.not_after,
-            issued_at: now,
-            requester,
-        };
-        self.store
-            .log_issued_with_event(&rec, "svid.issued", &detail.to_string(), None)??;
+        self.log_issued(&issued, &requester, peer, now, None)?;
         Ok(issued)
     }
 }

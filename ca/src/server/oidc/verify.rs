@@ -179,15 +179,8 @@ fn check_claims(
         None if aud.len() > 1 => return Err(SignInError::WrongAudience(aud)),
         None => {}
     }
-    let time = |name: &str| -> Result<Option<i64>, SignInError> {
-        match c.get(name) {
-            None => Ok(None),
-            Some(v) => v
-                .as_i64()
-                .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
-                .map(Some)
-                .ok_or_else(|| SignInError::Malformed(format!("{name} is not a number"))),
-        }
+    let time = |name: &str| {
+        crate::identity::jwt::numeric_claim(name, c.get(name)).map_err(SignInError::Malformed)
     };
     let exp = time("exp")?.ok_or_else(|| malformed("no exp claim: ID tokens must expire"))?;
     if now > exp.saturating_add(LEEWAY_SECS) {
