@@ -301,7 +301,14 @@ async fn keep_running(ui: &Ui, mesh: &Mesh, s: &Services) -> anyhow::Result<()> 
                 "mayfly access request --to spiffe://mayfly.local/db --ttl 1m --reason why",
                 "",
             ),
-            ("mayfly access list", "bob, signed in elsewhere, approves"),
+            (
+                "MAYFLY_CONFIG_DIR=$PWD/bob mayfly login",
+                "bob, in his own directory",
+            ),
+            (
+                "MAYFLY_CONFIG_DIR=$PWD/bob mayfly access approve ID",
+                "ID: the request's",
+            ),
             (
                 "mayfly connect spiffe://mayfly.local/db --listen 127.0.0.1:7000",
                 "then: nc 127.0.0.1 7000",
