@@ -4,6 +4,7 @@
 //! process beside the real `mayfly-ca` and `mayfly-sidecar` processes.
 
 pub mod db;
+pub mod idp;
 pub mod orders;
 pub mod web;
 pub mod xfcc;

@@ -4,19 +4,20 @@
 //! service with the user SVID, the sidecar records the person in its audit records and cuts
 //! the connection when the grant ends. Admin operations over mTLS need an approved admin
 //! grant; the admin socket is break-glass and recorded as such.
+//!
+//! People here are minted (`people::sign_in`), not signed in through the identity provider:
+//! these tests want groups of their choosing (`sre`, `sre-leads`, `leads`) and user SVIDs
+//! shorter than the control plane's default, cheaply. The same path with the real sign-in
+//! (device flow against tests/oidc) is tests/people_e2e.rs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mayfly_ca::tls::{client_config, dial_name};
-use mayfly_ca::verify::IdMatcher;
-use mayfly_tests::people::{Person, sign_in};
-use mayfly_tests::{Ca, Proc, Sidecar, Spec, bin, echo_app, eventually, round_trip};
+use mayfly_tests::people::{audit, ca_cli, held_until_cut, sign_in};
+use mayfly_tests::{Ca, Proc, Sidecar, Spec, echo_app, eventually, round_trip};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DB: &str = "spiffe://mayfly.local/db";
 
@@ -63,76 +64,6 @@ async fn mesh(tmp: &Arc<tempfile::TempDir>) -> (Ca, Sidecar, String) {
     (ca, db, inbound)
 }
 
-/// `mayfly-ca ARGS --data-dir DIR`: (success, stdout + stderr).
-fn ca_cli(dir: &Path, args: &[&str]) -> (bool, String) {
-    let o = Command::new(bin("mayfly-ca"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
-}
-
-/// `mayfly-ca audit query ARGS --json`: the records.
-fn audit(dir: &Path, args: &[&str]) -> Vec<Value> {
-    let mut all = vec!["audit", "query", "--json"];
-    all.extend_from_slice(args);
-    let (ok, out) = ca_cli(dir, &all);
-    assert!(ok, "{out}");
-    out.lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// A TLS connection to `addr` with the person's user SVID, straight to the sidecar (no
-/// `mayfly connect`): whether the echo app's banner comes back.
-async fn dial_as(p: &Person, addr: &str) -> Result<String, String> {
-    let c = mayfly_sidecar::user::creds::load(&p.config_dir).unwrap();
-    let (tls, bundles) = mayfly_sidecar::user::tls::identity(&c).unwrap();
-    let db = mayfly_ca::id::parse_id(DB).unwrap();
-    let cfg = client_config(tls, bundles, IdMatcher::Exact(db), &[]).unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(dial_name(), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut banner = [0u8; 7];
-    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner)).await {
-        Ok(Ok(_)) => Ok(String::from_utf8_lossy(&banner).into_owned()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no banner".into()),
-    }
-}
-
-/// A connection through `addr` kept busy; when it was cut (`None` if it lasted `limit`).
-async fn held_until_cut(addr: &str, limit: Duration) -> Option<Instant> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let mut banner = [0u8; 7];
-    s.read_exact(&mut banner).await.ok()?;
-    let t0 = Instant::now();
-    let mut buf = [0u8; 4];
-    while t0.elapsed() < limit {
-        if s.write_all(b"beat").await.is_err() {
-            return Some(Instant::now());
-        }
-        match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await {
-            Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
-            _ => return Some(Instant::now()),
-        }
-    }
-    None
-}
-
 /// The console's HTTP status for the person whose minted SVID is in `svid_dir`.
 fn console_status(addr: &str, svid_dir: &Path) -> String {
     let file = |f: &str| svid_dir.join(f).display().to_string();
@@ -167,7 +98,7 @@ async fn a_person_reaches_a_service_only_through_another_persons_approval_until_
     let carol = sign_in(&ca, tmp.path(), "carol", &["devs"], "5m");
 
     // No standing access: the sidecar refuses alice's SVID, and `connect` finds nothing.
-    let refused = dial_as(&alice, &inbound).await;
+    let refused = mayfly_tests::people::dial_as(&alice, DB, &inbound).await;
     assert!(refused.is_err(), "no grant, no access: {refused:?}");
     let (ok, _, err) = alice.run(&["connect", DB]);
     assert!(!ok && err.contains("no active grant"), "{err}");

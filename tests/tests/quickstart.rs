@@ -13,9 +13,13 @@ use serde_json::Value;
 
 /// Starts the quickstart with its output in files under `dir`.
 fn start(dir: &Path, extra: &[&str]) -> Child {
+    start_with(dir, extra, Command::new(bin("quickstart")))
+}
+
+/// ... with `cmd` (for a PATH without Node.js).
+fn start_with(dir: &Path, extra: &[&str], mut cmd: Command) -> Child {
     let summary = dir.join("summary.json");
-    Command::new(bin("quickstart"))
-        .args(["--ci", "--no-build", "--json-summary"])
+    cmd.args(["--ci", "--no-build", "--json-summary"])
         .arg(&summary)
         .args(extra)
         .stdin(Stdio::null())
@@ -251,14 +255,25 @@ fn the_quickstart_shows_allowed_and_denied_calls_rotation_and_a_grant_then_clean
         assert_eq!(a["outcome"], "unavailable");
     }
 
+    // A person signs in by the device flow (the local identity provider, on Node.js as the
+    // sign-in tests need) and reaches db through another person's approval: alice's query
+    // reached db, and the audit record of db's sidecar names her.
+    let p = step(&s, "person_reaches_db");
+    assert_eq!(p["outcome"], "ok", "{p:#}");
+    assert_eq!(p["detail"]["bytes_reached_db"], true, "{p:#}");
+    assert_eq!(p["detail"]["audit_names_alice"], true, "{p:#}");
+
     assert_nothing_left(&s);
 }
 
 #[test]
-fn the_quickstart_forced_to_tcp_says_what_it_cannot_show() {
+fn the_quickstart_forced_to_tcp_and_without_node_says_what_it_cannot_show() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut child = start(dir, &["--orders-protocol", "tcp", "--svid-ttl", "6"]);
+    // No Node.js on this PATH (nor anything else): only the sign-in step is skipped.
+    let mut cmd = Command::new(bin("quickstart"));
+    cmd.env("PATH", dir.join("empty-path"));
+    let mut child = start_with(dir, &["--orders-protocol", "tcp", "--svid-ttl", "6"], cmd);
     let status = wait(&mut child, dir, Duration::from_secs(240));
     assert!(status.success(), "exit {status}:\n{}", output(dir));
     let s = summary(dir);
@@ -272,6 +287,9 @@ fn the_quickstart_forced_to_tcp_says_what_it_cannot_show() {
     }
     // Not enforced at the connection level, and not claimed.
     assert_ne!(outcome(&s, "web_to_orders_post"), "ok");
+    // Without Node.js: one line says what the sign-in step needs; that step alone is skipped.
+    assert_eq!(outcome(&s, "person_reaches_db"), "skipped");
+    assert!(output(dir).contains("Node.js 20"), "{}", output(dir));
     assert_nothing_left(&s);
 }
 

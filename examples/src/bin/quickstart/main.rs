@@ -3,7 +3,8 @@
 //! Starts a control plane (`mayfly-ca init` + `run`) and three sample services (web, orders,
 //! db), each with its own `mayfly-sidecar`, in a temporary directory; then walks through
 //! allowed and denied calls, the identity the app sees, `policy explain`, SVID rotation, a
-//! just-in-time grant from request to expiry, and the audit trail, with real traffic; prints
+//! just-in-time grant from request to expiry, the audit trail, and a person who signs in and
+//! reaches db through another person's approval, with real traffic; prints
 //! a summary; stops everything and removes the directory (also on
 //! Ctrl-C and on failure). `--keep-running` leaves the mesh up until Ctrl-C.
 
@@ -170,6 +171,7 @@ async fn tour(cli: &Cli, report: &mut Report, finished: &mut bool) -> anyhow::Re
     steps::rotation(&mut ui, &services, report, &opts).await;
     steps::grant(&mut ui, &mesh, &services, report).await;
     steps::audit_trail(&mut ui, &mesh, report).await;
+    steps::person(&mut ui, &mut mesh, report).await;
     steps::summary(&mut ui, report);
 
     if cli.keep_running {
@@ -282,6 +284,43 @@ async fn keep_running(ui: &Ui, mesh: &Mesh, s: &Services) -> anyhow::Result<()> 
          (policy_version in /readyz).",
         s.policy.display()
     ));
+    if let Some(issuer) = &mesh.idp {
+        ui.say(&format!(
+            "People: sign in as alice (group oncall) or bob (db-admins) at the local identity \
+             provider {issuer}; its development login takes any password. mayfly login prints \
+             a URL to open in a browser:"
+        ));
+        ui.command(&format!(
+            "export MAYFLY_CONTROL_PLANE={} MAYFLY_BUNDLE={}",
+            mesh.ca_addr,
+            mesh.dir().join("bundle.pem").display()
+        ));
+        for (cmd, comment) in [
+            ("mayfly login", "log in as alice, any password"),
+            (
+                "mayfly access request --to spiffe://mayfly.local/db --ttl 1m --reason why",
+                "",
+            ),
+            (
+                "MAYFLY_CONFIG_DIR=$PWD/bob mayfly login",
+                "bob, in his own directory",
+            ),
+            (
+                "MAYFLY_CONFIG_DIR=$PWD/bob mayfly access approve ID",
+                "ID: the request's",
+            ),
+            (
+                "mayfly connect spiffe://mayfly.local/db --listen 127.0.0.1:7000",
+                "then: nc 127.0.0.1 7000",
+            ),
+        ] {
+            if comment.is_empty() {
+                ui.command(cmd);
+            } else {
+                ui.command(&format!("{cmd:<40} # {comment}"));
+            }
+        }
+    }
     ui.say(&format!(
         "Sidecar configurations, tokens and policy: {}",
         mesh.dir().display()

@@ -25,6 +25,8 @@ pub(crate) fn id(name: &str) -> String {
 pub(crate) struct Bins {
     pub(crate) ca: PathBuf,
     pub(crate) sidecar: PathBuf,
+    /// The people's CLI (`mayfly login`, `access`, `connect`).
+    pub(crate) mayfly: PathBuf,
     pub(crate) dir: PathBuf,
 }
 
@@ -56,12 +58,19 @@ impl Bins {
                 profile
             };
             println!(
-                "Building mayfly-ca and mayfly-sidecar ({profile} profile; the first time takes a few minutes)..."
+                "Building mayfly-ca, mayfly-sidecar and mayfly ({profile} profile; the first time takes a few minutes)..."
             );
             let status = Command::new(cargo)
                 .args(["build", "--profile", &profile])
                 .args(["-p", "mayfly-ca", "-p", "mayfly-sidecar"])
-                .args(["--bin", "mayfly-ca", "--bin", "mayfly-sidecar"])
+                .args([
+                    "--bin",
+                    "mayfly-ca",
+                    "--bin",
+                    "mayfly-sidecar",
+                    "--bin",
+                    "mayfly",
+                ])
                 .env("CARGO_TARGET_DIR", target)
                 .current_dir(&workspace)
                 .stdin(Stdio::null())
@@ -86,6 +95,7 @@ impl Bins {
         Ok(Self {
             ca: find("mayfly-ca")?,
             sidecar: find("mayfly-sidecar")?,
+            mayfly: find("mayfly")?,
             dir,
         })
     }
@@ -143,8 +153,9 @@ impl Proc {
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
-                    // `mayfly-ca listening on A`, `mayfly-sidecar outbound db on A`, ...
-                    if line.starts_with("mayfly-")
+                    // `mayfly-ca listening on A`, `mayfly-sidecar outbound db on A`,
+                    // `mayfly connect listening on A`, `oidc-provider listening on URL`.
+                    if (line.starts_with("mayfly") || line.starts_with("oidc-provider"))
                         && let Some((k, v)) = line.rsplit_once(" on ")
                         && let Ok(mut a) = addrs.lock()
                     {
@@ -310,8 +321,11 @@ pub(crate) struct Mesh {
     pub(crate) ca_addr: String,
     /// The control plane's web console (`http://127.0.0.1:PORT/`).
     pub(crate) console_url: String,
-    /// Everything running; index 0 is the control plane.
+    /// Everything running: the identity provider (when it runs), the control plane, then the
+    /// sidecars.
     pub(crate) procs: Vec<Proc>,
+    /// The local test identity provider's issuer URL, when it runs (`steps::people`).
+    pub(crate) idp: Option<String>,
     /// Every PID ever started (for the summary).
     pub(crate) pids: Vec<u32>,
     /// Dropped after the processes are stopped (field order).
@@ -330,6 +344,7 @@ impl Mesh {
             ca_addr: String::new(),
             console_url: String::new(),
             procs: Vec::new(),
+            idp: None,
             pids: Vec::new(),
             tmp,
         })
@@ -372,6 +387,10 @@ impl Mesh {
         cmd.args(["run", "--data-dir", &dd, "--listen", "127.0.0.1:0"])
             .args(["--policy", policy, "--metrics-listen", "off"])
             .args(["--ui-listen", "127.0.0.1:0"]);
+        if let Some(issuer) = &self.idp {
+            cmd.args(["--oidc-issuer", issuer])
+                .args(["--oidc-client-id", mayfly_examples::idp::CLIENT_ID]);
+        }
         let mut p = Proc::spawn("mayfly-ca run", cmd)?;
         self.pids.push(p.pid());
         let addr = p.addr("mayfly-ca listening").await;
@@ -380,6 +399,21 @@ impl Mesh {
         self.ca_addr = addr?;
         self.console_url = console?;
         Ok(())
+    }
+
+    /// Starts `cmd` as `name` and waits for its `KEY on ADDR` line; stopped with the mesh (or
+    /// by [`Mesh::kill`]).
+    pub(crate) async fn start(
+        &mut self,
+        name: &str,
+        cmd: Command,
+        key: &str,
+    ) -> anyhow::Result<String> {
+        let mut p = Proc::spawn(name, cmd)?;
+        self.pids.push(p.pid());
+        let addr = p.addr(key).await;
+        self.procs.push(p);
+        addr
     }
 
     /// The version (content hash) of a policy file, as `mayfly-ca policy check` reports it:

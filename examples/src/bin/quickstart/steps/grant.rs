@@ -29,7 +29,7 @@ fn unix_now() -> f64 {
 }
 
 /// `HH:MM:SS` (UTC) of a Unix time.
-fn clock(unix: i64) -> String {
+pub(super) fn clock(unix: i64) -> String {
     let s = unix.rem_euclid(86_400);
     format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }

@@ -2,16 +2,19 @@
 //! `setup`: steps 1-3 (control plane, services, policy); `traffic`: steps 4, 6 and 7 (allowed
 //! and denied calls); `replicas`: step 5 (two replicas of orders, one killed); `lifecycle`:
 //! step 8 (rotation), step 10 (audit) and the summary; `grant`: step 9 (a just-in-time grant,
-//! from request to expiry).
+//! from request to expiry); `people`: step 11 (a person signs in with the local identity
+//! provider and reaches db for a minute through another person's approval).
 
 mod grant;
 mod lifecycle;
+mod people;
 mod replicas;
 mod setup;
 mod traffic;
 
 pub(crate) use grant::grant;
 pub(crate) use lifecycle::{audit_trail, rotation, summary};
+pub(crate) use people::{person, start_idp};
 pub(crate) use replicas::replicas;
 pub(crate) use setup::{control_plane, policy, services};
 pub(crate) use traffic::{web_post, web_to_db, web_to_orders};
@@ -34,7 +37,7 @@ const POLICY_HTTP: &str = include_str!("../../../../policies/quickstart-http.tom
 const POLICY_TCP: &str = include_str!("../../../../policies/quickstart-tcp.toml");
 
 /// Numbered steps in the narration.
-pub(crate) const STEPS: usize = 10;
+pub(crate) const STEPS: usize = 11;
 
 /// How the orders hop (web -> orders) is proxied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

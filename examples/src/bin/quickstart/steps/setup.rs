@@ -30,6 +30,8 @@ pub(crate) async fn control_plane(
     };
     let policy = mesh.policy_path();
     std::fs::write(&policy, text).with_context(|| format!("cannot write {}", policy.display()))?;
+    // The local identity provider first: the control plane trusts it from the start (step 11).
+    super::start_idp(ui, mesh).await?;
     let r = ui
         .progress(
             "creating a root CA and an intermediate, starting the control plane",
@@ -51,7 +53,7 @@ pub(crate) async fn control_plane(
         &format!(
             "{} (pid {})",
             mesh.ca_addr,
-            mesh.pids.first().copied().unwrap_or(0)
+            mesh.pids.last().copied().unwrap_or(0)
         ),
     );
     ui.item(
