@@ -27,7 +27,7 @@ pub use crate::config::{AuditConfig, Durability, Sink, WhenFull};
 use crate::identity::Identity;
 
 mod delivery;
-mod record;
+pub(crate) mod record;
 mod recover;
 mod spool;
 #[cfg(test)]
@@ -88,6 +88,17 @@ pub struct Event {
     pub fields: Map<String, Value>,
     /// Told the record's seq once a sync covers it (strict decisions).
     durable: Option<oneshot::Sender<Result<u64, NotDurable>>>,
+}
+
+#[cfg(test)]
+impl Event {
+    /// Kind and fields, telling a strict decision its record is durable (as seq 1).
+    pub(crate) fn settle(self) -> (&'static str, Map<String, Value>) {
+        if let Some(tx) = self.durable {
+            let _ = tx.send(Ok(1));
+        }
+        (self.kind, self.fields)
+    }
 }
 
 /// A strict decision waiting for the sync that covers its record (its seq).
@@ -212,6 +223,25 @@ impl Auditor {
     /// Why the last delivery to the control plane failed; `None` once one succeeds.
     pub fn delivery_error(&self) -> Option<String> {
         self.delivery_error.lock().ok().and_then(|e| e.clone())
+    }
+}
+
+#[cfg(test)]
+impl Auditor {
+    /// An auditor whose events arrive on the returned queue instead of at a writer.
+    pub(crate) fn capture(durability: Durability) -> (Self, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(64);
+        let auditor = Auditor {
+            tx,
+            full: Arc::default(),
+            dropped: Arc::default(),
+            when_full: WhenFull::FailClosed,
+            delivery_error: DeliveryError::default(),
+            durability,
+            syncs: Arc::default(),
+            synced_through: Arc::default(),
+        };
+        (auditor, rx)
     }
 }
 

@@ -26,18 +26,17 @@ impl Actor {
         ts_ms: i64,
         fields: Map<String, Value>,
     ) -> Option<u64> {
-        let r = Record {
-            v: VERSION,
-            source: self.source.clone(),
-            epoch: self.spool.state.epoch.clone(),
-            seq: self.spool.state.next_seq,
-            prev: self.spool.state.last_hash.clone(),
+        let seq = self.spool.state.next_seq;
+        let line = line_of(
+            &self.source,
+            &self.spool.state.epoch,
+            seq,
+            &self.spool.state.last_hash,
             ts_ms,
-            kind: kind.to_owned(),
+            kind,
             fields,
-        };
-        let seq = r.seq;
-        let written = match self.spool.append(&r) {
+        );
+        let written = match self.spool.append_line(seq, line) {
             Ok(line) => {
                 self.metrics.audit_records.inc();
                 if let Some(s) = self.sink.as_mut() {
@@ -208,6 +207,29 @@ impl Actor {
         self.first_unsigned = None;
         let _ = self.write("checkpoint", now_ms(), fields);
     }
+}
+
+/// The chained line of one record (no trailing newline): exactly [`Record::line`]'s bytes.
+pub(crate) fn line_of(
+    source: &str,
+    epoch: &str,
+    seq: u64,
+    prev: &str,
+    ts_ms: i64,
+    kind: &str,
+    fields: Map<String, Value>,
+) -> Vec<u8> {
+    Record {
+        v: VERSION,
+        source: source.to_owned(),
+        epoch: epoch.to_owned(),
+        seq,
+        prev: prev.to_owned(),
+        ts_ms,
+        kind: kind.to_owned(),
+        fields,
+    }
+    .line()
 }
 
 /// Tells waiting strict decisions how their sync went.
