@@ -20,13 +20,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use crate::config::{AuditConfig, Durability, Sink, WhenFull};
 use crate::identity::Identity;
+pub use fields::{Field, FieldList, Fields, line};
 
 mod delivery;
+pub(crate) mod fields;
 pub(crate) mod record;
 mod recover;
 mod spool;
@@ -85,7 +86,7 @@ pub struct Event {
     /// When (unix ms).
     pub ts_ms: i64,
     /// Fields.
-    pub fields: Map<String, Value>,
+    pub fields: Fields,
     /// Told the record's seq once a sync covers it (strict decisions).
     durable: Option<oneshot::Sender<Result<u64, NotDurable>>>,
 }
@@ -93,7 +94,7 @@ pub struct Event {
 #[cfg(test)]
 impl Event {
     /// Kind and fields, telling a strict decision its record is durable (as seq 1).
-    pub(crate) fn settle(self) -> (&'static str, Map<String, Value>) {
+    pub(crate) fn settle(self) -> (&'static str, Fields) {
         if let Some(tx) = self.durable {
             let _ = tx.send(Ok(1));
         }
@@ -140,12 +141,12 @@ impl Auditor {
     }
 
     /// Records an event. Never blocks the data path.
-    pub fn emit(&self, kind: &'static str, fields: Map<String, Value>) {
+    pub fn emit(&self, kind: &'static str, fields: impl Into<Fields>) {
         debug_assert_listed(kind);
         let ev = Event {
             kind,
             ts_ms: now_ms(),
-            fields,
+            fields: fields.into(),
             durable: None,
         };
         if self.tx.try_send(ev).is_err() {
@@ -162,7 +163,7 @@ impl Auditor {
     pub async fn record(
         &self,
         kind: &'static str,
-        fields: Map<String, Value>,
+        fields: impl Into<Fields>,
     ) -> Result<(), NotDurable> {
         if self.durability == Durability::Batched {
             self.emit(kind, fields);
@@ -180,14 +181,14 @@ impl Auditor {
     fn durable(
         &self,
         kind: &'static str,
-        fields: Map<String, Value>,
+        fields: impl Into<Fields>,
     ) -> Result<oneshot::Receiver<Result<u64, NotDurable>>, NotDurable> {
         debug_assert_listed(kind);
         let (tx, rx) = oneshot::channel();
         let ev = Event {
             kind,
             ts_ms: now_ms(),
-            fields,
+            fields: fields.into(),
             durable: Some(tx),
         };
         // Refused, not dropped: the traffic it stood for does not happen.

@@ -5,12 +5,13 @@
 use std::io::Write;
 use std::sync::atomic::Ordering;
 
-use mayfly_ca::audit::{Record, VERSION, checkpoint_fields, checkpoint_message, sign_with};
+use mayfly_ca::audit::{checkpoint_fields, checkpoint_message, sign_with};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::Actor;
+use super::fields::Fields;
 use super::spool::Spool;
 use super::{
     CHECKPOINT_INTERVAL, CHECKPOINT_RECORDS, Event, NotDurable, SpoolError, Waiter, WhenFull,
@@ -24,7 +25,7 @@ impl Actor {
         &mut self,
         kind: &str,
         ts_ms: i64,
-        fields: Map<String, Value>,
+        fields: impl Into<Fields>,
     ) -> Option<u64> {
         let seq = self.spool.state.next_seq;
         let line = line_of(
@@ -209,7 +210,8 @@ impl Actor {
     }
 }
 
-/// The chained line of one record (no trailing newline): exactly [`Record::line`]'s bytes.
+/// The chained line of one record (no trailing newline): exactly the bytes of
+/// [`mayfly_ca::audit::Record::line`] for the same record.
 pub(crate) fn line_of(
     source: &str,
     epoch: &str,
@@ -217,19 +219,9 @@ pub(crate) fn line_of(
     prev: &str,
     ts_ms: i64,
     kind: &str,
-    fields: Map<String, Value>,
+    fields: impl Into<Fields>,
 ) -> Vec<u8> {
-    Record {
-        v: VERSION,
-        source: source.to_owned(),
-        epoch: epoch.to_owned(),
-        seq,
-        prev: prev.to_owned(),
-        ts_ms,
-        kind: kind.to_owned(),
-        fields,
-    }
-    .line()
+    super::fields::line(source, epoch, seq, prev, ts_ms, kind, &fields.into())
 }
 
 /// Tells waiting strict decisions how their sync went.

@@ -10,8 +10,9 @@ use mayfly_policy::{DecidedBy, Decision, DryRun};
 use tokio::sync::mpsc;
 
 use super::record::RequestRecord;
+use crate::audit::FieldList;
 use crate::audit::{Auditor, Durability, Event};
-use crate::conn::audit_base;
+use crate::conn::{audit_base, audit_base_fields};
 use crate::metrics::Direction;
 use crate::policy::Verdict;
 
@@ -50,19 +51,19 @@ fn rule(name: &str) -> DecidedBy {
     DecidedBy::Rule(Arc::from(name))
 }
 
-fn inbound_base() -> serde_json::Map<String, serde_json::Value> {
-    audit_base(
+fn inbound_base() -> FieldList {
+    audit_base_fields(
         Direction::Inbound,
         "spiffe://mesh.test/ns/shop/sa/api",
         "spiffe://mesh.test/ns/shop/sa/web",
-        Some("127.0.0.1:40112".into()),
+        Some("127.0.0.1:40112"),
         Some("3f9a"),
         "http",
     )
 }
 
-fn outbound_base() -> serde_json::Map<String, serde_json::Value> {
-    audit_base(
+fn outbound_base() -> FieldList {
+    audit_base_fields(
         Direction::Outbound,
         "spiffe://mesh.test/ns/shop/sa/web",
         "spiffe://mesh.test/ns/shop/sa/api",
@@ -97,7 +98,7 @@ async fn an_allowed_traced_inbound_request_writes_the_same_line_as_ever() {
     let verdict = decided(true, rule("web-reads"), None);
     let mut r = RequestRecord::new(
         &audit,
-        inbound_base(),
+        &inbound_base(),
         &Method::GET,
         "/items/7",
         &verdict,
@@ -119,7 +120,7 @@ async fn a_denied_outbound_request_without_trace_or_port_writes_the_same_line_as
     let verdict = decided(false, DecidedBy::Default, None);
     let mut r = RequestRecord::new(
         &audit,
-        outbound_base(),
+        &outbound_base(),
         &Method::POST,
         "/orders",
         &verdict,
@@ -148,7 +149,7 @@ async fn a_granted_request_with_an_upstream_error_and_escapes_writes_the_same_li
     );
     let mut r = RequestRecord::new(
         &audit,
-        outbound_base(),
+        &outbound_base(),
         &Method::from_bytes(b"PURGE").unwrap(),
         "/a\"b\\c/\u{1}\u{e9}",
         &verdict,
@@ -169,7 +170,7 @@ async fn a_request_with_no_policy_writes_the_same_line_as_ever() {
     let (audit, mut rx) = Auditor::capture(Durability::Batched);
     let mut r = RequestRecord::new(
         &audit,
-        inbound_base(),
+        &inbound_base(),
         &Method::DELETE,
         "/",
         &Verdict::NoPolicy,
@@ -189,7 +190,7 @@ async fn a_strict_request_writes_the_same_request_and_response_lines_as_ever() {
     let verdict = decided(true, rule("web-reads"), None);
     let mut r = RequestRecord::new(
         &audit,
-        inbound_base(),
+        &inbound_base(),
         &Method::GET,
         "/items/7",
         &verdict,
@@ -218,7 +219,7 @@ async fn a_strict_denial_writes_the_same_line_as_ever() {
     let verdict = decided(false, rule("no-writes"), None);
     let mut r = RequestRecord::new(
         &audit,
-        outbound_base(),
+        &outbound_base(),
         &Method::PUT,
         "/items/7",
         &verdict,
