@@ -262,3 +262,28 @@ fn a_connection_open_record_writes_the_same_line_as_ever() {
         r#"{"v":1,"source":"spiffe://mesh.test/ns/shop/sa/api","epoch":"5f0c2a9d1e7b4c38","seq":41,"prev":"9a3b1c0d2e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b","ts_ms":1767225600123,"kind":"connection.open","decision":"allow","decision_id":"d-0a1b2c3d-2a","direction":"inbound","enforced":true,"local_id":"spiffe://mesh.test/ns/shop/sa/api","peer_addr":"127.0.0.1:40112","peer_id":"spiffe://mesh.test/ns/shop/sa/web","peer_serial":"3f9a","policy_version":"sha256:1f2e3d4c","port":5432,"protocol":"tcp","rule":"web-reads"}"#
     );
 }
+
+#[tokio::test]
+async fn a_strict_response_repeats_only_the_requests_fields_even_if_the_address_comes_later() {
+    let (audit, mut rx) = Auditor::capture(Durability::Strict);
+    let verdict = decided(true, rule("web-reads"), None);
+    let mut r = RequestRecord::new(
+        &audit,
+        &outbound_base(),
+        &Method::GET,
+        "/items/7",
+        &verdict,
+        std::time::Instant::now(),
+    );
+    r.context(Some(8080), &HeaderMap::new(), &series());
+    let (durable, _) = tokio::join!(r.before_forwarding(), async {
+        rx.recv().await.expect("the decision is recorded").settle()
+    });
+    durable.unwrap();
+    r.peer_addr("10.0.0.9:8080");
+    r.finish(StatusCode::OK);
+    assert_eq!(
+        next(&mut rx),
+        r#"{"v":1,"source":"spiffe://mesh.test/ns/shop/sa/api","epoch":"5f0c2a9d1e7b4c38","seq":41,"prev":"9a3b1c0d2e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b","ts_ms":1767225600123,"kind":"http.response","decision_id":"d-0a1b2c3d-2a","direction":"outbound","duration_ms":7,"local_id":"spiffe://mesh.test/ns/shop/sa/web","method":"GET","path":"/items/7","peer_id":"spiffe://mesh.test/ns/shop/sa/api","protocol":"http","status":200}"#
+    );
+}
