@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::audit::{Field, FieldList};
 use crate::metrics::{Metrics, ResultLabels};
 
 /// How often the policy file is checked for changes.
@@ -411,47 +412,48 @@ impl Verdict {
     /// Adds the decision's audit fields: `decision`, `enforced`, `rule` / `grant`,
     /// `decision_id`, `policy_version`.
     pub fn audit_into(&self, m: &mut serde_json::Map<String, serde_json::Value>) {
-        use serde_json::Value;
+        let mut f = FieldList::with_capacity(6);
+        self.audit_fields(&mut f);
+        m.extend(f.into_map());
+    }
+
+    /// [`Verdict::audit_into`] for a record built as a [`FieldList`] (no key or shared value
+    /// copied).
+    pub fn audit_fields(&self, f: &mut FieldList) {
         match self {
             Verdict::NoPolicy => {
-                m.insert("decision".into(), Value::from("deny"));
-                m.insert("enforced".into(), Value::from(true));
-                m.insert("rule".into(), Value::from("no-policy"));
+                f.insert("decision", Field::Static("deny"));
+                f.insert("enforced", Field::Bool(true));
+                f.insert("rule", Field::Static("no-policy"));
             }
             Verdict::Decided(d) => {
-                m.insert(
-                    "decision".into(),
-                    Value::from(if d.allow { "allow" } else { "deny" }),
+                f.insert(
+                    "decision",
+                    Field::Static(if d.allow { "allow" } else { "deny" }),
                 );
-                m.insert("enforced".into(), Value::from(d.enforced));
+                f.insert("enforced", Field::Bool(d.enforced));
                 match &d.decided_by {
                     mayfly_policy::DecidedBy::Rule(r) => {
-                        m.insert("rule".into(), Value::from(r.as_ref()));
+                        f.insert("rule", Field::Shared(r.clone()));
                     }
                     mayfly_policy::DecidedBy::Grant(g) => {
-                        m.insert("grant".into(), Value::from(g.as_str()));
+                        f.insert("grant", Field::Owned(g.clone()));
                     }
                     other => {
-                        m.insert(
-                            "rule".into(),
-                            Value::from(format!("{other:?}").to_lowercase()),
-                        );
+                        f.insert("rule", Field::Owned(format!("{other:?}").to_lowercase()));
                     }
                 }
                 if let Some(dr) = &d.dry_run {
-                    m.insert(
-                        "dry_run".into(),
-                        serde_json::json!({
+                    f.insert(
+                        "dry_run",
+                        Field::Json(serde_json::json!({
                             "would": if dr.allow { "allow" } else { "deny" },
                             "rule": dr.rule.to_string(),
-                        }),
+                        })),
                     );
                 }
-                m.insert("decision_id".into(), Value::from(d.decision_id.as_str()));
-                m.insert(
-                    "policy_version".into(),
-                    Value::from(d.policy_version.as_ref()),
-                );
+                f.insert("decision_id", Field::Owned(d.decision_id.clone()));
+                f.insert("policy_version", Field::Shared(d.policy_version.clone()));
             }
         }
     }

@@ -20,14 +20,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use crate::config::{AuditConfig, Durability, Sink, WhenFull};
 use crate::identity::Identity;
+pub use fields::{Field, FieldList, Fields, line};
 
 mod delivery;
-mod record;
+pub(crate) mod fields;
+pub(crate) mod record;
 mod recover;
 mod spool;
 #[cfg(test)]
@@ -85,9 +86,20 @@ pub struct Event {
     /// When (unix ms).
     pub ts_ms: i64,
     /// Fields.
-    pub fields: Map<String, Value>,
+    pub fields: Fields,
     /// Told the record's seq once a sync covers it (strict decisions).
     durable: Option<oneshot::Sender<Result<u64, NotDurable>>>,
+}
+
+#[cfg(test)]
+impl Event {
+    /// Kind and fields, telling a strict decision its record is durable (as seq 1).
+    pub(crate) fn settle(self) -> (&'static str, Fields) {
+        if let Some(tx) = self.durable {
+            let _ = tx.send(Ok(1));
+        }
+        (self.kind, self.fields)
+    }
 }
 
 /// A strict decision waiting for the sync that covers its record (its seq).
@@ -129,12 +141,12 @@ impl Auditor {
     }
 
     /// Records an event. Never blocks the data path.
-    pub fn emit(&self, kind: &'static str, fields: Map<String, Value>) {
+    pub fn emit(&self, kind: &'static str, fields: impl Into<Fields>) {
         debug_assert_listed(kind);
         let ev = Event {
             kind,
             ts_ms: now_ms(),
-            fields,
+            fields: fields.into(),
             durable: None,
         };
         if self.tx.try_send(ev).is_err() {
@@ -151,7 +163,7 @@ impl Auditor {
     pub async fn record(
         &self,
         kind: &'static str,
-        fields: Map<String, Value>,
+        fields: impl Into<Fields>,
     ) -> Result<(), NotDurable> {
         if self.durability == Durability::Batched {
             self.emit(kind, fields);
@@ -169,14 +181,14 @@ impl Auditor {
     fn durable(
         &self,
         kind: &'static str,
-        fields: Map<String, Value>,
+        fields: impl Into<Fields>,
     ) -> Result<oneshot::Receiver<Result<u64, NotDurable>>, NotDurable> {
         debug_assert_listed(kind);
         let (tx, rx) = oneshot::channel();
         let ev = Event {
             kind,
             ts_ms: now_ms(),
-            fields,
+            fields: fields.into(),
             durable: Some(tx),
         };
         // Refused, not dropped: the traffic it stood for does not happen.
@@ -212,6 +224,25 @@ impl Auditor {
     /// Why the last delivery to the control plane failed; `None` once one succeeds.
     pub fn delivery_error(&self) -> Option<String> {
         self.delivery_error.lock().ok().and_then(|e| e.clone())
+    }
+}
+
+#[cfg(test)]
+impl Auditor {
+    /// An auditor whose events arrive on the returned queue instead of at a writer.
+    pub(crate) fn capture(durability: Durability) -> (Self, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(64);
+        let auditor = Auditor {
+            tx,
+            full: Arc::default(),
+            dropped: Arc::default(),
+            when_full: WhenFull::FailClosed,
+            delivery_error: DeliveryError::default(),
+            durability,
+            syncs: Arc::default(),
+            synced_through: Arc::default(),
+        };
+        (auditor, rx)
     }
 }
 

@@ -5,12 +5,13 @@
 use std::io::Write;
 use std::sync::atomic::Ordering;
 
-use mayfly_ca::audit::{Record, VERSION, checkpoint_fields, checkpoint_message, sign_with};
+use mayfly_ca::audit::{checkpoint_fields, checkpoint_message, sign_with};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::Actor;
+use super::fields::Fields;
 use super::spool::Spool;
 use super::{
     CHECKPOINT_INTERVAL, CHECKPOINT_RECORDS, Event, NotDurable, SpoolError, Waiter, WhenFull,
@@ -24,20 +25,19 @@ impl Actor {
         &mut self,
         kind: &str,
         ts_ms: i64,
-        fields: Map<String, Value>,
+        fields: impl Into<Fields>,
     ) -> Option<u64> {
-        let r = Record {
-            v: VERSION,
-            source: self.source.clone(),
-            epoch: self.spool.state.epoch.clone(),
-            seq: self.spool.state.next_seq,
-            prev: self.spool.state.last_hash.clone(),
+        let seq = self.spool.state.next_seq;
+        let line = line_of(
+            &self.source,
+            &self.spool.state.epoch,
+            seq,
+            &self.spool.state.last_hash,
             ts_ms,
-            kind: kind.to_owned(),
+            kind,
             fields,
-        };
-        let seq = r.seq;
-        let written = match self.spool.append(&r) {
+        );
+        let written = match self.spool.append_line(seq, line) {
             Ok(line) => {
                 self.metrics.audit_records.inc();
                 if let Some(s) = self.sink.as_mut() {
@@ -208,6 +208,20 @@ impl Actor {
         self.first_unsigned = None;
         let _ = self.write("checkpoint", now_ms(), fields);
     }
+}
+
+/// The chained line of one record (no trailing newline): exactly the bytes of
+/// [`mayfly_ca::audit::Record::line`] for the same record.
+pub(crate) fn line_of(
+    source: &str,
+    epoch: &str,
+    seq: u64,
+    prev: &str,
+    ts_ms: i64,
+    kind: &str,
+    fields: impl Into<Fields>,
+) -> Vec<u8> {
+    super::fields::line(source, epoch, seq, prev, ts_ms, kind, &fields.into())
 }
 
 /// Tells waiting strict decisions how their sync went.

@@ -7,7 +7,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use mayfly_ca::audit::{GENESIS, Record, line_hash};
+use mayfly_ca::audit::{GENESIS, line_hash};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
@@ -366,8 +366,13 @@ impl Spool {
         write_atomic(&p, &data).map_err(io(&p))
     }
 
-    pub(super) fn append(&mut self, r: &Record) -> Result<Vec<u8>, SpoolError> {
-        let line = r.line();
+    #[cfg(test)]
+    pub(super) fn append(&mut self, r: &mayfly_ca::audit::Record) -> Result<Vec<u8>, SpoolError> {
+        self.append_line(r.seq, r.line())
+    }
+
+    /// Appends the line of record `seq` (built by [`super::record::line_of`]).
+    pub(super) fn append_line(&mut self, seq: u64, line: Vec<u8>) -> Result<Vec<u8>, SpoolError> {
         // Into the write buffer as it is, newline after: no copy of the line per record.
         self.file
             .write_all(&line)
@@ -375,8 +380,8 @@ impl Spool {
             .map_err(|e| io(&self.path())(e))?;
         let start = self.len;
         self.len += line.len() as u64 + 1;
-        self.index.push_back((r.seq, start, self.len));
-        self.state.next_seq = r.seq + 1;
+        self.index.push_back((seq, start, self.len));
+        self.state.next_seq = seq + 1;
         self.state.last_hash = line_hash(&line);
         self.dirty = true;
         Ok(line)

@@ -55,27 +55,48 @@ pub(crate) fn audit_base(
     peer: &str,
     peer_addr: Option<String>,
     peer_serial: Option<&str>,
-    protocol: &str,
+    protocol: &'static str,
 ) -> serde_json::Map<String, serde_json::Value> {
-    use serde_json::Value;
-    let mut m = serde_json::Map::new();
-    m.insert(
-        "direction".into(),
-        Value::from(match direction {
+    audit_base_fields(
+        direction,
+        local,
+        peer,
+        peer_addr.as_deref(),
+        peer_serial,
+        protocol,
+    )
+    .into_map()
+}
+
+/// [`audit_base`] built once per connection for its requests' records: each request's record
+/// shares these strings instead of copying them.
+pub fn audit_base_fields(
+    direction: Direction,
+    local: &str,
+    peer: &str,
+    peer_addr: Option<&str>,
+    peer_serial: Option<&str>,
+    protocol: &'static str,
+) -> crate::audit::FieldList {
+    use crate::audit::Field;
+    let mut f = crate::audit::FieldList::with_capacity(6);
+    f.insert(
+        "direction",
+        Field::Static(match direction {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
         }),
     );
-    m.insert("local_id".into(), Value::from(local));
-    m.insert("peer_id".into(), Value::from(peer));
+    f.insert("local_id", Field::Shared(local.into()));
+    f.insert("peer_id", Field::Shared(peer.into()));
     if let Some(a) = peer_addr {
-        m.insert("peer_addr".into(), Value::from(a));
+        f.insert("peer_addr", Field::Shared(a.into()));
     }
     if let Some(s) = peer_serial {
-        m.insert("peer_serial".into(), Value::from(s));
+        f.insert("peer_serial", Field::Shared(s.into()));
     }
-    m.insert("protocol".into(), Value::from(protocol));
-    m
+    f.insert("protocol", Field::Static(protocol));
+    f
 }
 
 /// A tokio Instant for a wall-clock time (peer SVID expiry).

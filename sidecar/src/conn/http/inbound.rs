@@ -25,7 +25,7 @@ use super::idle::{Activity, IDLE_GRACE, IdleTimer};
 use super::{Body, GRPC_UNAVAILABLE, XFCC, is_grpc, local_reply, xfcc_value};
 use crate::audit::NotDurable;
 use crate::config::{AppProtocol, Inbound};
-use crate::conn::{OpenGuard, Shared, audit_base, instant_at};
+use crate::conn::{OpenGuard, Shared, audit_base, audit_base_fields, instant_at};
 use crate::metrics::Direction;
 use crate::policy::{HttpFacts, Verdict};
 
@@ -56,8 +56,8 @@ struct Ctx {
     port: Option<u16>,
     ip: Option<IpAddr>,
     version: http::Version,
-    peer_addr: String,
-    peer_serial: String,
+    /// The first fields of every request's record (built once for the connection).
+    audit_base: crate::audit::FieldList,
     /// The connection-level denial every request on this connection is answered with.
     refused: Option<Refusal>,
     /// The peer's request metrics.
@@ -76,15 +76,14 @@ impl Ctx {
         self.shared
             .metrics
             .request(Direction::Inbound, verdict.label());
-        let base = audit_base(
-            Direction::Inbound,
-            &self.me,
-            &self.peer,
-            Some(self.peer_addr.clone()),
-            Some(&self.peer_serial),
-            "http",
-        );
-        super::record::RequestRecord::new(&self.shared.audit, base, method, path, verdict, started)
+        super::record::RequestRecord::new(
+            &self.shared.audit,
+            &self.audit_base,
+            method,
+            path,
+            verdict,
+            started,
+        )
     }
 }
 
@@ -164,6 +163,14 @@ pub async fn serve_conn(
         .and_then(|c| c.first())
         .map(|c| c.to_vec())
         .unwrap_or_default();
+    let audit_base = audit_base_fields(
+        Direction::Inbound,
+        &me,
+        &peer_id,
+        Some(&addr.to_string()),
+        Some(&peer.serial),
+        "http",
+    );
     let ctx = Arc::new(Ctx {
         xfcc: xfcc_value(&me, &leaf, &peer_id),
         shared: shared.clone(),
@@ -173,8 +180,7 @@ pub async fn serve_conn(
         peer: peer_id.clone(),
         port,
         ip,
-        peer_addr: addr.to_string(),
-        peer_serial: peer.serial.clone(),
+        audit_base,
         refused: refused.clone(),
         series: m.mesh.peer(Direction::Inbound, &peer_id),
         version: match cfg.app_protocol {

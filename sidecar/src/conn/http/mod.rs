@@ -7,6 +7,8 @@ mod idle;
 pub mod inbound;
 pub mod outbound;
 mod record;
+#[cfg(test)]
+mod record_golden;
 pub mod reply;
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,8 @@
 
 use http::StatusCode;
 
+use crate::audit::{Field, FieldList};
+
 /// The audit record of one HTTP request. Batched durability: one `http.request` record, emitted
 /// once the caller's status is known. Strict: the `http.request` record (the decision, without
 /// a status) is made durable before the request is forwarded, and an `http.response` record
@@ -9,7 +11,7 @@ use http::StatusCode;
 /// denial is one `http.request` record with its 403, durable before the 403 is sent.
 pub(crate) struct RequestRecord<'a> {
     audit: &'a crate::audit::Auditor,
-    fields: serde_json::Map<String, serde_json::Value>,
+    fields: FieldList,
     started: std::time::Instant,
     /// The decision is recorded already (strict): `finish` records only the outcome.
     decided: bool,
@@ -32,22 +34,28 @@ const RESPONSE_FIELDS: [&str; 9] = [
     "trace_id",
 ];
 
+/// The most fields a request's record adds to its connection's (request line, verdict,
+/// port, trace, address, error, outcome): the record's one allocation holds them all.
+const REQUEST_FIELDS: usize = 16;
+
 impl<'a> RequestRecord<'a> {
-    /// `base` (from `conn::audit_base`) plus the request line and the policy's verdict.
+    /// `base` (the connection's, from `conn::audit_base_fields`) plus the request line and the
+    /// policy's verdict.
     pub(crate) fn new(
         audit: &'a crate::audit::Auditor,
-        mut base: serde_json::Map<String, serde_json::Value>,
+        base: &FieldList,
         method: &http::Method,
         path: &str,
         verdict: &crate::policy::Verdict,
         started: std::time::Instant,
     ) -> Self {
-        base.insert("method".into(), method.as_str().into());
-        base.insert("path".into(), path.into());
-        verdict.audit_into(&mut base);
+        let mut fields = base.with_room(REQUEST_FIELDS);
+        fields.insert("method", method_field(method));
+        fields.insert("path", Field::Owned(path.to_owned()));
+        verdict.audit_fields(&mut fields);
         Self {
             audit,
-            fields: base,
+            fields,
             started,
             decided: false,
             allowed: verdict.label() == "allow",
@@ -66,21 +74,22 @@ impl<'a> RequestRecord<'a> {
     ) {
         self.series = Some(series.clone());
         if let Some(p) = port {
-            self.fields.insert("port".into(), p.into());
+            self.fields.insert("port", Field::U64(p.into()));
         }
         if let Some(t) = trace_id(headers) {
-            self.fields.insert("trace_id".into(), t.into());
+            self.fields.insert("trace_id", Field::Owned(t.to_owned()));
         }
     }
 
     /// The address the request is sent to (known once its endpoint is chosen).
     pub(crate) fn peer_addr(&mut self, addr: &str) {
-        self.fields.insert("peer_addr".into(), addr.into());
+        self.fields
+            .insert("peer_addr", Field::Owned(addr.to_owned()));
     }
 
     /// Why no answer from the upstream is relayed (`timeout`, `upstream_unreachable`...).
     pub(crate) fn error(&mut self, reason: &str) {
-        self.fields.insert("error".into(), reason.into());
+        self.fields.insert("error", Field::Owned(reason.to_owned()));
     }
 
     /// Before the request is forwarded. Strict: records the decision and waits until it is
@@ -90,21 +99,26 @@ impl<'a> RequestRecord<'a> {
             return Ok(());
         }
         self.decided = true;
-        self.audit.record("http.request", self.fields.clone()).await
+        // The decision's record takes the fields; the response keeps only what it repeats.
+        let response = self
+            .fields
+            .subset(|k| RESPONSE_FIELDS.contains(&k), RESPONSE_FIELDS.len());
+        let request = std::mem::replace(&mut self.fields, response);
+        self.audit.record("http.request", request).await
     }
 
     fn outcome(&mut self, status: StatusCode) {
         if self.decided {
-            self.fields
-                .retain(|k, _| RESPONSE_FIELDS.contains(&k.as_str()));
+            self.fields.retain(|k| RESPONSE_FIELDS.contains(&k));
         }
         let elapsed = self.started.elapsed();
         if let Some(series) = &self.series {
             series.observe(self.allowed, status.as_u16(), elapsed.as_secs_f64());
         }
-        self.fields.insert("status".into(), status.as_u16().into());
         self.fields
-            .insert("duration_ms".into(), (elapsed.as_millis() as u64).into());
+            .insert("status", Field::U64(status.as_u16().into()));
+        self.fields
+            .insert("duration_ms", Field::U64(elapsed.as_millis() as u64));
     }
 
     /// Records the outcome of a forwarded request (never waits).
@@ -127,6 +141,24 @@ impl<'a> RequestRecord<'a> {
         self.outcome(status);
         self.audit.record("http.request", self.fields).await
     }
+}
+
+/// A standard method's name without a copy; any other, copied.
+fn method_field(method: &http::Method) -> Field {
+    use http::Method;
+    let name = match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => return Field::Owned(method.as_str().to_owned()),
+    };
+    Field::Static(name)
 }
 
 /// The trace ID of `traceparent` (`VERSION-TRACEID-PARENTID-FLAGS`, 32 lowercase hex digits,

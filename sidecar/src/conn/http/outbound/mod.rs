@@ -28,7 +28,7 @@ use super::{
     Body, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, MAX_HEADER_BYTES, is_grpc, local_reply,
 };
 use crate::config::Outbound;
-use crate::conn::{OpenGuard, Shared, audit_base, handshake, instant_at};
+use crate::conn::{OpenGuard, Shared, audit_base_fields, handshake, instant_at};
 use crate::metrics::Direction;
 use crate::policy::HttpFacts;
 use crate::upstreams::Pool;
@@ -64,6 +64,8 @@ pub struct Upstream {
     /// Our SPIFFE ID and the upstream's, as text: built once, not per request.
     me: String,
     dest: String,
+    /// The first fields of every request's record (built once for the upstream).
+    audit_base: crate::audit::FieldList,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,10 +104,20 @@ impl Upstream {
         let pool = shared.upstreams.pool_for(&up);
         let dest = up.spiffe_id.to_string();
         let series = shared.metrics.mesh.peer(Direction::Outbound, &dest);
+        let me = shared.identity.id.to_string();
+        let audit_base = audit_base_fields(
+            Direction::Outbound,
+            &me,
+            &dest,
+            up.remote.as_deref(),
+            None,
+            "http",
+        );
         Ok(Arc::new(Self {
             series,
-            me: shared.identity.id.to_string(),
+            me,
             dest,
+            audit_base,
             up,
             shared,
             pool,
@@ -271,14 +283,7 @@ impl Upstream {
         m.request(Direction::Outbound, verdict.label());
         let mut record = super::record::RequestRecord::new(
             &self.shared.audit,
-            audit_base(
-                Direction::Outbound,
-                me,
-                dest,
-                self.up.remote.clone(),
-                None,
-                "http",
-            ),
+            &self.audit_base,
             req.method(),
             &path,
             &verdict,
