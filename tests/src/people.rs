@@ -242,3 +242,42 @@ pub fn audit(dir: &Path, args: &[&str]) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// The JSON a `mayfly ... --json` command printed.
+pub fn json_of(out: &str) -> Value {
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The sidecar of the service `spiffe://mayfly.local/<name>` before `app`, its policy pushed by
+/// the control plane (no file of its own), HTTP mode if `http`; ready.
+pub async fn central_sidecar(
+    ca: &Ca,
+    dir: &Path,
+    name: &'static str,
+    app: &str,
+    http: bool,
+) -> crate::Sidecar {
+    let unused = dir.join("unused.toml");
+    let tok = ca.token_file(
+        &format!("spiffe://mayfly.local/{name}"),
+        &dir.join(format!("{name}.token")),
+    );
+    let mut config = crate::Spec {
+        me: name,
+        ca: &ca.addr,
+        token: &tok,
+        policy: &unused,
+        inbound_app: Some(app),
+        outbound: &[],
+        svid_ttl: None,
+        extra: "",
+    }
+    .toml()
+    .replace(&format!("[policy]\nfile = \"{}\"\n", unused.display()), "");
+    if http {
+        config = config.replace("app = ", "protocol = \"http\"\napp = ");
+    }
+    let sidecar = crate::Sidecar::start(dir, name, &config);
+    sidecar.wait_ready().await;
+    sidecar
+}

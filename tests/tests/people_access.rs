@@ -15,9 +15,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mayfly_tests::people::{audit, ca_cli, held_until_cut, sign_in};
-use mayfly_tests::{Ca, Proc, Sidecar, Spec, echo_app, eventually, round_trip};
-use serde_json::Value;
+use mayfly_tests::people::{audit, ca_cli, central_sidecar, held_until_cut, json_of, sign_in};
+use mayfly_tests::{Ca, Proc, Sidecar, echo_app, eventually, round_trip};
 
 const DB: &str = "spiffe://mayfly.local/db";
 
@@ -44,23 +43,8 @@ async fn mesh(tmp: &Arc<tempfile::TempDir>) -> (Ca, Sidecar, String) {
     std::fs::write(&pol, POLICY).unwrap();
     let ca = Ca::start_with(tmp, &["--policy", pol.to_str().unwrap()]);
     let app = echo_app("db-app").await;
-    let unused = tmp.path().join("unused.toml");
-    let tok = ca.token_file(DB, &tmp.path().join("db.token"));
-    let config = Spec {
-        me: "db",
-        ca: &ca.addr,
-        token: &tok,
-        policy: &unused,
-        inbound_app: Some(&app),
-        outbound: &[],
-        svid_ttl: None,
-        extra: "",
-    }
-    .toml()
-    .replace(&format!("[policy]\nfile = \"{}\"\n", unused.display()), "");
-    let mut db = Sidecar::start(tmp.path(), "db", &config);
+    let mut db = central_sidecar(&ca, tmp.path(), "db", &app, false).await;
     let inbound = db.inbound();
-    db.wait_ready().await;
     (ca, db, inbound)
 }
 
@@ -83,10 +67,6 @@ fn console_status(addr: &str, svid_dir: &Path) -> String {
     ]);
     assert!(!out.is_empty(), "curl: {err}");
     out.trim().to_owned()
-}
-
-fn json_of(out: &str) -> Value {
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,23 +307,7 @@ async fn curl_reaches_an_http_service_through_the_tunnel_within_the_grant_until_
     .unwrap();
     let ca = Ca::start_with(&tmp, &["--policy", pol.to_str().unwrap()]);
     let app = mayfly_tests::http_app("api-app").await;
-    let unused = tmp.path().join("unused.toml");
-    let tok = ca.token_file("spiffe://mayfly.local/api", &tmp.path().join("api.token"));
-    let config = Spec {
-        me: "api",
-        ca: &ca.addr,
-        token: &tok,
-        policy: &unused,
-        inbound_app: Some(&app),
-        outbound: &[],
-        svid_ttl: None,
-        extra: "",
-    }
-    .toml()
-    .replace(&format!("[policy]\nfile = \"{}\"\n", unused.display()), "")
-    .replace("app = ", "protocol = \"http\"\napp = ");
-    let api = Sidecar::start(tmp.path(), "api", &config);
-    api.wait_ready().await;
+    let _api = central_sidecar(&ca, tmp.path(), "api", &app, true).await; // held until the end
     let alice = sign_in(&ca, tmp.path(), "alice", &["oncall"], "30s");
     let bob = sign_in(&ca, tmp.path(), "bob", &["leads"], "5m");
     let api_id = "spiffe://mayfly.local/api";

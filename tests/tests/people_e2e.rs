@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mayfly_tests::oidc::{CLIENT_ID, Idp};
-use mayfly_tests::people::{audit, dial_as, held_until_cut, log_in};
-use mayfly_tests::{Ca, Proc, Sidecar, Spec, echo_app, eventually, round_trip};
-use serde_json::{Value, json};
+use mayfly_tests::people::{audit, central_sidecar, dial_as, held_until_cut, json_of, log_in};
+use mayfly_tests::{Ca, Proc, echo_app, eventually, round_trip};
+use serde_json::json;
 
 const DB: &str = "spiffe://mayfly.local/db";
 
@@ -30,10 +30,6 @@ approvers = ["db-admins"]
 
 /// The grant's life: short, so the cut at expiry shows within the test.
 const TTL_SECS: u64 = 8;
-
-fn json_of(out: &str) -> Value {
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn people_who_signed_in_by_device_flow_reach_db_only_through_anothers_approval_until_the_grant_ends()
@@ -54,23 +50,8 @@ async fn people_who_signed_in_by_device_flow_reach_db_only_through_anothers_appr
         ],
     );
     let app = echo_app("db-app").await;
-    let unused = tmp.path().join("unused.toml");
-    let tok = ca.token_file(DB, &tmp.path().join("db.token"));
-    let config = Spec {
-        me: "db",
-        ca: &ca.addr,
-        token: &tok,
-        policy: &unused,
-        inbound_app: Some(&app),
-        outbound: &[],
-        svid_ttl: None,
-        extra: "",
-    }
-    .toml()
-    .replace(&format!("[policy]\nfile = \"{}\"\n", unused.display()), "");
-    let mut db = Sidecar::start(tmp.path(), "db", &config);
+    let mut db = central_sidecar(&ca, tmp.path(), "db", &app, false).await;
     let inbound = db.inbound();
-    db.wait_ready().await;
 
     // Three people sign in through the provider; it tells the control plane their groups.
     let alice = log_in(&idp, &ca, tmp.path(), "alice").await;
