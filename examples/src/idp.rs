@@ -61,6 +61,18 @@ pub async fn complete_device_flow(
     }
 }
 
+/// Opens the verification URI as a person who does not recognise the code would, and presses
+/// the provider's "Abort" button on the confirmation page: the device flow is denied. The last
+/// page.
+pub async fn abort_device_flow(verification_uri_complete: &str) -> anyhow::Result<String> {
+    Browser {
+        abort: true,
+        ..Browser::default()
+    }
+    .browse(verification_uri_complete, "")
+    .await
+}
+
 /// Follows `url` as `user` through the provider's pages to wherever it ends (the CLI's
 /// loopback redirect, for the code flow); the last page.
 pub async fn complete_browser_flow(url: &str, user: &str) -> anyhow::Result<String> {
@@ -68,10 +80,12 @@ pub async fn complete_browser_flow(url: &str, user: &str) -> anyhow::Result<Stri
 }
 
 /// Just enough of a browser for the provider's pages: cookies, redirects, the first form of
-/// each page (hidden fields kept, `login` and `password` filled in).
+/// each page (hidden fields kept, `login` and `password` filled in), or with `abort` the page's
+/// "Abort" button where it has one.
 #[derive(Default)]
 struct Browser {
     cookies: BTreeMap<String, String>,
+    abort: bool,
 }
 
 fn unescape(s: &str) -> String {
@@ -155,6 +169,7 @@ fn form_encode(fields: &[(String, String)]) -> String {
 impl Browser {
     async fn browse(&mut self, start: &str, user: &str) -> anyhow::Result<String> {
         let (mut url, mut form) = (start.to_owned(), None::<String>);
+        let mut aborted = false;
         for _ in 0..30 {
             let (status, location, body) = self.request(&url, form.take()).await?;
             if (300..400).contains(&status) {
@@ -164,8 +179,16 @@ impl Browser {
             if status != 200 {
                 bail!("{url}: HTTP {status}\n{body}");
             }
+            if aborted {
+                // The page after "Abort" (the provider offers to enter a code again).
+                return Ok(body);
+            }
             match first_form(&body, user) {
-                Some((action, fields)) => {
+                Some((action, mut fields)) => {
+                    if self.abort && body.contains("name=\"abort\"") {
+                        fields.push(("abort".into(), "yes".into()));
+                        aborted = true;
+                    }
                     url = resolve(&url, &action);
                     form = Some(form_encode(&fields));
                 }

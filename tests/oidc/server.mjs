@@ -1,7 +1,7 @@
 // A real OpenID Connect provider for mayfly's end-to-end tests: npm's `oidc-provider` (a
 // certified OP), pinned by package-lock.json. Started by tests/src/oidc.rs:
 //
-//   node server.mjs --port 0 --jwks keys.json [--id-token-ttl 3600]
+//   node server.mjs --port 0 --jwks keys.json [--id-token-ttl 3600] [--device-code-ttl 600]
 //
 // Listens on 127.0.0.1 (port 0: any free one), issuer http://127.0.0.1:PORT, and prints (stderr)
 // "oidc-provider listening on http://127.0.0.1:PORT" once it serves. Device flow on; one public
@@ -31,6 +31,7 @@ function arg(name, fallback) {
 const port = Number(arg('--port', '0'));
 const jwks = JSON.parse(readFileSync(arg('--jwks'), 'utf8'));
 const idTokenTtl = Number(arg('--id-token-ttl', '3600'));
+const deviceCodeTtl = Number(arg('--device-code-ttl', '600'));
 
 // Who may sign in, and their groups; any other login signs in with no groups.
 const groups = {
@@ -68,7 +69,7 @@ server.listen(port, '127.0.0.1', () => {
     ttl: {
       IdToken: idTokenTtl,
       AccessToken: 600,
-      DeviceCode: 600,
+      DeviceCode: deviceCodeTtl,
       Interaction: 600,
       Session: 600,
       Grant: 600,

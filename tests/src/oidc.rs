@@ -24,6 +24,7 @@ pub struct Idp {
     port: u16,
     dir: PathBuf,
     ttl: u64,
+    device_ttl: u64,
     kid: String,
     key_hex: String,
     generation: u32,
@@ -37,16 +38,22 @@ fn new_key(path: &Path, kid: &str) -> String {
 impl Idp {
     /// Starts the provider on a free port; ID tokens live `id_token_ttl` seconds.
     pub fn start(dir: &Path, id_token_ttl: u64) -> Self {
+        Self::start_with(dir, id_token_ttl, 600)
+    }
+
+    /// ... and device-flow codes `device_code_ttl` seconds.
+    pub fn start_with(dir: &Path, id_token_ttl: u64, device_code_ttl: u64) -> Self {
         assert!(
             Path::new(ROOT).join("node_modules/oidc-provider").is_dir(),
             "the test identity provider is not installed: run `npm ci --prefix tests/oidc`"
         );
         let mut idp = Self {
-            proc: Self::spawn(dir, "k1", 0, id_token_ttl).0,
+            proc: Self::spawn(dir, "k1", 0, id_token_ttl, device_code_ttl).0,
             issuer: String::new(),
             port: 0,
             dir: dir.to_owned(),
             ttl: id_token_ttl,
+            device_ttl: device_code_ttl,
             kid: "k1".into(),
             key_hex: String::new(),
             generation: 1,
@@ -56,7 +63,7 @@ impl Idp {
         idp
     }
 
-    fn spawn(dir: &Path, kid: &str, port: u16, ttl: u64) -> (Proc, String) {
+    fn spawn(dir: &Path, kid: &str, port: u16, ttl: u64, device_ttl: u64) -> (Proc, String) {
         let jwks = dir.join(format!("idp-{kid}.json"));
         let pem = new_key(&jwks, kid);
         std::fs::write(dir.join(format!("idp-{kid}.hex")), &pem).unwrap();
@@ -66,7 +73,8 @@ impl Idp {
             .args(["--port", &port.to_string()])
             .arg("--jwks")
             .arg(&jwks)
-            .args(["--id-token-ttl", &ttl.to_string()]);
+            .args(["--id-token-ttl", &ttl.to_string()])
+            .args(["--device-code-ttl", &device_ttl.to_string()]);
         (Proc::spawn(cmd, &["oidc-provider"]), pem)
     }
 
@@ -87,7 +95,7 @@ impl Idp {
         self.proc.kill();
         self.generation += 1;
         self.kid = format!("k{}", self.generation);
-        let (proc, pem) = Self::spawn(&self.dir, &self.kid, self.port, self.ttl);
+        let (proc, pem) = Self::spawn(&self.dir, &self.kid, self.port, self.ttl, self.device_ttl);
         self.proc = proc;
         self.key_hex = pem;
         self.wait();
@@ -113,6 +121,17 @@ impl Idp {
         user: &str,
     ) -> Result<String, String> {
         mayfly_examples::idp::complete_device_flow(verification_uri_complete, user)
+            .await
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Presses "Abort" on the device flow's confirmation page, as a person who does not
+    /// recognise the code would.
+    pub async fn abort_device_flow(
+        &self,
+        verification_uri_complete: &str,
+    ) -> Result<String, String> {
+        mayfly_examples::idp::abort_device_flow(verification_uri_complete)
             .await
             .map_err(|e| format!("{e:#}"))
     }

@@ -45,8 +45,13 @@ fn world() -> World {
 
 /// ... or through `--oidc-issuer` and `--oidc-client-id` (`flags`).
 fn world_with(flags: bool) -> World {
+    world_of(flags, 600)
+}
+
+/// ... with device-flow codes that live `device_code_ttl` seconds.
+fn world_of(flags: bool, device_code_ttl: u64) -> World {
     let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let idp = Idp::start(tmp.path(), 3600);
+    let idp = Idp::start_with(tmp.path(), 3600, device_code_ttl);
     let cfg = tmp.path().join("oidc.toml");
     std::fs::write(
         &cfg,
@@ -182,11 +187,19 @@ fn start_login(
 }
 
 fn wait_exit(child: &mut Child, log: &std::sync::Mutex<String>) {
+    assert!(
+        wait_status(child, log),
+        "mayfly login failed:\n{}",
+        log.lock().unwrap()
+    );
+}
+
+/// Waits (at most a minute) for `mayfly login` to exit; whether it succeeded.
+fn wait_status(child: &mut Child, log: &std::sync::Mutex<String>) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(s) = child.try_wait().unwrap() {
-            assert!(s.success(), "mayfly login failed:\n{}", log.lock().unwrap());
-            return;
+            return s.success();
         }
         assert!(
             Instant::now() < deadline,
@@ -258,6 +271,32 @@ async fn a_person_signs_in_by_device_flow_and_gets_a_user_svid_of_at_most_fiftee
     let status = w.mayfly(&["status"]).output().unwrap();
     assert!(!status.status.success());
     assert!(String::from_utf8_lossy(&status.stderr).contains("not signed in"));
+}
+
+/// A person who does not recognise the code presses "Abort" at the provider: `mayfly login`
+/// stops with that reason, nothing is stored, no user SVID is issued. A code nobody confirms
+/// runs out: the CLI says so instead of polling forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_sign_in_the_person_aborts_or_never_completes_ends_without_credentials() {
+    let w = world();
+    let (mut child, url, log) = start_login(&w, &[], "or open ");
+    let page = w.idp.abort_device_flow(&url).await.unwrap();
+    assert!(page.contains("interrupted"), "{page}");
+    assert!(!wait_status(&mut child, &log), "login succeeded");
+    let said = log.lock().unwrap().clone();
+    assert!(
+        said.contains("the sign-in was denied at the identity provider"),
+        "{said}"
+    );
+    assert!(mayfly_sidecar::user::creds::load(&w.config_dir()).is_err());
+    assert!(w.events("user.signed_in").is_empty());
+
+    let w = world_of(false, 3);
+    let (mut child, _url, log) = start_login(&w, &[], "or open ");
+    assert!(!wait_status(&mut child, &log), "login succeeded");
+    let said = log.lock().unwrap().clone();
+    assert!(said.contains("the code expired"), "{said}");
+    assert!(mayfly_sidecar::user::creds::load(&w.config_dir()).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
