@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 pub mod console;
 pub mod mesh;
 pub mod netns;
+pub mod observe;
 pub mod oidc;
 pub mod people;
 pub mod postgres;

@@ -38,27 +38,6 @@ fn records(dir: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
         .collect()
 }
 
-async fn wait_delivered(s: &Sidecar) {
-    // Twice in a row, 300 ms apart: records still in flight to the spool would show up.
-    let mut clean = 0;
-    let ok = eventually(Duration::from_secs(30), async || {
-        let (_, m) = s.admin_get("/metrics").await;
-        if m.lines().any(|l| l == "mayfly_sidecar_audit_spool_bytes 0") {
-            clean += 1;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        } else {
-            clean = 0;
-        }
-        clean >= 2
-    })
-    .await;
-    assert!(
-        ok,
-        "audit spool not delivered:\n{}",
-        s.admin_get("/metrics").await.1
-    );
-}
-
 const POLICY: &str = r#"version = 1
 [[rule]]
 name = "web-reads-orders"
@@ -189,8 +168,8 @@ async fn every_decision_is_recorded_chained_signed_and_tampering_is_named() {
     })
     .await
     .unwrap();
-    wait_delivered(&m.orders).await;
-    wait_delivered(&m.web).await;
+    m.orders.wait_audit_delivered().await;
+    m.web.wait_audit_delivered().await;
     let dir = m.ca.dir.clone();
     let inbound: Vec<serde_json::Value> = records(
         &dir,
@@ -238,7 +217,7 @@ async fn every_decision_is_recorded_chained_signed_and_tampering_is_named() {
     })
     .await;
     assert!(ok, "no checkpoint from orders");
-    wait_delivered(&m.orders).await;
+    m.orders.wait_audit_delivered().await;
     let (ok, out, err) = ca_cli(&dir, &["audit", "verify"]);
     assert!(ok, "{out}{err}");
     assert!(
@@ -310,8 +289,8 @@ async fn a_control_plane_restart_under_load_loses_and_duplicates_nothing() {
         sent += got.len();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_delivered(&m.web).await;
-    wait_delivered(&m.orders).await;
+    m.web.wait_audit_delivered().await;
+    m.orders.wait_audit_delivered().await;
     let all = records(&m.ca.dir, &["--kind", "http.request"]);
     let from = |src: &str| all.iter().filter(|r| r["source"] == src).count();
     assert_eq!(
@@ -386,9 +365,9 @@ async fn a_full_spool_in_drop_mode_counts_and_marks_the_gap() {
         web.proc.log()
     );
     ca.run(&port);
-    wait_delivered(&web).await;
+    web.wait_audit_delivered().await;
     round_trip(&out, b"x").await.unwrap();
-    wait_delivered(&web).await;
+    web.wait_audit_delivered().await;
     let gaps = records(&ca.dir, &["--kind", "gap"]);
     assert!(
         gaps.iter()
@@ -445,7 +424,7 @@ async fn a_sidecar_killed_under_load_never_reuses_a_seq_and_its_loss_is_a_record
         .await
         .unwrap();
     assert!(more.iter().all(|c| c == "200"), "{more:?}");
-    wait_delivered(&web).await;
+    web.wait_audit_delivered().await;
     let mine = |r: &serde_json::Value| r["source"] == "spiffe://mayfly.local/web";
     let gaps: Vec<_> = records(&ca.dir, &["--kind", "gap"])
         .into_iter()
@@ -517,7 +496,7 @@ async fn a_damaged_line_mid_spool_is_quarantined_and_every_other_record_is_deliv
         .await
         .unwrap();
     assert!(more.iter().all(|c| c == "200"), "{more:?}");
-    wait_delivered(&web).await;
+    web.wait_audit_delivered().await;
     let mine = |r: &serde_json::Value| r["source"] == "spiffe://mayfly.local/web";
     let stored = records(&ca.dir, &["--kind", "http.request"])
         .into_iter()

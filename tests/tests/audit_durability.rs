@@ -5,11 +5,8 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use mayfly_tests::{
-    Ca, Sidecar, Spec, bin, curl, echo_app, eventually, http_app, policy, round_trip,
-};
+use mayfly_tests::{Ca, Sidecar, Spec, bin, curl, echo_app, http_app, policy, round_trip};
 
 const STRICT: &str = "[audit]\nspool_dir = \"web-audit\"\ndurability = \"strict\"\n";
 
@@ -27,27 +24,6 @@ fn records(dir: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-async fn wait_delivered(s: &Sidecar) {
-    // Twice in a row, 300 ms apart: records still on their way to the spool would show up.
-    let mut clean = 0;
-    let ok = eventually(Duration::from_secs(30), async || {
-        let (_, m) = s.admin_get("/metrics").await;
-        if m.lines().any(|l| l == "mayfly_sidecar_audit_spool_bytes 0") {
-            clean += 1;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        } else {
-            clean = 0;
-        }
-        clean >= 2
-    })
-    .await;
-    assert!(
-        ok,
-        "audit spool not delivered:\n{}",
-        s.admin_get("/metrics").await.1
-    );
 }
 
 /// HTTP status codes of `n` GETs of `url` (one curl, one kept-alive connection).
@@ -169,7 +145,7 @@ async fn a_strict_sidecar_killed_right_after_answering_has_lost_no_answered_requ
     ca.token_file("spiffe://mayfly.local/web", &tmp.path().join("w.token"));
     let web = Sidecar::start(tmp.path(), "web", &config);
     web.wait_ready().await;
-    wait_delivered(&web).await;
+    web.wait_audit_delivered().await;
     // Written by web (orders' records of the same requests name web as their caller too).
     let mine: Vec<_> = records(&ca.dir, &[])
         .into_iter()

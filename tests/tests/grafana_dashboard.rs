@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, HashSet};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use mayfly_tests::{Ca, Sidecar, Spec, curl, free_port, http_app};
@@ -20,44 +19,9 @@ to = ["spiffe://mayfly.local/orders"]
 methods = ["GET"]
 "#;
 
-/// Runs promtool with `args`, `input` on stdin: `None` when it is not installed (outside CI).
-fn promtool(args: &[&str], input: &str) -> Option<(bool, String)> {
-    let child = Command::new("promtool")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "promtool is required in CI (Debian package prometheus): {e}"
-            );
-            eprintln!("SKIPPED: promtool is not installed (apt-get install prometheus)");
-            return None;
-        }
-    };
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some((out.status.success(), text))
-}
-
 /// `promtool check metrics` passes on `text` (silence is success).
 fn check_metrics(what: &str, text: &str) {
-    if let Some((ok, out)) = promtool(&["check", "metrics"], text) {
+    if let Some((ok, out)) = mayfly_tests::observe::promtool(&["check", "metrics"], text) {
         assert!(
             ok && out.trim().is_empty(),
             "promtool check metrics on {what}:\n{out}\n--- input\n{text}"
@@ -147,7 +111,9 @@ fn the_dashboard_has_grafanas_essentials_and_every_query_parses_as_promql() {
     }
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &rules).unwrap();
-    if let Some((ok, out)) = promtool(&["check", "rules", file.path().to_str().unwrap()], "") {
+    if let Some((ok, out)) =
+        mayfly_tests::observe::promtool(&["check", "rules", file.path().to_str().unwrap()], "")
+    {
         assert!(ok, "promtool check rules:\n{out}\n--- rules\n{rules}");
     }
 }

@@ -3,7 +3,6 @@
 //! request even when the request then fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use mayfly_tests::{Ca, Sidecar, Spec, curl, free_port};
@@ -92,37 +91,8 @@ async fn scrape(admin: &str, accept: Option<&str>) -> (String, String) {
 
 /// `promtool check metrics` on `body`: None when promtool is not installed (outside CI).
 fn promtool(body: &str) -> Option<(bool, String)> {
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "promtool is required in CI (Debian package prometheus): {e}"
-            );
-            eprintln!("SKIPPED: promtool is not installed (apt-get install prometheus)");
-            return None;
-        }
-    };
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some((out.status.success() && text.trim().is_empty(), text))
+    mayfly_tests::observe::promtool(&["check", "metrics"], body)
+        .map(|(ok, text)| (ok && text.trim().is_empty(), text))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
