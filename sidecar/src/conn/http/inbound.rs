@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
+use super::app_h2::H2App;
 use super::checks::strip_hop_by_hop;
 use super::idle::{Activity, IDLE_GRACE, IdleTimer};
 use super::{Body, GRPC_UNAVAILABLE, XFCC, is_grpc, local_reply, xfcc_value};
@@ -29,21 +30,44 @@ use crate::conn::{OpenGuard, Shared, audit_base, audit_base_fields, instant_at};
 use crate::metrics::Direction;
 use crate::policy::{HttpFacts, Verdict};
 
-/// The pooled client towards the local app.
-pub type AppClient = Client<HttpConnector, Body>;
+/// The pooled client towards the local app: HTTP/1.1 keep-alive connections, or one h2c
+/// connection every request multiplexes on (`app_protocol = "http2"`).
+#[derive(Clone)]
+// One per listener, cloned per peer connection: the size difference costs nothing per request.
+#[allow(clippy::large_enum_variant)]
+pub enum AppClient {
+    Http1(Client<HttpConnector, Body>),
+    Http2(Arc<H2App>),
+}
+
+/// How long a connection to the app may stay unused before it is let go.
+const APP_IDLE: Duration = Duration::from_secs(90);
+/// How long connecting to the app may take.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client for the app: HTTP/1.1 keep-alive or h2c, pooled.
 pub fn app_client(cfg: &Inbound) -> AppClient {
+    if cfg.app_protocol == AppProtocol::Http2 {
+        return AppClient::Http2(H2App::new(cfg.app, APP_CONNECT_TIMEOUT, APP_IDLE));
+    }
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
     let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(Duration::from_secs(90))
-        .timer(TokioTimer::new());
-    if cfg.app_protocol == AppProtocol::Http2 {
-        b.http2_only(true);
+    b.pool_idle_timeout(APP_IDLE).timer(TokioTimer::new());
+    AppClient::Http1(b.build(connector))
+}
+
+impl AppClient {
+    async fn request(
+        &self,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+        match self {
+            AppClient::Http1(c) => Ok(c.request(req).await?),
+            AppClient::Http2(c) => Ok(c.request(req).await?),
+        }
     }
-    b.build(connector)
 }
 
 struct Ctx {

@@ -2,7 +2,10 @@
 //! HTTP/2 over mTLS between sidecars, a policy decision per request, and the caller's verified
 //! identity handed to the app in `x-forwarded-client-cert`.
 
+mod app_h2;
 pub mod checks;
+#[cfg(test)]
+mod h2_tests;
 mod idle;
 pub mod inbound;
 pub mod outbound;
@@ -46,13 +49,48 @@ pub fn h1_server(header_timeout: std::time::Duration) -> hyper::server::conn::ht
     b
 }
 
-/// An HTTP/2 server builder with mayfly's limits.
+/// Most concurrent streams a peer may open on one HTTP/2 connection to us.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Flow-control window of each HTTP/2 stream we receive on (server and client side).
+pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// Flow-control window of a whole HTTP/2 connection we receive on: enough for several large
+/// bodies at once, since every request between two sidecars shares one connection.
+pub const H2_CONN_WINDOW: u32 = 4 * 1024 * 1024;
+/// Largest HTTP/2 frame we accept: the protocol's default (a TLS record carries at most 16 KB).
+pub const H2_MAX_FRAME: u32 = 16 * 1024;
+/// A PING after this long without a frame from the peer (no answer within hyper's default
+/// 20 s closes the connection).
+const H2_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// An HTTP/2 server builder with mayfly's limits and flow-control windows (the app side of
+/// the outbound, and the inbound from other sidecars).
 pub fn h2_server() -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
     b.timer(hyper_util::rt::TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        .max_frame_size(H2_MAX_FRAME)
+        .adaptive_window(false)
+        .keep_alive_interval(Some(H2_KEEP_ALIVE));
+    b
+}
+
+/// An HTTP/2 client builder with the same limits and windows: the pooled connection between
+/// sidecars (outbound) and the connection to an `app_protocol = "http2"` app (inbound).
+/// Adaptive windows stay off: their BDP pings cost a lock and a clock read per data frame,
+/// and on loopback or a LAN a fixed window is never the limit.
+pub fn h2_client() -> hyper::client::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+    let mut b = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        .max_frame_size(H2_MAX_FRAME)
+        .adaptive_window(false)
+        .keep_alive_interval(Some(H2_KEEP_ALIVE))
+        .keep_alive_while_idle(true);
     b
 }
 

@@ -8,12 +8,11 @@ mod forward;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use mayfly_ca::tls::dial_name;
 use mayfly_ca::verify::{describe_tls_error, peer_identity};
 use time::OffsetDateTime;
@@ -24,9 +23,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::checks::strip_hop_by_hop;
 use super::idle::Activity;
-use super::{
-    Body, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, MAX_HEADER_BYTES, is_grpc, local_reply,
-};
+use super::{Body, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, is_grpc, local_reply};
 use crate::config::Outbound;
 use crate::conn::{OpenGuard, Shared, audit_base_fields, handshake, instant_at};
 use crate::metrics::Direction;
@@ -219,11 +216,7 @@ impl Upstream {
         }
         let server = peer_identity(tls.get_ref().1.peer_certificates())
             .map_err(|e| DialError::Tls(remote.clone(), e.to_string()))?;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_while_idle(true)
-            .max_header_list_size(MAX_HEADER_BYTES as u32)
+        let (sender, conn) = super::h2_client()
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| DialError::H2(remote.clone(), e.to_string()))?;
