@@ -2,19 +2,23 @@
 //! end signal (peer SVID expiry, policy revocation, shutdown).
 
 use std::future::Future;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 /// The buffer for data in flight: one TLS record's worth.
 const BUF: usize = 16 * 1024;
-/// The buffer a direction waits with. An idle connection spends its life waiting in `read`,
-/// holding whatever buffer it passed: a small one keeps idle connections cheap, and the large
-/// one is taken only while data flows (a read that fills the small buffer) and given back
-/// after a light read.
+/// The most a direction reads while it waits. An idle connection spends its life waiting for a
+/// read, and holds no buffer meanwhile: the read is polled with a buffer that lives on the
+/// stack of that one poll ([`wait_read`]), and only bytes that arrived are kept, in a buffer
+/// of their size. A read that fills it means more is coming: the direction then reads into
+/// the large buffer until a light read gives it back.
 const WAIT_BUF: usize = 2 * 1024;
 
 /// Why a spliced connection ended.
@@ -59,6 +63,22 @@ pub struct Outcome {
     pub end: End,
 }
 
+/// Waits for bytes from `r` without holding a buffer while it waits: each poll reads into a
+/// buffer on its own stack, and what it read (at most [`WAIT_BUF`] bytes; none at the end of
+/// the stream) leaves in a buffer of its size.
+async fn wait_read<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
+    std::future::poll_fn(|cx| {
+        let mut stack = [MaybeUninit::<u8>::uninit(); WAIT_BUF];
+        let mut buf = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut *r).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.filled().to_vec())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
 async fn copy_half<R, W>(
     mut r: R,
     mut w: W,
@@ -70,85 +90,103 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut small = [0u8; WAIT_BUF];
+    // Taken while data flows (after a read that filled `WAIT_BUF`), given back after a light read.
     let mut big: Option<Box<[u8]>> = None;
     loop {
-        let n = match big.as_mut() {
-            Some(b) => r.read(b).await?,
-            None => r.read(&mut small).await?,
+        let waited;
+        let data = match big.as_mut() {
+            Some(b) => {
+                let n = r.read(b).await?;
+                &b[..n]
+            }
+            None => {
+                waited = wait_read(&mut r).await?;
+                &waited[..]
+            }
         };
+        let n = data.len();
         if n == 0 {
             // Half-close: pass the end of this direction on, keep the other one open.
             let _ = w.shutdown().await;
             return Ok(());
         }
-        let data = match big.as_ref() {
-            Some(b) => &b[..n],
-            None => &small[..n],
-        };
         w.write_all(data).await?;
         w.flush().await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
         activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         big = match big {
-            // Traffic is light again: wait with the small buffer.
-            Some(b) if n < WAIT_BUF => {
-                drop(b);
-                None
-            }
+            // Traffic is light again: wait with no buffer.
+            Some(_) if n < WAIT_BUF => None,
+            // A full read: more is coming, take (or keep) the large buffer.
             Some(b) => Some(b),
-            // A full small read: more is coming, take the large buffer.
             None if n == WAIT_BUF => Some(vec![0u8; BUF].into_boxed_slice()),
             None => None,
         };
     }
 }
 
+/// A stream in its two halves, as [`splice`] takes it: split as soon as it is made, so that the
+/// future of a connection holds the stream once, behind its halves, and not also in the place
+/// its maker's future kept for it.
+pub type Halves<T> = (ReadHalf<T>, WriteHalf<T>);
+
 /// Copies `a <-> b` until both directions end, the idle timeout passes, `deadline` is reached
 /// or `stop` resolves.
-pub async fn splice<A, B, S>(a: A, b: B, idle: Duration, deadline: Instant, stop: S) -> Outcome
+///
+/// Not an `async fn`: `stop` is boxed before the future exists, so the future (which lives as
+/// long as the connection) holds it once (an `async fn` keeps room for each argument beside
+/// the state it is moved into).
+pub fn splice<A, B, S>(
+    a: Halves<A>,
+    b: Halves<B>,
+    idle: Duration,
+    deadline: Instant,
+    stop: S,
+) -> impl Future<Output = Outcome>
 where
     A: AsyncRead + AsyncWrite + Send,
     B: AsyncRead + AsyncWrite + Send,
     S: Future<Output = End>,
 {
-    let (ar, aw) = tokio::io::split(a);
-    let (br, bw) = tokio::io::split(b);
-    let epoch = Instant::now();
-    let activity = Arc::new(AtomicU64::new(0));
-    let ab = Arc::new(AtomicU64::new(0));
-    let ba = Arc::new(AtomicU64::new(0));
-    let up = copy_half(ar, bw, ab.clone(), activity.clone(), epoch);
-    let down = copy_half(br, aw, ba.clone(), activity.clone(), epoch);
-    // A half that fails ends both: the other may be waiting on a peer that waits for this one
-    // (a client waiting for the server's banner while the server's connection broke without a
-    // clean close), so only a clean end of one direction leaves the other open.
-    let both = async {
-        match tokio::try_join!(up, down) {
-            Ok(((), ())) => End::Done,
-            Err(e) => End::Error(e.to_string()),
-        }
-    };
-    let watchdog = async {
-        loop {
-            let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-            let quiet_until = epoch + last + idle;
-            if Instant::now() >= quiet_until {
-                return End::Idle;
+    let ((ar, aw), (br, bw)) = (a, b);
+    let mut stop = Box::pin(stop);
+    async move {
+        let epoch = Instant::now();
+        let activity = Arc::new(AtomicU64::new(0));
+        let ab = Arc::new(AtomicU64::new(0));
+        let ba = Arc::new(AtomicU64::new(0));
+        let up = copy_half(ar, bw, ab.clone(), activity.clone(), epoch);
+        let down = copy_half(br, aw, ba.clone(), activity.clone(), epoch);
+        // A half that fails ends both: the other may be waiting on a peer that waits for this
+        // one (a client waiting for the server's banner while the server's connection broke
+        // without a clean close), so only a clean end of one direction leaves the other open.
+        let both = async {
+            match tokio::try_join!(up, down) {
+                Ok(((), ())) => End::Done,
+                Err(e) => End::Error(e.to_string()),
             }
-            tokio::time::sleep_until(quiet_until).await;
+        };
+        let watchdog = async {
+            loop {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                let quiet_until = epoch + last + idle;
+                if Instant::now() >= quiet_until {
+                    return End::Idle;
+                }
+                tokio::time::sleep_until(quiet_until).await;
+            }
+        };
+        let end = tokio::select! {
+            e = both => e,
+            e = watchdog => e,
+            _ = tokio::time::sleep_until(deadline) => End::PeerSvidExpired,
+            e = &mut stop => e,
+        };
+        Outcome {
+            a_to_b: ab.load(Ordering::Relaxed),
+            b_to_a: ba.load(Ordering::Relaxed),
+            end,
         }
-    };
-    let end = tokio::select! {
-        e = both => e,
-        e = watchdog => e,
-        _ = tokio::time::sleep_until(deadline) => End::PeerSvidExpired,
-        e = stop => e,
-    };
-    Outcome {
-        a_to_b: ab.load(Ordering::Relaxed),
-        b_to_a: ba.load(Ordering::Relaxed),
-        end,
     }
 }
 
@@ -197,8 +235,8 @@ mod tests {
     async fn a_broken_far_side_ends_the_splice_while_the_near_side_waits() {
         let (client, a) = tokio::io::duplex(1024);
         let out = splice(
-            a,
-            Broken,
+            tokio::io::split(a),
+            tokio::io::split(Broken),
             Duration::from_secs(300),
             Instant::now() + Duration::from_secs(3600),
             std::future::pending(),
@@ -211,13 +249,33 @@ mod tests {
         assert_eq!(cr.read_to_end(&mut rest).await.unwrap(), 0);
     }
 
+    /// An idle connection holds no buffer while it waits: the whole splice, both directions
+    /// waiting for a read, is smaller than one wait buffer (each direction used to wait with a
+    /// buffer of its own inside it).
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_splice_holds_no_buffer() {
+        let (_client, a) = tokio::io::duplex(64);
+        let (b, _server) = tokio::io::duplex(64);
+        let mut waiting = Box::pin(splice(
+            tokio::io::split(a),
+            tokio::io::split(b),
+            Duration::from_secs(300),
+            Instant::now() + Duration::from_secs(3600),
+            std::future::pending(),
+        ));
+        let polled = tokio::time::timeout(Duration::from_secs(1), &mut waiting).await;
+        assert!(polled.is_err(), "the splice ended: {polled:?}");
+        let size = std::mem::size_of_val(&*waiting);
+        assert!(size < WAIT_BUF, "a waiting splice is {size} bytes");
+    }
+
     #[tokio::test]
     async fn copies_both_ways_and_passes_half_close_on() {
         let (client, a) = tokio::io::duplex(1024);
         let (b, server) = tokio::io::duplex(1024);
         let task = tokio::spawn(splice(
-            a,
-            b,
+            tokio::io::split(a),
+            tokio::io::split(b),
             Duration::from_secs(5),
             Instant::now() + Duration::from_secs(60),
             std::future::pending(),
@@ -246,8 +304,8 @@ mod tests {
         let (client, a) = tokio::io::duplex(64 * 1024);
         let (b, server) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(splice(
-            a,
-            b,
+            tokio::io::split(a),
+            tokio::io::split(b),
             Duration::from_secs(5),
             Instant::now() + Duration::from_secs(60),
             std::future::pending(),
@@ -291,8 +349,8 @@ mod tests {
         let (_client, a) = tokio::io::duplex(64);
         let (b, _server) = tokio::io::duplex(64);
         let out = splice(
-            a,
-            b,
+            tokio::io::split(a),
+            tokio::io::split(b),
             Duration::from_secs(30),
             Instant::now() + Duration::from_secs(3600),
             std::future::pending(),
@@ -323,8 +381,8 @@ mod tests {
             }
         });
         let out = splice(
-            a,
-            b,
+            tokio::io::split(a),
+            tokio::io::split(b),
             Duration::from_secs(30),
             Instant::now() + Duration::from_secs(5),
             std::future::pending(),
@@ -341,8 +399,8 @@ mod tests {
         let (_client, a) = tokio::io::duplex(64);
         let (b, _server) = tokio::io::duplex(64);
         let out = splice(
-            a,
-            b,
+            tokio::io::split(a),
+            tokio::io::split(b),
             Duration::from_secs(30),
             Instant::now() + Duration::from_secs(60),
             async { End::Revoked("rule r".into()) },

@@ -2,7 +2,9 @@
 //! the sidecar is ready, then served by [`mayfly_ca::accept`] under the connection limit, one
 //! task and one span per connection, handed to [`tcp`] or [`http`] by protocol.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use mayfly_ca::accept::{self, Limit};
@@ -16,6 +18,11 @@ use super::{Shared, handshake, http, tcp};
 use crate::config::{self, Inbound, Outbound, Protocol};
 use crate::metrics::{Direction, Metrics};
 use crate::ready::Readiness;
+
+/// One connection's task, as handed to [`accept::serve`]: boxed, so that the task spawned for
+/// it holds the connection's future once (a future moved into an `async` block and awaited
+/// there is laid out twice, and an idle connection's task lives as long as the connection).
+type ConnTask = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A listener that could not be bound or could not listen.
 #[derive(Debug, thiserror::Error)]
@@ -204,17 +211,25 @@ pub async fn serve_inbound(
         let acceptor = acceptor.clone();
         let cfg = cfg.clone();
         let app_client = app_client.clone();
-        (span, async move {
-            let Some((tls, peer)) = handshake::accept_peer(&shared, &acceptor, tcp).await else {
+        // Boxed (see `ConnTask`); the handshake and the HTTP proxy in boxes of their own, so
+        // that an L4 connection's task is the size of the L4 proxy alone, and a finished
+        // handshake's state is freed rather than kept for the connection's life.
+        let task: ConnTask = Box::pin(async move {
+            let handshake = Box::pin(handshake::accept_peer(&shared, &acceptor, tcp));
+            let Some((tls, peer)) = handshake.await else {
                 return;
             };
             match cfg.protocol {
                 Protocol::Tcp => tcp::inbound_conn(shared, cfg, tls, peer, addr).await,
                 Protocol::Http => {
-                    http::inbound::serve_conn(shared, cfg, app_client, tls, peer, addr).await
+                    Box::pin(http::inbound::serve_conn(
+                        shared, cfg, app_client, tls, peer, addr,
+                    ))
+                    .await
                 }
             }
-        })
+        });
+        (span, task)
     })
     .await;
 }
@@ -241,7 +256,8 @@ pub async fn serve_outbound(
                 Err(e) => return unusable(e),
             };
             accept::serve("outbound", listener, stop, limit, |app, addr| {
-                (span(&addr), upstream.clone().serve_conn(app))
+                let task: ConnTask = Box::pin(upstream.clone().serve_conn(app));
+                (span(&addr), task)
             })
             .await
         }
@@ -251,7 +267,8 @@ pub async fn serve_outbound(
                 Err(e) => return unusable(e),
             };
             accept::serve("outbound", listener, stop, limit, |app, addr| {
-                (span(&addr), upstream.clone().serve_conn(app))
+                let task: ConnTask = Box::pin(upstream.clone().serve_conn(app));
+                (span(&addr), task)
             })
             .await
         }

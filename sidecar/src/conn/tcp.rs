@@ -2,6 +2,7 @@
 //! originated over mTLS to the remote sidecar; a policy decision per connection, and no
 //! connection outliving the peer's SVID or the policy that admitted it.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,33 +13,54 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-use super::{OpenGuard, Shared, audit_base, handshake, instant_at};
+use super::{OpenGuard, Shared, audit_base_fields, handshake, instant_at};
+use crate::audit::{Field, FieldList};
 use crate::config::{Inbound, Outbound};
 use crate::metrics::{DirLabels, Direction, EndLabels, Metrics};
 use crate::policy::Verdict;
-use crate::splice::{End, Outcome, splice};
+use crate::splice::{End, Halves, Outcome, splice};
 use crate::upstreams::{Pool, Target};
+
+/// The fields of a connection's records (`connection.open`, `connection.denied`; the close
+/// adds what it did). Kept for the connection's life: a list of static keys and shared strings,
+/// not a map of owned ones.
+fn conn_fields(
+    direction: Direction,
+    local: &str,
+    peer: &str,
+    peer_addr: Option<&str>,
+    peer_serial: Option<&str>,
+    verdict: &Verdict,
+    port: Option<u16>,
+) -> FieldList {
+    let mut fields = audit_base_fields(direction, local, peer, peer_addr, peer_serial, "tcp");
+    verdict.audit_fields(&mut fields);
+    if let Some(p) = port {
+        fields.insert("port", Field::U64(p.into()));
+    }
+    fields
+}
 
 /// Adds what a finished connection did.
 fn audit_close(
-    mut m: serde_json::Map<String, serde_json::Value>,
+    mut m: FieldList,
     out: &Outcome,
     direction: Direction,
     started: std::time::Instant,
-) -> serde_json::Map<String, serde_json::Value> {
+) -> FieldList {
     let (to_app, from_app) = match direction {
         Direction::Inbound => (out.a_to_b, out.b_to_a),
         Direction::Outbound => (out.b_to_a, out.a_to_b),
     };
-    m.insert("bytes_to_app".into(), to_app.into());
-    m.insert("bytes_from_app".into(), from_app.into());
+    m.insert("bytes_to_app", Field::U64(to_app));
+    m.insert("bytes_from_app", Field::U64(from_app));
     m.insert(
-        "duration_ms".into(),
-        (started.elapsed().as_millis() as u64).into(),
+        "duration_ms",
+        Field::U64(started.elapsed().as_millis() as u64),
     );
-    m.insert("end".into(), out.end.reason().into());
+    m.insert("end", Field::Static(out.end.reason()));
     if let End::Revoked(why) = &out.end {
-        m.insert("end_detail".into(), why.clone().into());
+        m.insert("end_detail", Field::Owned(why.clone()));
     }
     m
 }
@@ -78,7 +100,7 @@ async fn stop_signal(
 fn record_close(
     shared: &Shared,
     direction: Direction,
-    fields: serde_json::Map<String, serde_json::Value>,
+    fields: FieldList,
     out: &Outcome,
     started: std::time::Instant,
 ) {
@@ -132,10 +154,23 @@ fn record_end(m: &Metrics, direction: Direction, out: &Outcome, started: std::ti
 }
 
 /// Proxies one verified inbound connection to the app, if the policy lets the peer in.
-pub async fn inbound_conn(
+///
+/// The TLS stream goes into its halves before the connection's future exists: that future
+/// lives as long as the connection and would otherwise keep a second place for the stream.
+pub fn inbound_conn(
     shared: Arc<Shared>,
     cfg: Inbound,
     tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SvidInfo,
+    addr: SocketAddr,
+) -> impl Future<Output = ()> {
+    inbound_halves(shared, cfg, tokio::io::split(tls), peer, addr)
+}
+
+async fn inbound_halves(
+    shared: Arc<Shared>,
+    cfg: Inbound,
+    tls: Halves<tokio_rustls::server::TlsStream<TcpStream>>,
     peer: SvidInfo,
     addr: SocketAddr,
 ) {
@@ -152,18 +187,15 @@ pub async fn inbound_conn(
     }
     let verdict = shared.policy.decide_l4(&source, &destination, port, ip);
     m.decision(Direction::Inbound, verdict.label());
-    let mut fields = audit_base(
+    let fields = conn_fields(
         Direction::Inbound,
         &destination,
         &source,
-        Some(addr.to_string()),
+        Some(&addr.to_string()),
         Some(&peer.serial),
-        "tcp",
+        &verdict,
+        port,
     );
-    verdict.audit_into(&mut fields);
-    if let Some(p) = port {
-        fields.insert("port".into(), p.into());
-    }
     if !verdict.permits() {
         return record_denial(&shared, Direction::Inbound, &verdict, fields).await;
     }
@@ -190,7 +222,7 @@ pub async fn inbound_conn(
     let stop = stop_signal(shared.clone(), source, destination, port, ip);
     let out = splice(
         tls,
-        app,
+        tokio::io::split(app),
         shared.limits.idle_timeout,
         instant_at(peer.not_after),
         stop,
@@ -326,31 +358,33 @@ async fn outbound_conn(up: Upstream, app: TcpStream) {
         .policy
         .decide_l4(&source, &destination, up.up.port, None);
     m.decision(Direction::Outbound, verdict.label());
-    let mut fields = audit_base(
+    let mut fields = conn_fields(
         Direction::Outbound,
         &source,
         &destination,
         None,
         None,
-        "tcp",
+        &verdict,
+        up.up.port,
     );
-    verdict.audit_into(&mut fields);
-    if let Some(p) = up.up.port {
-        fields.insert("port".into(), p.into());
-    }
     if !verdict.permits() {
         return record_denial(&shared, Direction::Outbound, &verdict, fields).await;
     }
     // Held until the connection ends: it counts as outstanding on its endpoint.
-    let Some((target, tls, server)) = dial_some(&shared, &up, &connector).await else {
+    // Boxed, and the stream split at once: the connect and handshake states are freed once
+    // done, and the connection's future holds the stream once, behind its halves.
+    let dialled = Box::pin(dial_some(&shared, &up, &connector)).await;
+    let Some((target, tls, server, kx)) = dialled.map(|(target, tls, server)| {
+        let kx = mayfly_ca::tls::negotiated_group(tls.get_ref().1);
+        (target, tokio::io::split(tls), server, kx)
+    }) else {
         return;
     };
-    let kx = mayfly_ca::tls::negotiated_group(tls.get_ref().1);
     m.handshake(Direction::Outbound, kx);
     tracing::Span::current().record("kx", tracing::field::display(kx));
     let _open = OpenGuard::new(m.clone(), Direction::Outbound);
-    fields.insert("peer_addr".into(), target.address().into());
-    fields.insert("peer_serial".into(), server.serial.clone().into());
+    fields.insert("peer_addr", Field::Owned(target.address().to_owned()));
+    fields.insert("peer_serial", Field::Owned(server.serial.clone()));
     // Strict audit: no byte is forwarded before the decision is on disk.
     if let Err(e) = shared.audit.record("connection.open", fields.clone()).await {
         m.decision(Direction::Outbound, "audit_unavailable");
@@ -359,7 +393,7 @@ async fn outbound_conn(up: Upstream, app: TcpStream) {
     }
     let stop = stop_signal(shared.clone(), source, destination, up.up.port, None);
     let out = splice(
-        app,
+        tokio::io::split(app),
         tls,
         shared.limits.idle_timeout,
         instant_at(server.not_after),
@@ -374,7 +408,7 @@ async fn record_denial(
     shared: &Shared,
     direction: Direction,
     verdict: &Verdict,
-    fields: serde_json::Map<String, serde_json::Value>,
+    fields: FieldList,
 ) {
     info!(decision = verdict.decision_id(), by = %verdict.by(), "{} connection denied by policy", direction.as_str());
     if let Err(e) = shared.audit.record("connection.denied", fields).await {
@@ -400,6 +434,86 @@ where
         Err(_) => {
             warn!(%addr, "timed out connecting to {what}");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mayfly_policy::{DecidedBy, Decision};
+
+    use super::*;
+    use crate::audit::{Fields, line};
+    use crate::conn::audit_base;
+
+    fn line_of(kind: &str, f: Fields) -> String {
+        String::from_utf8(line("spiffe://t/a", "e1", 7, "00", 1, kind, &f)).unwrap()
+    }
+
+    /// The L4 records, now built as a list of static keys, are the bytes they were as a
+    /// `serde_json::Map` (the chain's hashes depend on every byte).
+    #[test]
+    fn l4_records_are_the_bytes_they_were_as_a_map() {
+        let verdicts = [
+            Verdict::NoPolicy,
+            Verdict::Decided(Decision {
+                allow: true,
+                enforced: true,
+                decided_by: DecidedBy::Rule(Arc::from("web-to-db")),
+                dry_run: None,
+                policy_version: Arc::from("sha256:1f2e"),
+                decision_id: "d-1".into(),
+            }),
+        ];
+        let ends = [End::Done, End::Revoked("rule r (d-2)".into())];
+        for (verdict, end) in verdicts.iter().zip(ends) {
+            let mut list = conn_fields(
+                Direction::Outbound,
+                "spiffe://t/a",
+                "spiffe://t/b",
+                None,
+                None,
+                verdict,
+                Some(5432),
+            );
+            list.insert("peer_addr", Field::Owned("127.0.0.1:9".into()));
+            list.insert("peer_serial", Field::Owned("3f9a".into()));
+            let mut map = audit_base(
+                Direction::Outbound,
+                "spiffe://t/a",
+                "spiffe://t/b",
+                None,
+                None,
+                "tcp",
+            );
+            verdict.audit_into(&mut map);
+            map.insert("port".into(), 5432.into());
+            map.insert("peer_addr".into(), "127.0.0.1:9".into());
+            map.insert("peer_serial".into(), "3f9a".into());
+            assert_eq!(
+                line_of("connection.open", Fields::List(list.clone())),
+                line_of("connection.open", Fields::Map(map.clone()))
+            );
+            let out = Outcome {
+                a_to_b: 11,
+                b_to_a: 22,
+                end: end.clone(),
+            };
+            let list = audit_close(list, &out, Direction::Outbound, std::time::Instant::now());
+            let Some(Field::U64(ms)) = list.get("duration_ms").cloned() else {
+                panic!("no duration_ms in {list:?}");
+            };
+            map.insert("bytes_to_app".into(), 22.into());
+            map.insert("bytes_from_app".into(), 11.into());
+            map.insert("duration_ms".into(), ms.into());
+            map.insert("end".into(), end.reason().into());
+            if let End::Revoked(why) = &end {
+                map.insert("end_detail".into(), why.clone().into());
+            }
+            assert_eq!(
+                line_of("connection.close", Fields::List(list)),
+                line_of("connection.close", Fields::Map(map))
+            );
         }
     }
 }
