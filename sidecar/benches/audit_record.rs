@@ -7,13 +7,15 @@
 //! - `list`: the record as the sidecar builds it now, the connection's fields built once and
 //!   shared, static keys, written straight into one line buffer.
 //!
-//! Both produce the same bytes (checked before measuring). Run with
+//! Both produce the same bytes (checked before measuring). `hash` is the line's SHA-256 and hex
+//! alone, into a `String` per record (`string`, as the spool did before issue #21's third round)
+//! or on the stack (`stack`, as it does now; `list` hashes that way). Run with
 //! `cargo bench -p mayfly-sidecar --bench audit_record`.
 
 use std::sync::Arc;
 
 use divan::{Bencher, black_box};
-use mayfly_ca::audit::{Record, VERSION, line_hash};
+use mayfly_ca::audit::{LineHash, Record, VERSION, line_hash};
 use mayfly_policy::{DecidedBy, Decision};
 use mayfly_sidecar::audit::{Field, FieldList, Fields, line};
 use mayfly_sidecar::conn::audit_base_fields;
@@ -125,6 +127,12 @@ fn hashed(line: Vec<u8>) -> Vec<u8> {
     line
 }
 
+/// The hash as the spool keeps it now: hex on the stack, no `String` per record.
+fn hashed_on_stack(line: Vec<u8>) -> Vec<u8> {
+    black_box(LineHash::of(&line));
+    line
+}
+
 fn record(kind: &str, fields: Map<String, Value>) -> Record {
     Record {
         v: VERSION,
@@ -139,7 +147,7 @@ fn record(kind: &str, fields: Map<String, Value>) -> Record {
 }
 
 fn list_line(kind: &str, f: FieldList) -> Vec<u8> {
-    hashed(line(
+    hashed_on_stack(line(
         SOURCE,
         EPOCH,
         41,
@@ -179,6 +187,17 @@ fn list_lines(base: &FieldList, verdict: &Verdict, strict: bool) -> Lines {
 fn map(bencher: Bencher, strict: bool) {
     let v = verdict();
     bencher.bench_local(|| map_lines(black_box(&v), strict));
+}
+
+/// The chained line's SHA-256 and hex alone, the old way (a `String` per record) and the
+/// spool's (hex on the stack).
+#[divan::bench(args = ["string", "stack"])]
+fn hash(bencher: Bencher, how: &str) {
+    let (_, line) = list_lines(&base(), &verdict(), false);
+    match how {
+        "string" => bencher.bench_local(|| line_hash(black_box(&line)).len()),
+        _ => bencher.bench_local(|| LineHash::of(black_box(&line)).as_str().len()),
+    }
 }
 
 #[divan::bench(args = [false, true])]

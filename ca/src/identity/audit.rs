@@ -119,7 +119,37 @@ impl Record {
 
 /// Hex SHA-256 of a record line.
 pub fn line_hash(line: &[u8]) -> String {
-    hex::encode(sha256(line))
+    LineHash::of(line).as_str().to_owned()
+}
+
+/// Hex SHA-256 of a record line, on the stack: what a writer or the ingest keeps per record
+/// without a `String` of its own (the same text as [`line_hash`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct LineHash([u8; 64]);
+
+impl LineHash {
+    /// The hash of `line`.
+    pub fn of(line: &[u8]) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (pair, b) in out.chunks_exact_mut(2).zip(sha256(line)) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 0xf)];
+        }
+        Self(out)
+    }
+
+    /// The lowercase hex text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written into it.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for LineHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The bytes a checkpoint signs.
@@ -470,6 +500,18 @@ mod tests {
 
     fn check(lines: &[Vec<u8>]) -> Result<ChainSummary, ChainError> {
         verify_lines("c", lines.iter().map(Vec::as_slice), None)
+    }
+
+    #[test]
+    fn the_stack_hash_is_the_hex_sha256_of_the_line() {
+        for line in [&b""[..], b"{\"v\":1}", &[0xffu8; 200]] {
+            assert_eq!(LineHash::of(line).as_str(), hex::encode(sha256(line)));
+            assert_eq!(line_hash(line), hex::encode(sha256(line)));
+        }
+        assert_eq!(
+            line_hash(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use mayfly_ca::audit::{GENESIS, line_hash};
+use mayfly_ca::audit::{GENESIS, LineHash};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
@@ -382,7 +382,10 @@ impl Spool {
         self.len += line.len() as u64 + 1;
         self.index.push_back((seq, start, self.len));
         self.state.next_seq = seq + 1;
-        self.state.last_hash = line_hash(&line);
+        // Hex on the stack, into the kept string: no allocation per record.
+        let hash = LineHash::of(&line);
+        self.state.last_hash.clear();
+        self.state.last_hash.push_str(hash.as_str());
         self.dirty = true;
         Ok(line)
     }

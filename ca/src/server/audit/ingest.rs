@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::identity::audit::line_hash;
+use crate::identity::audit::LineHash;
 use crate::identity::svid::SvidInfo;
 use crate::server::ca::Ca;
 use crate::server::store::{AuditConflict, AuditRow, StoreError};
@@ -122,21 +122,29 @@ pub fn ingest(ca: &Ca, peer: Option<&SvidInfo>, body: &[u8]) -> Result<u64, Inge
                 caller,
             });
         }
-        let chain = format!("{}#{}", r.source, r.epoch);
-        let row = AuditRow {
+        // A batch normally holds one chain: its name is built once, not per line.
+        // (Every line's source is the caller's.)
+        let same = by_chain.last().is_some_and(|(c, _)| {
+            c.strip_prefix(caller.as_str())
+                .and_then(|e| e.strip_prefix('#'))
+                == Some(&*r.epoch)
+        });
+        if !same {
+            by_chain.push((format!("{}#{}", r.source, r.epoch), Vec::new()));
+        }
+        let Some((chain, rows)) = by_chain.last_mut() else {
+            continue;
+        };
+        rows.push(AuditRow {
             chain: chain.clone(),
             seq: r.seq,
             prev: r.prev.into_owned(),
-            hash: line_hash(line),
+            hash: LineHash::of(line).as_str().to_owned(),
             source: r.source.into_owned(),
             ts_ms: r.ts_ms,
             kind: r.kind.into_owned(),
             line: line.to_vec(),
-        };
-        match by_chain.last_mut() {
-            Some((c, rows)) if *c == chain => rows.push(row),
-            _ => by_chain.push((chain, vec![row])),
-        }
+        });
     }
     let mut acked = 0;
     for (chain, rows) in &by_chain {

@@ -118,6 +118,69 @@ impl Decision {
     }
 }
 
+/// What the live follower needs of every stored line, parsed once and borrowed: its chain,
+/// time, and, for a decision record, the policy version that decided. The event's other fields
+/// are checked for JSON syntax and skipped, not built (a line that parses as a [`Record`]
+/// parses as a glance, and the reverse).
+#[derive(serde::Deserialize)]
+pub struct Glance<'a> {
+    #[allow(dead_code)] // required (a record without it does not parse), not used
+    v: u8,
+    #[serde(borrow)]
+    source: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    epoch: std::borrow::Cow<'a, str>,
+    #[allow(dead_code)] // required, as above
+    seq: u64,
+    #[allow(dead_code)] // required, as above
+    #[serde(borrow)]
+    prev: std::borrow::Cow<'a, str>,
+    /// Unix ms.
+    pub ts_ms: i64,
+    #[serde(borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    decision: Option<Value>,
+    #[serde(default)]
+    policy_version: Option<Value>,
+}
+
+/// [`text`] of an optional field.
+fn text_of(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+impl<'a> Glance<'a> {
+    /// The glance of a stored line, if it is a record.
+    pub fn parse(line: &'a [u8]) -> Option<Glance<'a>> {
+        serde_json::from_slice(line).ok()
+    }
+
+    /// The chain `source#epoch`.
+    pub fn chain(&self) -> String {
+        format!("{}#{}", self.source, self.epoch)
+    }
+
+    /// The writer's SPIFFE ID.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether [`Decision::parse`] finds a decision in this line.
+    pub fn is_decision(&self) -> bool {
+        DECISION_KINDS.contains(&self.kind.as_ref()) && !text_of(self.decision.as_ref()).is_empty()
+    }
+
+    /// The decision's `policy_version` as [`Decision::parse`] reads it.
+    pub fn policy_version(&self) -> String {
+        text_of(self.policy_version.as_ref())
+    }
+}
+
 /// The head of any stored record: its chain, seq and kind (for lines that are no decision).
 pub fn head(line: &[u8]) -> Option<(String, u64, String, i64)> {
     let r: Record = serde_json::from_slice(line).ok()?;

@@ -15,7 +15,7 @@ use hyper::body::Frame;
 use tokio::sync::{broadcast, watch};
 use tracing::debug;
 
-use super::records::{self, Decision};
+use super::records::{Decision, Glance};
 use super::state::{Contact, RespBody, State};
 use crate::server::ca::Ca;
 
@@ -46,27 +46,34 @@ fn read_new(ca: &Ca, state: &State, mut cursor: i64, pages: usize) -> Pass {
             }
         };
         let full = rows.len() == PAGE as usize;
+        // Decisions are built only for live views to send them to: with nobody watching,
+        // a record is read once, for its chain, time and policy version.
+        let watched = state.live.receiver_count() > 0;
         let mut chains = BTreeSet::new();
         for (id, line) in rows {
             cursor = cursor.max(id);
-            let Some((chain, _, _, ts_ms)) = records::head(&line) else {
+            let Some(g) = Glance::parse(&line) else {
                 continue;
             };
-            let source = chain.split('#').next().unwrap_or_default().to_owned();
-            chains.insert(chain);
-            let d = Decision::parse(&line);
+            let ts_ms = g.ts_ms;
+            let is_decision = g.is_decision();
             if let Ok(mut contact) = state.contact.lock() {
-                let c = contact.entry(source).or_insert_with(Contact::default);
+                let c = contact
+                    .entry(g.source().to_owned())
+                    .or_insert_with(Contact::default);
                 c.last_ms = c.last_ms.max(ts_ms);
-                if let Some(d) = &d
-                    && !d.policy_version.is_empty()
-                    && ts_ms >= c.policy_ms
-                {
-                    c.policy_version = d.policy_version.clone();
-                    c.policy_ms = ts_ms;
+                if is_decision && ts_ms >= c.policy_ms {
+                    let version = g.policy_version();
+                    if !version.is_empty() {
+                        c.policy_version = version;
+                        c.policy_ms = ts_ms;
+                    }
                 }
             }
-            decisions.extend(d);
+            chains.insert(g.chain());
+            if watched && is_decision {
+                decisions.extend(Decision::parse(&line));
+            }
         }
         if let Ok(mut dirty) = state.dirty.lock() {
             dirty.extend(chains);

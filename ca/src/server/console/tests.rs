@@ -288,3 +288,42 @@ fn a_persons_grant_shows_the_groups_it_was_asked_as_and_every_approver() {
         "{html}"
     );
 }
+
+#[test]
+fn the_followers_glance_reads_a_line_as_the_full_decision_parse_does() {
+    let head = r#"{"v":1,"source":"spiffe://t/a","epoch":"e1","seq":3,"prev":"00","ts_ms":7"#;
+    let cases = [
+        r#","kind":"http.request","decision":"allow","policy_version":"sha256:1f"}"#,
+        r#","kind":"connection.open","decision":"deny"}"#,
+        r#","kind":"connection.denied","decision":"allow","policy_version":null}"#,
+        r#","kind":"http.request","decision":"","policy_version":"sha256:1f"}"#,
+        r#","kind":"http.request","decision":null}"#,
+        r#","kind":"http.request","decision":true,"policy_version":7}"#,
+        r#","kind":"http.response","decision":"allow","policy_version":"sha256:1f"}"#,
+        r#","kind":"gap","dropped":4}"#,
+        r#","kind":"http.request","decision":"allow","path":"/a\"b\\c\u00e9","nested":{"x":[1,{"y":"z"}]}}"#,
+    ];
+    for tail in cases {
+        let line = format!("{head}{tail}");
+        let g = super::records::Glance::parse(line.as_bytes()).unwrap();
+        let d = Decision::parse(line.as_bytes());
+        assert_eq!(g.is_decision(), d.is_some(), "{line}");
+        assert_eq!(g.chain(), "spiffe://t/a#e1");
+        assert_eq!(g.source(), "spiffe://t/a");
+        assert_eq!(g.ts_ms, 7);
+        if let Some(d) = d {
+            assert_eq!(g.policy_version(), d.policy_version, "{line}");
+        }
+    }
+    // What does not parse as a record is no glance either.
+    for bad in [
+        r#"{"v":1,"source":"spiffe://t/a","epoch":"e1","seq":3,"ts_ms":7,"kind":"gap"}"#,
+        "not json",
+    ] {
+        assert!(
+            super::records::Glance::parse(bad.as_bytes()).is_none(),
+            "{bad}"
+        );
+        assert!(super::records::head(bad.as_bytes()).is_none(), "{bad}");
+    }
+}

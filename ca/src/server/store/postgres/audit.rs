@@ -47,6 +47,10 @@ async fn head(
 /// in ASCII, beside the migration lock's "mayfly").
 const AUDIT_ORDER_LOCK: i64 = 0x61_7564_6974;
 
+/// The insert of one audit row.
+const INSERT: &str = "INSERT INTO audit (chain, seq, prev, hash, source, ts_ms, kind, line)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
 /// Stores one row. The first insert of a transaction takes [`AUDIT_ORDER_LOCK`] until commit,
 /// so ids are taken in commit order: without it a transaction could take id 9, commit after
 /// another's id 10, and a follower reading by id (`audit_after`: `audit tail --follow`, the
@@ -57,8 +61,7 @@ async fn insert(db: &Db, c: &tokio_postgres::Client, r: &AuditRow) -> Result<(),
         .await
         .map_err(|e| db.err(e))?;
     c.execute(
-        "INSERT INTO audit (chain, seq, prev, hash, source, ts_ms, kind, line)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        INSERT,
         &[
             &r.chain,
             &(r.seq as i64),
@@ -275,6 +278,7 @@ pub(super) fn audit_append(
         // racing its first delivery finds the first's rows here and is skipped.
         lock_chain(&db, &tx, &chain).await?;
         let (mut last, mut last_hash) = head(&db, tx.client(), &chain).await?;
+        let mut insert_st = None;
         for r in &rows {
             if r.seq <= last {
                 let stored = tx
@@ -299,11 +303,36 @@ pub(super) fn audit_append(
                     expected: last + 1,
                 }));
             }
-            let mut row = r.clone();
-            row.chain = chain.clone();
-            insert(&db, tx.client(), &row).await?;
+            // A batch is one round trip per row: the order lock (see [`insert`]) taken once,
+            // before the first insert, and the insert prepared once (it used to be prepared,
+            // and the lock taken again, for every row: four round trips).
+            let st = match &insert_st {
+                Some(st) => st,
+                None => {
+                    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_ORDER_LOCK])
+                        .await
+                        .map_err(|e| db.err(e))?;
+                    let st = tx.prepare_cached(INSERT).await.map_err(|e| db.err(e))?;
+                    insert_st.insert(st)
+                }
+            };
+            tx.execute(
+                st,
+                &[
+                    &chain,
+                    &(r.seq as i64),
+                    &r.prev,
+                    &r.hash,
+                    &r.source,
+                    &r.ts_ms,
+                    &r.kind,
+                    &&*String::from_utf8_lossy(&r.line),
+                ],
+            )
+            .await
+            .map_err(|e| db.err(e))?;
             last = r.seq;
-            last_hash = r.hash.clone();
+            last_hash.clone_from(&r.hash);
         }
         tx.commit().await.map_err(|e| db.err(e))?;
         Ok(Ok(last))

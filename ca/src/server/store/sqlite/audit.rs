@@ -184,28 +184,36 @@ pub(super) fn audit_append(
 ) -> Result<Result<u64, AuditConflict>, StoreError> {
     s.with(|c| {
         let tx = c.transaction().map_err(db)?;
+        // Each statement is compiled once and kept by the connection: a batch used to compile
+        // its INSERT once per row, the largest part of the control plane's cost per record.
         let head: Option<(i64, String)> = tx
-            .query_row(
+            .prepare_cached(
                 "SELECT seq, hash FROM audit WHERE chain = ?1 ORDER BY seq DESC LIMIT 1",
-                [chain],
-                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()
+            .and_then(|mut st| {
+                st.query_row([chain], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
             .map_err(db)?;
         let (mut last, mut last_hash) = match head {
             Some((s, h)) => (s as u64, h),
             None => (0, crate::identity::audit::GENESIS.to_owned()),
         };
+        let mut insert = tx
+            .prepare_cached(
+                "INSERT INTO audit (chain, seq, prev, hash, source, ts_ms, kind, line)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(db)?;
         for r in rows {
             if r.seq <= last {
                 // A redelivery: it must be the very record stored.
                 let stored: Option<String> = tx
-                    .query_row(
-                        "SELECT hash FROM audit WHERE chain = ?1 AND seq = ?2",
-                        params![chain, r.seq as i64],
-                        |x| x.get(0),
-                    )
-                    .optional()
+                    .prepare_cached("SELECT hash FROM audit WHERE chain = ?1 AND seq = ?2")
+                    .and_then(|mut st| {
+                        st.query_row(params![chain, r.seq as i64], |x| x.get(0))
+                            .optional()
+                    })
                     .map_err(db)?;
                 if stored.as_deref() != Some(r.hash.as_str()) {
                     return Ok(Err(AuditConflict::Diverged {
@@ -221,10 +229,8 @@ pub(super) fn audit_append(
                     expected: last + 1,
                 }));
             }
-            tx.execute(
-                "INSERT INTO audit (chain, seq, prev, hash, source, ts_ms, kind, line)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
+            insert
+                .execute(params![
                     chain,
                     r.seq as i64,
                     r.prev,
@@ -233,12 +239,12 @@ pub(super) fn audit_append(
                     r.ts_ms,
                     r.kind,
                     String::from_utf8_lossy(&r.line)
-                ],
-            )
-            .map_err(db)?;
+                ])
+                .map_err(db)?;
             last = r.seq;
-            last_hash = r.hash.clone();
+            last_hash.clone_from(&r.hash);
         }
+        drop(insert);
         tx.commit().map_err(db)?;
         Ok(Ok(last))
     })
