@@ -60,17 +60,29 @@ async fn insert(db: &Db, c: &tokio_postgres::Client, r: &AuditRow) -> Result<(),
     c.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_ORDER_LOCK])
         .await
         .map_err(|e| db.err(e))?;
+    write_row(db, c, INSERT, &r.chain, r).await
+}
+
+/// Writes `r` into `chain` with `st` (the [`INSERT`], as text or prepared); the caller holds
+/// the order lock.
+async fn write_row<T: ?Sized + tokio_postgres::ToStatement>(
+    db: &Db,
+    c: &tokio_postgres::Client,
+    st: &T,
+    chain: &str,
+    r: &AuditRow,
+) -> Result<(), StoreError> {
     c.execute(
-        INSERT,
+        st,
         &[
-            &r.chain,
+            &chain,
             &(r.seq as i64),
             &r.prev,
             &r.hash,
             &r.source,
             &r.ts_ms,
             &r.kind,
-            &String::from_utf8_lossy(&r.line).into_owned(),
+            &&*String::from_utf8_lossy(&r.line),
         ],
     )
     .await
@@ -316,21 +328,7 @@ pub(super) fn audit_append(
                     insert_st.insert(st)
                 }
             };
-            tx.execute(
-                st,
-                &[
-                    &chain,
-                    &(r.seq as i64),
-                    &r.prev,
-                    &r.hash,
-                    &r.source,
-                    &r.ts_ms,
-                    &r.kind,
-                    &&*String::from_utf8_lossy(&r.line),
-                ],
-            )
-            .await
-            .map_err(|e| db.err(e))?;
+            write_row(&db, tx.client(), st, &chain, r).await?;
             last = r.seq;
             last_hash.clone_from(&r.hash);
         }
