@@ -219,7 +219,11 @@ pub async fn serve_conn(
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         let stream = activity.stream();
-        async move { Ok::<_, Infallible>(Activity::hold(handle(ctx, req).await, stream)) }
+        // Boxed, as the outbound's: each HTTP/2 stream's future is moved into a task of its own.
+        async move {
+            let answer = Box::pin(handle(ctx, req)).await;
+            Ok::<_, Infallible>(Activity::hold(answer, stream))
+        }
     });
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let _open = OpenGuard::new(m.clone(), Direction::Inbound);

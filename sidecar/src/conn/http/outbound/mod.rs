@@ -396,7 +396,13 @@ impl Upstream {
         let svc = hyper::service::service_fn(move |req| {
             let upstream = self.clone();
             let stream = activity.stream();
-            async move { Ok::<_, Infallible>(Activity::hold(upstream.handle(req).await, stream)) }
+            // Boxed: over HTTP/2 hyper spawns each stream's future as a task, and the request's
+            // whole state machine would be copied on every move into it (7 % of A's CPU was
+            // memmove); a box moves as one pointer.
+            async move {
+                let answer = Box::pin(upstream.handle(req)).await;
+                Ok::<_, Infallible>(Activity::hold(answer, stream))
+            }
         });
         // h2c prior knowledge or HTTP/1.1; a client that sends nothing is cut.
         let Some(h2) = super::sniff_h2(&tcp, limits.handshake_timeout).await else {
