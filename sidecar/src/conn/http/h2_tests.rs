@@ -67,6 +67,18 @@ async fn settings_and_window(s: &mut TcpStream) -> (HashMap<u16, u32>, u32) {
     (settings, 0)
 }
 
+/// What both ends announce: mayfly's stream window, frame size and header-list limit, and a
+/// connection window opened from the protocol's 65,535 bytes to mayfly's.
+fn assert_windows_and_limits(settings: &HashMap<u16, u32>, window: u32) {
+    assert_eq!(settings.get(&INITIAL_WINDOW_SIZE), Some(&H2_STREAM_WINDOW));
+    assert_eq!(settings.get(&MAX_FRAME_SIZE), Some(&H2_MAX_FRAME));
+    assert_eq!(
+        settings.get(&MAX_HEADER_LIST_SIZE),
+        Some(&(MAX_HEADER_BYTES as u32))
+    );
+    assert_eq!(window, H2_CONN_WINDOW - 65_535);
+}
+
 #[tokio::test]
 async fn the_http2_server_announces_mayflys_windows_and_limits() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -92,14 +104,7 @@ async fn the_http2_server_announces_mayflys_windows_and_limits() {
         settings.get(&MAX_CONCURRENT_STREAMS),
         Some(&H2_MAX_CONCURRENT_STREAMS)
     );
-    assert_eq!(settings.get(&INITIAL_WINDOW_SIZE), Some(&H2_STREAM_WINDOW));
-    assert_eq!(settings.get(&MAX_FRAME_SIZE), Some(&H2_MAX_FRAME));
-    assert_eq!(
-        settings.get(&MAX_HEADER_LIST_SIZE),
-        Some(&(MAX_HEADER_BYTES as u32))
-    );
-    // The connection window opens from the protocol's 65,535 bytes to ours.
-    assert_eq!(window, H2_CONN_WINDOW - 65_535);
+    assert_windows_and_limits(&settings, window);
 }
 
 #[tokio::test]
@@ -119,13 +124,7 @@ async fn the_http2_client_announces_the_same_windows_and_limits() {
     s.read_exact(&mut preface).await.unwrap();
     assert_eq!(&preface[..], H2_PREFACE);
     let (settings, window) = settings_and_window(&mut s).await;
-    assert_eq!(settings.get(&INITIAL_WINDOW_SIZE), Some(&H2_STREAM_WINDOW));
-    assert_eq!(settings.get(&MAX_FRAME_SIZE), Some(&H2_MAX_FRAME));
-    assert_eq!(
-        settings.get(&MAX_HEADER_LIST_SIZE),
-        Some(&(MAX_HEADER_BYTES as u32))
-    );
-    assert_eq!(window, H2_CONN_WINDOW - 65_535);
+    assert_windows_and_limits(&settings, window);
     client.abort();
 }
 
