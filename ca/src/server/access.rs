@@ -5,8 +5,6 @@
 //!
 //! Above [`super::distribution`], whose records and store transitions it uses.
 
-use std::sync::Mutex;
-
 use mayfly_policy::{AccessAsk, Grant, GrantSettings, PathPattern, find_rule};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -319,17 +317,12 @@ pub fn list(ca: &Ca, p: &Person) -> Result<Vec<GrantRecord>, AccessError> {
         .collect())
 }
 
-/// Serialises this replica's decisions on access requests, so that two approvals of one
-/// request made at once both count (the store's compare-and-set is on the state alone).
-static DECISIONS: Mutex<()> = Mutex::new(());
-
 /// `mayfly access approve|deny|revoke` (blocking).
 pub fn decide(ca: &Ca, p: &Person, id: &str, action: &str) -> Result<GrantRecord, AccessError> {
-    let _one = DECISIONS.lock().unwrap_or_else(|e| e.into_inner());
-    decide_locked(ca, p, id, action).map_err(|e| refused(ca, p, action, e))
+    decide_checked(ca, p, id, action).map_err(|e| refused(ca, p, action, e))
 }
 
-fn decide_locked(ca: &Ca, p: &Person, id: &str, action: &str) -> Result<GrantRecord, AccessError> {
+fn decide_checked(ca: &Ca, p: &Person, id: &str, action: &str) -> Result<GrantRecord, AccessError> {
     let g = distribution::get(ca, id)?;
     let Some(info) = g.access.clone() else {
         return Err(AccessError::NotAccess(id.to_owned()));
@@ -368,7 +361,7 @@ fn decide_locked(ca: &Ca, p: &Person, id: &str, action: &str) -> Result<GrantRec
                 );
                 return Ok(g);
             }
-            approve(ca, p, g, info)
+            approve(ca, p, id)
         }
         "revoke" => {
             let approver = p.signed_in && may_approve(p, &info);
@@ -392,45 +385,59 @@ fn decide_locked(ca: &Ca, p: &Person, id: &str, action: &str) -> Result<GrantRec
     }
 }
 
-fn approve(
-    ca: &Ca,
-    p: &Person,
-    mut g: GrantRecord,
-    mut info: AccessInfo,
-) -> Result<GrantRecord, AccessError> {
-    let id = g.id.clone();
-    if g.state != GrantState::Pending {
-        return Err(GrantError::NotAllowed {
-            action: "approve".into(),
-            id,
-            state: g.state,
+/// Adds the person's approval to a pending request, made on the request as read and applied
+/// only if nobody changed it meanwhile (two approvals racing on two replicas, or on one, both
+/// count: the one that loses the compare-and-set reads the winner's and adds to it).
+fn approve(ca: &Ca, p: &Person, id: &str) -> Result<GrantRecord, AccessError> {
+    for _ in 0..APPROVE_ATTEMPTS {
+        let (mut g, seen) = distribution::read(ca, id)?;
+        let Some(mut info) = g.access.clone() else {
+            return Err(AccessError::NotAccess(id.to_owned()));
+        };
+        if g.state != GrantState::Pending {
+            return Err(GrantError::NotAllowed {
+                action: "approve".into(),
+                id: id.to_owned(),
+                state: g.state,
+            }
+            .into());
         }
-        .into());
-    }
-    if info.approved_by.contains(&p.id) {
-        return Err(AccessError::AlreadyApproved {
-            user: p.id.clone(),
+        if info.approved_by.contains(&p.id) {
+            return Err(AccessError::AlreadyApproved {
+                user: p.id.clone(),
+                id: id.to_owned(),
+                needed: info.approvals_needed,
+            });
+        }
+        info.approved_by.push(p.id.clone());
+        let done = info.approved_by.len() >= usize::from(info.approvals_needed);
+        g.access = Some(info.clone());
+        if done {
+            distribution::activate(&mut g);
+            g.decided_by = Some(p.id.clone());
+        }
+        let applied = ca.store().update_grant(
             id,
-            needed: info.approvals_needed,
-        });
+            GrantState::Pending,
+            &seen,
+            g.state,
+            g.expires.unwrap_or(0),
+            &distribution::body(&g)?,
+        )?;
+        if applied {
+            return Ok(approved(ca, p, g, &info, done));
+        }
     }
-    info.approved_by.push(p.id.clone());
-    let done = info.approved_by.len() >= usize::from(info.approvals_needed);
-    g.access = Some(info.clone());
-    if done {
-        distribution::activate(&mut g);
-        g.decided_by = Some(p.id.clone());
-    }
-    let applied = ca.store().update_grant(
-        &id,
-        GrantState::Pending,
-        g.state,
-        g.expires.unwrap_or(0),
-        &distribution::body(&g)?,
-    )?;
-    if !applied {
-        return Err(GrantError::Contended(id).into());
-    }
+    Err(GrantError::Contended(id.to_owned()).into())
+}
+
+/// How often an approval is made again on a request that another decision changed meanwhile:
+/// each loss means another approver's change landed, so this bounds it by the approvers racing.
+const APPROVE_ATTEMPTS: usize = 8;
+
+/// Records an approval that was applied.
+fn approved(ca: &Ca, p: &Person, g: GrantRecord, info: &AccessInfo, done: bool) -> GrantRecord {
+    let id = &g.id;
     ca.event(
         "access.approved",
         json!({
@@ -446,7 +453,7 @@ fn approve(
         );
         ca.dist.bump();
     }
-    Ok(g)
+    g
 }
 
 /// The person's active grant to `to`, if any (blocking).

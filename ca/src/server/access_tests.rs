@@ -37,6 +37,17 @@ fn ca(dir: &tempfile::TempDir) -> Arc<Ca> {
     Ca::start(store, a, CaSettings::default(), dist).unwrap()
 }
 
+/// A second control plane on the same store file, as a replica would be.
+fn replica(dir: &tempfile::TempDir) -> Arc<Ca> {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("ca.db")).unwrap());
+    let a = store
+        .load_authorities(AuthorityConfig::default())
+        .unwrap()
+        .unwrap();
+    let dist = Distribution::new(Some(dir.path().join("policy.toml"))).unwrap();
+    Ca::start(store, a, CaSettings::default(), dist).unwrap()
+}
+
 fn person(name: &str, groups: &[&str]) -> Person {
     Person {
         id: format!("spiffe://mayfly.local/user/{name}"),
@@ -78,6 +89,41 @@ fn a_request_needing_two_approvals_is_active_only_after_two_distinct_approvers()
     assert_eq!(g2.state, GrantState::Active);
     assert_eq!(g2.access.unwrap().approved_by, [bob.id.clone(), carol.id]);
     assert!(access::active_grant(&ca, &alice.id, DB).unwrap().is_some());
+}
+
+#[test]
+fn two_approvals_made_at_once_on_two_replicas_both_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (ca(&dir), replica(&dir));
+    let alice = person("alice", &["oncall"]);
+    let (bob, carol) = (
+        person("bob", &["db-admins"]),
+        person("carol", &["db-admins"]),
+    );
+    for _ in 0..20 {
+        let g = access::request(&one, &alice, ask(DB)).unwrap();
+        let barrier = std::sync::Barrier::new(2);
+        let (b, c) = std::thread::scope(|s| {
+            let b = s.spawn(|| {
+                barrier.wait();
+                access::decide(&one, &bob, &g.id, "approve")
+            });
+            let c = s.spawn(|| {
+                barrier.wait();
+                access::decide(&two, &carol, &g.id, "approve")
+            });
+            (b.join().unwrap(), c.join().unwrap())
+        });
+        let (b, c) = (b.unwrap(), c.unwrap());
+        // Whichever landed second saw the first and completed the request.
+        let last = if b.state == GrantState::Active { b } else { c };
+        assert_eq!(last.state, GrantState::Active, "{last:?}");
+        let mut by = last.access.unwrap().approved_by;
+        by.sort();
+        assert_eq!(by, [bob.id.clone(), carol.id.clone()]);
+        assert!(access::active_grant(&two, &alice.id, DB).unwrap().is_some());
+        access::decide(&one, &alice, &g.id, "revoke").unwrap();
+    }
 }
 
 #[test]

@@ -218,14 +218,18 @@ pub fn list(ca: &Ca) -> Result<Vec<GrantRecord>, GrantError> {
 }
 
 pub(super) fn get(ca: &Ca, id: &str) -> Result<GrantRecord, GrantError> {
+    read(ca, id).map(|(g, _)| g)
+}
+
+/// One grant and the body it was read from: a decision on it is applied only if that body is
+/// still the stored one (`Store::update_grant`).
+pub(super) fn read(ca: &Ca, id: &str) -> Result<(GrantRecord, String), GrantError> {
     let body = ca
         .store()
         .grant(id)?
         .ok_or_else(|| GrantError::NotFound(id.to_owned()))?;
-    Ok(with_expiry(
-        parse(&body)?,
-        OffsetDateTime::now_utc().unix_timestamp(),
-    ))
+    let g = with_expiry(parse(&body)?, OffsetDateTime::now_utc().unix_timestamp());
+    Ok((g, body))
 }
 
 pub(super) fn activate(g: &mut GrantRecord) {
@@ -326,7 +330,7 @@ pub fn decide(
     action: &str,
 ) -> Result<GrantRecord, GrantError> {
     for _ in 0..DECIDE_ATTEMPTS {
-        let mut g = get(ca, id)?;
+        let (mut g, seen) = read(ca, id)?;
         let from = g.state;
         match (action, from) {
             ("approve", GrantState::Pending) => {
@@ -353,9 +357,14 @@ pub fn decide(
             }
         }
         g.decided_by = Some(by.to_owned());
-        let applied =
-            ca.store()
-                .update_grant(id, from, g.state, g.expires.unwrap_or(0), &body(&g)?)?;
+        let applied = ca.store().update_grant(
+            id,
+            from,
+            &seen,
+            g.state,
+            g.expires.unwrap_or(0),
+            &body(&g)?,
+        )?;
         if !applied {
             // Another decision came first: decide again on what it left.
             continue;

@@ -190,15 +190,32 @@ pub fn only_grants_in_force_are_live_and_each_expiry_is_reported_once(s: &dyn St
     assert_eq!(s.grant("nope").unwrap(), None);
 }
 
-/// A grant decision applies only to the state it was made on.
+/// A grant decision applies only to the state and body it was made on.
 pub fn a_grant_decision_applies_only_to_the_state_it_was_made_on(s: &dyn Store) {
     s.insert_grant("g", GrantState::Pending, 0, "{}").unwrap();
     let (p, a, r) = (GrantState::Pending, GrantState::Active, GrantState::Revoked);
-    assert!(s.update_grant("g", p, a, 60, "{\"v\":1}").unwrap());
-    assert!(!s.update_grant("g", p, r, 0, "{}").unwrap(), "stale");
+    assert!(s.update_grant("g", p, "{}", a, 60, "{\"v\":1}").unwrap());
+    assert!(!s.update_grant("g", p, "{}", r, 0, "{}").unwrap(), "stale");
     assert_eq!(s.grant("g").unwrap().as_deref(), Some("{\"v\":1}"));
-    assert!(s.update_grant("g", a, r, 60, "{}").unwrap());
-    assert!(!s.update_grant("nope", p, a, 60, "{}").unwrap());
+    assert!(s.update_grant("g", a, "{\"v\":1}", r, 60, "{}").unwrap());
+    assert!(!s.update_grant("nope", p, "{}", a, 60, "{}").unwrap());
+}
+
+/// A decision that leaves the state as it was (one of two approvals: pending to pending) still
+/// applies only to the body it was made on: a second one made on the same read is refused
+/// instead of overwriting the first.
+pub fn a_grant_decision_made_on_a_stale_body_is_refused_even_in_the_same_state(s: &dyn Store) {
+    let p = GrantState::Pending;
+    s.insert_grant("g", p, 0, "{\"approved_by\":[]}").unwrap();
+    let seen = s.grant("g").unwrap().unwrap();
+    let bob = "{\"approved_by\":[\"bob\"]}";
+    assert!(s.update_grant("g", p, &seen, p, 0, bob).unwrap());
+    let carol = "{\"approved_by\":[\"carol\"]}";
+    assert!(
+        !s.update_grant("g", p, &seen, p, 0, carol).unwrap(),
+        "made on a body that is no longer stored"
+    );
+    assert_eq!(s.grant("g").unwrap().as_deref(), Some(bob));
 }
 
 /// Control-plane events are sequenced on the store's own chain, which verifies.
@@ -370,12 +387,12 @@ pub fn change_counters_move_with_each_shared_write(s: &dyn Store) {
     let c1 = s.changes().unwrap();
     assert!(c1.grants > c0.grants, "{c0:?} {c1:?}");
     assert!(
-        !s.update_grant("g1", GrantState::Active, GrantState::Revoked, 0, "{}")
+        !s.update_grant("g1", GrantState::Active, "{}", GrantState::Revoked, 0, "{}")
             .unwrap()
     );
     assert_eq!(s.changes().unwrap(), c1, "a refused decision is no change");
     assert!(
-        s.update_grant("g1", GrantState::Pending, GrantState::Active, 9, "{}")
+        s.update_grant("g1", GrantState::Pending, "{}", GrantState::Active, 9, "{}")
             .unwrap()
     );
     let c2 = s.changes().unwrap();
@@ -553,6 +570,10 @@ pub fn cases() -> Vec<(&'static str, Case)> {
             a_grant_decision_applies_only_to_the_state_it_was_made_on,
         ),
         (
+            "a_grant_decision_made_on_a_stale_body_is_refused_even_in_the_same_state",
+            a_grant_decision_made_on_a_stale_body_is_refused_even_in_the_same_state,
+        ),
+        (
             "events_are_sequenced_on_a_chain_that_verifies",
             events_are_sequenced_on_a_chain_that_verifies,
         ),
@@ -661,30 +682,46 @@ pub fn a_racing_approve_and_revoke_on_two_replicas_have_one_winner(a: &dyn Store
         let id = format!("g{round}");
         a.insert_grant(&id, GrantState::Pending, 0, "{}").unwrap();
         let outcomes = race(2, |i| {
-            if i == 0 {
-                a.update_grant(
-                    &id,
-                    GrantState::Pending,
-                    GrantState::Active,
-                    60,
-                    "{\"by\":\"a\"}",
-                )
-                .unwrap()
+            let (s, to, body) = if i == 0 {
+                (a, GrantState::Active, "{\"by\":\"a\"}")
             } else {
-                b.update_grant(
-                    &id,
-                    GrantState::Pending,
-                    GrantState::Denied,
-                    0,
-                    "{\"by\":\"b\"}",
-                )
+                (b, GrantState::Denied, "{\"by\":\"b\"}")
+            };
+            s.update_grant(&id, GrantState::Pending, "{}", to, 60, body)
                 .unwrap()
-            }
         });
         assert_eq!(outcomes.iter().filter(|w| **w).count(), 1, "{outcomes:?}");
         let body = a.grant(&id).unwrap().unwrap();
         let winner = if outcomes[0] { "a" } else { "b" };
         assert!(body.contains(winner), "{body} after {outcomes:?}");
+    }
+}
+
+/// Two approvals of one request racing on two replicas, each leaving it pending (one of three
+/// approvals): exactly one applies, the other is told it lost and nothing is overwritten.
+pub fn two_approvals_racing_on_two_replicas_never_overwrite_each_other(
+    a: &dyn Store,
+    b: &dyn Store,
+) {
+    for round in 0..10 {
+        let id = format!("p{round}");
+        a.insert_grant(&id, GrantState::Pending, 0, "[]").unwrap();
+        let outcomes = race(2, |i| {
+            let (s, body) = if i == 0 {
+                (a, "[\"a\"]")
+            } else {
+                (b, "[\"b\"]")
+            };
+            s.update_grant(&id, GrantState::Pending, "[]", GrantState::Pending, 0, body)
+                .unwrap()
+        });
+        assert_eq!(outcomes.iter().filter(|w| **w).count(), 1, "{outcomes:?}");
+        let winner = if outcomes[0] { "[\"a\"]" } else { "[\"b\"]" };
+        assert_eq!(
+            b.grant(&id).unwrap().as_deref(),
+            Some(winner),
+            "{outcomes:?}"
+        );
     }
 }
 
@@ -748,6 +785,10 @@ pub fn replica_cases() -> Vec<(&'static str, ReplicaCase)> {
         (
             "a_racing_approve_and_revoke_on_two_replicas_have_one_winner",
             a_racing_approve_and_revoke_on_two_replicas_have_one_winner,
+        ),
+        (
+            "two_approvals_racing_on_two_replicas_never_overwrite_each_other",
+            two_approvals_racing_on_two_replicas_never_overwrite_each_other,
         ),
         (
             "a_rotation_racing_on_two_replicas_is_saved_once",

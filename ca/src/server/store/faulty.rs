@@ -143,11 +143,12 @@ impl Store for FaultyStore {
         &self,
         id: &str,
         from: GrantState,
+        seen: &str,
         to: GrantState,
         expires: i64,
         body: &str,
     ) -> Result<bool, StoreError> {
-        self.inner.update_grant(id, from, to, expires, body)
+        self.inner.update_grant(id, from, seen, to, expires, body)
     }
     fn grant(&self, id: &str) -> Result<Option<String>, StoreError> {
         self.inner.grant(id)

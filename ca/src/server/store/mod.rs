@@ -501,11 +501,14 @@ pub trait Store: Send + Sync {
         body: &str,
     ) -> Result<(), StoreError>;
     /// Moves a grant from state `from` to `to`, with its new expiry and body, only if it is
-    /// still in `from` (compare-and-set). False when it is not: another decision came first.
+    /// still in `from` with the body `seen` that the decision was made on (compare-and-set on
+    /// both: a second approval that leaves the state pending changes only the body). False
+    /// when it is not: another decision came first.
     fn update_grant(
         &self,
         id: &str,
         from: GrantState,
+        seen: &str,
         to: GrantState,
         expires: i64,
         body: &str,

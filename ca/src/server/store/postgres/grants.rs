@@ -48,16 +48,18 @@ pub(super) fn update_grant(
     s: &PostgresStore,
     id: &str,
     from: GrantState,
+    seen: &str,
     to: GrantState,
     expires: i64,
     body: &str,
 ) -> Result<bool, StoreError> {
-    let (id, body) = (id.to_owned(), body.to_owned());
+    let (id, seen, body) = (id.to_owned(), seen.to_owned(), body.to_owned());
     s.run(true, move |db| async move {
         let c = db.client().await?;
         c.execute(
-            "UPDATE grants SET state = $3, expires = $4, body = $5 WHERE id = $1 AND state = $2",
-            &[&id, &from.as_str(), &to.as_str(), &expires, &body],
+            "UPDATE grants SET state = $3, expires = $4, body = $5
+             WHERE id = $1 AND state = $2 AND body = $6",
+            &[&id, &from.as_str(), &to.as_str(), &expires, &body, &seen],
         )
         .await
         .map(|n| n == 1)

@@ -368,11 +368,12 @@ impl Store for PostgresStore {
         &self,
         id: &str,
         from: GrantState,
+        seen: &str,
         to: GrantState,
         expires: i64,
         body: &str,
     ) -> Result<bool, StoreError> {
-        grants::update_grant(self, id, from, to, expires, body)
+        grants::update_grant(self, id, from, seen, to, expires, body)
     }
 
     fn grant(&self, id: &str) -> Result<Option<String>, StoreError> {

@@ -27,14 +27,16 @@ pub(super) fn update_grant(
     s: &SqliteStore,
     id: &str,
     from: GrantState,
+    seen: &str,
     to: GrantState,
     expires: i64,
     body: &str,
 ) -> Result<bool, StoreError> {
     s.with(|c| {
         c.execute(
-            "UPDATE grants SET state = ?3, expires = ?4, body = ?5 WHERE id = ?1 AND state = ?2",
-            params![id, from.as_str(), to.as_str(), expires, body],
+            "UPDATE grants SET state = ?3, expires = ?4, body = ?5
+             WHERE id = ?1 AND state = ?2 AND body = ?6",
+            params![id, from.as_str(), to.as_str(), expires, body, seen],
         )
         .map(|n| n == 1)
         .map_err(db)
