@@ -19,6 +19,7 @@ use mayfly_ca::audit::{LineHash, Record, VERSION, line_hash};
 use mayfly_policy::{DecidedBy, Decision};
 use mayfly_sidecar::audit::{Field, FieldList, Fields, line};
 use mayfly_sidecar::conn::audit_base_fields;
+use mayfly_sidecar::conn::http::RESPONSE_FIELDS;
 use mayfly_sidecar::metrics::Direction;
 use mayfly_sidecar::policy::Verdict;
 use serde_json::{Map, Value};
@@ -62,19 +63,6 @@ fn base() -> FieldList {
         "http",
     )
 }
-
-/// The fields an `http.response` record repeats (`conn::http::record`).
-const RESPONSE_FIELDS: [&str; 9] = [
-    "error",
-    "direction",
-    "local_id",
-    "peer_id",
-    "protocol",
-    "method",
-    "path",
-    "decision_id",
-    "trace_id",
-];
 
 /// Strict mode's decision line (if `strict`) and the outcome's line, each hashed.
 type Lines = (Option<Vec<u8>>, Vec<u8>);

@@ -669,6 +669,65 @@ pub fn curl(args: &[&str]) -> (bool, String, String) {
     }
 }
 
+/// A request to the control plane's API at `api` over mTLS with the SVID minted into `svid`
+/// (svid.pem, svid.key, bundle.pem), with the JSON `body`: (HTTP status, or curl's error when
+/// there is none; the response body).
+pub fn api_request(
+    api: &str,
+    svid: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (String, String) {
+    let p = |f: &str| svid.join(f).to_str().unwrap().to_owned();
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let (_, code, err) = curl(&[
+        "--cacert",
+        &p("bundle.pem"),
+        "--cert",
+        &p("svid.pem"),
+        "--key",
+        &p("svid.key"),
+        "-X",
+        method,
+        "-o",
+        out.path().to_str().unwrap(),
+        "-w",
+        "%{http_code}",
+        "-H",
+        "content-type: application/json",
+        "--data",
+        body,
+        &format!("https://{api}{path}"),
+    ]);
+    if code.is_empty() {
+        return (err, String::new());
+    }
+    (
+        code,
+        std::fs::read_to_string(out.path()).unwrap_or_default(),
+    )
+}
+
+/// A renewal (`POST /v1/svid`) for `spiffe://mayfly.local/web` with the SVID minted into
+/// `svid`, as [`api_request`].
+pub fn renew_web(api: &str, svid: &Path) -> (String, String) {
+    let key = mayfly_ca::keys::SecretKey::generate().unwrap();
+    let id = mayfly_ca::id::parse_workload_id("spiffe://mayfly.local/web").unwrap();
+    let csr = mayfly_ca::issue::make_csr(&key, &id).unwrap();
+    let b64: String = mayfly_ca::keys::pem_encode("CSR", &csr)
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    api_request(
+        api,
+        svid,
+        "POST",
+        "/v1/svid",
+        &format!("{{\"csr\":\"{b64}\"}}"),
+    )
+}
+
 /// A control plane in this process (`mayfly-ca init` + `run`, as library calls) for trust domain
 /// `mayfly.local` in `dir/ca`, listening on 127.0.0.1:0, following `policy` when given: for the
 /// benchmark harnesses and tests that need its internals (store, issuance) at hand.

@@ -257,27 +257,51 @@ pub async fn central_sidecar(
     app: &str,
     http: bool,
 ) -> crate::Sidecar {
-    let unused = dir.join("unused.toml");
-    let tok = ca.token_file(
-        &format!("spiffe://mayfly.local/{name}"),
-        &dir.join(format!("{name}.token")),
-    );
-    let mut config = crate::Spec {
-        me: name,
-        ca: &ca.addr,
-        token: &tok,
-        policy: &unused,
-        inbound_app: Some(app),
-        outbound: &[],
-        svid_ttl: None,
-        extra: "",
-    }
-    .toml()
-    .replace(&format!("[policy]\nfile = \"{}\"\n", unused.display()), "");
+    let mut config = central_config(ca, dir, name, Some(app), &[]);
     if http {
         config = config.replace("app = ", "protocol = \"http\"\napp = ");
     }
     let sidecar = crate::Sidecar::start(dir, name, &config);
     sidecar.wait_ready().await;
     sidecar
+}
+
+/// A sidecar of `spiffe://mayfly.local/<me>` (TCP mode) following the policy the control plane
+/// `ca` pushes, in front of `app` if any, with `outbound` upstreams; not waited for.
+pub fn central(
+    ca: &Ca,
+    dir: &Path,
+    me: &str,
+    app: Option<&str>,
+    outbound: &[(&str, &str, &str)],
+) -> crate::Sidecar {
+    crate::Sidecar::start(dir, me, &central_config(ca, dir, me, app, outbound))
+}
+
+/// The configuration of [`central`]: no policy file, a join token in `<dir>/<me>.token`, the
+/// audit spool in `<dir>/<me>-audit`.
+fn central_config(
+    ca: &Ca,
+    dir: &Path,
+    me: &str,
+    app: Option<&str>,
+    outbound: &[(&str, &str, &str)],
+) -> String {
+    let unused = dir.join("unused.toml");
+    let tok = ca.token_file(
+        &format!("spiffe://mayfly.local/{me}"),
+        &dir.join(format!("{me}.token")),
+    );
+    crate::Spec {
+        me,
+        ca: &ca.addr,
+        token: &tok,
+        policy: &unused,
+        inbound_app: app,
+        outbound,
+        svid_ttl: None,
+        extra: &format!("[audit]\nspool_dir = \"{me}-audit\"\n"),
+    }
+    .toml()
+    .replace(&format!("[policy]\nfile = \"{}\"\n", unused.display()), "")
 }

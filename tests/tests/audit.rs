@@ -6,13 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::mesh::tcp_pair;
-use mayfly_tests::{Ca, Sidecar, Spec, bin, curl, eventually, http_app, policy, round_trip};
-
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
+use mayfly_tests::mesh::Pair;
+use mayfly_tests::{Ca, Sidecar, bin, curl, eventually, policy, round_trip};
 
 fn ca_cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
     let o = std::process::Command::new(bin("mayfly-ca"))
@@ -55,77 +50,16 @@ to = ["spiffe://mayfly.local/orders"]
 paths = ["/orders/secret"]
 "#;
 
-struct Mesh {
-    tmp: Arc<tempfile::TempDir>,
-    ca: Ca,
-    web: Sidecar,
-    orders: Sidecar,
-    url: String,
-}
-
-async fn http_mesh(fixed_port: bool) -> Mesh {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let mut ca = Ca::start(&tmp);
-    if fixed_port {
-        let port = free_port();
-        ca.proc.as_mut().unwrap().stop();
-        ca.run(&port);
-    }
-    let dir = tmp.path();
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, POLICY).unwrap();
-    let app = http_app("orders").await;
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("o.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &pol,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: None,
-            extra: "[audit]\nspool_dir = \"orders-audit\"\n",
-        }
-        .toml()
-        .replace("app = ", "protocol = \"http\"\napp = "),
-    );
-    let inbound = orders.inbound();
-    // web's egress policy is wider: orders' inbound side decides.
-    let web_pol = dir.join("web-policy.toml");
-    std::fs::write(&web_pol, policy(&[("web", "orders")])).unwrap();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("w.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &web_pol,
-            inbound_app: None,
-            outbound: &[("orders", &inbound, "orders")],
-            svid_ttl: None,
-            extra: "[audit]\nspool_dir = \"web-audit\"\n",
-        }
-        .toml()
-        .replace(
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
-        ),
-    );
-    let url = format!("http://{}", web.outbound("orders"));
-    orders.wait_ready().await;
-    web.wait_ready().await;
-    Mesh {
-        tmp,
-        ca,
-        web,
-        orders,
-        url,
-    }
+/// web -> orders in HTTP mode, each with its own audit spool; web's egress policy is wider:
+/// orders' inbound side decides.
+async fn http_mesh(fixed_port: bool) -> Pair {
+    let mesh = Pair::http()
+        .policy(POLICY)
+        .web_policy(&policy(&[("web", "orders")]))
+        .audit_spools();
+    if fixed_port { mesh.fixed_port() } else { mesh }
+        .start()
+        .await
 }
 
 fn codes(url: &str, n: usize) -> Vec<String> {
@@ -310,7 +244,7 @@ async fn a_control_plane_restart_under_load_loses_and_duplicates_nothing() {
 async fn tcp_pair_with_audit(
     extra: &str,
 ) -> (Arc<tempfile::TempDir>, Ca, Sidecar, Sidecar, String, String) {
-    let p = tcp_pair(None, extra).await;
+    let p = Pair::tcp().fixed_port().extra(extra).start().await;
     (p.tmp, p.ca, p.web, p.orders, p.out, p.port)
 }
 
@@ -382,7 +316,7 @@ async fn restart_web(tmp: &tempfile::TempDir, ca: &Ca, old: Sidecar) -> (Sidecar
     let config = std::fs::read_to_string(&old.config).unwrap();
     drop(old);
     let dir = tmp.path();
-    ca.token_file("spiffe://mayfly.local/web", &dir.join("w.token"));
+    ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
     let mut web = Sidecar::start(dir, "web", &config);
     web.wait_ready().await;
     let url = format!("http://{}", web.outbound("orders"));
@@ -401,12 +335,13 @@ fn by_epoch(recs: &[serde_json::Value], epoch: &str) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_killed_under_load_never_reuses_a_seq_and_its_loss_is_a_recorded_gap() {
-    let Mesh {
+    let Pair {
         tmp,
         ca,
         mut web,
         orders: _orders,
         url,
+        ..
     } = http_mesh(false).await;
     let url = format!("{url}/orders/1");
     let mut answered = 0;
@@ -464,12 +399,13 @@ async fn a_sidecar_killed_under_load_never_reuses_a_seq_and_its_loss_is_a_record
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_line_mid_spool_is_quarantined_and_every_other_record_is_delivered() {
-    let Mesh {
+    let Pair {
         tmp,
         mut ca,
         mut web,
         orders: _orders,
         url,
+        ..
     } = http_mesh(true).await;
     let port = ca.addr.clone();
     ca.proc.as_mut().unwrap().kill();

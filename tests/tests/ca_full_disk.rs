@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mayfly_tests::{bin, curl, eventually, http_get};
+use mayfly_tests::people::ca_cli;
+use mayfly_tests::{bin, eventually, http_get, renew_web};
 
 /// A tmpfs mounted for the test, unmounted on drop.
 struct Mount(PathBuf);
@@ -118,47 +119,6 @@ impl Drop for ControlPlane {
     }
 }
 
-fn ca_cli(dir: &Path, args: &[&str]) -> (bool, String) {
-    let o = Command::new(bin("mayfly-ca"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    (o.status.success(), out)
-}
-
-/// A renewal request for web over mTLS with the SVID minted into `svid`; the HTTP status.
-fn renew(api: &str, svid: &Path) -> String {
-    let key = mayfly_ca::keys::SecretKey::generate().unwrap();
-    let id = mayfly_ca::id::parse_workload_id("spiffe://mayfly.local/web").unwrap();
-    let csr = mayfly_ca::issue::make_csr(&key, &id).unwrap();
-    let b64: String = mayfly_ca::keys::pem_encode("CSR", &csr)
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect();
-    let p = |f: &str| svid.join(f).to_str().unwrap().to_owned();
-    let (_, code, err) = curl(&[
-        "--cacert",
-        &p("bundle.pem"),
-        "--cert",
-        &p("svid.pem"),
-        "--key",
-        &p("svid.key"),
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "-H",
-        "content-type: application/json",
-        "--data",
-        &format!("{{\"csr\":\"{b64}\"}}"),
-        &format!("https://{api}/v1/svid"),
-    ]);
-    if code.is_empty() { err } else { code }
-}
-
 /// Writes zeros to `path` until the file system is full (at most `max` MiB).
 fn fill(path: &Path, max: usize) {
     let mut f = std::fs::File::create(path).unwrap();
@@ -200,7 +160,7 @@ async fn a_control_plane_restarted_on_a_full_disk_says_so_and_recovers_by_itself
 
     // Running, then killed (its write-ahead log stays), then the disk fills up.
     let mut cp = ControlPlane::run(&dir);
-    assert_eq!(renew(&cp.api, &web), "200");
+    assert_eq!(renew_web(&cp.api, &web).0, "200");
     cp.kill();
     let filler = tmp.path().join("disk/filler");
     fill(&filler, 64);
@@ -223,7 +183,7 @@ async fn a_control_plane_restarted_on_a_full_disk_says_so_and_recovers_by_itself
     assert!(m.contains("mayfly_ca_store_writable 0"), "{m}");
     // What cannot be recorded is refused (an SVID is never handed out unlogged).
     for _ in 0..3 {
-        assert_eq!(renew(&cp.api, &web), "503");
+        assert_eq!(renew_web(&cp.api, &web).0, "503");
     }
 
     // Space returns: it recovers by itself.
@@ -235,7 +195,7 @@ async fn a_control_plane_restarted_on_a_full_disk_says_so_and_recovers_by_itself
         let api = api.clone();
         let web = web2.clone();
         status == 200
-            && tokio::task::spawn_blocking(move || renew(&api, &web))
+            && tokio::task::spawn_blocking(move || renew_web(&api, &web).0)
                 .await
                 .unwrap()
                 == "200"

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use mayfly_tests::mesh::{TcpPair, tcp_pair};
+use mayfly_tests::mesh::Pair;
 use mayfly_tests::{eventually, round_trip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_ride_out_a_control_plane_outage_and_fail_closed_at_expiry() {
-    let TcpPair {
+    let Pair {
         tmp: _tmp,
         mut ca,
         port,
@@ -18,7 +18,8 @@ async fn sidecars_ride_out_a_control_plane_outage_and_fail_closed_at_expiry() {
         out,
         orders_token: orders_tok,
         web_token: web_tok,
-    } = tcp_pair(Some("6s"), "").await;
+        ..
+    } = Pair::tcp().fixed_port().svid_ttl("6s").start().await;
 
     // 1. A short outage (shorter than the SVID's life): renewal resumes by itself.
     ca.proc.as_mut().unwrap().kill();

@@ -5,66 +5,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mayfly_tests::people::{self, central};
 use mayfly_tests::postgres::Postgres;
-use mayfly_tests::{Ca, Sidecar, Spec, bin, curl, echo_app, eventually, policy, round_trip};
+use mayfly_tests::{Ca, curl, echo_app, eventually, policy, renew_web, round_trip};
 
+/// `mayfly-ca ARGS --store URL --data-dir DIR`: (success, stdout + stderr).
 fn ca_cli(dir: &Path, url: &str, args: &[&str]) -> (bool, String) {
-    let o = Command::new(bin("mayfly-ca"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--store", url])
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
-}
-
-/// A renewal for web over mTLS with the SVID minted into `svid`: (HTTP status, body).
-fn renew(api: &str, svid: &Path) -> (String, String) {
-    let key = mayfly_ca::keys::SecretKey::generate().unwrap();
-    let id = mayfly_ca::id::parse_workload_id("spiffe://mayfly.local/web").unwrap();
-    let csr = mayfly_ca::issue::make_csr(&key, &id).unwrap();
-    let b64: String = mayfly_ca::keys::pem_encode("CSR", &csr)
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect();
-    let p = |f: &str| svid.join(f).to_str().unwrap().to_owned();
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let (_, code, err) = curl(&[
-        "--cacert",
-        &p("bundle.pem"),
-        "--cert",
-        &p("svid.pem"),
-        "--key",
-        &p("svid.key"),
-        "-o",
-        out.path().to_str().unwrap(),
-        "-w",
-        "%{http_code}",
-        "-H",
-        "content-type: application/json",
-        "--data",
-        &format!("{{\"csr\":\"{b64}\"}}"),
-        &format!("https://{api}/v1/svid"),
-    ]);
-    if code.is_empty() {
-        return (err, String::new());
-    }
-    (
-        code,
-        std::fs::read_to_string(out.path()).unwrap_or_default(),
-    )
+    let mut all = args.to_vec();
+    all.extend(["--store", url]);
+    people::ca_cli(dir, &all)
 }
 
 /// `GET /v1/bundle`: the HTTP status.
@@ -79,33 +31,6 @@ fn bundle_status(api: &str, svid: &Path) -> String {
         &format!("https://{api}/v1/bundle"),
     ]);
     if code.is_empty() { err } else { code }
-}
-
-fn sidecar(
-    dir: &Path,
-    ca: &Ca,
-    me: &'static str,
-    app: Option<&str>,
-    out: &[(&str, &str, &str)],
-) -> Sidecar {
-    let unused = dir.join("unused.toml");
-    let tok = ca.token_file(
-        &format!("spiffe://mayfly.local/{me}"),
-        &dir.join(format!("{me}.token")),
-    );
-    let config = Spec {
-        me,
-        ca: &ca.addr,
-        token: &tok,
-        policy: &unused,
-        inbound_app: app,
-        outbound: out,
-        svid_ttl: None,
-        extra: &format!("[audit]\nspool_dir = \"{me}-audit\"\n"),
-    }
-    .toml()
-    .replace(&format!("[policy]\nfile = \"{}\"\n", unused.display()), "");
-    Sidecar::start(dir, me, &config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,9 +52,9 @@ async fn while_postgresql_is_down_issuance_says_503_traffic_flows_and_everything
     std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
     let ca = Ca::start_with_store(&tmp, &url, &["--policy", pol.to_str().unwrap()]);
     let app = echo_app("orders-app").await;
-    let mut orders = sidecar(dir, &ca, "orders", Some(&app), &[]);
+    let mut orders = central(&ca, dir, "orders", Some(&app), &[]);
     let orders_in = orders.inbound();
-    let mut web = sidecar(dir, &ca, "web", None, &[("orders", &orders_in, "orders")]);
+    let mut web = central(&ca, dir, "web", None, &[("orders", &orders_in, "orders")]);
     let out = web.outbound("orders");
     orders.wait_ready().await;
     web.wait_ready().await;
@@ -147,7 +72,7 @@ async fn while_postgresql_is_down_issuance_says_503_traffic_flows_and_everything
         ],
     );
     assert!(ok, "{msg}");
-    assert_eq!(renew(&ca.addr, &minted).0, "200");
+    assert_eq!(renew_web(&ca.addr, &minted).0, "200");
     let mut served = 0;
     for _ in 0..3 {
         round_trip(&out, b"before").await.unwrap();
@@ -160,13 +85,13 @@ async fn while_postgresql_is_down_issuance_says_503_traffic_flows_and_everything
     let (api, m) = (ca.addr.clone(), minted.clone());
     let refused = eventually(Duration::from_secs(10), async || {
         let (api, m) = (api.clone(), m.clone());
-        let (code, body) = tokio::task::spawn_blocking(move || renew(&api, &m))
+        let (code, body) = tokio::task::spawn_blocking(move || renew_web(&api, &m))
             .await
             .unwrap();
         code == "503" && body.contains("store_unavailable") && body.contains("store cannot write")
     })
     .await;
-    assert!(refused, "{:?}", renew(&ca.addr, &minted));
+    assert!(refused, "{:?}", renew_web(&ca.addr, &minted));
     assert_eq!(
         bundle_status(&ca.addr, &minted),
         "200",
@@ -190,14 +115,14 @@ async fn while_postgresql_is_down_issuance_says_503_traffic_flows_and_everything
     let (api, m) = (ca.addr.clone(), minted.clone());
     let back = eventually(Duration::from_secs(30), async || {
         let (api, m) = (api.clone(), m.clone());
-        tokio::task::spawn_blocking(move || renew(&api, &m))
+        tokio::task::spawn_blocking(move || renew_web(&api, &m))
             .await
             .unwrap()
             .0
             == "200"
     })
     .await;
-    assert!(back, "{:?}", renew(&ca.addr, &minted));
+    assert!(back, "{:?}", renew_web(&ca.addr, &minted));
     for _ in 0..3 {
         round_trip(&out, b"after").await.unwrap();
         served += 1;

@@ -5,12 +5,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mayfly_tests::people::{ca_cli, central};
 use mayfly_tests::postgres::Postgres;
-use mayfly_tests::{Ca, Sidecar, Spec, bin, echo_app, eventually, round_trip};
+use mayfly_tests::{Ca, Sidecar, echo_app, eventually, round_trip};
 use serde_json::Value;
 
 /// `approvals = 0`: a grant request is in force at once. orders may call db; web may not.
@@ -27,23 +27,6 @@ fn central_policy(extra_rule: bool) -> String {
         );
     }
     s
-}
-
-fn ca_cli(dir: &Path, args: &[&str]) -> (bool, String) {
-    let o = Command::new(bin("mayfly-ca"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
 }
 
 fn log(ca: &Ca) -> String {
@@ -64,34 +47,6 @@ fn two_replicas(
     flags.extend_from_slice(b_flags);
     let b = Ca::start_with_existing(tmp, &tmp.path().join("ca-b"), "127.0.0.1:0", &flags);
     (a, b)
-}
-
-/// A sidecar of `me` following the central policy from the control plane at `ca`.
-fn sidecar(
-    dir: &Path,
-    ca: &Ca,
-    me: &'static str,
-    app: Option<&str>,
-    outbound: &[(&str, &str, &str)],
-) -> Sidecar {
-    let unused = dir.join("unused.toml");
-    let tok = ca.token_file(
-        &format!("spiffe://mayfly.local/{me}"),
-        &dir.join(format!("{me}.token")),
-    );
-    let config = Spec {
-        me,
-        ca: &ca.addr,
-        token: &tok,
-        policy: &unused,
-        inbound_app: app,
-        outbound,
-        svid_ttl: None,
-        extra: &format!("[audit]\nspool_dir = \"{me}-audit\"\n"),
-    }
-    .toml()
-    .replace(&format!("[policy]\nfile = \"{}\"\n", unused.display()), "");
-    Sidecar::start(dir, me, &config)
 }
 
 /// The endpoints a sidecar's `/upstreams` shows for its first outbound.
@@ -128,9 +83,9 @@ async fn endpoints_grants_and_the_policy_made_on_one_replica_reach_sidecars_watc
 
     // db registers its endpoint through A; web watches B.
     let app = echo_app("db-app").await;
-    let mut db = sidecar(dir, &a, "db", Some(&app), &[]);
+    let mut db = central(&a, dir, "db", Some(&app), &[]);
     let db_in = db.inbound();
-    let mut web = sidecar(dir, &b, "web", None, &[("db", &db_in, "db")]);
+    let mut web = central(&b, dir, "web", None, &[("db", &db_in, "db")]);
     let out = web.outbound("db");
     db.wait_ready().await;
     web.wait_ready().await;
@@ -225,7 +180,7 @@ async fn a_sidecar_killed_on_one_replica_leaves_every_replicas_registry_and_its_
     let a_flags = ["--endpoint-lease", "2s", "--policy", pol.to_str().unwrap()];
     let (a, b) = two_replicas(&tmp, &url, &a_flags, &lease);
     let app = echo_app("db-app").await;
-    let mut db = sidecar(dir, &a, "db", Some(&app), &[]);
+    let mut db = central(&a, dir, "db", Some(&app), &[]);
     let want = vec![("spiffe://mayfly.local/db".to_owned(), db.inbound())];
     db.wait_ready().await;
     let both = eventually(Duration::from_secs(10), async || {

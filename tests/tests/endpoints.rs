@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::{Ca, Sidecar, Spec, bin, curl, echo_app, eventually, policy};
+use mayfly_tests::{Ca, Sidecar, Spec, api_request, bin, echo_app, eventually, policy};
 use serde_json::Value;
 
 /// `mayfly-ca endpoints list --json`: (SPIFFE ID, address) pairs.
@@ -38,29 +38,9 @@ fn listed(ca: &Ca) -> Vec<(String, String)> {
 
 /// One `/v1/endpoints` request over mTLS with the SVID minted into `svid`: (status, body).
 fn call(api: &str, svid: &Path, method: &str, body: &str) -> (String, String) {
-    let p = |f: &str| svid.join(f).to_str().unwrap().to_owned();
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let (_, code, err) = curl(&[
-        "--cacert",
-        &p("bundle.pem"),
-        "--cert",
-        &p("svid.pem"),
-        "--key",
-        &p("svid.key"),
-        "-X",
-        method,
-        "-o",
-        out.path().to_str().unwrap(),
-        "-w",
-        "%{http_code}",
-        "-H",
-        "content-type: application/json",
-        "--data",
-        body,
-        &format!("https://{api}/v1/endpoints"),
-    ]);
-    assert!(!code.is_empty(), "{err}");
-    (code, std::fs::read_to_string(out.path()).unwrap())
+    let (code, body) = api_request(api, svid, method, "/v1/endpoints", body);
+    assert!(code.parse::<u16>().is_ok(), "{code}");
+    (code, body)
 }
 
 fn pair(id: &str, addr: &str) -> (String, String) {

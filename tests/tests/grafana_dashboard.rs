@@ -6,9 +6,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::Arc;
 
-use mayfly_tests::{Ca, Sidecar, Spec, curl, free_port, http_app};
+use mayfly_tests::mesh::Pair;
+use mayfly_tests::{curl, free_port};
 use serde_json::Value;
 
 const POLICY: &str = r#"version = 1
@@ -120,54 +120,18 @@ fn the_dashboard_has_grafanas_essentials_and_every_query_parses_as_promql() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_metric_is_exposed_by_a_running_mesh_whose_metrics_pass_promtool() {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let dir = tmp.path();
     let metrics = free_port();
-    let ca = Ca::start_with(&tmp, &["--metrics-listen", &metrics]);
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, POLICY).unwrap();
-    let app = http_app("orders").await;
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("o.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &pol,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml()
-        .replace("app = ", "protocol = \"http\"\napp = "),
-    );
-    let inbound = orders.inbound();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("w.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &pol,
-            inbound_app: None,
-            outbound: &[("orders", &inbound, "orders")],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml()
-        .replace(
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
-        ),
-    );
-    let out = web.outbound("orders");
-    orders.wait_ready().await;
-    web.wait_ready().await;
+    let Pair {
+        ca: _ca,
+        web,
+        orders,
+        out,
+        ..
+    } = Pair::http()
+        .policy(POLICY)
+        .ca_flags(&["--metrics-listen", &metrics])
+        .start()
+        .await;
     let url = format!("http://{out}/orders/1");
     let (ok, codes, err) = tokio::task::spawn_blocking(move || {
         let w = ["-o", "/dev/null", "-w", "%{http_code} "];

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mayfly_tests::{Ca, Sidecar, Spec, bin, echo_app, eventually, round_trip};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use mayfly_tests::people::{central, held_until_cut};
+use mayfly_tests::{Ca, bin, echo_app, eventually, free_port, round_trip};
 
 const POLICY: &str = r#"version = 1
 [grants]
@@ -45,33 +45,6 @@ fn ca_as(user: Option<&str>, dir: &Path, args: &[&str]) -> (bool, String) {
             String::from_utf8_lossy(&o.stderr)
         ),
     )
-}
-
-fn free_port() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
-
-/// A long-lived connection through web -> db; returns when it is cut (or after `limit`).
-async fn held_until_cut(addr: &str, limit: Duration) -> Option<Instant> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let mut banner = [0u8; 7];
-    s.read_exact(&mut banner).await.ok()?;
-    let t0 = Instant::now();
-    let mut buf = [0u8; 4];
-    while t0.elapsed() < limit {
-        if s.write_all(b"beat").await.is_err() {
-            return Some(Instant::now());
-        }
-        match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await {
-            Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
-            _ => return Some(Instant::now()),
-        }
-    }
-    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,45 +93,9 @@ async fn a_grant_opens_a_denied_call_then_expires_and_cuts_the_connection() {
     .unwrap();
 
     let app = echo_app("db-app").await;
-    let unused = tmp.path().join("unused.toml");
-    let strip = |t: String| t.replace(&format!("[policy]\nfile = \"{}\"\n", unused.display()), "");
-    let tok = ca2.token_file("spiffe://mayfly.local/db", &tmp.path().join("db.token"));
-    let mut db = Sidecar::start(
-        tmp.path(),
-        "db",
-        &strip(
-            Spec {
-                me: "db",
-                ca: &port,
-                token: &tok,
-                policy: &unused,
-                inbound_app: Some(&app),
-                outbound: &[],
-                svid_ttl: None,
-                extra: "",
-            }
-            .toml(),
-        ),
-    );
+    let mut db = central(&ca2, tmp.path(), "db", Some(&app), &[]);
     let db_in = db.inbound();
-    let tok = ca2.token_file("spiffe://mayfly.local/web", &tmp.path().join("web.token"));
-    let mut web = Sidecar::start(
-        tmp.path(),
-        "web",
-        &strip(
-            Spec {
-                me: "web",
-                ca: &port,
-                token: &tok,
-                policy: &unused,
-                inbound_app: None,
-                outbound: &[("db", &db_in, "db")],
-                svid_ttl: None,
-                extra: "",
-            }
-            .toml(),
-        ),
-    );
+    let mut web = central(&ca2, tmp.path(), "web", None, &[("db", &db_in, "db")]);
     let out = web.outbound("db");
     db.wait_ready().await;
     web.wait_ready().await;

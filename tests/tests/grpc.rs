@@ -3,9 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::pin::Pin;
-use std::sync::Arc;
 
-use mayfly_tests::{Ca, Sidecar, Spec};
+use mayfly_tests::mesh::Pair;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -96,55 +95,19 @@ async fn grpc_unary_and_bidi_streaming_pass_through_a_sidecar_pair() {
             .add_service(EchoServer::new(Svc))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
     );
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let ca = Ca::start(&tmp);
-    let dir = tmp.path();
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, POLICY).unwrap();
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("o.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &pol,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml()
-        .replace(
-            "app = ",
-            "protocol = \"http\"\napp_protocol = \"http2\"\napp = ",
-        ),
-    );
-    let inbound = orders.inbound();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("w.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &pol,
-            inbound_app: None,
-            outbound: &[("orders", &inbound, "orders")],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml()
-        .replace(
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
-        ),
-    );
-    let out = web.outbound("orders");
-    orders.wait_ready().await;
-    web.wait_ready().await;
+    let Pair {
+        ca: _ca,
+        web: _web,
+        orders: _orders,
+        out,
+        orders_policy: pol,
+        ..
+    } = Pair::http()
+        .policy(POLICY)
+        .app(&app)
+        .app_protocol("http2")
+        .start()
+        .await;
 
     let mut client = EchoClient::connect(format!("http://{out}")).await.unwrap();
     // Unary: the server sees the caller's identity from the sidecar.

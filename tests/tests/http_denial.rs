@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::{Ca, Sidecar, Spec, bin, curl, eventually, http_app, policy};
+use mayfly_tests::mesh::Pair;
+use mayfly_tests::{Sidecar, bin, curl, eventually, policy};
 
 pub mod pb {
     #![allow(clippy::all, unreachable_pub, missing_docs)]
@@ -24,77 +24,15 @@ methods = ["GET"]
 paths = ["/orders/**"]
 "#;
 
-struct Mesh {
-    _tmp: Arc<tempfile::TempDir>,
-    ca: Ca,
-    _web: Sidecar,
-    orders: Sidecar,
-    out: String,
-    orders_policy: std::path::PathBuf,
-}
-
 /// web (egress: web -> orders allowed) -> orders (ingress: web allowed nothing), HTTP mode.
-async fn mesh(app_protocol: &str) -> Mesh {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let ca = Ca::start(&tmp);
-    let dir = tmp.path();
-    let orders_pol = dir.join("orders-policy.toml");
-    std::fs::write(&orders_pol, ORDERS_POLICY).unwrap();
-    let web_pol = dir.join("web-policy.toml");
-    std::fs::write(&web_pol, policy(&[("web", "orders")])).unwrap();
-    let app = http_app("orders").await;
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("o.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &orders_pol,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: None,
-            extra: "[audit]\nspool_dir = \"orders-audit\"\n",
-        }
-        .toml()
-        .replace(
-            "app = ",
-            &format!("protocol = \"http\"\napp_protocol = \"{app_protocol}\"\napp = "),
-        ),
-    );
-    let inbound = orders.inbound();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("w.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &web_pol,
-            inbound_app: None,
-            outbound: &[("orders", &inbound, "orders")],
-            svid_ttl: None,
-            extra: "[audit]\nspool_dir = \"web-audit\"\n",
-        }
-        .toml()
-        .replace(
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
-        ),
-    );
-    let out = web.outbound("orders");
-    orders.wait_ready().await;
-    web.wait_ready().await;
-    Mesh {
-        _tmp: tmp,
-        ca,
-        _web: web,
-        orders,
-        out,
-        orders_policy: orders_pol,
-    }
+async fn mesh(app_protocol: &str) -> Pair {
+    Pair::http()
+        .policy(ORDERS_POLICY)
+        .web_policy(&policy(&[("web", "orders")]))
+        .app_protocol(app_protocol)
+        .audit_spools()
+        .start()
+        .await
 }
 
 /// The `connection.denied` records in the control plane's trail, once `s` has shipped its

@@ -6,11 +6,10 @@
 //! web, and a client speaking HTTP/1.1 straight to orders' inbound listener over mTLS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::{Ca, Sidecar, Spec, http_app};
+use mayfly_tests::mesh::Pair;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const ORDERS_POLICY: &str = r#"version = 1
@@ -36,80 +35,14 @@ to = ["spiffe://mayfly.local/orders"]
 paths = ["/private", "/private/**"]
 "#;
 
-struct Mesh {
-    _tmp: Arc<tempfile::TempDir>,
-    _ca: Ca,
-    _web: Sidecar,
-    _orders: Sidecar,
-    /// web's outbound listener (plaintext).
-    out: String,
-    /// orders' inbound listener (mTLS).
-    inbound: String,
-    /// An SVID for `spiffe://mayfly.local/tester`: svid.pem, svid.key, bundle.pem.
-    tester: PathBuf,
-}
-
-async fn mesh() -> Mesh {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let ca = Ca::start(&tmp);
-    let dir = tmp.path();
-    let app = http_app("orders").await;
-    let orders_policy = dir.join("orders-policy.toml");
-    std::fs::write(&orders_policy, ORDERS_POLICY).unwrap();
-    let web_policy = dir.join("web-policy.toml");
-    std::fs::write(&web_policy, WEB_POLICY).unwrap();
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &orders_policy,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml()
-        .replace("app = ", "protocol = \"http\"\napp = "),
-    );
-    let inbound = orders.inbound();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &web_policy,
-            inbound_app: None,
-            outbound: &[("orders", &inbound, "orders")],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml()
-        .replace(
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
-        ),
-    );
-    let out = web.outbound("orders");
-    let tester = dir.join("tester");
-    ca.mint("spiffe://mayfly.local/tester", &tester);
-    orders.wait_ready().await;
-    web.wait_ready().await;
-    Mesh {
-        _tmp: tmp,
-        _ca: ca,
-        _web: web,
-        _orders: orders,
-        out,
-        inbound,
-        tester,
-    }
+/// web -> orders in HTTP mode, and an SVID for a client of the test's own (`tester`).
+async fn mesh() -> Pair {
+    Pair::http()
+        .policy(ORDERS_POLICY)
+        .web_policy(WEB_POLICY)
+        .tester()
+        .start()
+        .await
 }
 
 /// One response read off a kept-alive connection.
@@ -238,7 +171,7 @@ async fn plain(addr: &str) -> tokio::net::TcpStream {
 }
 
 /// An mTLS connection to orders' inbound listener with the tester's SVID, no ALPN (HTTP/1.1).
-async fn tls(m: &Mesh) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+async fn tls(m: &Pair) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain: Vec<CertificateDer<'static>> =

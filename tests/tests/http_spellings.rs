@@ -5,14 +5,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use mayfly_tests::{Ca, Sidecar, Spec, curl, eventually};
+use mayfly_tests::mesh::Pair;
+use mayfly_tests::{curl, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ORDERS_POLICY: &str = r#"version = 1
@@ -52,79 +53,16 @@ paths = ["/private", "/private/**"]
 /// Short limits so that an idle HTTP/2 connection is closed well within a test.
 const LIMITS: &str = "[limits]\nhandshake_timeout = \"3s\"\nidle_timeout = \"4s\"\n";
 
-struct Mesh {
-    _tmp: Arc<tempfile::TempDir>,
-    _ca: Ca,
-    web: Sidecar,
-    orders: Sidecar,
-    /// web's outbound listener (plaintext, HTTP/1.1 or h2c).
-    out: String,
-    /// orders' inbound listener (mTLS).
-    inbound: String,
-    /// An SVID for `spiffe://mayfly.local/tester`: svid.pem, svid.key.
-    tester: PathBuf,
-}
-
-async fn mesh(app: &str) -> Mesh {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let ca = Ca::start(&tmp);
-    let dir = tmp.path();
-    let orders_policy = dir.join("orders-policy.toml");
-    std::fs::write(&orders_policy, ORDERS_POLICY).unwrap();
-    let web_policy = dir.join("web-policy.toml");
-    std::fs::write(&web_policy, WEB_POLICY).unwrap();
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &orders_policy,
-            inbound_app: Some(app),
-            outbound: &[],
-            svid_ttl: None,
-            extra: LIMITS,
-        }
-        .toml()
-        .replace("app = ", "protocol = \"http\"\napp = "),
-    );
-    let inbound = orders.inbound();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &web_policy,
-            inbound_app: None,
-            outbound: &[("orders", &inbound, "orders")],
-            svid_ttl: None,
-            extra: LIMITS,
-        }
-        .toml()
-        .replace(
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
-        ),
-    );
-    let out = web.outbound("orders");
-    let tester = dir.join("tester");
-    ca.mint("spiffe://mayfly.local/tester", &tester);
-    orders.wait_ready().await;
-    web.wait_ready().await;
-    Mesh {
-        _tmp: tmp,
-        _ca: ca,
-        web,
-        orders,
-        out,
-        inbound,
-        tester,
-    }
+/// web -> orders in HTTP mode, and an SVID for a client of the test's own (`tester`).
+async fn mesh(app: &str) -> Pair {
+    Pair::http()
+        .policy(ORDERS_POLICY)
+        .web_policy(WEB_POLICY)
+        .app(app)
+        .extra(LIMITS)
+        .tester()
+        .start()
+        .await
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -134,7 +72,7 @@ enum Version {
 }
 
 /// GET `path` exactly as written, through web's outbound listener (plaintext): (status, body).
-fn get_outbound(m: &Mesh, v: Version, path: &str, headers: &[&str]) -> (u16, String) {
+fn get_outbound(m: &Pair, v: Version, path: &str, headers: &[&str]) -> (u16, String) {
     let url = format!("http://{}{path}", m.out);
     let flag = match v {
         Version::Http1 => "--http1.1",
@@ -145,7 +83,7 @@ fn get_outbound(m: &Mesh, v: Version, path: &str, headers: &[&str]) -> (u16, Str
 
 /// GET `path` exactly as written, straight to orders' inbound listener with the tester's
 /// SVID (the server's name is not checked: this client only proves its own identity).
-fn get_inbound(m: &Mesh, v: Version, path: &str, headers: &[&str]) -> (u16, String) {
+fn get_inbound(m: &Pair, v: Version, path: &str, headers: &[&str]) -> (u16, String) {
     let url = format!("https://{}{path}", m.inbound);
     let flag = match v {
         Version::Http1 => "--http1.1",
@@ -426,7 +364,7 @@ while True:
 "#;
 
 /// Runs [`RAW_H2_CLIENT`] against orders' inbound with the tester's SVID.
-fn raw_h2(m: &Mesh, mode: &str, within: Duration) -> String {
+fn raw_h2(m: &Pair, mode: &str, within: Duration) -> String {
     let (host, port) = m.inbound.rsplit_once(':').unwrap();
     let o = Command::new("python3")
         .args(["-c", RAW_H2_CLIENT, host, port])

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mayfly_tests::netns::{Net, named_app};
-use mayfly_tests::{Ca, Sidecar, Spec, eventually, http_get, policy};
+use mayfly_tests::replicas::http_client;
+use mayfly_tests::{Ca, Sidecar, Spec, eventually, http_get};
 use serde_json::Value;
 
 /// The inbound port of every replica (each in its own namespace, as in a pod).
@@ -40,21 +41,9 @@ impl Mesh {
         let mut ca = Ca::start(&tmp);
         ca.proc.as_mut().unwrap().stop();
         ca.run_with(&format!("{}:0", net.host()), ca_flags);
+        // web -> orders by SPIFFE ID, HTTP mode; its policy file serves the replicas too.
+        let mut web = http_client(&ca, tmp.path(), "");
         let pol = tmp.path().join("policy.toml");
-        std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
-        let token = ca.token_file("spiffe://mayfly.local/web", &tmp.path().join("web.token"));
-        let config = Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &token,
-            policy: &pol,
-            inbound_app: None,
-            outbound: &[],
-            svid_ttl: None,
-            extra: "[[outbound]]\nname = \"orders\"\nlisten = \"127.0.0.1:0\"\nspiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n\n[audit]\nspool_dir = \"web-audit\"\n",
-        }
-        .toml();
-        let mut web = Sidecar::start(tmp.path(), "web", &config);
         let out = web.outbound("orders");
         web.wait_ready().await;
         Self {

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::{Ca, Sidecar, Spec, bin, curl, eventually, http_app};
+use mayfly_tests::mesh::Pair;
+use mayfly_tests::{Ca, Sidecar, bin, curl, eventually};
 use serde_json::Value;
 
 const READS: &str = r#"
@@ -72,53 +73,20 @@ fn recorded(ca_dir: &Path) -> Vec<Value> {
 
 /// web -> orders in HTTP mode under reads + writes + stock (published by the control plane
 /// too), 3 GETs and 2 POSTs recorded by both sidecars and delivered to the control plane.
-async fn recorded_mesh(tmp: &Arc<tempfile::TempDir>) -> (Ca, Vec<Value>, Sidecar, Sidecar) {
-    let dir = tmp.path();
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, policy(&[READS, WRITES, STOCK])).unwrap();
-    let ca = Ca::start_with(tmp, &["--policy", pol.to_str().unwrap()]);
-    let app = http_app("orders").await;
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("o.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &pol,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: None,
-            extra: "[audit]\nspool_dir = \"orders-audit\"\n",
-        }
-        .toml()
-        .replace("app = ", "protocol = \"http\"\napp = "),
-    );
-    let inbound = orders.inbound();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("w.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &pol,
-            inbound_app: None,
-            outbound: &[("orders", &inbound, "orders")],
-            svid_ttl: None,
-            extra: "[audit]\nspool_dir = \"web-audit\"\n",
-        }
-        .toml()
-        .replace(
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
-        ),
-    );
-    let out = web.outbound("orders");
-    orders.wait_ready().await;
-    web.wait_ready().await;
+async fn recorded_mesh() -> (Arc<tempfile::TempDir>, Ca, Vec<Value>, Sidecar, Sidecar) {
+    let Pair {
+        tmp,
+        ca,
+        web,
+        orders,
+        out,
+        ..
+    } = Pair::http()
+        .policy(&policy(&[READS, WRITES, STOCK]))
+        .ca_follows_policy()
+        .audit_spools()
+        .start()
+        .await;
     let get = format!("http://{out}/orders/1");
     let post = format!("http://{out}/orders/2");
     let (ok, codes, err) = tokio::task::spawn_blocking(move || {
@@ -150,14 +118,13 @@ async fn recorded_mesh(tmp: &Arc<tempfile::TempDir>) -> (Ca, Vec<Value>, Sidecar
     })
     .await;
     assert!(delivered, "{records:?}");
-    (ca, records, web, orders)
+    (tmp, ca, records, web, orders)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_candidate_that_drops_a_used_rule_is_reported_by_flow_and_exits_one_and_one_that_drops_an_unused_rule_exits_zero()
  {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let (ca, records, _web, _orders) = recorded_mesh(&tmp).await;
+    let (tmp, ca, records, _web, _orders) = recorded_mesh().await;
     let post_ids: Vec<&str> = records
         .iter()
         .filter(|r| r["method"] == "POST")

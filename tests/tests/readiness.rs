@@ -6,10 +6,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mayfly_tests::mesh::{TcpPair, tcp_pair};
-use mayfly_tests::{
-    Ca, Sidecar, Spec, bin, echo_app, eventually, free_port, http_app, http_get, policy, round_trip,
-};
+use mayfly_tests::mesh::{Orders, Pair, http_outbound};
+use mayfly_tests::{Ca, Sidecar, Spec, bin, echo_app, eventually, http_get, policy, round_trip};
 
 /// Waits for `/readyz` to answer `status` with a body containing every one of `words`.
 async fn readyz_says(sc: &Sidecar, status: u16, words: &[&str]) -> bool {
@@ -22,34 +20,16 @@ async fn readyz_says(sc: &Sidecar, status: u16, words: &[&str]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_is_answered_before_the_svid_and_the_policy_are_in_force() {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let dir = tmp.path();
     // A control plane without a policy: sidecars following it get none.
-    let mut ca = Ca::start(&tmp);
-    let port = free_port();
-    ca.proc.as_mut().unwrap().stop();
-    ca.run(&port);
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
-    let orders_app = http_app("orders").await;
-    let orders_tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &port,
-            token: &orders_tok,
-            policy: &pol,
-            inbound_app: Some(&orders_app),
-            outbound: &[],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml()
-        .replace("[inbound]\n", "[inbound]\nprotocol = \"http\"\n"),
-    );
-    let orders_in = orders.inbound();
+    let Orders {
+        tmp,
+        mut ca,
+        orders,
+        inbound: orders_in,
+        orders_policy: pol,
+        ..
+    } = Pair::http().fixed_port().start_orders().await;
+    let (dir, port) = (tmp.path(), ca.addr.clone());
     orders.wait_ready().await;
 
     // web follows the control plane's policy and starts with a token that is refused.
@@ -66,11 +46,8 @@ async fn no_request_is_answered_before_the_svid_and_the_policy_are_in_force() {
         extra: "",
     }
     .toml()
-    .replace(&format!("[policy]\nfile = \"{}\"\n", pol.display()), "")
-    .replace(
-        "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
-        "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
-    );
+    .replace(&format!("[policy]\nfile = \"{}\"\n", pol.display()), "");
+    let config = http_outbound(&config, "orders");
     assert!(!config.contains("[policy]"));
     let mut web = Sidecar::start(dir, "web", &config);
     let out = web.outbound("orders");
@@ -144,7 +121,7 @@ async fn no_request_is_answered_before_the_svid_and_the_policy_are_in_force() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_goes_false_with_the_reason_when_the_audit_spool_is_full_and_comes_back() {
     // Both sidecars get a small spool; web's is the one watched.
-    let TcpPair {
+    let Pair {
         tmp: _tmp,
         mut ca,
         port,
@@ -152,7 +129,11 @@ async fn readiness_goes_false_with_the_reason_when_the_audit_spool_is_full_and_c
         orders: _orders,
         out,
         ..
-    } = tcp_pair(None, "[audit]\nmax_spool_bytes = 4096\n").await;
+    } = Pair::tcp()
+        .fixed_port()
+        .extra("[audit]\nmax_spool_bytes = 4096\n")
+        .start()
+        .await;
 
     // Delivery stops: the small spool fills and web refuses traffic (fail-closed).
     ca.proc.as_mut().unwrap().kill();

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mayfly_tests::mesh::{TcpPair, tcp_pair};
+use mayfly_tests::mesh::Pair;
 use mayfly_tests::{Ca, Sidecar, Spec, echo_app, eventually, http_get, policy, round_trip};
 
 fn unix_now() -> f64 {
@@ -17,7 +17,7 @@ fn unix_now() -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_back_five_seconds_before_expiry_saves_the_svids_and_no_request_fails() {
-    let TcpPair {
+    let Pair {
         tmp: _tmp,
         mut ca,
         port,
@@ -25,7 +25,7 @@ async fn a_control_plane_back_five_seconds_before_expiry_saves_the_svids_and_no_
         orders,
         out,
         ..
-    } = tcp_pair(Some("30s"), "").await;
+    } = Pair::tcp().fixed_port().svid_ttl("30s").start().await;
     round_trip(&out, b"before").await.unwrap();
     let (orders_serial, orders_exp) = orders.svid().await.unwrap();
     let (web_serial, web_exp) = web.svid().await.unwrap();

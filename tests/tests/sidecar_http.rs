@@ -2,20 +2,10 @@
 //! header, hostile input.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::{Ca, Sidecar, Spec, curl, eventually, http_app};
-
-struct Mesh {
-    _tmp: Arc<tempfile::TempDir>,
-    _ca: Ca,
-    web: Sidecar,
-    orders: Sidecar,
-    url: String,
-    orders_policy: PathBuf,
-}
+use mayfly_tests::mesh::{Pair, PairBuilder};
+use mayfly_tests::{curl, eventually};
 
 const ORDERS_POLICY: &str = r#"version = 1
 [[service]]
@@ -38,68 +28,13 @@ from = ["spiffe://mayfly.local/web"]
 to = ["spiffe://mayfly.local/orders"]
 "#;
 
-async fn mesh() -> Mesh {
-    mesh_with(None).await
+/// web -> orders in HTTP mode, each sidecar with its policy above.
+fn setup() -> PairBuilder {
+    Pair::http().policy(ORDERS_POLICY).web_policy(WEB_POLICY)
 }
 
-async fn mesh_with(svid_ttl: Option<&str>) -> Mesh {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let ca = Ca::start(&tmp);
-    let dir = tmp.path();
-    let orders_policy = dir.join("orders-policy.toml");
-    std::fs::write(&orders_policy, ORDERS_POLICY).unwrap();
-    let web_policy = dir.join("web-policy.toml");
-    std::fs::write(&web_policy, WEB_POLICY).unwrap();
-    let app = http_app("orders").await;
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &orders_policy,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl,
-            extra: "",
-        }
-        .toml()
-        .replace("app = ", "protocol = \"http\"\napp = "),
-    );
-    let orders_in = orders.inbound();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &web_policy,
-            inbound_app: None,
-            outbound: &[("orders", &orders_in, "orders")],
-            svid_ttl,
-            extra: "",
-        }
-        .toml()
-        .replace(
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
-        ),
-    );
-    let url = format!("http://{}", web.outbound("orders"));
-    orders.wait_ready().await;
-    web.wait_ready().await;
-    Mesh {
-        _tmp: tmp,
-        _ca: ca,
-        web,
-        orders,
-        url,
-        orders_policy,
-    }
+async fn mesh() -> Pair {
+    setup().start().await
 }
 
 fn json(s: &str) -> serde_json::Value {
@@ -335,7 +270,7 @@ async fn hostile_http_is_refused_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_traffic_survives_rotations_and_connections_are_drained_at_expiry() {
-    let m = mesh_with(Some("4s")).await;
+    let m = setup().svid_ttl("4s").start().await;
     let base = m.url.clone();
     // ~16 s of requests on keep-alive connections while both sidecars rotate every ~2 s.
     let (ok, failed) = tokio::task::spawn_blocking(move || {
@@ -413,8 +348,8 @@ async fn an_http_connection_is_drained_when_the_clients_svid_expires() {
     let mut m = mesh().await;
     let inbound = m.orders.inbound();
     // A client holding a 3-second SVID of web keeps one HTTP/1.1 connection open.
-    let out = m._tmp.path().join("short");
-    let ca_dir = m._ca.dir.clone();
+    let out = m.tmp.path().join("short");
+    let ca_dir = m.ca.dir.clone();
     let o = std::process::Command::new(mayfly_tests::bin("mayfly-ca"))
         .args([
             "svid",

@@ -3,9 +3,8 @@
 //! request even when the request then fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
-
-use mayfly_tests::{Ca, Sidecar, Spec, curl, free_port};
+use mayfly_tests::mesh::Pair;
+use mayfly_tests::{curl, free_port};
 
 const POLICY: &str = r#"version = 1
 [[service]]
@@ -20,55 +19,8 @@ to = ["spiffe://mayfly.local/orders"]
 
 /// web -> orders in HTTP mode, where orders' app is not listening: every request is allowed
 /// by both sidecars, then fails at orders (502, `app_unreachable`).
-async fn mesh_to_a_missing_app(
-    dir: &std::path::Path,
-    tmp: &Arc<tempfile::TempDir>,
-) -> (Ca, Sidecar, Sidecar) {
-    let ca = Ca::start(tmp);
-    let policy = dir.join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let nowhere = free_port();
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &policy,
-            inbound_app: Some(&nowhere),
-            outbound: &[],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml()
-        .replace("app = ", "protocol = \"http\"\napp = "),
-    );
-    let orders_in = orders.inbound();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
-    let web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &policy,
-            inbound_app: None,
-            outbound: &[("orders", &orders_in, "orders")],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml()
-        .replace(
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
-        ),
-    );
-    orders.wait_ready().await;
-    web.wait_ready().await;
-    (ca, web, orders)
+async fn mesh_to_a_missing_app() -> Pair {
+    Pair::http().policy(POLICY).app(&free_port()).start().await
 }
 
 /// `GET /metrics` with `accept` (if any): (content type, body).
@@ -97,8 +49,12 @@ fn promtool(body: &str) -> Option<(bool, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_request_counts_one_decision_and_one_failure() {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let (_ca, mut web, orders) = mesh_to_a_missing_app(tmp.path(), &tmp).await;
+    let Pair {
+        ca: _ca,
+        mut web,
+        orders,
+        ..
+    } = mesh_to_a_missing_app().await;
     let url = format!("http://{}/orders", web.outbound("orders"));
     // POST: a GET answered 502 by the replica's sidecar would be retried (README, "Failures,
     // retries and timeouts"), and each retry is a decision of its own there.
@@ -132,8 +88,12 @@ async fn a_failed_request_counts_one_decision_and_one_failure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_agree_on_the_hybrid_post_quantum_key_exchange_and_say_so() {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let (_ca, mut web, orders) = mesh_to_a_missing_app(tmp.path(), &tmp).await;
+    let Pair {
+        ca: _ca,
+        mut web,
+        orders,
+        ..
+    } = mesh_to_a_missing_app().await;
     let url = format!("http://{}/orders", web.outbound("orders"));
     let (ok, _, err) = tokio::task::spawn_blocking(move || curl(&["-o", "/dev/null", &url]))
         .await
@@ -149,50 +109,17 @@ async fn sidecars_agree_on_the_hybrid_post_quantum_key_exchange_and_say_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connections_span_names_the_key_exchange_group() {
     // TCP mode, orders' policy admits nobody: its denial is logged inside the connection's span.
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let dir = tmp.path();
-    let ca = Ca::start(&tmp);
-    let closed = dir.join("closed.toml");
-    std::fs::write(&closed, mayfly_tests::policy(&[("nobody", "orders")])).unwrap();
-    let open = dir.join("open.toml");
-    std::fs::write(&open, mayfly_tests::policy(&[("web", "orders")])).unwrap();
-    let app = mayfly_tests::echo_app("orders").await;
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("orders.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &closed,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml(),
-    );
-    let orders_in = orders.inbound();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("web.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &open,
-            inbound_app: None,
-            outbound: &[("orders", &orders_in, "orders")],
-            svid_ttl: None,
-            extra: "",
-        }
-        .toml(),
-    );
-    orders.wait_ready().await;
-    web.wait_ready().await;
-    let out = web.outbound("orders");
+    let Pair {
+        ca: _ca,
+        web: _web,
+        orders,
+        out,
+        ..
+    } = Pair::tcp()
+        .policy(&mayfly_tests::policy(&[("nobody", "orders")]))
+        .web_policy(&mayfly_tests::policy(&[("web", "orders")]))
+        .start()
+        .await;
     assert!(mayfly_tests::round_trip(&out, b"hi").await.is_err());
     let seen = mayfly_tests::eventually(std::time::Duration::from_secs(10), async || {
         orders.proc.log().contains("inbound connection denied")
@@ -209,8 +136,12 @@ async fn the_connections_span_names_the_key_exchange_group() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_come_in_the_negotiated_format_and_pass_promtool() {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let (_ca, mut web, orders) = mesh_to_a_missing_app(tmp.path(), &tmp).await;
+    let Pair {
+        ca: _ca,
+        mut web,
+        orders,
+        ..
+    } = mesh_to_a_missing_app().await;
     let url = format!("http://{}/orders", web.outbound("orders"));
     let (ok, _, err) = tokio::task::spawn_blocking(move || curl(&["-o", "/dev/null", &url]))
         .await

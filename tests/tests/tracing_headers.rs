@@ -3,10 +3,10 @@
 //! the audit records of both sidecars carry the request's trace ID, joining decision and trace.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use mayfly_tests::{Ca, Sidecar, Spec, bin, curl, eventually, policy};
+use mayfly_tests::mesh::Pair;
+use mayfly_tests::{bin, curl, eventually};
 use tokio::net::TcpListener;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -72,59 +72,14 @@ async fn header_app(h2: bool) -> String {
     addr
 }
 
-/// web -> orders in HTTP mode, orders' app speaking `app_protocol`.
-async fn pair(tmp: &Arc<tempfile::TempDir>, h2: bool) -> (Ca, Sidecar, Sidecar, String) {
-    let dir = tmp.path();
-    let ca = Ca::start(tmp);
-    let pol = dir.join("policy.toml");
-    std::fs::write(&pol, policy(&[("web", "orders")])).unwrap();
-    let app = header_app(h2).await;
-    let app_protocol = if h2 { "http2" } else { "http1" };
-    let tok = ca.token_file("spiffe://mayfly.local/orders", &dir.join("o.token"));
-    let mut orders = Sidecar::start(
-        dir,
-        "orders",
-        &Spec {
-            me: "orders",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &pol,
-            inbound_app: Some(&app),
-            outbound: &[],
-            svid_ttl: None,
-            extra: "[audit]\nspool_dir = \"orders-audit\"\n",
-        }
-        .toml()
-        .replace(
-            "app = ",
-            &format!("protocol = \"http\"\napp_protocol = \"{app_protocol}\"\napp = "),
-        ),
-    );
-    let inbound = orders.inbound();
-    let tok = ca.token_file("spiffe://mayfly.local/web", &dir.join("w.token"));
-    let mut web = Sidecar::start(
-        dir,
-        "web",
-        &Spec {
-            me: "web",
-            ca: &ca.addr,
-            token: &tok,
-            policy: &pol,
-            inbound_app: None,
-            outbound: &[("orders", &inbound, "orders")],
-            svid_ttl: None,
-            extra: "[audit]\nspool_dir = \"web-audit\"\n",
-        }
-        .toml()
-        .replace(
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\n",
-            "spiffe_id = \"spiffe://mayfly.local/orders\"\nprotocol = \"http\"\n",
-        ),
-    );
-    let out = web.outbound("orders");
-    orders.wait_ready().await;
-    web.wait_ready().await;
-    (ca, web, orders, out)
+/// web -> orders in HTTP mode, orders' app speaking HTTP/2 when `h2` (else HTTP/1.1).
+async fn pair(h2: bool) -> Pair {
+    Pair::http()
+        .app(&header_app(h2).await)
+        .app_protocol(if h2 { "http2" } else { "http1" })
+        .audit_spools()
+        .start()
+        .await
 }
 
 /// Sends the tracing headers through the pair (HTTP/2 with prior knowledge when `h2`).
@@ -149,8 +104,13 @@ async fn send(out: &str, h2: bool) -> String {
 }
 
 async fn passes_untouched_and_joins_the_audit_trail(h2: bool) {
-    let tmp = Arc::new(tempfile::tempdir().unwrap());
-    let (ca, _web, _orders, out) = pair(&tmp, h2).await;
+    let Pair {
+        ca,
+        web: _web,
+        orders: _orders,
+        out,
+        ..
+    } = pair(h2).await;
     let seen = send(&out, h2).await;
     // Every header once, value byte for byte (the order of different field names carries no
     // meaning in HTTP, and a proxy removing hop-by-hop fields may change it).

@@ -10,6 +10,8 @@ mod idle;
 pub mod inbound;
 pub mod outbound;
 mod record;
+#[doc(hidden)]
+pub use record::RESPONSE_FIELDS;
 #[cfg(test)]
 mod record_golden;
 pub mod reply;

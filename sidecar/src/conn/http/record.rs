@@ -22,7 +22,7 @@ pub(crate) struct RequestRecord<'a> {
 }
 
 /// The fields an `http.response` record repeats from its `http.request` record.
-const RESPONSE_FIELDS: [&str; 9] = [
+pub const RESPONSE_FIELDS: [&str; 9] = [
     "error",
     "direction",
     "local_id",
