@@ -272,3 +272,68 @@ async fn an_app_that_is_not_listening_is_a_connect_error() {
     assert!(err.to_string().contains("cannot connect"), "{err}");
     assert_eq!(app.dials(), 0);
 }
+
+/// An app that answers at once, before it has read the request body (read on by a task of
+/// its own, its bytes counted in `received`).
+async fn early_app() -> (SocketAddr, Arc<Counts>, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (counts, received) = (Arc::new(Counts::default()), Arc::new(AtomicUsize::new(0)));
+    let (c, r) = (counts.clone(), received.clone());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            c.accepted.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let r = r.clone();
+                async move {
+                    tokio::spawn(async move {
+                        if let Ok(b) = req.into_body().collect().await {
+                            r.fetch_add(b.to_bytes().len(), Ordering::SeqCst);
+                        }
+                    });
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc),
+            );
+        }
+    });
+    (addr, counts, received)
+}
+
+#[tokio::test]
+async fn a_connection_still_sending_its_request_body_is_reused_only_once_it_is_sent() {
+    let (addr, counts, received) = early_app().await;
+    let app = pool(addr, Duration::from_secs(90), 8);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, hyper::Error>>(4);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"first "))))
+        .await
+        .unwrap();
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/upload"))
+        .body(body.boxed())
+        .unwrap();
+    // The whole response while the upload goes on: its connection is not free yet, so the
+    // next request neither waits for it nor takes it (and cuts the upload short).
+    assert_eq!(send(&app, req).await, "ok");
+    assert_eq!(get(&app, addr).await, "ok");
+    assert_eq!(counts.accepted(), 2);
+    assert_eq!(app.idle_count(), 1);
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"last"))))
+        .await
+        .unwrap();
+    drop(tx);
+    // Sent: the upload's connection is back on the stack too.
+    for _ in 0..50 {
+        if app.idle_count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.idle_count(), 2);
+    assert_eq!(received.load(Ordering::SeqCst), 10);
+}
