@@ -194,7 +194,10 @@ pub fn smuggling_check(h: &HeaderMap) -> Result<(), &'static str> {
 }
 /// A response from the next hop, passed on without its hop-by-hop headers; with its status.
 /// Underscored spellings of identity headers are dropped here too: only mayfly sets those.
-pub(crate) fn relay(resp: Response<hyper::body::Incoming>) -> (StatusCode, Response<Body>) {
+pub(crate) fn relay<B>(resp: Response<B>) -> (StatusCode, Response<Body>)
+where
+    B: hyper::body::Body<Data = bytes::Bytes, Error = hyper::Error> + Send + Sync + 'static,
+{
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     for n in underscored_identity_headers(&parts.headers) {

@@ -11,15 +11,14 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulConnection;
 use mayfly_ca::svid::SvidInfo;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
+use super::app_h1::H1App;
 use super::app_h2::H2App;
 use super::checks::strip_hop_by_hop;
 use super::idle::{Activity, IDLE_GRACE, IdleTimer};
@@ -33,10 +32,8 @@ use crate::policy::{HttpFacts, Verdict};
 /// The pooled client towards the local app: HTTP/1.1 keep-alive connections, or one h2c
 /// connection every request multiplexes on (`app_protocol = "http2"`).
 #[derive(Clone)]
-// One per listener, cloned per peer connection: the size difference costs nothing per request.
-#[allow(clippy::large_enum_variant)]
 pub enum AppClient {
-    Http1(Client<HttpConnector, Body>),
+    Http1(Arc<H1App>),
     Http2(Arc<H2App>),
 }
 
@@ -44,28 +41,33 @@ pub enum AppClient {
 const APP_IDLE: Duration = Duration::from_secs(90);
 /// How long connecting to the app may take.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most idle HTTP/1.1 connections kept to the app (as many as one peer connection's streams):
+/// a burst of more concurrent requests opens more, and closes the extra ones when it is over.
+const APP_MAX_IDLE: usize = super::H2_MAX_CONCURRENT_STREAMS as usize;
 
 /// A client for the app: HTTP/1.1 keep-alive or h2c, pooled.
 pub fn app_client(cfg: &Inbound) -> AppClient {
-    if cfg.app_protocol == AppProtocol::Http2 {
-        return AppClient::Http2(H2App::new(cfg.app, APP_CONNECT_TIMEOUT, APP_IDLE));
+    match cfg.app_protocol {
+        AppProtocol::Http2 => AppClient::Http2(H2App::new(cfg.app, APP_CONNECT_TIMEOUT, APP_IDLE)),
+        AppProtocol::Http1 => AppClient::Http1(H1App::new(
+            cfg.app,
+            APP_CONNECT_TIMEOUT,
+            APP_IDLE,
+            APP_MAX_IDLE,
+        )),
     }
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
-    let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(APP_IDLE).timer(TokioTimer::new());
-    AppClient::Http1(b.build(connector))
 }
 
 impl AppClient {
-    async fn request(
+    /// Sends a request to the app; its response's status, and the response as relayed to the
+    /// caller.
+    async fn forward(
         &self,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<(StatusCode, Response<Body>), Box<dyn std::error::Error + Send + Sync>> {
         match self {
-            AppClient::Http1(c) => Ok(c.request(req).await?),
-            AppClient::Http2(c) => Ok(c.request(req).await?),
+            AppClient::Http1(c) => Ok(super::checks::relay(c.request(req).await?)),
+            AppClient::Http2(c) => Ok(super::checks::relay(c.request(req).await?)),
         }
     }
 }
@@ -415,9 +417,8 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     }
     parts.version = ctx.version;
     let req = Request::from_parts(parts, body.boxed());
-    match ctx.app_client.request(req).await {
-        Ok(resp) => {
-            let (status, resp) = super::checks::relay(resp);
+    match ctx.app_client.forward(req).await {
+        Ok((status, resp)) => {
             record.finish(status);
             resp
         }

@@ -2,8 +2,11 @@
 //! HTTP/2 over mTLS between sidecars, a policy decision per request, and the caller's verified
 //! identity handed to the app in `x-forwarded-client-cert`.
 
+mod app_h1;
 mod app_h2;
 pub mod checks;
+#[cfg(test)]
+mod h1_tests;
 #[cfg(test)]
 mod h2_tests;
 mod idle;
