@@ -125,6 +125,20 @@ async fn get(app: &Arc<H1App>, addr: SocketAddr) -> String {
     send(app, req).await
 }
 
+/// `n` GETs at once, each answered by the app.
+async fn concurrent_gets(app: &Arc<H1App>, addr: SocketAddr, n: usize) {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { get(&app, addr).await })
+        })
+        .collect();
+    for t in tasks {
+        let answer = tokio::time::timeout(Duration::from_secs(10), t).await;
+        assert_eq!(answer.unwrap().unwrap(), format!("GET / {addr}"));
+    }
+}
+
 fn pool(addr: SocketAddr, idle: Duration, max_idle: usize) -> Arc<H1App> {
     H1App::new(addr, Duration::from_secs(5), idle, max_idle)
 }
@@ -167,16 +181,7 @@ async fn concurrent_requests_open_one_connection_each_and_reuse_them_afterwards(
     let (addr, counts) = h1_app(Some(4)).await;
     let app = pool(addr, Duration::from_secs(90), 8);
     for _ in 0..2 {
-        let tasks: Vec<_> = (0..4)
-            .map(|_| {
-                let app = app.clone();
-                tokio::spawn(async move { get(&app, addr).await })
-            })
-            .collect();
-        for t in tasks {
-            let answer = tokio::time::timeout(Duration::from_secs(10), t).await;
-            assert_eq!(answer.unwrap().unwrap(), format!("GET / {addr}"));
-        }
+        concurrent_gets(&app, addr, 4).await;
         // All four were in the app at once: four connections, and the second round took them
         // from the stack.
         assert_eq!(counts.accepted(), 4);
@@ -189,16 +194,7 @@ async fn concurrent_requests_open_one_connection_each_and_reuse_them_afterwards(
 async fn idle_connections_beyond_the_limit_are_closed() {
     let (addr, counts) = h1_app(Some(4)).await;
     let app = pool(addr, Duration::from_secs(90), 2);
-    let tasks: Vec<_> = (0..4)
-        .map(|_| {
-            let app = app.clone();
-            tokio::spawn(async move { get(&app, addr).await })
-        })
-        .collect();
-    for t in tasks {
-        let answer = tokio::time::timeout(Duration::from_secs(10), t).await;
-        assert_eq!(answer.unwrap().unwrap(), format!("GET / {addr}"));
-    }
+    concurrent_gets(&app, addr, 4).await;
     assert_eq!(app.idle_count(), 2);
     for _ in 0..50 {
         if counts.closed() == 2 {
